@@ -1,0 +1,388 @@
+"""Visual-token selectors: OTPrune and the baselines it is compared with.
+
+Every selector is a plain function ``select_x(tokens, k, **options) -> kept_indices``:
+
+- ``tokens``: ``(N, d)`` for one image or ``(B, N, d)`` for a batch sharing one budget ``k``;
+  float32, float16 or bfloat16 (float64 is kept as float64, which the exactness tests use).
+- ``k``: the number of tokens to keep, an int in ``[1, N]``.
+- returns a ``torch.long`` tensor of shape ``(k,)`` or ``(B, k)``: distinct indices into the
+  token axis, sorted ascending (so kept tokens keep their order), on ``tokens.device``.
+
+Kernels and greedy state are float32 whatever the input dtype. The greedy loops run a fixed
+number of steps with no host synchronisation and no Python branching on tensor values, so on a
+GPU the whole selection is queued without waiting; a batch runs all its greedies at once.
+
+``SELECTORS`` maps the ``BASELINE`` names of the reference code to these functions. The formulas
+are those of ``METHOD.md`` (kept beside the project as ``shared/METHOD.md``); the places where it
+marks a *choice* are named in each docstring.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import operator
+from typing import Callable
+
+import torch
+
+__all__ = [
+    "SELECTORS",
+    "accepted_options",
+    "budget",
+    "get_selector",
+    "greedy_logdet",
+    "otprune_kernel",
+    "select_divprune",
+    "select_dpp",
+    "select_first",
+    "select_last",
+    "select_otprune",
+    "select_random",
+    "select_stp",
+    "select_trim",
+    "select_uniform",
+]
+
+DEFAULT_GAMMA = 0.01
+DEFAULT_STP_ALPHA = 0.3
+DEFAULT_TRIM_KEEP_RATIO = 0.8
+# Below this residual variance a DPP candidate adds nothing; the greedy then fills its budget.
+SINGULAR_EPS = 1e-10
+# Guards divisions by norms of all-zero rows or columns.
+NORM_EPS = 1e-12
+
+
+def budget(ratio: float, n_tokens: int) -> int:
+    """Tokens kept for a ``ratio`` of ``n_tokens``: ``round(ratio * n_tokens)`` clamped to ``[1, N]``.
+
+    Rounds half up (0.098 x 576 = 56.4 -> 56), so the count never depends on banker's rounding.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a number in (0, 1]; got {ratio!r}")
+    n = _as_int(n_tokens, "n_tokens")
+    if n < 1:
+        raise ValueError(f"n_tokens must be >= 1; got {n}")
+    return min(n, max(1, math.floor(ratio * n + 0.5)))
+
+
+def _as_int(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})") from None
+
+
+def _validate(tokens, k) -> int:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of shape (N, d) or (B, N, d); got {type(tokens).__name__}")
+    if tokens.dim() not in (2, 3):
+        raise ValueError(f"tokens must have shape (N, d) or (B, N, d); got shape {tuple(tokens.shape)}")
+    if not tokens.is_floating_point():
+        raise TypeError(f"tokens must be a floating-point tensor (float32, float16, bfloat16); got {tokens.dtype}")
+    k = _as_int(k, "k")
+    n = tokens.shape[-2]
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, N] = [1, {n}] for tokens of shape {tuple(tokens.shape)}; got k={k}")
+    if tokens.shape[-1] < 1:
+        raise ValueError(f"tokens must have at least one feature; got shape {tuple(tokens.shape)}")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
+    return k
+
+
+def _work_dtype(tokens: torch.Tensor) -> torch.dtype:
+    return torch.float64 if tokens.dtype == torch.float64 else torch.float32
+
+
+def _selector(core: Callable) -> Callable:
+    """Wraps a core ``(x: (B, N, d) float, k, **options) -> (B, k)`` into the public contract."""
+
+    @functools.wraps(core)
+    def select(tokens: torch.Tensor, k: int, **options) -> torch.Tensor:
+        k = _validate(tokens, k)
+        single = tokens.dim() == 2
+        x = tokens.unsqueeze(0) if single else tokens
+        picks = core(x.to(_work_dtype(tokens)), k, **options)
+        kept_indices = picks.sort(dim=-1).values
+        return kept_indices[0] if single else kept_indices
+
+    return select
+
+
+def _row_normalise(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
+
+def _cosine_similarity(x: torch.Tensor) -> torch.Tensor:
+    xn = _row_normalise(x)
+    return xn @ xn.transpose(-1, -2)
+
+
+def _batch_index(x: torch.Tensor) -> torch.Tensor:
+    return torch.arange(x.shape[0], device=x.device)
+
+
+def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> torch.Tensor:
+    """Greedy MAP of ``log det(L_S)`` by incremental Cholesky (Chen, Zhang & Zhou 2018).
+
+    ``kernel``: ``(B, N, N)`` symmetric PSD float tensor. Returns the ``(B, k)`` picks in the order
+    chosen (not sorted). ``d2[i]`` is the residual variance of candidate ``i`` given the picks so
+    far, so ``log d2[i]`` is its marginal gain; each step takes the largest.
+
+    When the largest remaining ``d2`` is ``<= eps`` the kernel has no rank left: the step then adds
+    a zero Cholesky column, which leaves every ``d2`` unchanged, so the remaining picks are the
+    unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP kernel),
+    decided without reading any value back to the host.
+    """
+    b, n, _ = kernel.shape
+    batch = _batch_index(kernel)
+    d2 = kernel.diagonal(dim1=-2, dim2=-1).clone()
+    # Row t holds the t-th Cholesky column for every candidate; rows stay contiguous as they grow.
+    chol = kernel.new_zeros(b, k, n)
+    picks = torch.empty(b, k, dtype=torch.long, device=kernel.device)
+    j = d2.argmax(dim=-1)
+    for t in range(k):
+        picks[:, t] = j
+        if t == k - 1:
+            break
+        dj2 = d2[batch, j]
+        c_j = chol[batch, :t, j]
+        residual = kernel[batch, j] - torch.einsum("btn,bt->bn", chol[:, :t], c_j)
+        has_rank = dj2 > eps
+        e = torch.where(has_rank[:, None], residual / dj2.clamp_min(eps).sqrt()[:, None], 0.0)
+        chol[:, t] = e
+        d2 = d2 - e.square()
+        # Chosen candidates are excluded for good: later updates keep -inf at -inf.
+        d2[batch, j] = -math.inf
+        j = d2.argmax(dim=-1)
+    return picks
+
+
+def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+    """OTPrune's kernel ``L = I + gamma * A A^T`` with ``A = X_hat X_hat^T``.
+
+    ``x``: ``(..., N, d)``; returns ``(..., N, N)`` in ``x``'s dtype. ``X_hat`` scales each
+    embedding dimension (column) to unit L2 norm over the N tokens, without centring (METHOD.md
+    step 1). ``A`` is symmetric, so ``A A^T = A @ A``.
+    """
+    x_hat = x / x.norm(dim=-2, keepdim=True).clamp_min(NORM_EPS)
+    a = x_hat @ x_hat.transpose(-1, -2)
+    kernel = gamma * (a @ a)
+    kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)
+    return kernel
+
+
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+    return float(value)
+
+
+def _check_unit_interval(value, name: str, *, closed_low: bool) -> float:
+    low_ok = (value >= 0) if closed_low else (value > 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+        interval = "[0, 1]" if closed_low else "(0, 1]"
+        raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
+    return float(value)
+
+
+@_selector
+def select_otprune(x: torch.Tensor, k: int, *, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+    """OTPrune (``BASELINE=OURS``): greedy maximisation of ``log det(I + gamma A_S A_S^T)``.
+
+    The objective is the log-det lower bound of the Gaussian 2-Wasserstein alignment between the
+    kept and the full token set; it is monotone submodular, so the greedy is within ``1 - 1/e`` of
+    the best subset. Because ``L = I + PSD``, every unchosen candidate keeps ``d2 >= 1``.
+
+    **Choice** (METHOD.md): ``gamma = 0.01`` by default, the value the paper's sensitivity study
+    favours; pass ``gamma=`` to override.
+    """
+    gamma = _check_positive(gamma, "gamma")
+    return greedy_logdet(otprune_kernel(x, gamma), k)
+
+
+@_selector
+def select_dpp(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DPP (``BASELINE=DPP``): the same greedy MAP on the cosine-similarity kernel ``X~ X~^T``.
+
+    **Choice** (METHOD.md): the paper names the method, not its kernel; rows are L2-normalised.
+    The kernel has rank <= d and is singular for duplicate tokens: once no candidate adds any
+    volume the budget is filled with the unchosen tokens of largest residual variance.
+    """
+    return greedy_logdet(_cosine_similarity(x), k)
+
+
+@_selector
+def select_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
+    """DivPrune (``BASELINE=DIVPRUNE``): greedy max-min diversity under cosine distance.
+
+    ``D = 1 - cos``. The first pick is the token farthest from its nearest other token; each
+    later pick is the unchosen token whose distance to the nearest chosen token is largest.
+    """
+    distance = 1.0 - _cosine_similarity(x)
+    b, n, _ = distance.shape
+    batch = _batch_index(x)
+    nearest_other = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), math.inf).amin(-1)
+    j = nearest_other.argmax(-1)
+    min_to_chosen = torch.full((b, n), math.inf, dtype=distance.dtype, device=x.device)
+    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
+    for t in range(k):
+        picks[:, t] = j
+        min_to_chosen = torch.minimum(min_to_chosen, distance[batch, j])
+        min_to_chosen[batch, j] = -math.inf
+        j = min_to_chosen.argmax(-1)
+    return picks
+
+
+@_selector
+def select_random(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """Random (``BASELINE=RANDOM``): k distinct tokens uniformly at random.
+
+    The draw comes from a CPU generator seeded with ``seed``, so the same shape and seed give the
+    same subset on every device; each batch element gets its own draw.
+    """
+    seed = _as_int(seed, "seed")
+    generator = torch.Generator().manual_seed(seed)
+    b, n, _ = x.shape
+    scores = torch.rand(b, n, generator=generator)
+    return scores.argsort(dim=-1, stable=True)[:, :k].to(x.device)
+
+
+@_selector
+def select_first(x: torch.Tensor, k: int) -> torch.Tensor:
+    """First (``BASELINE=FIRST``): tokens ``0 .. k-1``."""
+    return torch.arange(k, device=x.device).expand(x.shape[0], k)
+
+
+@_selector
+def select_last(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Last (``BASELINE=LAST``): tokens ``N-k .. N-1``."""
+    n = x.shape[-2]
+    return torch.arange(n - k, n, device=x.device).expand(x.shape[0], k)
+
+
+@_selector
+def select_uniform(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Uniform (``BASELINE=UNIFORM``): ``round(linspace(0, N-1, k))``.
+
+    For ``k <= N`` the step is >= 1, so the rounded positions are already distinct.
+    """
+    n = x.shape[-2]
+    positions = torch.linspace(0, n - 1, k, dtype=torch.float64).round().long()
+    return positions.to(x.device).expand(x.shape[0], k)
+
+
+@_selector
+def select_trim(
+    x: torch.Tensor, k: int, *, text: torch.Tensor | None = None, keep_ratio: float = DEFAULT_TRIM_KEEP_RATIO
+) -> torch.Tensor:
+    """TrimTokenator (``BASELINE=TRIM``): a text-alignment filter, then RepMax coverage.
+
+    ``text``: ``(T, d)`` or ``(B, T, d)`` embeddings of the prompt's text tokens (required).
+    Stage 1 scores ``alpha_i = -mean_j ||x_i - t_j||`` and keeps the ``N1 = max(k, floor(keep_ratio
+    * N))`` best-aligned tokens. Stage 2 (RepMax) starts from the token least similar on average to
+    the others and repeatedly adds the token least covered so far (smallest summed cosine
+    similarity to the chosen ones).
+
+    **Choice** (METHOD.md): ``text`` is the embedded text that follows the image in the prompt
+    (the question); ``keep_ratio = 0.8``.
+    """
+    keep_ratio = _check_unit_interval(keep_ratio, "keep_ratio", closed_low=False)
+    b, n, d = x.shape
+    text = _check_text(text, b, d).to(device=x.device, dtype=x.dtype)
+    alignment = -torch.cdist(x, text).mean(-1)
+    n1 = max(k, math.floor(keep_ratio * n))
+    candidates = alignment.argsort(dim=-1, descending=True, stable=True)[:, :n1]
+    x1 = x.gather(1, candidates[..., None].expand(b, n1, d))
+    similarity = _cosine_similarity(x1)
+    batch = _batch_index(x)
+    j = similarity.mean(-1).argmin(-1)
+    coverage = torch.zeros(b, n1, dtype=x.dtype, device=x.device)
+    picks = torch.empty(b, k, dtype=torch.long, device=x.device)
+    for t in range(k):
+        picks[:, t] = j
+        coverage = coverage + similarity[batch, j]
+        coverage[batch, j] = math.inf
+        j = coverage.argmin(-1)
+    # A chosen candidate's coverage was set to +inf, later additions keep it there.
+    return candidates.gather(1, picks)
+
+
+def _check_text(text, batch: int, width: int) -> torch.Tensor:
+    if text is None:
+        raise ValueError("TRIM needs the prompt's text-token embeddings: pass text= of shape (T, d) or (B, T, d)")
+    if not isinstance(text, torch.Tensor) or not text.is_floating_point():
+        raise TypeError(f"text must be a floating-point torch.Tensor; got {type(text).__name__}")
+    given = tuple(text.shape)
+    if text.dim() == 2:
+        text = text.unsqueeze(0).expand(batch, -1, -1)
+    if text.dim() != 3 or text.shape[0] != batch or text.shape[-1] != width or text.shape[1] < 1:
+        raise ValueError(
+            f"text must have shape (T, {width}) or ({batch}, T, {width}) with T >= 1 to match the tokens; got {given}"
+        )
+    if not bool(torch.isfinite(text).all()):
+        raise ValueError("text contains NaN or Inf; every entry must be finite")
+    return text
+
+
+def _min_max(v: torch.Tensor) -> torch.Tensor:
+    low = v.amin(-1, keepdim=True)
+    span = v.amax(-1, keepdim=True) - low
+    return (v - low) / span.clamp_min(NORM_EPS)
+
+
+@_selector
+def select_stp(x: torch.Tensor, k: int, *, alpha: float = DEFAULT_STP_ALPHA) -> torch.Tensor:
+    """STP (``BASELINE=STP``): top-k of ``alpha * diversity + (1 - alpha) * importance``.
+
+    Diversity ``z_i``: cosine distance from token i to its nearest other token. Importance
+    ``h_i = ||(x_i - mu) / (sigma + 1e-6)|| * max_c |x_ic|`` with the per-dimension mean and
+    (population) standard deviation over the N tokens.
+
+    **Choice** (METHOD.md): both scores are min-max normalised to [0, 1] over the N tokens before
+    mixing; unnormalised, ``h`` is ~sqrt(d) times larger than ``z`` and ``alpha`` would do nothing.
+    ``alpha = 0.3`` by default.
+    """
+    alpha = _check_unit_interval(alpha, "alpha", closed_low=True)
+    n = x.shape[-2]
+    similarity = _cosine_similarity(x)
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    diversity = 1.0 - similarity.masked_fill(eye, -math.inf).amax(-1)
+    if n == 1:
+        diversity = torch.zeros_like(diversity)
+    mu = x.mean(-2, keepdim=True)
+    sigma = x.std(-2, keepdim=True, unbiased=False)
+    importance = ((x - mu) / (sigma + 1e-6)).norm(dim=-1) * x.abs().amax(-1)
+    score = alpha * _min_max(diversity) + (1 - alpha) * _min_max(importance)
+    return score.argsort(dim=-1, descending=True, stable=True)[:, :k]
+
+
+SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
+    "OURS": select_otprune,
+    "DIVPRUNE": select_divprune,
+    "DPP": select_dpp,
+    "RANDOM": select_random,
+    "FIRST": select_first,
+    "LAST": select_last,
+    "UNIFORM": select_uniform,
+    "TRIM": select_trim,
+    "STP": select_stp,
+}
+
+
+def get_selector(name: str) -> Callable[..., torch.Tensor]:
+    """The selector registered as ``name`` (case-insensitive)."""
+    key = name.upper() if isinstance(name, str) else name
+    if key not in SELECTORS:
+        raise ValueError(f"unknown selector {name!r}; allowed: {', '.join(SELECTORS)}")
+    return SELECTORS[key]
+
+
+def accepted_options(name: str) -> tuple[str, ...]:
+    """Keyword options the selector ``name`` takes, e.g. ``('gamma',)`` for OURS."""
+    signature = inspect.signature(get_selector(name).__wrapped__)
+    return tuple(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)
