@@ -1,0 +1,143 @@
+"""What to prune, read from the environment (or given in code) and checked before any model loads.
+
+Variables (names as in the reference code; values case-insensitive):
+
+- ``BASELINE``: a ``SELECTORS`` name (``OURS``, ``DIVPRUNE``, ...), ``FASTV`` or ``VTW``; unset or
+  ``ORIG`` means no pruning.
+- ``SUBSET_RATIO``: kept fraction of each image's visual tokens, in (0, 1]; required with every
+  method except ``VTW`` (which keeps none).
+- ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``).
+- ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``: selector
+  options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample;
+  ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from otprune.selectors import SELECTORS, _as_int, _check_positive, _check_unit_interval, accepted_options
+
+__all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "config_from_env"]
+
+# Methods that rank tokens by the LLM's own attention or drop them wholesale: they act inside it.
+LAYER_METHODS = ("FASTV", "VTW")
+METHODS = (*SELECTORS, *LAYER_METHODS)
+FASTV_DEFAULT_LAYER = 2
+
+# OTPRUNE_* variable -> (selector option, parser)
+_OPTION_VARIABLES = {
+    "OTPRUNE_GAMMA": ("gamma", float),
+    "OTPRUNE_SEED": ("seed", int),
+    "OTPRUNE_STP_ALPHA": ("alpha", float),
+    "OTPRUNE_TRIM_KEEP_RATIO": ("keep_ratio", float),
+}
+_FLAG_VARIABLES = ("OTPRUNE_LOG", "OTPRUNE_DUMP")
+_OPTION_CHECKS = {
+    "gamma": lambda v: _check_positive(v, "OTPRUNE_GAMMA (gamma)"),
+    "seed": lambda v: _as_int(v, "OTPRUNE_SEED (seed)"),
+    "alpha": lambda v: _check_unit_interval(v, "OTPRUNE_STP_ALPHA (alpha)", closed_low=True),
+    "keep_ratio": lambda v: _check_unit_interval(v, "OTPRUNE_TRIM_KEEP_RATIO (keep_ratio)", closed_low=False),
+}
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """One pruning setting. ``method=None`` is the unpruned model."""
+
+    method: str | None = None
+    ratio: float | None = None
+    layer_index: int = 0
+    options: Mapping[str, object] = field(default_factory=dict)
+    log: bool = False
+    dump_dir: str | None = None
+
+    def __post_init__(self):
+        method = self.method.upper() if isinstance(self.method, str) else self.method
+        if method == "ORIG":
+            method = None
+        if method is not None and method not in METHODS:
+            raise ValueError(f"BASELINE={self.method!r} is not a method; allowed: ORIG, {', '.join(METHODS)}")
+        object.__setattr__(self, "method", method)
+        if method is None:
+            return
+        if method != "VTW":
+            if self.ratio is None:
+                raise ValueError(f"BASELINE={method} needs SUBSET_RATIO, a number in (0, 1]; it is not set")
+            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+                raise ValueError(f"SUBSET_RATIO={self.ratio!r} is not allowed; it must be a number in (0, 1]")
+        if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int) or self.layer_index < 0:
+            raise ValueError(f"LAYER_INDEX={self.layer_index!r} is not allowed; it must be an integer >= 0")
+        if method == "FASTV" and self.layer_index < 1:
+            raise ValueError(
+                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE=FASTV: it ranks tokens by "
+                "the attention of layer K-1, so K must be >= 1"
+            )
+        if method in SELECTORS:
+            allowed = accepted_options(method)
+            unknown = [name for name in self.options if name not in allowed]
+            if unknown:
+                raise ValueError(
+                    f"option(s) {', '.join(unknown)} do not apply to BASELINE={method}; it takes: {', '.join(allowed) or 'none'}"
+                )
+            for name, value in self.options.items():
+                if name in _OPTION_CHECKS:
+                    _OPTION_CHECKS[name](value)
+        elif self.options:
+            raise ValueError(f"BASELINE={method} takes no selector options; got {', '.join(self.options)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None
+
+
+def _parse_number(name: str, raw: str, kind: type):
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name}={raw!r} is not allowed; it must be {what}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError(f"{name}={raw!r} is not allowed; it must be a finite number")
+    return value
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
+    """Read and check the pruning variables; raise ``ValueError`` naming any bad one."""
+    env = os.environ if environ is None else environ
+    raw_method = env.get("BASELINE", "").strip()
+    method = raw_method.upper() or None
+    if method in (None, "ORIG"):
+        return PruneConfig()
+    if method not in METHODS:
+        raise ValueError(f"BASELINE={raw_method!r} is not a method; allowed: ORIG, {', '.join(METHODS)} (or unset)")
+    raw_ratio = env.get("SUBSET_RATIO", "").strip()
+    ratio = _parse_number("SUBSET_RATIO", raw_ratio, float) if raw_ratio else None
+    raw_layer = env.get("LAYER_INDEX", "").strip()
+    default_layer = FASTV_DEFAULT_LAYER if method == "FASTV" else 0
+    layer_index = _parse_number("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer
+    unknown = sorted(
+        name for name in env if name.startswith("OTPRUNE_") and name not in _OPTION_VARIABLES and name not in _FLAG_VARIABLES
+    )
+    if unknown:
+        known = ", ".join([*_OPTION_VARIABLES, *_FLAG_VARIABLES])
+        raise ValueError(f"unknown variable(s) {', '.join(unknown)}; the OTPRUNE_ variables are: {known}")
+    allowed = accepted_options(method) if method in SELECTORS else ()
+    options = {}
+    for variable, (option, kind) in _OPTION_VARIABLES.items():
+        if variable in env and option in allowed:
+            options[option] = _parse_number(variable, env[variable].strip(), kind)
+    log_raw = env.get("OTPRUNE_LOG", "0").strip()
+    if log_raw not in ("0", "1", ""):
+        raise ValueError(f"OTPRUNE_LOG={log_raw!r} is not allowed; use 1 (log) or 0")
+    return PruneConfig(
+        method=method,
+        ratio=ratio,
+        layer_index=layer_index,
+        options=options,
+        log=log_raw == "1",
+        dump_dir=env.get("OTPRUNE_DUMP") or None,
+    )

@@ -1,0 +1,77 @@
+"""Selection for many images at once: group by token count, run each group as one batch.
+
+Model-agnostic: takes each image's visual tokens as a tensor and returns kept indices into it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from otprune.config import PruneConfig
+from otprune.selectors import budget, get_selector
+
+__all__ = ["select_per_image", "select_top_scores"]
+
+logger = logging.getLogger("otprune")
+
+
+def select_top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``(N,)`` scores -> the sorted indices of the ``k`` largest (ties: lower index first)."""
+    order = scores.float().argsort(descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def select_per_image(
+    config: PruneConfig,
+    images: Sequence[torch.Tensor],
+    texts: Sequence[torch.Tensor | None] | None = None,
+) -> list[torch.Tensor]:
+    """Kept indices for each image's ``(N_i, d)`` tokens under ``config`` (a feature selector).
+
+    Images with the same ``N`` (all of LLaVA-1.5's) go through the selector as one ``(B, N, d)``
+    batch; each is still pruned to its own budget ``budget(config.ratio, N_i)``. ``texts`` gives,
+    per image, the text-token embeddings TRIM scores against.
+    """
+    selector = get_selector(config.method)
+    start = time.perf_counter()
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, tokens in enumerate(images):
+        groups[tokens.shape[0]].append(i)
+    kept: list[torch.Tensor | None] = [None] * len(images)
+    for n, members in groups.items():
+        k = budget(config.ratio, n)
+        if config.method == "TRIM":
+            # Each image scores against its own question, whose length varies: one call each.
+            for i in members:
+                kept[i] = selector(images[i], k, text=_text_for(texts, i), **config.options)
+            continue
+        batch = torch.stack([images[i] for i in members])
+        for i, indices in zip(members, selector(batch, k, **config.options)):
+            kept[i] = indices
+    if config.dump_dir:
+        _dump(config.dump_dir, images)
+    if config.log:
+        seconds = time.perf_counter() - start
+        counts = ", ".join(f"{t.shape[0]}->{k.numel()}" for t, k in zip(images, kept))
+        logger.info("otprune %s: visual tokens %s; selector %.2f ms", config.method, counts, seconds * 1e3)
+    return kept
+
+
+def _text_for(texts, i: int) -> torch.Tensor:
+    if texts is None or texts[i] is None or texts[i].shape[0] == 0:
+        raise ValueError("BASELINE=TRIM needs the prompt's text tokens, but an image's prompt has none")
+    return texts[i]
+
+
+def _dump(directory: str, images: Sequence[torch.Tensor]) -> None:
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    existing = len(list(folder.glob("tokens_*.pt")))
+    for offset, tokens in enumerate(images):
+        torch.save(tokens.detach().cpu(), folder / f"tokens_{existing + offset:06d}.pt")

@@ -1,0 +1,74 @@
+"""Adapters that put otprune's selectors into LLaVA (installed as ``otprune.patches``).
+
+Two ways in:
+
+- zero code change: with ``BASELINE`` (and ``SUBSET_RATIO``, ``LAYER_INDEX``) set, a plain
+  ``python -m lmms_eval`` prunes, because lmms-eval loads the ``lmms_eval.models`` entry point
+  :func:`lmms_eval_plugin` in every process at start-up;
+- one call in a script: ``model = otprune.patches.prune(model, "OURS", ratio=0.098)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from otprune.config import PruneConfig, config_from_env
+
+from . import llava
+
+__all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
+
+_env_config = PruneConfig()
+
+
+def active_config(model) -> PruneConfig:
+    """The model's own setting from :func:`prune`, else the one read from the environment."""
+    return getattr(model, "_otprune_config", None) or _env_config
+
+
+def prune(model, method: str | None, ratio: float | None = None, layer_index: int = 0, *, log: bool = False, **options):
+    """Make ``model`` (an original-LLaVA model) prune its visual tokens; returns the same model.
+
+    ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
+    ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before;
+    ``options``: selector options (``gamma=``, ``seed=``, ``alpha=``, ``keep_ratio=``).
+    """
+    config = PruneConfig(method=method, ratio=ratio, layer_index=layer_index, options=options, log=log)
+    if log:
+        _enable_logging()
+    if not llava.install():
+        raise ImportError("otprune.patches.prune needs the original LLaVA: pip install --no-deps llava-torch")
+    model._otprune_config = config
+    return model
+
+
+def activate_from_env(environ=None) -> PruneConfig:
+    """Read the pruning variables and, if pruning is on, patch every supported model class."""
+    global _env_config
+    config = config_from_env(environ)
+    _env_config = config
+    if config.enabled:
+        llava.install()
+        if config.log:
+            _enable_logging()
+    return config
+
+
+def _enable_logging() -> None:
+    logger = logging.getLogger("otprune")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+
+
+def lmms_eval_plugin() -> list:
+    """Entry point of the ``lmms_eval.models`` group: activates pruning, registers no model.
+
+    lmms-eval catches ``Exception`` from entry points and only warns, so a bad variable exits
+    through ``SystemExit`` instead, before any model is loaded.
+    """
+    try:
+        activate_from_env()
+    except ValueError as error:
+        raise SystemExit(f"otprune: {error}") from None
+    return []

@@ -1,0 +1,196 @@
+"""Pruning inside the LLM (``LAYER_INDEX = K > 0``) through hooks on its decoder layers.
+
+Layers ``0 .. K-1`` run on the full sequence. A pre-hook on layer K picks the kept visual tokens
+from the hidden states entering it (or, for FASTV, from the attention of the last prompt token
+at layer K-1; VTW keeps none) and cuts the hidden states, the 4-D attention mask, the rotary
+position embeddings and the position ids down to the kept positions; the pre-hooks of later
+layers cut their inputs the same way, so their KV cache holds only kept tokens. Kept tokens keep
+their original rotary positions. During decoding the mask's columns of dropped tokens are
+removed for layers >= K. A hook on the final norm scatters the hidden states back to the full
+length, so logits (and a loss against labels) keep the shape callers expect; dropped visual
+positions get zero hidden states, and their labels are ignored anyway.
+
+Works with any decoder stack whose layers take ``hidden_states`` first and ``attention_mask``,
+``position_embeddings`` (cos, sin) and ``position_ids`` as keyword arguments (LLaMA-family models
+of transformers 5.x, as used by the original LLaVA and by ``LlavaForConditionalGeneration``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from otprune.config import PruneConfig
+from otprune.prune import select_per_image, select_top_scores
+from otprune.selectors import budget
+
+
+@dataclass
+class PrefillState:
+    """Where the visual tokens of the current prompt sit, set before each multimodal prefill.
+
+    ``spans[b]``: ``(start, end)`` of each image's visual tokens in row b; ``valid``: ``(B, L)``
+    non-padding positions; ``text_after[b]``: per image, the positions of the text that TRIM
+    scores against.
+    """
+
+    spans: list[list[tuple[int, int]]]
+    valid: torch.Tensor
+    text_after: list[list[torch.Tensor]]
+    pending: bool = True
+    kept: torch.Tensor | None = None
+    decoding: bool = False
+    attention_scores: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+class LayerPruner:
+    """Holds the hooks of one model; ``state`` is replaced before every multimodal prefill."""
+
+    def __init__(self, config: PruneConfig, layers, final_norm):
+        self.config = config
+        self.state: PrefillState | None = None
+        k = config.layer_index
+        if k >= len(layers):
+            raise ValueError(f"LAYER_INDEX={k} is not allowed for this model; it has {len(layers)} layers (0 .. {len(layers) - 1})")
+        self.handles = [layers[k].register_forward_pre_hook(self._select_and_cut, with_kwargs=True)]
+        self.handles += [layer.register_forward_pre_hook(self._cut, with_kwargs=True) for layer in layers[k + 1 :]]
+        self.handles.append(final_norm.register_forward_hook(self._restore_length))
+        if config.method == "FASTV":
+            self.handles.append(layers[k - 1].self_attn.register_forward_pre_hook(self._record_attention, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    # -- hooks -------------------------------------------------------------------------------
+
+    def _select_and_cut(self, module, args, kwargs):
+        state = self.state
+        if state is None:
+            return None
+        hidden = args[0]
+        if state.pending and hidden.shape[1] == state.length:
+            state.kept = self._kept_positions(hidden, state)
+            state.pending = False
+            state.decoding = False
+        elif state.kept is not None:
+            state.decoding = True
+        else:
+            return None
+        return self._cut(module, args, kwargs)
+
+    def _cut(self, module, args, kwargs):
+        state = self.state
+        if state is None or state.kept is None:
+            return None
+        hidden, *rest = args
+        kept = state.kept
+        mask = kwargs.get("attention_mask")
+        if state.decoding:
+            if isinstance(mask, torch.Tensor):
+                new = torch.arange(state.length, mask.shape[-1], device=mask.device).expand(kept.shape[0], -1)
+                columns = torch.cat([kept, new], dim=1)
+                kwargs["attention_mask"] = _take(mask, columns, dim=3)
+            return (hidden, *rest), kwargs
+        if hidden.shape[1] == state.length:
+            hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+        if isinstance(mask, torch.Tensor) and mask.shape[-1] == state.length:
+            kwargs["attention_mask"] = _take(_take(mask, kept, dim=2), kept, dim=3)
+        cos_sin = kwargs.get("position_embeddings")
+        if cos_sin is not None and cos_sin[0].shape[-2] == state.length:
+            kwargs["position_embeddings"] = tuple(_take_rows(t, kept) for t in cos_sin)
+        position_ids = kwargs.get("position_ids")
+        if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == state.length:
+            kwargs["position_ids"] = position_ids.expand(kept.shape[0], -1).gather(1, kept)
+        return (hidden, *rest), kwargs
+
+    def _restore_length(self, module, args, output):
+        state = self.state
+        if state is None or state.kept is None or state.decoding or output.shape[1] != state.kept.shape[1]:
+            return None
+        full = output.new_zeros(output.shape[0], state.length, output.shape[-1])
+        return full.scatter(1, state.kept[..., None].expand(-1, -1, output.shape[-1]), output)
+
+    def _record_attention(self, module, args, kwargs):
+        state = self.state
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if state is None or not state.pending or hidden.shape[1] != state.length:
+            return None
+        state.attention_scores = last_token_attention(module, hidden, kwargs["position_embeddings"], state.valid)
+        return None
+
+    # -- selection ---------------------------------------------------------------------------
+
+    def _kept_positions(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
+        """``(B, L')`` sorted positions kept from layer K on: all but the dropped visual tokens."""
+        keep = torch.ones_like(state.valid)
+        images, texts, where = [], [], []
+        for b, spans in enumerate(state.spans):
+            for i, (start, end) in enumerate(spans):
+                keep[b, start:end] = False
+                images.append(hidden[b, start:end])
+                texts.append(hidden[b, state.text_after[b][i]])
+                where.append((b, start))
+        method = self.config.method
+        if method == "VTW":
+            chosen = [torch.zeros(0, dtype=torch.long, device=hidden.device) for _ in images]
+        elif method == "FASTV":
+            scores = state.attention_scores
+            chosen = [
+                select_top_scores(scores[b, start : start + len(tokens)], budget(self.config.ratio, len(tokens)))
+                for (b, start), tokens in zip(where, images)
+            ]
+        else:
+            chosen = select_per_image(self.config, images, texts)
+        for (b, start), indices in zip(where, chosen):
+            keep[b, start + indices] = True
+        counts = keep.sum(1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"LAYER_INDEX={self.config.layer_index} needs every sample of a batch to keep the same number of "
+                f"tokens; got {counts.tolist()} (samples with different image counts or sizes): use batch size 1"
+            )
+        return keep.nonzero()[:, 1].view(keep.shape[0], -1)
+
+
+def last_token_attention(attention, hidden, position_embeddings, valid) -> torch.Tensor:
+    """``(B, L)`` attention of each row's last prompt token over all positions, mean over heads.
+
+    Recomputes the one query row FASTV needs from ``attention``'s projections (LLaMA layout:
+    ``q_proj``, ``k_proj``, ``head_dim``, rotary ``(cos, sin)``), since SDPA returns no weights.
+    """
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    b, length, _ = hidden.shape
+    head_dim = attention.head_dim
+    last = (valid.long() * torch.arange(length, device=hidden.device)).argmax(1)
+    rows = torch.arange(b, device=hidden.device)
+    query = attention.q_proj(hidden[rows, last]).view(b, -1, head_dim)
+    keys = attention.k_proj(hidden).view(b, length, -1, head_dim).transpose(1, 2)
+    cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
+    query = query * cos[rows, last][:, None] + rotate_half(query) * sin[rows, last][:, None]
+    keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
+    keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+    scores = torch.einsum("bhd,bhld->bhl", query.float(), keys.float()) / head_dim**0.5
+    visible = valid & (torch.arange(length, device=hidden.device) <= last[:, None])
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    return scores.softmax(-1).mean(1)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Index ``t`` (B or 1 leading) along ``dim`` with per-row ``index`` ``(B, M)``."""
+    t = t.expand(index.shape[0], *t.shape[1:])
+    shape = [index.shape[0]] + [1] * (t.dim() - 1)
+    shape[dim] = index.shape[1]
+    expanded = index.view(shape).expand(*[s if i != dim else index.shape[1] for i, s in enumerate(t.shape)])
+    return t.gather(dim, expanded)
+
+
+def _take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    t = t.expand(index.shape[0], *t.shape[1:])
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))

@@ -1,0 +1,171 @@
+"""The original LLaVA (``llava-torch``): prune inside ``prepare_inputs_labels_for_multimodal``.
+
+LLaVA's own method still builds the spliced sequence, so every model variant it handles (1.5,
+1.6 anyres with unpadding and newline vectors, any padding side) is handled the same way here.
+To learn where each image's tokens landed, the call passes, in place of the labels, each input
+position's index: the output then holds, per position, the input token it came from, or
+``IGNORE_INDEX`` where a visual token (or padding) sits. The caller's labels are mapped back
+through those indices afterwards.
+
+``LAYER_INDEX = 0``: the visual tokens not kept are removed from the sequence here; the kept
+ones keep their order, the sequence is re-padded on the model's padding side and positions are
+renumbered, as LLaVA numbers any sequence. ``K > 0``: the sequence is left whole and the
+positions of its visual tokens are handed to the layer hooks (``layers.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from otprune.config import PruneConfig
+from otprune.prune import select_per_image
+
+from .layers import LayerPruner, PrefillState
+
+IGNORE_INDEX = -100
+IMAGE_TOKEN_INDEX = -200
+
+
+def install() -> bool:
+    """Replace ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal``; False if no LLaVA."""
+    try:
+        from llava.model.llava_arch import LlavaMetaForCausalLM
+    except ImportError:
+        return False
+    original = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
+    if getattr(original, "otprune_original", None) is not None:
+        return True
+
+    @functools.wraps(original)
+    def prepare_inputs_labels_for_multimodal(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
+    ):
+        from . import active_config
+
+        config = active_config(self)
+        prefill = images is not None and input_ids is not None and input_ids.shape[1] > 1
+        if not config.enabled or not prefill or self.get_vision_tower() is None:
+            if prefill or images is None:
+                _set_state(self, config, None)
+            return original(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
+        return _prepare_pruned(
+            original, self, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+        )
+
+    prepare_inputs_labels_for_multimodal.otprune_original = original
+    LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
+    return True
+
+
+def _set_state(model, config: PruneConfig, state: PrefillState | None) -> None:
+    pruner = getattr(model, "_otprune_layer_pruner", None)
+    if config.enabled and config.layer_index > 0:
+        if pruner is None or pruner.config != config:
+            if pruner is not None:
+                pruner.remove()
+            inner = model.get_model()
+            pruner = LayerPruner(config, inner.layers, inner.norm)
+            model._otprune_layer_pruner = pruner
+    if pruner is not None:
+        pruner.state = state
+
+
+def _visual_spans(visual: torch.Tensor, sources: torch.Tensor, input_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """Each image's ``(start, end)`` in one output row; adjacent images share a run, split evenly."""
+    positions = visual.nonzero().flatten().tolist()
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    spans = []
+    for start, end in runs:
+        before = int(sources[start - 1]) if start > 0 and sources[start - 1] >= 0 else -1
+        after = int(sources[end]) if end < len(sources) and sources[end] >= 0 else len(input_ids)
+        n_images = max(1, int((input_ids[before + 1 : after] == IMAGE_TOKEN_INDEX).sum()))
+        if (end - start) % n_images:
+            raise ValueError(
+                f"{n_images} adjacent images share {end - start} visual tokens that do not split evenly; "
+                "put text (e.g. a newline) between <image> placeholders"
+            )
+        size = (end - start) // n_images
+        spans += [(s, s + size) for s in range(start, end, size)]
+    return spans
+
+
+def _prepare_pruned(
+    original, model, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+):
+    batch, length = input_ids.shape
+    mask_in = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    markers = torch.arange(length, device=input_ids.device).expand(batch, length).clone()
+    _, positions, mask_out, past_key_values, embeds, sources = original(
+        model, input_ids, position_ids, mask_in, past_key_values, markers, images, image_sizes
+    )
+    valid = mask_out.bool()
+    visual = valid & (sources == IGNORE_INDEX)
+    spans, text_after = [], []
+    for b in range(batch):
+        row_spans = _visual_spans(visual[b], sources[b], input_ids[b])
+        spans.append(row_spans)
+        text_after.append(_question_positions(row_spans, valid[b] & ~visual[b]))
+
+    def restore_labels(kept_sources: torch.Tensor) -> torch.Tensor | None:
+        if labels is None:
+            return None
+        mapped = labels.gather(1, kept_sources.clamp_min(0))
+        return mapped.masked_fill(kept_sources < 0, IGNORE_INDEX)
+
+    def caller_mask(mask: torch.Tensor):
+        return None if attention_mask is None else mask.to(attention_mask.dtype)
+
+    if config.layer_index > 0:
+        _set_state(model, config, PrefillState(spans=spans, valid=valid, text_after=text_after))
+        return None, (None if position_ids is None else positions), caller_mask(mask_out), past_key_values, embeds, restore_labels(sources)
+
+    images_tokens = [embeds[b, s:e] for b in range(batch) for s, e in spans[b]]
+    questions = [embeds[b, idx] for b in range(batch) for idx in text_after[b]]
+    chosen = iter(select_per_image(config, images_tokens, questions))
+    keep = valid & ~visual
+    for b in range(batch):
+        for start, _ in spans[b]:
+            keep[b, start + next(chosen)] = True
+    new_embeds, new_mask, new_sources = _repad(embeds, keep, sources, getattr(model.config, "tokenizer_padding_side", "right"))
+    new_positions = None
+    if position_ids is not None:
+        new_positions = (new_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~new_mask, 0).to(positions.dtype)
+    return None, new_positions, caller_mask(new_mask), past_key_values, new_embeds, restore_labels(new_sources)
+
+
+def _question_positions(spans: list[tuple[int, int]], text: torch.Tensor) -> list[torch.Tensor]:
+    """Per image, the text positions after it up to the next image (before it, if none follow)."""
+    bounds = [end for _, end in spans]
+    starts = [start for start, _ in spans[1:]] + [text.shape[0]]
+    result = []
+    for i, (lo, hi) in enumerate(zip(bounds, starts)):
+        after = text[lo:hi].nonzero().flatten() + lo
+        if after.numel() == 0:
+            after = text[: spans[i][0]].nonzero().flatten()
+        result.append(after)
+    return result
+
+
+def _repad(embeds: torch.Tensor, keep: torch.Tensor, sources: torch.Tensor, side: str):
+    """Gather the kept positions of each row and pad rows to one length on ``side``."""
+    batch, _, width = embeds.shape
+    counts = keep.sum(1)
+    length = int(counts.max())
+    new_embeds = embeds.new_zeros(batch, length, width)
+    new_mask = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
+    new_sources = torch.full((batch, length), IGNORE_INDEX, dtype=sources.dtype, device=sources.device)
+    for b in range(batch):
+        idx = keep[b].nonzero().flatten()
+        n = idx.numel()
+        target = slice(length - n, length) if side == "left" else slice(0, n)
+        new_embeds[b, target] = embeds[b, idx]
+        new_mask[b, target] = True
+        new_sources[b, target] = sources[b, idx]
+    return new_embeds, new_mask, new_sources

@@ -1,0 +1,203 @@
+"""Build tiny, randomly initialised LLaVA checkpoints offline, loadable through the real code paths.
+
+    python scripts/build_tiny_llava.py OUT_DIR [--variant llava-1.5|llava-1.6|llava-hf] [--seed 0]
+
+- ``llava-1.5``: original-LLaVA layout for ``llava.model.builder.load_pretrained_model``: a CLIP
+  tower (336 px, patch 14 -> 576 tokens, hidden 32) saved beside the model, ``mlp2x_gelu``
+  projector, a 4-layer LLaMA of hidden size 64.
+- ``llava-1.6``: the same with ``anyres`` + ``spatial_unpad`` (LLaVA-NeXT): tiles, unpadding and
+  an ``image_newline`` vector, so an image yields a variable number of tokens.
+- ``llava-hf``: a ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` folder for transformers.
+
+The tokenizer is a byte-level BPE trained here on a few sentences (no sentencepiece model, no hub).
+The folder name of an original-LLaVA checkpoint must contain "llava": its loader checks the name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf")
+IMAGE_SIZE = 336
+PATCH = 14
+VISION_HIDDEN = 32
+TEXT_HIDDEN = 64
+TEXT_LAYERS = 4
+CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: ASSISTANT: What is in the image? Answer the question using a single word or phrase.",
+    "Is there a red car in the picture? Yes No. How many people are there? one two three four",
+    "Describe the image briefly. A photo of a cat sitting on a table next to a blue cup.",
+    "Please answer yes or no. Which option is correct? A B C D. The sky is blue and green grass.",
+]
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+
+
+def build_tokenizer(path: Path):
+    """A byte-level BPE tokenizer that adds ``<s>`` like LLaMA's, saved as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(CORPUS, trainer=trainer)
+    bos = core.token_to_id("<s>")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=4096
+    )
+    tokenizer.save_pretrained(path)
+    return tokenizer
+
+
+def build_clip_tower(path: Path, seed: int) -> None:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=2 * VISION_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=VISION_HIDDEN,
+    )
+    CLIPVisionModel(config).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    ).save_pretrained(path)
+
+
+def llama_config_fields(vocab_size: int, tokenizer) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=2 * TEXT_HIDDEN,
+        num_hidden_layers=TEXT_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_original(path: Path, anyres: bool, seed: int) -> Path:
+    """Original-LLaVA checkpoint: ``LlavaLlamaForCausalLM`` with the CLIP tower in ``path/vision``."""
+    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tower = path / "vision"
+    build_clip_tower(tower, seed)
+    tokenizer = build_tokenizer(path)
+    config = LlavaConfig(
+        **llama_config_fields(len(tokenizer), tokenizer),
+        mm_vision_tower=str(tower.resolve()),
+        mm_hidden_size=VISION_HIDDEN,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        image_aspect_ratio="anyres" if anyres else "pad",
+        mm_patch_merge_type="spatial_unpad" if anyres else "flat",
+        tokenizer_padding_side="right",
+    )
+    if anyres:
+        config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    torch.manual_seed(seed)
+    model = LlavaLlamaForCausalLM(config)
+    # Random weights are fine; a loud image_newline keeps the newline vectors distinguishable.
+    if anyres:
+        model.get_model().image_newline.data.normal_(0, 1)
+    model.save_pretrained(path)
+    return path
+
+
+def build_hf(path: Path, seed: int) -> Path:
+    """transformers-native ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(path)
+    vision = CLIPVisionConfig(
+        hidden_size=VISION_HIDDEN,
+        intermediate_size=2 * VISION_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=VISION_HIDDEN,
+    )
+    text = LlamaConfig(**llama_config_fields(len(tokenizer), tokenizer))
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).save_pretrained(path)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        chat_template="{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def build(out_dir: str | Path, variant: str = "llava-1.5", seed: int = 0) -> Path:
+    """Build ``variant`` into ``out_dir`` and return the folder; the name must contain "llava"."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
+    path = Path(out_dir)
+    if "llava" not in path.name.lower():
+        raise ValueError(f"the checkpoint folder name must contain 'llava' (LLaVA's loader checks it); got {path.name!r}")
+    if variant == "llava-hf":
+        build_hf(path, seed)
+    else:
+        build_original(path, anyres=variant == "llava-1.6", seed=seed)
+    (path / "otprune_tiny.json").write_text(json.dumps({"variant": variant, "seed": seed}) + "\n")
+    return path
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--variant", choices=VARIANTS, default="llava-1.5")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        print(build(args.out_dir, args.variant, args.seed))
+    except ValueError as error:
+        parser.error(str(error))
+
+
+if __name__ == "__main__":
+    main()

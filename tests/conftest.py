@@ -1,0 +1,25 @@
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(name: str):
+    """Import ``scripts/<name>.py`` as a module (scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """Builds the tiny LLaVA checkpoints once per test session: ``{variant: folder}``."""
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
+    build = load_script("build_tiny_llava").build
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {variant: build(root / f"tiny-{variant}", variant) for variant in ("llava-1.5", "llava-1.6")}

@@ -1,0 +1,93 @@
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from otprune.config import PruneConfig, config_from_env
+
+
+def test_unset_and_orig_mean_no_pruning():
+    assert not config_from_env({}).enabled
+    assert not config_from_env({"BASELINE": "orig"}).enabled
+    assert not config_from_env({"BASELINE": ""}).enabled
+
+
+def test_full_setting_is_read_case_insensitively():
+    config = config_from_env(
+        {"BASELINE": "ours", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "3", "OTPRUNE_GAMMA": "0.5", "OTPRUNE_LOG": "1"}
+    )
+    assert config == PruneConfig("OURS", 0.098, 3, {"gamma": 0.5}, log=True)
+
+
+def test_defaults_and_method_specific_options():
+    assert config_from_env({"BASELINE": "FASTV", "SUBSET_RATIO": "0.25"}).layer_index == 2
+    assert config_from_env({"BASELINE": "VTW", "LAYER_INDEX": "2"}).ratio is None
+    # An option for another method is ignored, so one environment can drive a sweep.
+    assert config_from_env({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "1"}).options == {}
+    assert config_from_env({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "4"}).options == {"seed": 4}
+
+
+@pytest.mark.parametrize(
+    "env,message",
+    [
+        ({"BASELINE": "OTPRUNE"}, r"BASELINE='OTPRUNE' is not a method; allowed: ORIG, OURS"),
+        ({"BASELINE": "OURS"}, r"BASELINE=OURS needs SUBSET_RATIO, a number in \(0, 1\]; it is not set"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0"}, r"SUBSET_RATIO=0.0 is not allowed; it must be a number in \(0, 1\]"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "1.5"}, r"SUBSET_RATIO=1.5 is not allowed"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "ten"}, r"SUBSET_RATIO='ten' is not allowed; it must be a number"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "nan"}, r"SUBSET_RATIO='nan' is not allowed; it must be a finite number"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "-1"}, r"LAYER_INDEX=-1 is not allowed; it must be an integer >= 0"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "two"}, r"LAYER_INDEX='two' is not allowed; it must be an integer"),
+        ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=FASTV"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "0"}, r"OTPRUNE_GAMMA \(gamma\) must be a finite number > 0"),
+        ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_LOG": "yes"}, r"OTPRUNE_LOG='yes' is not allowed; use 1"),
+    ],
+)
+def test_bad_values_name_the_variable_and_what_is_allowed(env, message):
+    with pytest.raises(ValueError, match=message):
+        config_from_env(env)
+
+
+def test_explicit_config_checks_options():
+    with pytest.raises(ValueError, match="option\\(s\\) alpha do not apply to BASELINE=OURS; it takes: gamma"):
+        PruneConfig("OURS", 0.1, options={"alpha": 0.3})
+    with pytest.raises(ValueError, match="BASELINE=VTW takes no selector options"):
+        PruneConfig("VTW", None, 1, options={"gamma": 1.0})
+
+
+needs_lmms_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lmms_eval") is None or importlib.util.find_spec("llava") is None,
+    reason="needs lmms-eval and llava-torch",
+)
+CHECK_PATCHED = (
+    "import lmms_eval.models\n"
+    "from llava.model.llava_arch import LlavaMetaForCausalLM as M\n"
+    "print('patched' if hasattr(M.prepare_inputs_labels_for_multimodal, 'otprune_original') else 'unpatched')\n"
+)
+
+
+def run_lmms_eval_start_up(**env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
+    return subprocess.run(
+        [sys.executable, "-c", CHECK_PATCHED], env={**clean, **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+@needs_lmms_eval
+def test_lmms_eval_start_up_activates_through_the_entry_point():
+    on = run_lmms_eval_start_up(BASELINE="OURS", SUBSET_RATIO="0.098")
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.strip().endswith("patched") and "unpatched" not in on.stdout
+    off = run_lmms_eval_start_up()
+    assert off.stdout.strip().endswith("unpatched"), off.stderr
+
+
+@needs_lmms_eval
+def test_lmms_eval_start_up_fails_on_a_bad_value():
+    bad = run_lmms_eval_start_up(BASELINE="OURS", SUBSET_RATIO="2")
+    assert bad.returncode != 0
+    assert "otprune: SUBSET_RATIO=2.0 is not allowed; it must be a number in (0, 1]" in bad.stderr
