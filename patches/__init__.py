@@ -14,7 +14,7 @@ import logging
 
 from otprune.config import PruneConfig, config_from_env
 
-from . import llava
+from . import hf, llava
 
 __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
 
@@ -27,7 +27,10 @@ def active_config(model) -> PruneConfig:
 
 
 def prune(model, method: str | None, ratio: float | None = None, layer_index: int = 0, *, log: bool = False, **options):
-    """Make ``model`` (an original-LLaVA model) prune its visual tokens; returns the same model.
+    """Make ``model`` prune its visual tokens; returns the same model.
+
+    ``model``: an original-LLaVA model (``llava-torch``) or transformers' ``LlavaForConditionalGeneration``
+    / ``LlavaNextForConditionalGeneration``.
 
     ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
     ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before;
@@ -36,8 +39,13 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     config = PruneConfig(method=method, ratio=ratio, layer_index=layer_index, options=options, log=log)
     if log:
         _enable_logging()
-    if not llava.install():
-        raise ImportError("otprune.patches.prune needs the original LLaVA: pip install --no-deps llava-torch")
+    llava.install()
+    hf.install()
+    if not _supported(model):
+        raise TypeError(
+            f"otprune.patches.prune does not support {type(model).__name__}; it supports the original LLaVA "
+            f"(LlavaMetaForCausalLM subclasses) and transformers' {', '.join(hf.CLASS_NAMES)}"
+        )
     model._otprune_config = config
     return model
 
@@ -49,9 +57,15 @@ def activate_from_env(environ=None) -> PruneConfig:
     _env_config = config
     if config.enabled:
         llava.install()
+        hf.install()
         if config.log:
             _enable_logging()
     return config
+
+
+def _supported(model) -> bool:
+    names = {cls.__name__ for cls in type(model).__mro__}
+    return "LlavaMetaForCausalLM" in names or bool(names & set(hf.CLASS_NAMES))
 
 
 def _enable_logging() -> None:

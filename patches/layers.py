@@ -194,3 +194,19 @@ def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
 def _take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     t = t.expand(index.shape[0], *t.shape[1:])
     return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def attach_state(model, config: PruneConfig, layers, final_norm, state: PrefillState | None) -> None:
+    """Give ``model``'s layer hooks the next prefill's ``state`` (``None``: nothing to prune).
+
+    The hooks are installed the first time a setting with ``LAYER_INDEX > 0`` needs them and
+    replaced when the setting changes.
+    """
+    pruner = getattr(model, "_otprune_layer_pruner", None)
+    if config.enabled and config.layer_index > 0 and (pruner is None or pruner.config != config):
+        if pruner is not None:
+            pruner.remove()
+        pruner = LayerPruner(config, layers, final_norm)
+        model._otprune_layer_pruner = pruner
+    if pruner is not None:
+        pruner.state = state

@@ -22,9 +22,9 @@ import torch
 from otprune.config import PruneConfig
 from otprune.prune import select_per_image
 
-from .layers import LayerPruner, PrefillState
+from .layers import PrefillState, attach_state
+from .splice import IGNORE_INDEX, question_positions, repad
 
-IGNORE_INDEX = -100
 IMAGE_TOKEN_INDEX = -200
 
 
@@ -60,16 +60,8 @@ def install() -> bool:
 
 
 def _set_state(model, config: PruneConfig, state: PrefillState | None) -> None:
-    pruner = getattr(model, "_otprune_layer_pruner", None)
-    if config.enabled and config.layer_index > 0:
-        if pruner is None or pruner.config != config:
-            if pruner is not None:
-                pruner.remove()
-            inner = model.get_model()
-            pruner = LayerPruner(config, inner.layers, inner.norm)
-            model._otprune_layer_pruner = pruner
-    if pruner is not None:
-        pruner.state = state
+    inner = model.get_model()
+    attach_state(model, config, inner.layers, inner.norm, state)
 
 
 def _visual_spans(visual: torch.Tensor, sources: torch.Tensor, input_ids: torch.Tensor) -> list[tuple[int, int]]:
@@ -111,7 +103,7 @@ def _prepare_pruned(
     for b in range(batch):
         row_spans = _visual_spans(visual[b], sources[b], input_ids[b])
         spans.append(row_spans)
-        text_after.append(_question_positions(row_spans, valid[b] & ~visual[b]))
+        text_after.append(question_positions(row_spans, valid[b] & ~visual[b]))
 
     def restore_labels(kept_sources: torch.Tensor) -> torch.Tensor | None:
         if labels is None:
@@ -133,39 +125,9 @@ def _prepare_pruned(
     for b in range(batch):
         for start, _ in spans[b]:
             keep[b, start + next(chosen)] = True
-    new_embeds, new_mask, new_sources = _repad(embeds, keep, sources, getattr(model.config, "tokenizer_padding_side", "right"))
+    side = getattr(model.config, "tokenizer_padding_side", "right")
+    new_mask, new_embeds, new_sources = repad(keep, side, (embeds, 0), (sources, IGNORE_INDEX))
     new_positions = None
     if position_ids is not None:
         new_positions = (new_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~new_mask, 0).to(positions.dtype)
     return None, new_positions, caller_mask(new_mask), past_key_values, new_embeds, restore_labels(new_sources)
-
-
-def _question_positions(spans: list[tuple[int, int]], text: torch.Tensor) -> list[torch.Tensor]:
-    """Per image, the text positions after it up to the next image (before it, if none follow)."""
-    bounds = [end for _, end in spans]
-    starts = [start for start, _ in spans[1:]] + [text.shape[0]]
-    result = []
-    for i, (lo, hi) in enumerate(zip(bounds, starts)):
-        after = text[lo:hi].nonzero().flatten() + lo
-        if after.numel() == 0:
-            after = text[: spans[i][0]].nonzero().flatten()
-        result.append(after)
-    return result
-
-
-def _repad(embeds: torch.Tensor, keep: torch.Tensor, sources: torch.Tensor, side: str):
-    """Gather the kept positions of each row and pad rows to one length on ``side``."""
-    batch, _, width = embeds.shape
-    counts = keep.sum(1)
-    length = int(counts.max())
-    new_embeds = embeds.new_zeros(batch, length, width)
-    new_mask = torch.zeros(batch, length, dtype=torch.bool, device=embeds.device)
-    new_sources = torch.full((batch, length), IGNORE_INDEX, dtype=sources.dtype, device=sources.device)
-    for b in range(batch):
-        idx = keep[b].nonzero().flatten()
-        n = idx.numel()
-        target = slice(length - n, length) if side == "left" else slice(0, n)
-        new_embeds[b, target] = embeds[b, idx]
-        new_mask[b, target] = True
-        new_sources[b, target] = sources[b, idx]
-    return new_embeds, new_mask, new_sources

@@ -1,13 +1,14 @@
 """Build tiny, randomly initialised LLaVA checkpoints offline, loadable through the real code paths.
 
-    python scripts/build_tiny_llava.py OUT_DIR [--variant llava-1.5|llava-1.6|llava-hf] [--seed 0]
+    python scripts/build_tiny_llava.py OUT_DIR [--variant llava-1.5|llava-1.6|llava-hf|llava-next-hf] [--seed 0]
 
 - ``llava-1.5``: original-LLaVA layout for ``llava.model.builder.load_pretrained_model``: a CLIP
   tower (336 px, patch 14 -> 576 tokens, hidden 32) saved beside the model, ``mlp2x_gelu``
   projector, a 4-layer LLaMA of hidden size 64.
 - ``llava-1.6``: the same with ``anyres`` + ``spatial_unpad`` (LLaVA-NeXT): tiles, unpadding and
   an ``image_newline`` vector, so an image yields a variable number of tokens.
-- ``llava-hf``: a ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` folder for transformers.
+- ``llava-hf`` / ``llava-next-hf``: ``LlavaForConditionalGeneration`` (or
+  ``LlavaNextForConditionalGeneration``) with its processor, for transformers' own classes.
 
 The tokenizer is a byte-level BPE trained here on a few sentences (no sentencepiece model, no hub).
 The folder name of an original-LLaVA checkpoint must contain "llava": its loader checks the name.
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf")
+VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf", "llava-next-hf")
 IMAGE_SIZE = 336
 PATCH = 14
 VISION_HIDDEN = 32
@@ -36,6 +37,12 @@ CORPUS = [
     "Please answer yes or no. Which option is correct? A B C D. The sky is blue and green grass.",
 ]
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+GRID_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 def build_tokenizer(path: Path):
@@ -59,11 +66,10 @@ def build_tokenizer(path: Path):
     return tokenizer
 
 
-def build_clip_tower(path: Path, seed: int) -> None:
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+def clip_config():
+    from transformers import CLIPVisionConfig
 
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=VISION_HIDDEN,
         intermediate_size=2 * VISION_HIDDEN,
         num_hidden_layers=2,
@@ -72,10 +78,20 @@ def build_clip_tower(path: Path, seed: int) -> None:
         patch_size=PATCH,
         projection_dim=VISION_HIDDEN,
     )
-    CLIPVisionModel(config).save_pretrained(path)
-    CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ).save_pretrained(path)
+
+
+def clip_processor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def build_clip_tower(path: Path, seed: int) -> None:
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(seed)
+    CLIPVisionModel(clip_config()).save_pretrained(path)
+    clip_processor().save_pretrained(path)
 
 
 def llama_config_fields(vocab_size: int, tokenizer) -> dict:
@@ -115,7 +131,7 @@ def build_original(path: Path, anyres: bool, seed: int) -> Path:
         tokenizer_padding_side="right",
     )
     if anyres:
-        config.image_grid_pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        config.image_grid_pinpoints = GRID_PINPOINTS
     torch.manual_seed(seed)
     model = LlavaLlamaForCausalLM(config)
     # Random weights are fine; a loud image_newline keeps the newline vectors distinguishable.
@@ -125,50 +141,43 @@ def build_original(path: Path, anyres: bool, seed: int) -> Path:
     return path
 
 
-def build_hf(path: Path, seed: int) -> Path:
-    """transformers-native ``LlavaForConditionalGeneration`` with its ``LlavaProcessor``."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def build_hf(path: Path, next_style: bool, seed: int) -> Path:
+    """transformers-native ``LlavaForConditionalGeneration`` (or ``LlavaNext...``) with its processor."""
+    from transformers import LlamaConfig
 
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(path)
-    vision = CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=2 * VISION_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=VISION_HIDDEN,
-    )
-    text = LlamaConfig(**llama_config_fields(len(tokenizer), tokenizer))
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+    fields = dict(
+        vision_config=clip_config(),
+        text_config=LlamaConfig(**llama_config_fields(len(tokenizer), tokenizer)),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
-    torch.manual_seed(seed)
-    LlavaForConditionalGeneration(config).save_pretrained(path)
-    processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(
-            size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-        ),
+    # num_additional_image_tokens=1: the CLS token, which the "default" strategy then drops.
+    processor_fields = dict(
         tokenizer=tokenizer,
         patch_size=PATCH,
         vision_feature_select_strategy="default",
-        chat_template="{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} {% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(path)
+    torch.manual_seed(seed)
+    if next_style:
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor, LlavaNextProcessor
+
+        LlavaNextForConditionalGeneration(LlavaNextConfig(**fields, image_grid_pinpoints=GRID_PINPOINTS)).save_pretrained(path)
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_grid_pinpoints=GRID_PINPOINTS,
+        )
+        LlavaNextProcessor(image_processor=image_processor, **processor_fields).save_pretrained(path)
+    else:
+        from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+        LlavaForConditionalGeneration(LlavaConfig(**fields)).save_pretrained(path)
+        LlavaProcessor(image_processor=clip_processor(), **processor_fields).save_pretrained(path)
     return path
 
 
@@ -179,8 +188,8 @@ def build(out_dir: str | Path, variant: str = "llava-1.5", seed: int = 0) -> Pat
     path = Path(out_dir)
     if "llava" not in path.name.lower():
         raise ValueError(f"the checkpoint folder name must contain 'llava' (LLaVA's loader checks it); got {path.name!r}")
-    if variant == "llava-hf":
-        build_hf(path, seed)
+    if variant.endswith("-hf"):
+        build_hf(path, next_style=variant == "llava-next-hf", seed=seed)
     else:
         build_original(path, anyres=variant == "llava-1.6", seed=seed)
     (path / "otprune_tiny.json").write_text(json.dumps({"variant": variant, "seed": seed}) + "\n")

@@ -23,3 +23,12 @@ def tiny_checkpoints(tmp_path_factory):
     build = load_script("build_tiny_llava").build
     root = tmp_path_factory.mktemp("checkpoints")
     return {variant: build(root / f"tiny-{variant}", variant) for variant in ("llava-1.5", "llava-1.6")}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoints(tmp_path_factory):
+    """transformers-native tiny checkpoints: ``{"llava-hf": folder, "llava-next-hf": folder}``."""
+    pytest.importorskip("transformers")
+    build = load_script("build_tiny_llava").build
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+    return {variant: build(root / f"tiny-{variant}", variant) for variant in ("llava-hf", "llava-next-hf")}

@@ -1,0 +1,151 @@
+"""The transformers-native patch (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from PIL import Image  # noqa: E402
+
+import otprune.patches as patches  # noqa: E402
+from otprune.selectors import SELECTORS, budget  # noqa: E402
+
+RATIO = 0.098
+
+
+@pytest.fixture(scope="module")
+def models(tiny_hf_checkpoints):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = {}
+    for variant, path in tiny_hf_checkpoints.items():
+        processor = AutoProcessor.from_pretrained(path)
+        processor.tokenizer.padding_side = "left"
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        loaded[variant] = (processor, model)
+    patches.hf.install()
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def pruning_off(models):
+    for _, model in models.values():
+        model._otprune_config = None
+    yield
+    for _, model in models.values():
+        model._otprune_config = None
+
+
+def make_image(width, height, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+def inputs_for(processor, questions, images_per_prompt):
+    prompts = []
+    for question, images in zip(questions, images_per_prompt):
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+    flat = [im for images in images_per_prompt for im in images]
+    return processor(images=flat, text=prompts, return_tensors="pt", padding=True)
+
+
+def llm_inputs(model, inputs):
+    """The inputs_embeds the language model receives for one forward pass."""
+    seen = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def generate(model, inputs, tokens=5):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+
+
+@pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
+def test_pruning_off_is_identical(models, variant, monkeypatch):
+    import transformers
+
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 0)]])
+    patched = generate(model, inputs)
+    cls = type(model)
+    monkeypatch.setattr(cls, "generate", cls.generate.otprune_original)
+    monkeypatch.setattr(cls, "forward", cls.forward.otprune_original)
+    assert torch.equal(patched, generate(model, inputs))
+    assert hasattr(transformers, cls.__name__)
+
+
+@pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
+@pytest.mark.parametrize("method", ["OURS", "DIVPRUNE", "DPP", "TRIM", "STP", "UNIFORM"])
+def test_llm_gets_text_plus_exactly_the_selectors_picks(models, variant, method):
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 1)]])
+    full = llm_inputs(model, inputs)[0]
+    placeholders = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    start, n = int(placeholders[0]), placeholders.numel()
+    visual = full[start : start + n]
+    k = budget(RATIO, n)
+    options = {"text": full[start + n :]} if method == "TRIM" else {}
+    picks = SELECTORS[method](visual, k, **options)
+    patches.prune(model, method, RATIO)
+    pruned = llm_inputs(model, inputs)[0]
+    assert pruned.shape[0] == inputs["input_ids"].shape[1] - n + k
+    assert torch.equal(pruned, torch.cat([full[:start], visual[picks], full[start + n :]]))
+    out = generate(model, inputs)
+    assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])  # prompt given back whole
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
+
+
+def test_two_images_of_different_size_each_get_their_budget(models):
+    processor, model = models["llava-next-hf"]
+    inputs = inputs_for(processor, ["Which differs?"], [[make_image(500, 300, 2), make_image(300, 700, 3)]])
+    full = llm_inputs(model, inputs)
+    features = model.model.get_image_features(
+        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
+    ).pooler_output
+    sizes = [f.shape[0] for f in features]
+    assert sizes[0] != sizes[1]
+    patches.prune(model, "OURS", RATIO)
+    pruned = llm_inputs(model, inputs)
+    assert pruned.shape[1] == full.shape[1] - sum(sizes) + sum(budget(RATIO, s) for s in sizes)
+
+
+@pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
+def test_batch_of_two_prompts_generates_as_each_alone(models, variant):
+    processor, model = models[variant]
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    images = [[make_image(500, 300, 4)], [make_image(320, 320, 5)]]
+    patches.prune(model, "OURS", RATIO)
+    alone = [generate(model, inputs_for(processor, [q], [im]))[0, -5:] for q, im in zip(questions, images)]
+    together = generate(model, inputs_for(processor, questions, images))
+    for row, expected in enumerate(alone):
+        assert together[row, -5:].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("method", ["OURS", "FASTV", "VTW"])
+def test_layer_k_prunes_the_kv_cache(models, method):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 6)]])
+    length = inputs["input_ids"].shape[1]
+    patches.prune(model, method, RATIO, layer_index=2)
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+    kept = 0 if method == "VTW" else budget(RATIO, 576)
+    assert out.logits.shape[1] == length
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [length] * 2 + [length - 576 + kept] * 2
+    generated = generate(model, inputs, tokens=4)
+    assert torch.equal(generated, generate(model, inputs, tokens=4))
+    assert torch.equal(generated[:, :length], inputs["input_ids"])
+
+
+def test_unsupported_model_is_a_clear_error():
+    with pytest.raises(TypeError, match="does not support Linear; it supports the original LLaVA"):
+        patches.prune(torch.nn.Linear(2, 2), "OURS", 0.5)
