@@ -66,15 +66,15 @@ class Arch:
         return ModelShape(hidden=self.hidden, ffn=self.ffn, layers=self.layers)
 
 
-_LLAMA_7B = dict(hidden=4096, layers=32, heads=32, ffn=11008, vocab=32000)
-_CLIP_L14 = dict(tower_hidden=1024, tower_layers=24, tower_heads=16, tower_ffn=4096)
+_LLAMA_7B = {"hidden": 4096, "layers": 32, "heads": 32, "ffn": 11008, "vocab": 32000}
+_CLIP_L14 = {"tower_hidden": 1024, "tower_layers": 24, "tower_heads": 16, "tower_ffn": 4096}
 FULL_SIZE = [
     Arch("llava-1.5-7b", **_LLAMA_7B, **_CLIP_L14, crops=1),
     Arch("llava-1.6-7b", **_LLAMA_7B, **_CLIP_L14, crops=5),
 ]
 # Small enough for two CPU cores; token counts stay LLaVA's, so the selector sees real N.
-_LLAMA_SMALL = dict(hidden=512, layers=4, heads=8, ffn=1376, vocab=32000)
-_CLIP_SMALL = dict(tower_hidden=256, tower_layers=4, tower_heads=4, tower_ffn=1024)
+_LLAMA_SMALL = {"hidden": 512, "layers": 4, "heads": 8, "ffn": 1376, "vocab": 32000}
+_CLIP_SMALL = {"tower_hidden": 256, "tower_layers": 4, "tower_heads": 4, "tower_ffn": 1024}
 REDUCED = [
     Arch("llava-1.5 (reduced)", **_LLAMA_SMALL, **_CLIP_SMALL, crops=1),
     Arch("llava-1.6 (reduced)", **_LLAMA_SMALL, **_CLIP_SMALL, crops=5),
@@ -163,7 +163,12 @@ class Model:
 
 def build(arch: Arch, device: torch.device, dtype: torch.dtype) -> Model:
     """Random-weight tower, projector and LLM, created directly on ``device`` in ``dtype``."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     tower_config = CLIPVisionConfig(
         hidden_size=arch.tower_hidden,
@@ -260,7 +265,7 @@ def _decode_ms(model: Model, cache, token: torch.Tensor, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _roofline(model: Model, config: Config, llm_tokens: int, kept: int, steps: int, hw: Hardware) -> dict[str, float]:
+def _roofline(model: Model, config: Config, llm_tokens: int, steps: int, hw: Hardware) -> dict[str, float]:
     arch, b = model.arch, config.batch
     element = next(model.llm.parameters()).element_size()
     tower_tokens = PATCHES + 1
@@ -322,7 +327,7 @@ def run_config(model: Model, config: Config, repeats: int, steps: int, hw: Hardw
     stages["ttft"] = 1e3 * statistics.median(sum(r.values()) for r in runs)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     kept = arch.visual_tokens if config.ratio is None else budget(config.ratio, arch.visual_tokens)
-    roof = _roofline(model, config, llm_tokens, kept, steps, hw)
+    roof = _roofline(model, config, llm_tokens, steps, hw)
     return Result(config, kept, llm_tokens, stages, roof, decode_ms, peak)
 
 

@@ -24,18 +24,19 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+# The per-step baseline lives beside this script, not in the otprune package.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from per_step_reference import per_step_otprune  # noqa: E402
+from per_step_reference import per_step_otprune
 
-from otprune.measures import logdet_objective  # noqa: E402
-from otprune.selectors import otprune_kernel, select_divprune, select_otprune  # noqa: E402
-from otprune.synthetic import clustered_tokens  # noqa: E402
+from otprune.measures import logdet_objective
+from otprune.selectors import otprune_kernel, select_divprune, select_otprune
+from otprune.synthetic import clustered_tokens
 
 D = 4096
 FULL_SHAPES = [(576, k) for k in (56, 64, 128, 192)] + [(2880, 320)]
