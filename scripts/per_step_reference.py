@@ -3,7 +3,8 @@
 It follows the shape of the published reference code on purpose: one image at a time, the
 identity matrix built on the host and copied to the tokens' device at every call, and one host
 synchronisation (``.item()``) per selected token to read the argmax back. It must pick exactly
-the indices ``otprune.selectors.select_otprune`` picks; only its speed differs.
+the indices ``otprune.selectors.select_otprune`` picks; only its speed differs. Like the library
+it computes in float32, or in float64 for float64 tokens (which the exactness checks use).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ __all__ = ["per_step_otprune"]
 def _one_image(x: torch.Tensor, k: int, gamma: float) -> list[int]:
     """``x``: ``(N, d)``; returns the ``k`` picks in the order chosen."""
     n = x.shape[0]
-    x = x.float()
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dtype)
     x_hat = x / x.norm(dim=0, keepdim=True).clamp_min(NORM_EPS)
     a = x_hat @ x_hat.T
-    identity = torch.eye(n).to(x.device)
+    identity = torch.eye(n, dtype=dtype).to(x.device)
     kernel = identity + gamma * (a @ a)
-    chol = torch.zeros(k, n, device=x.device)
+    chol = torch.zeros(k, n, dtype=dtype, device=x.device)
     d2 = kernel.diagonal().clone()
     j = int(d2.argmax().item())
     chosen = [j]

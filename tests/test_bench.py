@@ -37,6 +37,12 @@ def test_per_step_reference_picks_what_select_otprune_picks(seed):
     assert torch.equal(per_step_otprune(tokens, 12), select_otprune(tokens, 12))
 
 
+def test_per_step_reference_matches_batched_select_otprune_in_float64():
+    per_step_otprune = load("per_step_reference").per_step_otprune
+    tokens = clustered_tokens(200, 96, seed=5, batch=4).double()
+    assert torch.equal(per_step_otprune(tokens, 40), select_otprune(tokens, 40))
+
+
 def test_per_step_reference_batch_and_gamma():
     per_step_otprune = load("per_step_reference").per_step_otprune
     tokens = torch.randn(3, 80, 32, generator=torch.Generator().manual_seed(9))
