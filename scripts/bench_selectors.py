@@ -1,0 +1,212 @@
+"""Selector benchmark (issue 6): OTPrune against a per-step reference greedy, DivPrune and the floor.
+
+    python scripts/bench_selectors.py                  # every shape, GPU if there is one
+    python scripts/bench_selectors.py --device cpu     # the same table on the CPU
+    python scripts/bench_selectors.py --quick          # three cases, one repeat (CI)
+
+Shapes: LLaVA-1.5 (N = 576, d = 4096, k = 56, 64, 128, 192) and LLaVA-1.6 (N = 2880, d = 4096,
+k = 320), batch 1 and 16, float16 tokens. Every figure is the median over ``--repeats`` runs after
+one warm-up run; GPU runs are timed with CUDA events, CPU runs with ``time.perf_counter``. Columns:
+
+- ``otprune``: ``select_otprune`` on the whole batch;
+- ``per-step``: ``per_step_reference.per_step_otprune``, the published code's way (one image at a
+  time, one host sync per token, identity built on the host); ``speedup`` = per-step / otprune;
+- ``divprune``: ``select_divprune`` on the whole batch;
+- ``floor``: ``otprune_kernel`` alone (the kernel's matrix products); ``floor %`` = its share of
+  ``otprune``, the rest being the greedy;
+- ``b16/b1``: OTPrune's batch-16 time over its batch-1 time for the same (N, k);
+- ``float32 picks``: whether the timed float32 runs of OTPrune and the per-step reference kept the
+  same tokens. Their exact agreement is asserted in float64 before timing (``check_same_picks``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+# The per-step baseline lives beside this script, not in the otprune package.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from per_step_reference import per_step_otprune
+
+from otprune.selectors import otprune_kernel, select_divprune, select_otprune
+from otprune.synthetic import clustered_tokens
+
+D = 4096
+FULL_SHAPES = [(576, k) for k in (56, 64, 128, 192)] + [(2880, 320)]
+QUICK_SHAPES = [(576, 64), (2880, 320)]
+BATCHES = (1, 16)
+# Images per case on which the exact (float64) agreement with the per-step reference is asserted.
+CHECKED_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Row:
+    n: int
+    k: int
+    batch: int
+    otprune: float
+    per_step: float
+    divprune: float
+    floor: float
+    divergent: int
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.add_argument("--device", default=default_device, help=f"cpu or cuda (default {default_device})")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 20 on GPU, 3 on CPU; 1 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="N=576 k=64 at batch 1 and 16, N=2880 k=320 at batch 1; for CI")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic tokens")
+    args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device!r} is not allowed; use cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else (20 if args.device == "cuda" else 3)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be >= 1; got {args.repeats}")
+    return args
+
+
+def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``run()`` in ms over ``repeats`` runs, after one untimed warm-up run."""
+    run()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+            run()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def check_same_picks(tokens: torch.Tensor, k: int) -> None:
+    """Asserts ``select_otprune`` and the per-step reference keep the same tokens of ``tokens``.
+
+    Checked in float64 on at most ``CHECKED_IMAGES`` images (still batched): in float32 a batched
+    greedy and an image-by-image one reduce in different orders, so two candidates whose residual
+    variances agree to float32 rounding may swap and send the rest of the greedy down another,
+    equally good path. Float64 leaves no such ties, so any difference there is a real one.
+    """
+    exact = tokens[:CHECKED_IMAGES].double()
+    fast, reference = select_otprune(exact, k), per_step_otprune(exact, k)
+    assert torch.equal(fast, reference), f"select_otprune and the per-step reference disagree at N={tokens.shape[-2]} k={k}"
+
+
+def float32_divergences(tokens: torch.Tensor, k: int) -> int:
+    """Images of ``tokens`` ``(B, N, d)`` where the timed float32 runs of both picked differently."""
+    same = (select_otprune(tokens, k) == per_step_otprune(tokens, k)).all(-1)
+    return int((~same).sum())
+
+
+def measure(n: int, k: int, batch: int, repeats: int, device: torch.device, seed: int) -> Row:
+    tokens = clustered_tokens(n, D, seed=seed, dtype=torch.float16, batch=batch).to(device)
+    check_same_picks(tokens, k)
+    work = tokens.float()
+    return Row(
+        n=n,
+        k=k,
+        batch=batch,
+        otprune=median_ms(lambda: select_otprune(tokens, k), repeats, device),
+        per_step=median_ms(lambda: per_step_otprune(tokens, k), repeats, device),
+        divprune=median_ms(lambda: select_divprune(tokens, k), repeats, device),
+        floor=median_ms(lambda: otprune_kernel(work), repeats, device),
+        divergent=float32_divergences(tokens, k),
+    )
+
+
+def format_table(rows: list[Row]) -> str:
+    single = {(r.n, r.k): r.otprune for r in rows if r.batch == 1}
+    header = (
+        f"{'N':>5} {'d':>5} {'k':>4} {'batch':>5} | {'otprune ms':>10} {'per-step ms':>11} {'speedup':>7} | "
+        f"{'divprune ms':>11} | {'floor ms':>9} {'floor %':>7} | {'b16/b1':>6} | float32 picks vs per-step"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ratio = r.otprune / single[(r.n, r.k)] if r.batch > 1 and (r.n, r.k) in single else None
+        picks = "identical" if r.divergent == 0 else f"{r.divergent}/{r.batch} differ (float32 near-tie)"
+        lines.append(
+            f"{r.n:>5} {D:>5} {r.k:>4} {r.batch:>5} | {r.otprune:>10.3f} {r.per_step:>11.3f} {r.per_step / r.otprune:>6.1f}x | "
+            f"{r.divprune:>11.3f} | {r.floor:>9.3f} {100 * r.floor / r.otprune:>6.1f}% | "
+            f"{'' if ratio is None else f'{ratio:.2f}x':>6} | {picks}"
+        )
+    return "\n".join(lines)
+
+
+def _find(rows: list[Row], n: int, k: int, batch: int) -> Row | None:
+    return next((r for r in rows if (r.n, r.k, r.batch) == (n, k, batch)), None)
+
+
+def target_lines(rows: list[Row], device: torch.device) -> list[str]:
+    """Each target of issue 6 beside the figure it is judged on, and whether it is met."""
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
+
+    lines = []
+    if device.type == "cuda":
+        r64 = _find(rows, 576, 64, 1)
+        r320 = _find(rows, 2880, 320, 1)
+        if r64:
+            lines.append(f"GPU  N=576 k=64 b=1 OTPrune <= 0.3 ms: {r64.otprune:.3f} ms -> {verdict(r64.otprune <= 0.3)}")
+            speedup = r64.per_step / r64.otprune
+            lines.append(f"GPU  N=576 k=64 b=1 >= 10x faster than per-step: {speedup:.1f}x -> {verdict(speedup >= 10)}")
+        if r320:
+            lines.append(f"GPU  N=2880 k=320 b=1 <= 2 ms: {r320.otprune:.3f} ms -> {verdict(r320.otprune <= 2)}")
+        for r in rows:
+            one = _find(rows, r.n, r.k, 1)
+            if r.batch > 1 and one:
+                ratio = r.otprune / one.otprune
+                lines.append(f"GPU  N={r.n} k={r.k} batch {r.batch} <= 2x batch 1: {ratio:.2f}x -> {verdict(ratio <= 2)}")
+    else:
+        lines.append("GPU  targets (<= 0.3 ms at N=576 k=64 b=1; >= 10x vs per-step; N=2880 k=320 <= 2 ms;")
+        lines.append("     batch 16 <= 2x batch 1): NOT MEASURED -- this is a CPU run; rerun with --device cuda")
+        for r in rows:
+            if r.n == 576:
+                lines.append(
+                    f"CPU  N=576 k={r.k} b={r.batch} OTPrune not slower than per-step: "
+                    f"{r.otprune:.1f} vs {r.per_step:.1f} ms -> {verdict(r.otprune <= r.per_step)}"
+                )
+    return lines
+
+
+def main(argv=None) -> list[Row]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    cases = [(n, k, b) for n, k in shapes for b in BATCHES if not (args.quick and n == 2880 and b > 1)]
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"Selector benchmark on {where}; float16 tokens, d={D}; median of {args.repeats} runs (+1 warm-up)")
+    rows = []
+    for n, k, batch in cases:
+        rows.append(measure(n, k, batch, args.repeats, device, args.seed))
+        print(f"  measured N={n} k={k} batch={batch}", flush=True)
+    print()
+    print(format_table(rows))
+    print()
+    print("Targets (issue 6):")
+    for line in target_lines(rows, device):
+        print("  " + line)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The benchmark scripts: the per-step reference greedy is exact, and both scripts' --quick modes run.
+
+No assertion here is on speed: timings on shared CI machines mean nothing.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+import pytest
+import torch
+
+from otprune.selectors import select_otprune
+from otprune.synthetic import clustered_tokens
+
+SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load(name: str):
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the class body is executed.
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_step_reference_picks_what_select_otprune_picks(seed):
+    per_step_otprune = load("per_step_reference").per_step_otprune
+    generator = torch.Generator().manual_seed(seed)
+    one = torch.randn(120, 48, generator=generator)
+    assert torch.equal(per_step_otprune(one, 17), select_otprune(one, 17))
+    tokens = clustered_tokens(96, 64, seed=seed, dtype=torch.float16)
+    assert torch.equal(per_step_otprune(tokens, 12), select_otprune(tokens, 12))
+
+
+def test_per_step_reference_matches_batched_select_otprune_in_float64():
+    per_step_otprune = load("per_step_reference").per_step_otprune
+    tokens = clustered_tokens(200, 96, seed=5, batch=4).double()
+    assert torch.equal(per_step_otprune(tokens, 40), select_otprune(tokens, 40))
+
+
+def test_per_step_reference_batch_and_gamma():
+    per_step_otprune = load("per_step_reference").per_step_otprune
+    tokens = torch.randn(3, 80, 32, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(per_step_otprune(tokens, 10, gamma=0.5), torch.stack([select_otprune(x, 10, gamma=0.5) for x in tokens]))
+
+
+def test_bench_selectors_quick(capsys):
+    rows = load("bench_selectors").main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "otprune ms" in out and "per-step ms" in out and "divprune ms" in out and "floor ms" in out
+    assert "NOT MEASURED" in out
+    assert {(r.n, r.k, r.batch) for r in rows} == {(576, 64, 1), (576, 64, 16), (2880, 320, 1)}
+    assert all(r.otprune > 0 and r.per_step > 0 and r.floor > 0 for r in rows)
+
+
+def test_bench_selectors_rejects_bad_device():
+    with pytest.raises(SystemExit):
+        load("bench_selectors").parse_args(["--device", "tpu"])
+
+
+def test_bench_prefill_quick(capsys):
+    pytest.importorskip("transformers")
+    by_arch = load("bench_prefill").main(["--quick", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "REDUCED SIZE" in out
+    assert "time to first token" in out and "decode and memory" in out and "NOT MEASURED" in out
+    for results in by_arch.values():
+        labels = {(r.config.method, r.config.ratio) for r in results}
+        assert labels == {("none", None), ("otprune", 0.098), ("divprune", 0.098)}
+        assert all(r.stages["ttft"] > 0 and r.decode_ms > 0 for r in results)
+
+
+@pytest.mark.parametrize("bad", [["--batches", "1,x"], ["--batches", "0"], ["--repeats", "0"], ["--device", "tpu"]])
+def test_bench_prefill_rejects_bad_values(bad):
+    with pytest.raises(SystemExit):
+        load("bench_prefill").parse_args(bad)
