@@ -133,6 +133,10 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
     chosen (not sorted). ``d2[i]`` is the residual variance of candidate ``i`` given the picks so
     far, so ``log d2[i]`` is its marginal gain; each step takes the largest.
 
+    A batch gives each image the picks it gets alone, except where float32 rounding (which BLAS
+    may do differently for different batch sizes and thread counts) decides a near-tie; in
+    float64 they agree exactly.
+
     When the largest remaining ``d2`` is ``<= eps`` the kernel has no rank left: the step then adds
     a zero Cholesky column, which leaves every ``d2`` unchanged, so the remaining picks are the
     unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP kernel),
@@ -151,7 +155,7 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
             break
         dj2 = d2[batch, j]
         c_j = chol[batch, :t, j]
-        residual = kernel[batch, j] - torch.einsum("btn,bt->bn", chol[:, :t], c_j)
+        residual = kernel[batch, j] - (c_j[:, None, :] @ chol[:, :t]).squeeze(1)
         has_rank = dj2 > eps
         e = torch.where(has_rank[:, None], residual / dj2.clamp_min(eps).sqrt()[:, None], 0.0)
         chol[:, t] = e
@@ -167,11 +171,18 @@ def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tenso
 
     ``x``: ``(..., N, d)``; returns ``(..., N, N)`` in ``x``'s dtype. ``X_hat`` scales each
     embedding dimension (column) to unit L2 norm over the N tokens, without centring (METHOD.md
-    step 1). ``A`` is symmetric, so ``A A^T = A @ A``.
+    step 1). ``A A^T`` is built the cheaper way: ``A @ A`` (``A`` is symmetric; ``2N^2 d + 2N^3``
+    flops) when ``d >= N``, as for LLaVA's 4096-wide tokens, else ``X_hat (X_hat^T X_hat) X_hat^T``
+    (``2N d^2 + 2N^2 d``).
     """
+    n, d = x.shape[-2:]
     x_hat = x / x.norm(dim=-2, keepdim=True).clamp_min(NORM_EPS)
-    a = x_hat @ x_hat.transpose(-1, -2)
-    kernel = gamma * (a @ a)
+    x_hat_t = x_hat.transpose(-1, -2)
+    if d >= n:
+        a = x_hat @ x_hat_t
+        kernel = gamma * (a @ a)
+    else:
+        kernel = gamma * ((x_hat @ (x_hat_t @ x_hat)) @ x_hat_t)
     kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return kernel
 
