@@ -8,9 +8,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_script(name: str):
-    """Import ``scripts/<name>.py`` as a module (scripts are not a package)."""
+    """Import ``scripts/<name>.py`` as a module (scripts are not a package; they import each other)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # Dataclasses look their module up in sys.modules while the class body runs.
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module

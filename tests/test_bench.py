@@ -3,28 +3,13 @@
 No assertion here is on speed: timings on shared CI machines mean nothing.
 """
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 
 from otprune.selectors import select_otprune
 from otprune.synthetic import clustered_tokens
 
-SCRIPTS = pathlib.Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load(name: str):
-    if str(SCRIPTS) not in sys.path:
-        sys.path.insert(0, str(SCRIPTS))
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up in sys.modules while the class body is executed.
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script as load
 
 
 @pytest.mark.parametrize("seed", range(4))
