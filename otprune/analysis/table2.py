@@ -239,6 +239,7 @@ def figure(results: list[ConfigResult]) -> "plt.Figure":
         ax.set_xlabel("N / d / k")
         ax.set_title(f"win rate, {title}")
     axes[0].set_ylabel("win rate (%)  — black ticks: paper")
-    axes[0].legend()
     fig.tight_layout()
+    # Above the panels: inside, the legend would cover bars or the paper's ticks.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(METHODS))
     return fig
