@@ -1,0 +1,119 @@
+import math
+
+import pytest
+import torch
+
+from otprune.analysis import SubsetScorer, enumerate_subsets, sample_subsets, score_subsets
+from otprune.analysis import __main__ as cli
+from otprune.analysis import table2
+from otprune.measures import gaussian_w2, logdet_objective, w2_trace_term
+
+
+@pytest.fixture(scope="module")
+def quick_table2():
+    preset = cli.QUICK_TABLE2
+    return table2.run_table2(seeds=preset["seeds"], samples=preset["samples"])
+
+
+def test_batched_scorer_matches_measures():
+    generator = torch.Generator().manual_seed(3)
+    tokens = torch.randn(40, 12, generator=generator, dtype=torch.float64) + 0.5
+    subsets = sample_subsets(40, 7, 6, generator)
+    scores = score_subsets(SubsetScorer.from_tokens(tokens), subsets, gamma=0.05, chunk=4)
+    for i, kept in enumerate(subsets):
+        assert scores["trace"][i].item() == pytest.approx(w2_trace_term(tokens, kept).item(), rel=1e-9)
+        assert scores["w2"][i].item() == pytest.approx(gaussian_w2(tokens, kept).item(), rel=1e-7, abs=1e-12)
+        assert scores["logdet"][i].item() == pytest.approx(logdet_objective(tokens, kept, gamma=0.05).item(), rel=1e-9)
+
+
+def test_subset_generators():
+    every = enumerate_subsets(7, 3)
+    assert every.shape == (math.comb(7, 3), 3)
+    assert len({tuple(row) for row in every.tolist()}) == math.comb(7, 3)
+    drawn = sample_subsets(50, 10, 1000, torch.Generator().manual_seed(0), chunk=300)
+    assert drawn.shape == (1000, 10)
+    assert all(len(set(row)) == 10 for row in drawn.tolist())
+
+
+def test_quick_table2_shape_and_sanity(quick_table2):
+    assert [(r.n, r.d, r.k) for r in quick_table2] == list(table2.CONFIGS)
+    for result in quick_table2:
+        if result.exhaustive:
+            assert result.population == math.comb(result.n, result.k)
+        else:
+            assert math.comb(result.n, result.k) > 10**6
+            assert result.population == cli.QUICK_TABLE2["samples"]
+        assert set(result.metrics) == set(table2.OBJECTIVES)
+        for objective, by_method in result.metrics.items():
+            assert set(by_method) == set(table2.METHODS)
+            for values in by_method.values():
+                assert all(len(v) == result.seeds for v in values.values())
+                assert all(0 <= w <= 100 for w in values["win"])
+                assert all(0 < o <= 100 + 1e-9 for o in values["opt"])
+                assert all(-1e-9 <= r <= 100 + 1e-9 for r in values["range"])
+    assert quick_table2[0].exhaustive
+
+
+def test_quick_table2_otprune_wins_on_trace_objective(quick_table2):
+    for result in quick_table2:
+        trace = result.metrics["trace"]
+        ours = sum(trace["OTPrune"]["win"]) / result.seeds
+        for rival in ("DivPrune", "Random"):
+            assert ours > sum(trace[rival]["win"]) / result.seeds, (result.n, result.d, result.k, rival)
+
+
+def test_table2_cli_writes_report(tmp_path, capsys):
+    assert cli.main(["table2", "--quick", "--seeds", "1", "--samples", "200", "--out", str(tmp_path)]) == 0
+    markdown = (tmp_path / "table2.md").read_text()
+    assert "| 1000, 256, 100 | Monte-Carlo 200 subsets | OTPrune |" in markdown
+    assert "94.56" in markdown and markdown.strip() in capsys.readouterr().out
+    assert (tmp_path / "table2.png").stat().st_size > 0
+
+
+def test_ot_vs_ratio_small_run(tmp_path):
+    out = tmp_path / "ot"
+    args = ["ot-vs-ratio", "--n", "48", "--d", "32", "--images", "1", "--ratios", "0.1,0.5", "--out", str(out)]
+    assert cli.main(args) == 0
+    markdown = (out / "ot_vs_ratio.md").read_text()
+    for name in ("OURS", "DIVPRUNE", "TRIM", "STP", "RANDOM"):
+        assert f"| {name} |" in markdown
+    assert (out / "ot_vs_ratio.png").stat().st_size > 0
+
+
+def test_ot_vs_ratio_reads_token_dir(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for i in range(2):
+        torch.save(torch.randn(30, 16, generator=torch.Generator().manual_seed(i)), tokens / f"img{i}.pt")
+    out = tmp_path / "out"
+    args = ["ot-vs-ratio", "--tokens", str(tokens), "--ratios", "0.2", "--selectors", "ours,random", "--out", str(out)]
+    assert cli.main(args) == 0
+    assert "2 tensor(s)" in (out / "ot_vs_ratio.md").read_text()
+
+
+def test_gamma_small_run(tmp_path):
+    args = ["gamma", "--shape", "clustered:60:32:6", "--gammas", "1e-7,1e-2,1e2", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    markdown = (tmp_path / "gamma.md").read_text()
+    assert "## clustered N=60 d=32 k=6" in markdown
+    # At γ = 1e-7 the float64 greedy is in its first-order regime: the top-k of diag(L).
+    assert markdown.split("| 1e-07 |")[1].split("|")[2].strip() == "1.000"
+    assert (tmp_path / "gamma.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["table2", "--seeds", "0"], "--seeds must be an integer >= 1; got '0'"),
+        (["table2", "--samples", "many"], "--samples must be an integer >= 1; got 'many'"),
+        (["ot-vs-ratio", "--ratios", "0.1,1.5"], "--ratios values must be in (0, 1]; got '0.1,1.5'"),
+        (["ot-vs-ratio", "--selectors", "ours,bogus"], "unknown BOGUS; allowed: OURS"),
+        (["gamma", "--shape", "blobs:10:4:2"], "KIND clustered or gaussian; got 'blobs:10:4:2'"),
+        (["gamma", "--gammas", "0,1"], "--gammas values must be finite and > 0; got '0,1'"),
+    ],
+)
+def test_cli_rejects_bad_values(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
