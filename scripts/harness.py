@@ -209,8 +209,9 @@ def model_label(model: str) -> str:
     return model.split("/")[-1]
 
 
-def plan_runs(config: Config, runs_root: Path) -> list[Run]:
-    """Every run of ``config`` in order: model, method, ratio, then task (or the tasks together)."""
+def plan_runs(config: Config, runs_root: Path, label: str | None = None) -> list[Run]:
+    """Every run of ``config`` in order: model, method, ratio, then task (or the tasks together),
+    under ``runs_root/<label>`` (default: the config's name)."""
     runs = []
     for model, overrides in config.models.items():
         for method, spec in config.methods.items():
@@ -219,7 +220,7 @@ def plan_runs(config: Config, runs_root: Path) -> list[Run]:
                 raise ConfigError(f"config {config.name}: method {method!r} needs 'ratios'")
             for ratio in ratios:
                 env = run_env(method, ratio, spec.get("env", {}), overrides.get(method, {}))
-                folder = runs_root / config.name / model_label(model) / f"{method}_{ratio_label(ratio)}"
+                folder = runs_root / (label or config.name) / model_label(model) / f"{method}_{ratio_label(ratio)}"
                 groups = [tuple(config.tasks)] if config.group_tasks else [(task,) for task in config.tasks]
                 runs += [Run(model, method, ratio, env, tasks, folder) for tasks in groups]
     return runs
@@ -493,14 +494,16 @@ def main(argv=None) -> int:
         if not args.dry_run:
             return 2
     runs_root = Path(args.runs_dir)
-    runs = plan_runs(config, runs_root)
+    # Runs cut short by --limit go to their own folder, so they never pass for finished full runs.
+    label = config.name + (f"_limit{args.limit}" if args.limit else "")
+    runs = plan_runs(config, runs_root, label)
     pending = [r for r in runs if not set(r.tasks) <= finished_tasks(r.folder)]
     # A grouped run that partly finished reruns only its missing tasks.
     pending = [
         Run(r.model, r.method, r.ratio, r.env, tuple(t for t in r.tasks if t not in finished_tasks(r.folder)), r.folder)
         for r in pending
     ]
-    print(f"{config.name}: {len(runs)} runs, {len(runs) - len(pending)} finished before, {len(pending)} to run -> {runs_root / config.name}")
+    print(f"{label}: {len(runs)} runs, {len(runs) - len(pending)} finished before, {len(pending)} to run -> {runs_root / label}")
     if args.dry_run:
         for i, run in enumerate(pending, 1):
             pretrained = model_label(run.model) if MODELS[run.model].tiny else run.model
@@ -530,7 +533,7 @@ def main(argv=None) -> int:
         print(f"{len(failed)} run(s) failed; run the same command again to retry them (finished runs are kept).")
     if not args.no_report:
         report = _load_script("report")
-        report.main([str(runs_root / config.name)])
+        report.main([str(runs_root / label)])
     return 1 if failed else 0
 
 
