@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Main job. Today: every selector on a synthetic LLaVA-1.5-sized token matrix (N=576, d=4096,
-# ratio 0.098), printing kept count, objective, Gaussian W2, OT distance and time per method.
-# Extra arguments go to scripts/compare_selectors.py (see --help).
+# Main job: run an experiment config through lmms-eval, resumably, then print its Table 1.
+#   bash run_otprune.sh                  # paper_table1 with a GPU and the hub, else the embedded smoke
+#   bash run_otprune.sh smoke|paper_table1|path/to.yaml [--num-processes N] [--jobs N] [--limit N] [--dry-run]
+# Everything else lives in scripts/harness.py (see --help).
 set -euo pipefail
 cd "$(dirname "$0")"
-exec python3 scripts/compare_selectors.py "$@"
+exec python3 scripts/harness.py "$@"
