@@ -16,7 +16,7 @@ import torch
 from otprune.config import PruneConfig
 from otprune.selectors import budget, get_selector
 
-__all__ = ["select_per_image", "select_top_scores"]
+__all__ = ["log_selection", "select_per_image", "select_top_scores"]
 
 logger = logging.getLogger("otprune")
 
@@ -56,11 +56,18 @@ def select_per_image(
             kept[i] = indices
     if config.dump_dir:
         _dump(config.dump_dir, images)
-    if config.log:
-        seconds = time.perf_counter() - start
-        counts = ", ".join(f"{t.shape[0]}->{k.numel()}" for t, k in zip(images, kept))
-        logger.info("otprune %s: visual tokens %s; selector %.2f ms", config.method, counts, seconds * 1e3)
+    log_selection(config, [t.shape[0] for t in images], kept, start)
     return kept
+
+
+def log_selection(config: PruneConfig, counts: Sequence[int], kept: Sequence[torch.Tensor], start: float) -> None:
+    """With ``OTPRUNE_LOG=1``: one line per forward, each image's tokens before -> after and the
+    selection's wall time since ``start`` (``time.perf_counter()``)."""
+    if not config.log:
+        return
+    seconds = time.perf_counter() - start
+    pairs = ", ".join(f"{n}->{k.numel()}" for n, k in zip(counts, kept))
+    logger.info("otprune %s: visual tokens %s; selector %.2f ms", config.method, pairs, seconds * 1e3)
 
 
 def _text_for(texts, i: int) -> torch.Tensor:

@@ -17,12 +17,13 @@ of transformers 5.x, as used by the original LLaVA and by ``LlavaForConditionalG
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
 from otprune.config import PruneConfig
-from otprune.prune import select_per_image, select_top_scores
+from otprune.prune import log_selection, select_per_image, select_top_scores
 from otprune.selectors import budget
 
 
@@ -137,6 +138,7 @@ class LayerPruner:
                 texts.append(hidden[b, state.text_after[b][i]])
                 where.append((b, start))
         method = self.config.method
+        began = time.perf_counter()
         if method == "VTW":
             chosen = [torch.zeros(0, dtype=torch.long, device=hidden.device) for _ in images]
         elif method == "FASTV":
@@ -147,6 +149,8 @@ class LayerPruner:
             ]
         else:
             chosen = select_per_image(self.config, images, texts)
+        if method in ("VTW", "FASTV"):
+            log_selection(self.config, [len(tokens) for tokens in images], chosen, began)
         for (b, start), indices in zip(where, chosen):
             keep[b, start + indices] = True
         counts = keep.sum(1)

@@ -1,6 +1,6 @@
 """Write the embedded benchmark's data: a handful of real and drawn images with known answers.
 
-    python scripts/make_smoke_benchmark.py [OUT_DIR]   # default: tasks/otprune_smoke/data
+    python scripts/make_smoke_benchmark.py [OUT_DIR]   # default: configs/otprune_smoke/data
 
 Real photos come from matplotlib's sample data (shipped with matplotlib, no download), resized to
 at most 336 px; the drawn scenes are coloured shapes whose answers are known by construction.
@@ -113,7 +113,7 @@ def write(out_dir: Path) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default = Path(__file__).resolve().parent.parent / "tasks" / "otprune_smoke" / "data"
+    default = Path(__file__).resolve().parent.parent / "configs" / "otprune_smoke" / "data"
     parser.add_argument("out_dir", nargs="?", default=str(default))
     write(Path(parser.parse_args(argv).out_dir))
 
