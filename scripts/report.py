@@ -136,21 +136,14 @@ def read_run(folder: Path, catalogue: dict) -> dict | None:
 def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int], bool]:
     """Visual tokens per image before and after pruning; True when derived rather than logged.
 
-    The patch logs counts only where a feature selector runs (OTPRUNE_LOG). The unpruned model,
-    FastV and VTW log none: their "before" is the same images' count from a sibling run of the
-    same model, their "after" what the method keeps (all; FastV's budget; none).
+    The patch logs counts wherever it prunes (OTPRUNE_LOG=1). The unpruned model is not patched and
+    logs none: its count is the same images' "before" from a sibling run of the same model.
     """
     if run["visual_tokens"]:
         return [b for b, _ in run["visual_tokens"]], [a for _, a in run["visual_tokens"]], False
     logged = next((s["visual_tokens"] for s in siblings if s["visual_tokens"]), [])
     before = [b for b, _ in logged]
-    if run["method"] == "Original":
-        after = before
-    elif run["method"] == "VTW":
-        after = [0] * len(before)
-    else:
-        after = [min(max(round(run["ratio"] * n), 1), n) for n in before]
-    return before, after, True
+    return before, before, True
 
 
 def flops_of(run: dict, before: list[int], after: list[int], tasks: list[str], catalogue: dict, shape: ModelShape) -> float | None:
@@ -332,7 +325,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         "Scores in the paper's units with the difference from the paper's number in brackets where it has one; "
         "TFLOP: mean LLM prefill over the benchmarks (FastV's formula, measured visual tokens, text tokens of "
         "the prompts), % of the unpruned model, [difference from the paper]. Token counts marked * are derived "
-        "(the patch logs counts only for feature selectors): the sibling runs' count before, the method's rule after.",
+        "(the unpruned model logs none): a sibling run's count of the same images.",
         "",
     ]
     table, rows = build_table(runs, catalogue, paper) if runs else (["No finished runs yet.", ""], [])
