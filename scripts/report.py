@@ -36,6 +36,7 @@ CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT))
 
 from otprune.measures import MODELS, ModelShape, prefill_flops  # noqa: E402
+from otprune.selectors import budget  # noqa: E402
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
 # The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran.
@@ -136,14 +137,22 @@ def read_run(folder: Path, catalogue: dict) -> dict | None:
 def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int], bool]:
     """Visual tokens per image before and after pruning; True when derived rather than logged.
 
-    The patch logs counts wherever it prunes (OTPRUNE_LOG=1). The unpruned model is not patched and
-    logs none: its count is the same images' "before" from a sibling run of the same model.
+    The patch logs counts wherever it prunes (OTPRUNE_LOG=1). For a run without them (the unpruned
+    model, which is not patched; records made without the log) "before" is the same images' count
+    from a sibling run of the same model and "after" what the method keeps (all; none for VTW;
+    the budget otherwise).
     """
     if run["visual_tokens"]:
         return [b for b, _ in run["visual_tokens"]], [a for _, a in run["visual_tokens"]], False
     logged = next((s["visual_tokens"] for s in siblings if s["visual_tokens"]), [])
     before = [b for b, _ in logged]
-    return before, before, True
+    if run["method"] == "Original":
+        after = before
+    elif run["method"] == "VTW":
+        after = [0] * len(before)
+    else:
+        after = [budget(run["ratio"], n) for n in before]
+    return before, after, True
 
 
 def flops_of(run: dict, before: list[int], after: list[int], tasks: list[str], catalogue: dict, shape: ModelShape) -> float | None:
@@ -325,7 +334,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         "Scores in the paper's units with the difference from the paper's number in brackets where it has one; "
         "TFLOP: mean LLM prefill over the benchmarks (FastV's formula, measured visual tokens, text tokens of "
         "the prompts), % of the unpruned model, [difference from the paper]. Token counts marked * are derived "
-        "(the unpruned model logs none): a sibling run's count of the same images.",
+        "(no log for that run): a sibling run's count of the same images, and what the method keeps.",
         "",
     ]
     table, rows = build_table(runs, catalogue, paper) if runs else (["No finished runs yet.", ""], [])
