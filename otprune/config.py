@@ -8,7 +8,8 @@ Variables (names as in the reference code; values case-insensitive):
   method except ``VTW`` (which keeps none).
 - ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``).
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``: selector
-  options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample;
+  options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
+  ``OTPRUNE_OT=1`` adds each image's empirical OT distance (kept vs full set) to that line;
   ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
 """
 
@@ -35,7 +36,7 @@ _OPTION_VARIABLES = {
     "OTPRUNE_STP_ALPHA": ("alpha", float),
     "OTPRUNE_TRIM_KEEP_RATIO": ("keep_ratio", float),
 }
-_FLAG_VARIABLES = ("OTPRUNE_LOG", "OTPRUNE_DUMP")
+_FLAG_VARIABLES = ("OTPRUNE_LOG", "OTPRUNE_OT", "OTPRUNE_DUMP")
 _OPTION_CHECKS = {
     "gamma": lambda v: _check_positive(v, "OTPRUNE_GAMMA (gamma)"),
     "seed": lambda v: _as_int(v, "OTPRUNE_SEED (seed)"),
@@ -53,6 +54,7 @@ class PruneConfig:
     layer_index: int = 0
     options: Mapping[str, object] = field(default_factory=dict)
     log: bool = False
+    record_ot: bool = False
     dump_dir: str | None = None
 
     def __post_init__(self):
@@ -130,14 +132,18 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     for variable, (option, kind) in _OPTION_VARIABLES.items():
         if variable in env and option in allowed:
             options[option] = _parse_number(variable, env[variable].strip(), kind)
-    log_raw = env.get("OTPRUNE_LOG", "0").strip()
-    if log_raw not in ("0", "1", ""):
-        raise ValueError(f"OTPRUNE_LOG={log_raw!r} is not allowed; use 1 (log) or 0")
+    flags = {}
+    for variable in ("OTPRUNE_LOG", "OTPRUNE_OT"):
+        raw = env.get(variable, "0").strip()
+        if raw not in ("0", "1", ""):
+            raise ValueError(f"{variable}={raw!r} is not allowed; use 1 (on) or 0")
+        flags[variable] = raw == "1"
     return PruneConfig(
         method=method,
         ratio=ratio,
         layer_index=layer_index,
         options=options,
-        log=log_raw == "1",
+        log=flags["OTPRUNE_LOG"] or flags["OTPRUNE_OT"],
+        record_ot=flags["OTPRUNE_OT"],
         dump_dir=env.get("OTPRUNE_DUMP") or None,
     )

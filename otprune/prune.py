@@ -6,6 +6,7 @@ Model-agnostic: takes each image's visual tokens as a tensor and returns kept in
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Sequence
 import torch
 
 from otprune.config import PruneConfig
+from otprune.measures import empirical_ot_distance
 from otprune.selectors import budget, get_selector
 
 __all__ = ["log_selection", "select_per_image", "select_top_scores"]
@@ -56,18 +58,24 @@ def select_per_image(
             kept[i] = indices
     if config.dump_dir:
         _dump(config.dump_dir, images)
-    log_selection(config, [t.shape[0] for t in images], kept, start)
+    log_selection(config, images, kept, start)
     return kept
 
 
-def log_selection(config: PruneConfig, counts: Sequence[int], kept: Sequence[torch.Tensor], start: float) -> None:
+def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], start: float) -> None:
     """With ``OTPRUNE_LOG=1``: one line per forward, each image's tokens before -> after and the
-    selection's wall time since ``start`` (``time.perf_counter()``)."""
+    selection's wall time since ``start`` (``time.perf_counter()``). With ``OTPRUNE_OT=1`` also each
+    image's exact empirical OT distance between its kept and full token sets (``nan`` when none is
+    kept), measured after the timing."""
     if not config.log:
         return
     seconds = time.perf_counter() - start
-    pairs = ", ".join(f"{n}->{k.numel()}" for n, k in zip(counts, kept))
-    logger.info("otprune %s: visual tokens %s; selector %.2f ms", config.method, pairs, seconds * 1e3)
+    pairs = ", ".join(f"{t.shape[0]}->{k.numel()}" for t, k in zip(images, kept))
+    line = f"otprune {config.method}: visual tokens {pairs}; selector {seconds * 1e3:.2f} ms"
+    if config.record_ot:
+        distances = [empirical_ot_distance(t, k) if k.numel() else math.nan for t, k in zip(images, kept)]
+        line += "; ot " + ", ".join(f"{v:.6g}" for v in distances)
+    logger.info(line)
 
 
 def _text_for(texts, i: int) -> torch.Tensor:

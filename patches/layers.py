@@ -150,7 +150,7 @@ class LayerPruner:
         else:
             chosen = select_per_image(self.config, images, texts)
         if method in ("VTW", "FASTV"):
-            log_selection(self.config, [len(tokens) for tokens in images], chosen, began)
+            log_selection(self.config, images, chosen, began)
         for (b, start), indices in zip(where, chosen):
             keep[b, start + indices] = True
         counts = keep.sum(1)

@@ -70,7 +70,7 @@ MODELS = {
 }
 CONFIG_KEYS = {"lmms_model", "model_args", "models", "methods", "tasks", "batch_size", "num_processes", "group_tasks"}
 METHOD_KEYS = {"ratios", "env"}
-LOG_LINE = re.compile(r"otprune (\w+): visual tokens ([\d\->, ]+); selector ([\d.]+) ms")
+LOG_LINE = re.compile(r"otprune (\w+): visual tokens ([\d\->, ]+); selector ([\d.]+) ms(?:; ot ([^\n]+))?")
 
 
 class ConfigError(ValueError):
@@ -238,14 +238,17 @@ def finished_tasks(folder: Path) -> set[str]:
 
 
 def parse_prune_log(text: str) -> dict:
-    """Per-image ``[before, after]`` visual tokens and per-call selector ms from OTPRUNE_LOG lines."""
-    tokens, selector_ms = [], []
+    """Per-image ``[before, after]`` visual tokens, per-call selector ms and, where OTPRUNE_OT=1
+    recorded them, per-image OT distances (kept vs full set) from OTPRUNE_LOG lines."""
+    tokens, selector_ms, ot = [], [], []
     for match in LOG_LINE.finditer(text):
         for pair in match.group(2).split(","):
             before, after = pair.strip().split("->")
             tokens.append([int(before), int(after)])
         selector_ms.append(float(match.group(3)))
-    return {"visual_tokens": tokens, "selector_ms": selector_ms}
+        if match.group(4):
+            ot += [float(v) for v in match.group(4).split(",")]
+    return {"visual_tokens": tokens, "selector_ms": selector_ms, "ot_distance": ot}
 
 
 # -- prerequisites --------------------------------------------------------------------------
@@ -434,6 +437,7 @@ def execute(config: Config, run: Run, pretrained: str, num_processes: int, jobs:
         "ratio": run.ratio,
         "env": run.env,
         "tasks": list(run.tasks),
+        "benchmarks": [config.catalogue[task]["benchmark"] for task in run.tasks],
         "finished_tasks": sorted(done & set(run.tasks)),
         "status": "done" if set(run.tasks) <= done else "failed",
         "returncode": process.returncode,

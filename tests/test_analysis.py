@@ -117,3 +117,62 @@ def test_cli_rejects_bad_values(argv, message, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def write_harness_runs(root, rows):
+    """A minimal harness folder: table1.csv plus one otprune_*.json per (model, method, ratio)."""
+    import csv
+    import json
+
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "table1.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "method", "ratio", "GQA", "GQA_paper", "GQA_diff", "POPE", "POPE_paper", "POPE_diff"])
+        for model, method, ratio, _, gqa, pope in rows:
+            writer.writerow([model, method, ratio, gqa, "", "", pope, "", ""])
+    for model, method, ratio, ot, _, _ in rows:
+        for benchmark in ("GQA", "POPE"):
+            folder = root / model / f"{method}_{ratio}_{benchmark}"
+            folder.mkdir(parents=True)
+            record = {"model": model, "method": method, "ratio": ratio, "status": "done", "benchmarks": [benchmark], "ot_distance": ot}
+            (folder / "otprune_1.json").write_text(json.dumps(record))
+
+
+def test_spearman_with_ties_and_degenerate_inputs():
+    from otprune.analysis.hypothesis import spearman
+
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
+    assert math.isnan(spearman([1, 2], [1, 2]))
+
+
+def test_hypothesis_from_harness_results(tmp_path):
+    from otprune.analysis import hypothesis
+
+    runs = tmp_path / "runs" / "demo"
+    write_harness_runs(
+        runs,
+        [
+            ("m", "OTPrune", 0.098, [1.0, 2.0], 60.0, 80.0),
+            ("m", "DivPrune", 0.098, [3.0, float("nan")], 55.0, 85.0),
+            ("m", "DPP", 0.098, [4.0], 50.0, 70.0),
+        ],
+    )
+    points = hypothesis.load_points(runs)
+    gqa = {p.method: p for p in points if p.benchmark == "GQA"}
+    assert gqa["OTPrune"].ot_distance == pytest.approx(1.5) and gqa["DivPrune"].images == 1
+    markdown = hypothesis.render(points, runs)
+    assert "| m | GQA | 3 | -1.000 |" in markdown  # lower OT, higher GQA score throughout
+    assert "| m | POPE | 3 | -0.500 |" in markdown
+    out = tmp_path / "out"
+    assert cli.main(["hypothesis", str(runs), "--out", str(out)]) == 0
+    assert (out / "hypothesis.md").exists() and (out / "hypothesis.png").exists()
+
+
+def test_hypothesis_needs_a_report(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        cli.main(["hypothesis", str(tmp_path / "empty")])
+    assert "table1.csv does not exist" in capsys.readouterr().err

@@ -83,8 +83,15 @@ def test_unknown_config_name_lists_the_shipped_ones(capsys):
 
 
 def test_prune_log_parsing():
-    text = "x\notprune OURS: visual tokens 576->56; selector 12.50 ms\notprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms\n"
-    assert harness.parse_prune_log(text) == {"visual_tokens": [[576, 56], [2144, 210], [600, 59]], "selector_ms": [12.5, 3.0]}
+    text = (
+        "x\notprune OURS: visual tokens 576->56; selector 12.50 ms; ot 6.25\n"
+        "otprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms; ot 1.5, 2\n"
+    )
+    assert harness.parse_prune_log(text) == {
+        "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
+        "selector_ms": [12.5, 3.0],
+        "ot_distance": [6.25, 1.5, 2.0],
+    }
 
 
 # -- the report -----------------------------------------------------------------------------

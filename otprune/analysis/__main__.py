@@ -1,4 +1,4 @@
-"""Command line: ``python -m otprune.analysis {table2,ot-vs-ratio,gamma} [--out DIR] [options]``."""
+"""Command line: ``python -m otprune.analysis {table2,ot-vs-ratio,gamma,hypothesis} [--out DIR] [options]``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from otprune.analysis import gamma as gamma_analysis
-from otprune.analysis import ot_vs_ratio, table2
+from otprune.analysis import hypothesis, ot_vs_ratio, table2
 from otprune.analysis.report import write_report
 from otprune.selectors import DEFAULT_GAMMA, SELECTORS
 
@@ -24,7 +24,7 @@ QUICK_GAMMAS = (1e-6, 1e-4, 1e-2, 1.0, 1e2)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m otprune.analysis", description=__doc__)
-    sub = parser.add_subparsers(dest="name", required=True, metavar="{table2,ot-vs-ratio,gamma}")
+    sub = parser.add_subparsers(dest="name", required=True, metavar="{table2,ot-vs-ratio,gamma,hypothesis}")
 
     t2 = sub.add_parser("table2", help="the synthetic study (paper Table 2)")
     t2.add_argument("--seeds", help=f"seeds per configuration (default {FULL_TABLE2['seeds']}, quick {QUICK_TABLE2['seeds']})")
@@ -50,8 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     ga.add_argument("--gammas", help="comma-separated γ values > 0 (default 1e-6 .. 1e2 in half decades)")
 
     for command in (t2, ot, ga):
-        command.add_argument("--out", help="output directory (default runs/analysis/<name>)")
         command.add_argument("--quick", action="store_true", help="a small run for CI (seconds)")
+
+    hy = sub.add_parser("hypothesis", help="OT distance vs score across methods, from harness results (paper Fig. 2)")
+    hy.add_argument("runs", nargs="?", default="runs/smoke", help="a harness run folder (default runs/smoke)")
+
+    for command in (t2, ot, ga, hy):
+        command.add_argument("--out", help="output directory (default runs/analysis/<name>)")
     return parser
 
 
@@ -142,11 +147,22 @@ def _gamma(parser, args) -> tuple[str, dict]:
     return gamma_analysis.render(results, seconds=seconds), {"gamma": gamma_analysis.figure(results)}
 
 
+def _hypothesis(parser, args) -> tuple[str, dict]:
+    source = Path(args.runs)
+    if not source.is_dir():
+        parser.error(f"runs must be a harness run folder (runs/<config>); got {args.runs!r}")
+    try:
+        points = hypothesis.load_points(source)
+    except ValueError as error:
+        parser.error(str(error))
+    return hypothesis.render(points, source), {"hypothesis": hypothesis.figure(points)}
+
+
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-ANALYSES = {"table2": _table2, "ot-vs-ratio": _ot_vs_ratio, "gamma": _gamma}
+ANALYSES = {"table2": _table2, "ot-vs-ratio": _ot_vs_ratio, "gamma": _gamma, "hypothesis": _hypothesis}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,142 @@
+"""The paper's hypothesis (its Fig. 2) tested on harness results: does a method whose kept tokens lie
+closer to the full token set, in exact empirical OT distance, score higher?
+
+Input: a harness run folder (``runs/<config>``) whose pruned runs recorded per-image OT distances
+(``OTPRUNE_OT=1`` in the method's ``env``) and whose ``table1.csv`` the report step wrote. Per model
+and benchmark, each method contributes one point (mean OT distance over its images, score), and
+Spearman's rank correlation between the two is computed across methods. The hypothesis predicts a
+negative correlation. A run that evaluated several tasks in one lmms-eval call (``group_tasks``)
+logged its distances for all of them together; those benchmarks share the pooled mean, and the
+report says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from otprune.analysis.report import markdown_table, plt
+
+__all__ = ["MethodPoint", "load_points", "render", "figure", "spearman"]
+
+
+@dataclass(frozen=True)
+class MethodPoint:
+    model: str
+    method: str
+    ratio: float
+    benchmark: str
+    ot_distance: float
+    score: float
+    images: int
+    pooled: bool
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho with average ranks for ties; ``nan`` when either side is constant or n < 3."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return math.nan
+    return float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])
+
+
+def _scores(table: Path) -> dict[tuple[str, str, float], dict[str, float]]:
+    with table.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return {}
+    benchmarks = [name[: -len("_diff")] for name in rows[0] if name.endswith("_diff")]
+    scores = {}
+    for row in rows:
+        cells = {b: float(row[b]) for b in benchmarks if row.get(b) not in (None, "")}
+        scores[(row["model"], row["method"], float(row["ratio"]))] = cells
+    return scores
+
+
+def load_points(runs_dir: Path) -> list[MethodPoint]:
+    """One point per (model, method, ratio, benchmark) that has both a score and OT distances."""
+    table = runs_dir / "table1.csv"
+    if not table.exists():
+        raise ValueError(f"{table} does not exist; run the harness (or scripts/report.py {runs_dir}) first")
+    scores = _scores(table)
+    distances: dict[tuple, list[float]] = defaultdict(list)
+    pooled: dict[tuple, bool] = {}
+    for record_path in sorted(runs_dir.glob("*/*/otprune_*.json")):
+        record = json.loads(record_path.read_text())
+        values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
+        if record.get("status") != "done" or not values:
+            continue
+        for benchmark in record.get("benchmarks", []):
+            key = (record["model"], record["method"], float(record["ratio"]), benchmark)
+            distances[key] += values
+            pooled[key] = len(record["benchmarks"]) > 1
+    points = []
+    for (model, method, ratio, benchmark), values in sorted(distances.items()):
+        score = scores.get((model, method, ratio), {}).get(benchmark)
+        if score is None:
+            continue
+        points.append(
+            MethodPoint(model, method, ratio, benchmark, float(np.mean(values)), score, len(values), pooled[(model, method, ratio, benchmark)])
+        )
+    return points
+
+
+def _groups(points: list[MethodPoint]) -> dict[tuple[str, str], list[MethodPoint]]:
+    groups: dict[tuple[str, str], list[MethodPoint]] = defaultdict(list)
+    for point in points:
+        groups[(point.model, point.benchmark)].append(point)
+    return groups
+
+
+def render(points: list[MethodPoint], source: Path) -> str:
+    lines = [
+        "# Hypothesis: lower OT distance, higher score? (paper Fig. 2)",
+        "",
+        f"Source: `{source}`. Per model and benchmark: each method's mean exact OT distance between its kept "
+        "and full visual tokens (over the images it logged) and its score; Spearman's rho across methods "
+        "(negative supports the hypothesis; n/a when a side is constant or fewer than 3 methods).",
+        "",
+    ]
+    if not points:
+        return "\n".join(lines + ["No run recorded OT distances (set OTPRUNE_OT=1 in the methods' env)."])
+    if any("tiny" in p.model for p in points):
+        lines += ["**Tiny random-weight models: their scores are meaningless, so is rho; the machinery is what runs.**", ""]
+    rows = []
+    for (model, benchmark), group in sorted(_groups(points).items()):
+        rho = spearman([p.ot_distance for p in group], [p.score for p in group])
+        methods = ", ".join(f"{p.method} {p.ratio:g}: OT {p.ot_distance:.4g} / score {p.score:.4g}" for p in group)
+        note = " (OT pooled over the run's tasks)" if any(p.pooled for p in group) else ""
+        rows.append([model, benchmark + note, len(group), "n/a" if math.isnan(rho) else f"{rho:+.3f}", methods])
+    lines.append(markdown_table(["Model", "Benchmark", "Methods", "Spearman rho", "Mean OT / score"], rows))
+    return "\n".join(lines)
+
+
+def figure(points: list[MethodPoint]):
+    groups = _groups(points)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4 * max(1, len(groups)), 3.5), squeeze=False)
+    for ax, ((model, benchmark), group) in zip(axes[0], sorted(groups.items())):
+        for point in group:
+            ax.scatter(point.ot_distance, point.score)
+            ax.annotate(point.method, (point.ot_distance, point.score), fontsize=8)
+        ax.set_title(f"{model}: {benchmark}", fontsize=9)
+        ax.set_xlabel("mean OT distance, kept vs full")
+        ax.set_ylabel("score")
+    fig.tight_layout()
+    return fig
