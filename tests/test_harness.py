@@ -28,7 +28,11 @@ def write_config(path: Path, **changes) -> Path:
     config = {
         "model_args": "device=cpu,device_map=auto",
         "models": {"tiny-llava-1.5": {}},
-        "methods": {"Original": {}, "OTPrune": {"ratios": [0.098]}, "DivPrune": {"ratios": [0.098]}},
+        "methods": {
+            "Original": {},
+            "OTPrune": {"ratios": [0.098], "env": {"OTPRUNE_OT": 1}},
+            "DivPrune": {"ratios": [0.098], "env": {"OTPRUNE_OT": 1}},
+        },
         "tasks": ["otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"],
         "group_tasks": True,
     }
@@ -203,3 +207,9 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "3 runs, 3 finished before, 0 to run" in second.stdout
     assert sorted(p.relative_to(runs_dir) for p in runs_dir.glob("smoke_ci_limit3/*/*/**/*") if p.is_file()) == files
+    # The hypothesis analysis (paper Fig. 2) runs on these results end to end.
+    from otprune.analysis import hypothesis
+
+    points = hypothesis.load_points(runs_dir / "smoke_ci_limit3")
+    assert {p.method for p in points} == {"OTPrune", "DivPrune"}
+    assert all(p.images == 9 and p.pooled and p.ot_distance > 0 for p in points)  # 3 tasks x 3 samples

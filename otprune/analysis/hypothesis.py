@@ -7,7 +7,8 @@ and benchmark, each method contributes one point (mean OT distance over its imag
 Spearman's rank correlation between the two is computed across methods. The hypothesis predicts a
 negative correlation. A run that evaluated several tasks in one lmms-eval call (``group_tasks``)
 logged its distances for all of them together; those benchmarks share the pooled mean, and the
-report says so.
+report says so. Only runs that prune before the LLM (``LAYER_INDEX`` 0) count: a method pruning at
+layer K measures its distances among layer-K hidden states, another space.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def load_points(runs_dir: Path) -> list[MethodPoint]:
     for record_path in sorted(runs_dir.glob("*/*/otprune_*.json")):
         record = json.loads(record_path.read_text())
         values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
-        if record.get("status") != "done" or not values:
+        if record.get("status") != "done" or not values or int(record.get("env", {}).get("LAYER_INDEX", 0)) > 0:
             continue
         for benchmark in record.get("benchmarks", []):
             key = (record["model"], record["method"], float(record["ratio"]), benchmark)
