@@ -79,7 +79,8 @@ class PruneConfig:
                 "the attention of layer K-1, so K must be >= 1"
             )
         if method in SELECTORS:
-            allowed = accepted_options(method)
+            # TRIM's text is the prompt itself, supplied by the adapter, not a setting.
+            allowed = tuple(name for name in accepted_options(method) if name != "text")
             unknown = [name for name in self.options if name not in allowed]
             if unknown:
                 raise ValueError(

@@ -5,8 +5,10 @@ Model-agnostic: takes each image's visual tokens as a tensor and returns kept in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -18,7 +20,7 @@ from otprune.config import PruneConfig
 from otprune.measures import empirical_ot_distance
 from otprune.selectors import budget, get_selector
 
-__all__ = ["log_selection", "select_per_image", "select_top_scores"]
+__all__ = ["log_selection", "select_per_image", "select_top_scores", "selection_clock"]
 
 logger = logging.getLogger("otprune")
 
@@ -41,7 +43,7 @@ def select_per_image(
     per image, the text-token embeddings TRIM scores against.
     """
     selector = get_selector(config.method)
-    start = time.perf_counter()
+    start = selection_clock(config, images)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, tokens in enumerate(images):
         groups[tokens.shape[0]].append(i)
@@ -56,10 +58,18 @@ def select_per_image(
         batch = torch.stack([images[i] for i in members])
         for i, indices in zip(members, selector(batch, k, **config.options)):
             kept[i] = indices
+    log_selection(config, images, kept, start)
     if config.dump_dir:
         _dump(config.dump_dir, images)
-    log_selection(config, images, kept, start)
     return kept
+
+
+def selection_clock(config: PruneConfig, images: Sequence[torch.Tensor]) -> float:
+    """``time.perf_counter()``, after the GPU has finished its queued work when the selection is
+    to be timed (``OTPRUNE_LOG=1``), so the vision tower's time is not counted as the selector's."""
+    if config.log and images and images[0].is_cuda:
+        torch.cuda.synchronize(images[0].device)
+    return time.perf_counter()
 
 
 def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], start: float) -> None:
@@ -69,7 +79,7 @@ def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Seq
     kept), measured after the timing."""
     if not config.log:
         return
-    seconds = time.perf_counter() - start
+    seconds = selection_clock(config, images) - start
     pairs = ", ".join(f"{t.shape[0]}->{k.numel()}" for t, k in zip(images, kept))
     line = f"otprune {config.method}: visual tokens {pairs}; selector {seconds * 1e3:.2f} ms"
     if config.record_ot:
@@ -84,9 +94,13 @@ def _text_for(texts, i: int) -> torch.Tensor:
     return texts[i]
 
 
+_dumped = itertools.count()
+
+
 def _dump(directory: str, images: Sequence[torch.Tensor]) -> None:
+    """Saves each image's tokens as ``tokens_<pid>_<n>.pt``: processes sharing a folder (one per
+    GPU under accelerate) never write the same name."""
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
-    existing = len(list(folder.glob("tokens_*.pt")))
-    for offset, tokens in enumerate(images):
-        torch.save(tokens.detach().cpu(), folder / f"tokens_{existing + offset:06d}.pt")
+    for tokens in images:
+        torch.save(tokens.detach().cpu(), folder / f"tokens_{os.getpid()}_{next(_dumped):06d}.pt")

@@ -137,7 +137,9 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
     may do differently for different batch sizes and thread counts) decides a near-tie; in
     float64 they agree exactly.
 
-    When the largest remaining ``d2`` is ``<= eps`` the kernel has no rank left: the step then adds
+    When the largest remaining ``d2`` is ``<= max(eps, 100 * machine epsilon * max diag(L))`` the
+    kernel has no rank left (**deviation** from METHOD.md's plain ``1e-10``, which float32 rounding
+    noise exceeds, so the fill rule would never fire there): the step then adds
     a zero Cholesky column, which leaves every ``d2`` unchanged, so the remaining picks are the
     unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP kernel),
     decided without reading any value back to the host.
@@ -145,6 +147,9 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
     b, n, _ = kernel.shape
     batch = _batch_index(kernel)
     d2 = kernel.diagonal(dim1=-2, dim2=-1).clone()
+    # Residual variances are exact only to rounding of the kernel's scale: below that, "no rank
+    # left" (float32 noise would otherwise pass for volume).
+    floor = torch.clamp_min(100 * torch.finfo(kernel.dtype).eps * d2.amax(-1), eps)
     # Row t holds the t-th Cholesky column for every candidate; rows stay contiguous as they grow.
     chol = kernel.new_zeros(b, k, n)
     picks = torch.empty(b, k, dtype=torch.long, device=kernel.device)
@@ -156,8 +161,8 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
         dj2 = d2[batch, j]
         c_j = chol[batch, :t, j]
         residual = kernel[batch, j] - (c_j[:, None, :] @ chol[:, :t]).squeeze(1)
-        has_rank = dj2 > eps
-        e = torch.where(has_rank[:, None], residual / dj2.clamp_min(eps).sqrt()[:, None], 0.0)
+        has_rank = dj2 > floor
+        e = torch.where(has_rank[:, None], residual / torch.maximum(dj2, floor).sqrt()[:, None], 0.0)
         chol[:, t] = e
         d2 = d2 - e.square()
         # Chosen candidates are excluded for good: later updates keep -inf at -inf.
@@ -194,8 +199,8 @@ def _check_positive(value, name: str) -> float:
 
 
 def _check_unit_interval(value, name: str, *, closed_low: bool) -> float:
-    low_ok = (value >= 0) if closed_low else (value > 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+    number = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not number or not ((value >= 0 if closed_low else value > 0) and value <= 1):
         interval = "[0, 1]" if closed_low else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
     return float(value)
@@ -253,14 +258,15 @@ def select_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
 def select_random(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     """Random (``BASELINE=RANDOM``): k distinct tokens uniformly at random.
 
-    The draw comes from a CPU generator seeded with ``seed``, so the same shape and seed give the
-    same subset on every device; each batch element gets its own draw.
+    The draw comes from a CPU generator seeded with ``seed``: the same N, k and seed give the same
+    subset on every device, alone or in a batch (every batch element gets that subset), so a batch
+    prunes as its images do one by one. Vary ``seed`` for other draws.
     """
     seed = _as_int(seed, "seed")
     generator = torch.Generator().manual_seed(seed)
     b, n, _ = x.shape
-    scores = torch.rand(b, n, generator=generator)
-    return scores.argsort(dim=-1, stable=True)[:, :k].to(x.device)
+    scores = torch.rand(n, generator=generator)
+    return scores.argsort(stable=True)[:k].to(x.device).expand(b, k)
 
 
 @_selector

@@ -16,6 +16,7 @@ vectors) and handed to the model through transformers' ``mm_encoder_outputs`` ar
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -43,13 +44,29 @@ def install() -> bool:
     return True
 
 
+def _as_keywords(signature: inspect.Signature, model, args, kwargs) -> dict:
+    """Every argument by name (``generate`` calls its first one ``inputs``: that is ``input_ids``)."""
+    bound = signature.bind_partial(model, *args, **kwargs).arguments
+    named = {}
+    for name, value in bound.items():
+        parameter = signature.parameters[name]
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif name != next(iter(signature.parameters)):
+            named[name] = value
+    if "inputs" in named and "input_ids" not in named:
+        named["input_ids"] = named.pop("inputs")
+    return named
+
+
 def _wrap(original, restore_prompt: bool):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def wrapped(self, *args, **kwargs):
         from . import active_config
 
-        if args:
-            kwargs["input_ids"], args = args[0], args[1:]
+        kwargs = _as_keywords(signature, self, args, kwargs)
         config = active_config(self)
         input_ids = kwargs.get("input_ids")
         pixel_values = kwargs.get("pixel_values")
@@ -57,9 +74,9 @@ def _wrap(original, restore_prompt: bool):
         if not config.enabled or pixel_values is None or input_ids is None:
             if new_prompt:
                 _attach(self, config, None)
-            return original(self, *args, **kwargs)
+            return original(self, **kwargs)
         prepared = _prepare(self, config, kwargs)
-        output = original(self, *args, **prepared)
+        output = original(self, **prepared)
         if not restore_prompt or config.layer_index > 0:
             return output
         return _with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
@@ -137,13 +154,15 @@ def _prepare(model, config, kwargs: dict) -> dict:
             keep[b, start + next(chosen)] = True
     columns = [(input_ids, model.config.text_config.pad_token_id or 0)]
     names = ["input_ids"]
-    for name, fill in (("labels", IGNORE_INDEX), ("position_ids", 0)):
-        if isinstance(kwargs.get(name), torch.Tensor):
-            columns.append((kwargs[name].expand_as(input_ids), fill))
-            names.append(name)
+    if isinstance(kwargs.get("labels"), torch.Tensor):
+        columns.append((kwargs["labels"], IGNORE_INDEX))
+        names.append("labels")
     side = "left" if bool((~valid[:, 0]).any()) else "right"
     new_mask, *cut = repad(keep & valid, side, *columns)
     kwargs.update(zip(names, cut))
+    if isinstance(kwargs.get("position_ids"), torch.Tensor):
+        # Renumbered over the kept tokens, as the original LLaVA numbers its spliced sequence.
+        kwargs["position_ids"] = (new_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~new_mask, 0)
     if attention_mask is not None:
         kwargs["attention_mask"] = new_mask.to(attention_mask.dtype)
     kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(features, kept)])}

@@ -17,13 +17,12 @@ of transformers 5.x, as used by the original LLaVA and by ``LlavaForConditionalG
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from otprune.config import PruneConfig
-from otprune.prune import log_selection, select_per_image, select_top_scores
+from otprune.prune import log_selection, select_per_image, select_top_scores, selection_clock
 from otprune.selectors import budget
 
 
@@ -138,7 +137,7 @@ class LayerPruner:
                 texts.append(hidden[b, state.text_after[b][i]])
                 where.append((b, start))
         method = self.config.method
-        began = time.perf_counter()
+        began = selection_clock(self.config, images)
         if method == "VTW":
             chosen = [torch.zeros(0, dtype=torch.long, device=hidden.device) for _ in images]
         elif method == "FASTV":

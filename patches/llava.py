@@ -47,7 +47,9 @@ def install() -> bool:
         config = active_config(self)
         prefill = images is not None and input_ids is not None and input_ids.shape[1] > 1
         if not config.enabled or not prefill or self.get_vision_tower() is None:
-            if prefill or images is None:
+            # A new prompt without images ends the previous prompt's pruning; a decode step
+            # (one new token) keeps it, so layer hooks still cut the mask columns they dropped.
+            if prefill or (input_ids is not None and input_ids.shape[1] > 1):
                 _set_state(self, config, None)
             return original(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
         return _prepare_pruned(

@@ -154,6 +154,11 @@ def load_config(name_or_path: str) -> Config:
             raise ConfigError(f"config {path.name}: method {method!r} has unknown key(s) {_names(extra)}; allowed: {_names(METHOD_KEYS)}")
         if method in RATIO_FREE and "ratios" in spec:
             raise ConfigError(f"config {path.name}: method {method!r} takes no ratios")
+        ratios = spec.get("ratios", [])
+        if not isinstance(ratios, list) or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
+        ):
+            raise ConfigError(f"config {path.name}: method {method!r} ratios={ratios!r}; allowed: a list of numbers in (0, 1]")
     tasks = list(data["tasks"])
     for task in tasks:
         if task not in catalogue:
@@ -367,7 +372,10 @@ def command(config: Config, run: Run, pretrained: str, num_processes: int, limit
 
 
 def child_env(run: Run, jobs: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
+    # Only the config decides the pruning: the caller's own pruning variables do not leak in.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX") and not k.startswith("OTPRUNE_")
+    }
     env.update(run.env)
     env["OTPRUNE_LOG"] = "1"
     # The patch and the package come from this checkout, whatever is pip-installed.

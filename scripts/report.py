@@ -36,6 +36,7 @@ CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT))
 
 from otprune.measures import MODELS, ModelShape, prefill_flops  # noqa: E402
+from otprune.config import config_from_env  # noqa: E402
 from otprune.selectors import budget  # noqa: E402
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
@@ -121,7 +122,7 @@ def read_run(folder: Path, catalogue: dict) -> dict | None:
         "tiny": first.get("tiny"),
         "method": method,
         "ratio": float(ratio),
-        "layer_index": int(first.get("env", {}).get("LAYER_INDEX", 0)),
+        "layer_index": config_from_env(first.get("env", {})).layer_index,
         "scores": scores,
         "visual_tokens": tokens,
         "text_tokens": text,

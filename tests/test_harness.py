@@ -213,3 +213,10 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     points = hypothesis.load_points(runs_dir / "smoke_ci_limit3")
     assert {p.method for p in points} == {"OTPrune", "DivPrune"}
     assert all(p.images == 9 and p.pooled and p.ot_distance > 0 for p in points)  # 3 tasks x 3 samples
+
+
+@pytest.mark.parametrize("ratios", [0.1, ["0.1"], [0], [1.5]])
+def test_bad_ratios_fail_before_any_run(tmp_path, ratios):
+    path = write_config(tmp_path / "bad.yaml", methods={"OTPrune": {"ratios": ratios}})
+    with pytest.raises(harness.ConfigError, match=r"method 'OTPrune' ratios=.*allowed: a list of numbers in \(0, 1\]"):
+        harness.load_config(str(path))

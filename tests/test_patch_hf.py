@@ -146,6 +146,21 @@ def test_layer_k_prunes_the_kv_cache(models, method):
     assert torch.equal(generated[:, :length], inputs["input_ids"])
 
 
+def test_positional_arguments_are_pruned_too(models):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 7)]])
+    patches.prune(model, "OURS", RATIO)
+    by_name = generate(model, inputs)
+    with torch.no_grad():
+        positional = model.generate(
+            inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"],
+            max_new_tokens=5, do_sample=False,
+        )  # fmt: skip
+    assert torch.equal(by_name, positional)
+    seen = llm_inputs(model, inputs)
+    assert seen.shape[1] == inputs["input_ids"].shape[1] - 576 + budget(RATIO, 576)
+
+
 def test_unsupported_model_is_a_clear_error():
     with pytest.raises(TypeError, match="does not support Linear; it supports the original LLaVA"):
         patches.prune(torch.nn.Linear(2, 2), "OURS", 0.5)

@@ -84,8 +84,10 @@ def load_points(runs_dir: Path) -> list[MethodPoint]:
         values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
         if record.get("status") != "done" or not values or int(record.get("env", {}).get("LAYER_INDEX", 0)) > 0:
             continue
+        # table1.csv names a model by its run folder (the last part of the hub id), as the harness does.
+        model = record_path.parent.parent.name
         for benchmark in record.get("benchmarks", []):
-            key = (record["model"], record["method"], float(record["ratio"]), benchmark)
+            key = (model, record["method"], float(record["ratio"]), benchmark)
             distances[key] += values
             pooled[key] = len(record["benchmarks"]) > 1
     points = []
