@@ -89,9 +89,15 @@ def _validate(tokens, k) -> int:
         raise ValueError(f"k must be in [1, N] = [1, {n}] for tokens of shape {tuple(tokens.shape)}; got k={k}")
     if tokens.shape[-1] < 1:
         raise ValueError(f"tokens must have at least one feature; got shape {tuple(tokens.shape)}")
-    if not bool(torch.isfinite(tokens).all()):
-        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
     return k
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    # min and max propagate NaN and are +-Inf when any entry is: one pass with no (B, N, d) mask,
+    # which torch.isfinite would allocate. The one host synchronisation of a call.
+    low, high = torch.aminmax(x)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
 
 
 def _work_dtype(tokens: torch.Tensor) -> torch.dtype:
@@ -105,8 +111,9 @@ def _selector(core: Callable) -> Callable:
     def select(tokens: torch.Tensor, k: int, **options) -> torch.Tensor:
         k = _validate(tokens, k)
         single = tokens.dim() == 2
-        x = tokens.unsqueeze(0) if single else tokens
-        picks = core(x.to(_work_dtype(tokens)), k, **options)
+        x = (tokens.unsqueeze(0) if single else tokens).to(_work_dtype(tokens))
+        _check_finite(x)
+        picks = core(x, k, **options)
         kept_indices = picks.sort(dim=-1).values
         return kept_indices[0] if single else kept_indices
 

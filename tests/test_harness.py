@@ -68,7 +68,7 @@ def test_paper_config_plans_every_model_method_task():
         ({"methods": {"Original": {}, "SuperPrune": {"ratios": [0.1]}}}, r"unknown method 'SuperPrune'; allowed: .*OTPrune"),
         ({"models": {"llava-v9-70b": {}}}, r"unknown model 'llava-v9-70b'; allowed: .*liuhaotian/llava-v1.5-7b"),
         ({"tasks": ["gqa", "vqav9"]}, r"unknown task 'vqav9'; allowed \(configs/tasks.yaml\): .*coco2017_cap_val"),
-        ({"methods": {"OTPrune": {"ratios": [1.5]}}}, r"SUBSET_RATIO=1.5 is not allowed"),
+        ({"methods": {"OTPrune": {"ratios": [1.5]}}}, r"method .OTPrune. ratios=\[1.5\]; allowed: a list of numbers in \(0, 1\]"),
         ({"batch_sise": 1}, r"unknown key\(s\) batch_sise"),
     ],
 )
@@ -138,6 +138,7 @@ def paper_runs(root: Path, model: str, model_id: str) -> Path:
         }
         (run / "model" / "20250101_000000_results.json").write_text(json.dumps({"results": results}))
         tokens = [[576, 56]] if method in ("DivPrune", "OTPrune") else []
+        env = harness.run_env(method, ratio, env, {})  # as the harness records it, BASELINE included
         record = {"model": model_id, "flops_model": model, "tiny": None, "env": env, "status": "done", "samples": {},
                   "eval_s": None, "peak_rss_mb": 0, "wall_s": 0, "visual_tokens": tokens, "selector_ms": [], "text_tokens": {}}
         (run / "otprune_20250101.json").write_text(json.dumps(record))
