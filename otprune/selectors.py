@@ -133,7 +133,9 @@ def _batch_index(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[0], device=x.device)
 
 
-def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> torch.Tensor:
+def greedy_logdet(
+    kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, host_loop: bool | None = None
+) -> torch.Tensor:
     """Greedy MAP of ``log det(L_S)`` by incremental Cholesky (Chen, Zhang & Zhou 2018).
 
     ``kernel``: ``(B, N, N)`` symmetric PSD float tensor. Returns the ``(B, k)`` picks in the order
@@ -150,13 +152,20 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
     a zero Cholesky column, which leaves every ``d2`` unchanged, so the remaining picks are the
     unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP kernel),
     decided without reading any value back to the host.
+
+    ``host_loop`` (default: on for CPU tensors) runs the same greedy one image at a time with each
+    pick read back as a Python int. On a GPU every read-back would stall the queue; on a CPU it is
+    free, and the plain per-image loop needs half the tensor operations per step of the batched,
+    sync-free one. Both pick the same indices (tested).
     """
-    b, n, _ = kernel.shape
-    batch = _batch_index(kernel)
     d2 = kernel.diagonal(dim1=-2, dim2=-1).clone()
     # Residual variances are exact only to rounding of the kernel's scale: below that, "no rank
     # left" (float32 noise would otherwise pass for volume).
     floor = torch.clamp_min(100 * torch.finfo(kernel.dtype).eps * d2.amax(-1), eps)
+    if kernel.device.type == "cpu" if host_loop is None else host_loop:
+        return torch.stack([_greedy_logdet_one(kernel[i], d2[i], floor[i], k) for i in range(kernel.shape[0])])
+    b, n, _ = kernel.shape
+    batch = _batch_index(kernel)
     # Row t holds the t-th Cholesky column for every candidate; rows stay contiguous as they grow.
     chol = kernel.new_zeros(b, k, n)
     picks = torch.empty(b, k, dtype=torch.long, device=kernel.device)
@@ -178,6 +187,24 @@ def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS) -> to
     return picks
 
 
+def _greedy_logdet_one(kernel: torch.Tensor, d2: torch.Tensor, floor: torch.Tensor, k: int) -> torch.Tensor:
+    """``greedy_logdet`` for one ``(N, N)`` kernel, picks read back to the host (see ``host_loop``)."""
+    chol = kernel.new_zeros(k, kernel.shape[0])
+    picks = []
+    j = int(d2.argmax())
+    for t in range(k):
+        picks.append(j)
+        if t == k - 1:
+            break
+        dj2 = d2[j]
+        if dj2 > floor:
+            chol[t] = (kernel[j] - chol[:t, j] @ chol[:t]) / dj2.sqrt()
+            d2 -= chol[t].square()
+        d2[j] = -math.inf
+        j = int(d2.argmax())
+    return torch.tensor(picks, dtype=torch.long, device=kernel.device)
+
+
 def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
     """OTPrune's kernel ``L = I + gamma * A A^T`` with ``A = X_hat X_hat^T``.
 
@@ -188,7 +215,9 @@ def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tenso
     (``2N d^2 + 2N^2 d``).
     """
     n, d = x.shape[-2:]
-    x_hat = x / x.norm(dim=-2, keepdim=True).clamp_min(NORM_EPS)
+    # Sum of squares rather than torch.norm: the same value, 5x faster for this strided reduction
+    # on a CPU (torch.norm's rescaling against overflow is moot for projected visual tokens).
+    x_hat = x / x.square().sum(-2, keepdim=True).sqrt().clamp_min(NORM_EPS)
     x_hat_t = x_hat.transpose(-1, -2)
     if d >= n:
         a = x_hat @ x_hat_t

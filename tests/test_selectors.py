@@ -240,3 +240,14 @@ def test_budget():
     for bad in (0, -0.1, 1.5, float("nan"), "0.1", True):
         with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
             budget(bad, 10)
+
+
+@pytest.mark.parametrize("kernel_of", ["otprune", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_loop_and_batched_greedy_pick_the_same(kernel_of, dtype):
+    from otprune.selectors import _cosine_similarity, greedy_logdet, otprune_kernel
+
+    x = clustered_tokens(200, 48, seed=4, batch=3, dtype=dtype)
+    kernel = otprune_kernel(x) if kernel_of == "otprune" else _cosine_similarity(x)
+    for k in (1, 20, 90):  # 90 > rank 48 of the cosine kernel: the fill phase too
+        assert torch.equal(greedy_logdet(kernel, k, host_loop=True), greedy_logdet(kernel, k, host_loop=False))
