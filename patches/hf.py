@@ -145,7 +145,7 @@ def _prepare(model, config, kwargs: dict) -> dict:
         return kwargs
 
     embed = model.get_input_embeddings()
-    texts = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]]
+    texts = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]] if config.method == "TRIM" else None
     kept = select_per_image(config, features, texts)
     keep = ~visual
     chosen = iter(kept)

@@ -134,7 +134,8 @@ class LayerPruner:
             for i, (start, end) in enumerate(spans):
                 keep[b, start:end] = False
                 images.append(hidden[b, start:end])
-                texts.append(hidden[b, state.text_after[b][i]])
+                if self.config.method == "TRIM":
+                    texts.append(hidden[b, state.text_after[b][i]])
                 where.append((b, start))
         method = self.config.method
         began = selection_clock(self.config, images)

@@ -121,7 +121,7 @@ def _prepare_pruned(
         return None, (None if position_ids is None else positions), caller_mask(mask_out), past_key_values, embeds, restore_labels(sources)
 
     images_tokens = [embeds[b, s:e] for b in range(batch) for s, e in spans[b]]
-    questions = [embeds[b, idx] for b in range(batch) for idx in text_after[b]]
+    questions = [embeds[b, idx] for b in range(batch) for idx in text_after[b]] if config.method == "TRIM" else None
     chosen = iter(select_per_image(config, images_tokens, questions))
     keep = valid & ~visual
     for b in range(batch):
