@@ -8,9 +8,11 @@ Every selector is a plain function ``select_x(tokens, k, **options) -> kept_indi
 - returns a ``torch.long`` tensor of shape ``(k,)`` or ``(B, k)``: distinct indices into the
   token axis, sorted ascending (so kept tokens keep their order), on ``tokens.device``.
 
-Kernels and greedy state are float32 whatever the input dtype. The greedy loops run a fixed
-number of steps with no host synchronisation and no Python branching on tensor values, so on a
-GPU the whole selection is queued without waiting; a batch runs all its greedies at once.
+Kernels and greedy state are float32 whatever the input dtype. On a GPU the greedy loops run a
+fixed number of steps with no host synchronisation and no Python branching on tensor values, so
+the selection is queued without waiting (one finiteness check per call is the only sync); a batch
+runs all its greedies at once. On a CPU, where a read-back costs nothing, ``greedy_logdet`` runs
+image by image instead (same picks; see its ``host_loop``).
 
 ``SELECTORS`` maps the ``BASELINE`` names of the reference code to these functions. The formulas
 are those of ``METHOD.md`` (kept beside the project as ``shared/METHOD.md``); the places where it
