@@ -164,7 +164,8 @@ def greedy_logdet(
     # Residual variances are exact only to rounding of the kernel's scale: below that, "no rank
     # left" (float32 noise would otherwise pass for volume).
     floor = torch.clamp_min(100 * torch.finfo(kernel.dtype).eps * d2.amax(-1), eps)
-    if kernel.device.type == "cpu" if host_loop is None else host_loop:
+    use_host_loop = kernel.device.type == "cpu" if host_loop is None else host_loop
+    if use_host_loop:
         return torch.stack([_greedy_logdet_one(kernel[i], d2[i], floor[i], k) for i in range(kernel.shape[0])])
     b, n, _ = kernel.shape
     batch = _batch_index(kernel)
