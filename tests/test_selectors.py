@@ -58,15 +58,28 @@ def test_deterministic(name):
 
 @pytest.mark.parametrize("name", list(SELECTORS))
 def test_batched_matches_one_by_one(name):
+    """Both the public call (image by image on a CPU) and the batched core a GPU runs."""
     tokens = torch.randn(3, 30, D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    options = {}
     if name == "TRIM":
         text = torch.randn(3, 4, D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-        batched = select_trim(tokens, 8, text=text)
+        options = {"text": text}
         alone = [select_trim(tokens[b], 8, text=text[b]) for b in range(3)]
     else:
-        batched = call(name, tokens, 8)
         alone = [call(name, tokens[b], 8) for b in range(3)]
-    assert torch.equal(batched, torch.stack(alone))
+    assert torch.equal(call(name, tokens, 8, **options), torch.stack(alone))
+    batched_core = SELECTORS[name].__wrapped__(tokens, 8, **options).sort(-1).values
+    assert torch.equal(batched_core, torch.stack(alone))
+
+
+def test_gram_by_panels_matches_the_plain_product():
+    from otprune.selectors import GRAM_PANEL_ROWS, _gram
+
+    g = torch.Generator().manual_seed(11)
+    # 2 * 288 + 24 rows: two full panels and a remainder; batched and single.
+    x = torch.randn(2, 2 * GRAM_PANEL_ROWS + 24, 2048, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(_gram(x), x @ x.transpose(-1, -2), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(_gram(x[1]), x[1] @ x[1].T, rtol=1e-12, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", list(SELECTORS))
