@@ -5,15 +5,16 @@
     python scripts/bench_selectors.py --quick          # three cases, one repeat (CI)
 
 Shapes: LLaVA-1.5 (N = 576, d = 4096, k = 56, 64, 128, 192) and LLaVA-1.6 (N = 2880, d = 4096,
-k = 320), batch 1 and 16, float16 tokens. Every figure is the median over ``--repeats`` runs after
-one warm-up run; GPU runs are timed with CUDA events, CPU runs with ``time.perf_counter``. Columns:
+k = 320), batch 1 and 16, float16 tokens. Every figure is the median over ``--repeats`` rounds
+after one warm-up round, a round running each contender once in turn; GPU runs are timed with CUDA events, CPU runs with ``time.perf_counter``. Columns:
 
 - ``otprune``: ``select_otprune`` on the whole batch;
 - ``per-step``: ``per_step_reference.per_step_otprune``, the published code's way (one image at a
   time, one host sync per token, identity built on the host); ``speedup`` = per-step / otprune;
 - ``divprune``: ``select_divprune`` on the whole batch;
-- ``floor``: ``otprune_kernel`` alone (the kernel's matrix products); ``floor %`` = its share of
-  ``otprune``, the rest being the greedy;
+- ``floor``: ``otprune_kernel`` alone (the kernel's matrix products) on float32 tokens, image by
+  image on a CPU as the selector does; ``floor %`` = its share of ``otprune``, the rest being the
+  greedy, the float32 copy and the finiteness check;
 - ``b16/b1``: OTPrune's batch-16 time over its batch-1 time for the same (N, k);
 - ``float32 picks``: whether the timed float32 runs of OTPrune and the per-step reference kept the
   same tokens. Their exact agreement is asserted in float64 before timing (``check_same_picks``).
@@ -78,24 +79,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def median_ms(run: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``run()`` in ms over ``repeats`` runs, after one untimed warm-up run."""
-    run()
-    times = []
+def median_ms(runs: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median wall time in ms of each ``runs[name]()`` over ``repeats`` rounds, after one warm-up.
+
+    Each round runs every contender once, in turn, so a machine that speeds up or slows down
+    during the benchmark (shared cores, clocks) shifts them all alike and the ratios stay fair.
+    """
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize(device)
-            start.record()
-            run()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for name, run in runs.items():
+            times[name].append(_time_ms(run, device))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _time_ms(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
 
 
 def check_same_picks(tokens: torch.Tensor, k: int) -> None:
@@ -121,16 +131,19 @@ def measure(n: int, k: int, batch: int, repeats: int, device: torch.device, seed
     tokens = clustered_tokens(n, D, seed=seed, dtype=torch.float16, batch=batch).to(device)
     check_same_picks(tokens, k)
     work = tokens.float()
-    return Row(
-        n=n,
-        k=k,
-        batch=batch,
-        otprune=median_ms(lambda: select_otprune(tokens, k), repeats, device),
-        per_step=median_ms(lambda: per_step_otprune(tokens, k), repeats, device),
-        divprune=median_ms(lambda: select_divprune(tokens, k), repeats, device),
-        floor=median_ms(lambda: otprune_kernel(work), repeats, device),
-        divergent=float32_divergences(tokens, k),
+    # The kernel built as the selector builds it: image by image on a CPU, the batch at once on a GPU.
+    images = work.split(1) if device.type == "cpu" else (work,)
+    medians = median_ms(
+        {
+            "otprune": lambda: select_otprune(tokens, k),
+            "per_step": lambda: per_step_otprune(tokens, k),
+            "divprune": lambda: select_divprune(tokens, k),
+            "floor": lambda: [otprune_kernel(image) for image in images],
+        },
+        repeats,
+        device,
     )
+    return Row(n=n, k=k, batch=batch, **medians, divergent=float32_divergences(tokens, k))
 
 
 def format_table(rows: list[Row]) -> str:

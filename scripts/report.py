@@ -90,12 +90,21 @@ def prefill(n_text: float, before: float, after: float, layer_index: int, shape:
 # -- reading runs ---------------------------------------------------------------------------
 
 
+def read_json(path: Path) -> dict | None:
+    """``path``'s JSON object, or None with a warning when a crash left it cut short or empty."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        print(f"warning: skipping unreadable {path}: {error}", file=sys.stderr)
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def read_run(folder: Path, catalogue: dict) -> dict | None:
     """One ``<method>_<ratio>`` folder: scores per task (paper units), token counts and timings."""
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("otprune_*.json"))]
+    records = [r for r in map(read_json, sorted(folder.glob("otprune_*.json"))) if r is not None]
     results = {}
-    for path in sorted(folder.glob("**/*_results.json")):
-        data = json.loads(path.read_text())
+    for data in filter(None, map(read_json, sorted(folder.glob("**/*_results.json")))):
         for task, values in data.get("results", {}).items():
             results[task] = values
     if not records and not results:

@@ -123,6 +123,18 @@ def test_report_on_recorded_runs(tmp_path):
     assert "Wilcoxon signed-rank, OTPrune > DivPrune" in markdown
 
 
+def test_report_skips_a_file_a_crash_cut_short(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    shutil.copytree(FIXTURES, runs)
+    broken = runs / "tiny-llava-1.5" / "DivPrune_0.098" / "otprune_cut_short.json"
+    broken.write_text('{"status": "done", "visual_tok')
+    _, csv_path, _ = report.write_report(runs, tmp_path / "out")
+    err = capsys.readouterr().err
+    assert f"skipping unreadable {broken}" in err
+    rows = {(r["model"], r["method"]): r for r in csv.DictReader(open(csv_path))}
+    assert float(rows["tiny-llava-1.5", "DivPrune"]["visual_tokens_after"]) == 56
+
+
 def paper_runs(root: Path, model: str, model_id: str) -> Path:
     """Results files holding the paper's numbers, one run folder per method, as the harness writes them."""
     bench = {spec["benchmark"]: (task, spec) for task, spec in CATALOGUE.items()}

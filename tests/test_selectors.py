@@ -73,11 +73,12 @@ def test_batched_matches_one_by_one(name):
 
 
 def test_gram_by_panels_matches_the_plain_product():
-    from otprune.selectors import GRAM_PANEL_ROWS, _gram
+    from otprune.selectors import GRAM_PANEL_MIN_SIZE, GRAM_PANEL_ROWS, _gram
 
     g = torch.Generator().manual_seed(11)
-    # 2 * 288 + 24 rows: two full panels and a remainder; batched and single.
-    x = torch.randn(2, 2 * GRAM_PANEL_ROWS + 24, 2048, generator=g, dtype=torch.float64)
+    # Two full panels and a remainder, wide enough for the CPU to go by panels; batched and single.
+    n = 2 * GRAM_PANEL_ROWS + 24
+    x = torch.randn(2, n, -(-GRAM_PANEL_MIN_SIZE // n), generator=g, dtype=torch.float64)
     torch.testing.assert_close(_gram(x), x @ x.transpose(-1, -2), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(_gram(x[1]), x[1] @ x[1].T, rtol=1e-12, atol=1e-9)
 
@@ -209,6 +210,16 @@ def test_gamma_changes_otprune_subset():
 def test_bad_input_raises_value_error(tokens, k, message):
     with pytest.raises(ValueError, match=message):
         select_otprune(tokens, k)
+
+
+@pytest.mark.parametrize("name", list(SELECTORS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_tokens_rejected_in_every_dtype(bad, dtype, name):
+    tokens = clustered_tokens(12, D, seed=1, batch=3, dtype=dtype)
+    tokens[2, 7, 3] = bad  # in the last image only, so a per-image run must reach it
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        call(name, tokens, 4)
 
 
 def test_bad_types_raise_type_error():
