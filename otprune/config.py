@@ -7,8 +7,9 @@ Variables (names as in the reference code; values case-insensitive):
 - ``SUBSET_RATIO``: kept fraction of each image's visual tokens, in (0, 1]; required with every
   method except ``VTW`` (which keeps none).
 - ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``).
-- ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``: selector
-  options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
+- ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
+  ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
+  selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
   ``OTPRUNE_OT=1`` adds each image's empirical OT distance (kept vs full set) to that line;
   ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
 """
@@ -20,7 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from otprune.selectors import SELECTORS, _as_int, _check_positive, _check_unit_interval, accepted_options
+from otprune.checks import as_int, check_positive, check_unit_interval
+from otprune.selectors import SELECTORS, accepted_options, check_greedy_path
 
 __all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "config_from_env"]
 
@@ -35,13 +37,24 @@ _OPTION_VARIABLES = {
     "OTPRUNE_SEED": ("seed", int),
     "OTPRUNE_STP_ALPHA": ("alpha", float),
     "OTPRUNE_TRIM_KEEP_RATIO": ("keep_ratio", float),
+    "OTPRUNE_GREEDY": ("greedy", str),
 }
 _FLAG_VARIABLES = ("OTPRUNE_LOG", "OTPRUNE_OT", "OTPRUNE_DUMP")
+
+
+def _check_greedy_path(value) -> str:
+    try:
+        return check_greedy_path(value)
+    except (ValueError, ImportError) as error:
+        raise ValueError(f"OTPRUNE_GREEDY={value!r} is not allowed: {error}") from None
+
+
 _OPTION_CHECKS = {
-    "gamma": lambda v: _check_positive(v, "OTPRUNE_GAMMA (gamma)"),
-    "seed": lambda v: _as_int(v, "OTPRUNE_SEED (seed)"),
-    "alpha": lambda v: _check_unit_interval(v, "OTPRUNE_STP_ALPHA (alpha)", closed_low=True),
-    "keep_ratio": lambda v: _check_unit_interval(v, "OTPRUNE_TRIM_KEEP_RATIO (keep_ratio)", closed_low=False),
+    "gamma": lambda v: check_positive(v, "OTPRUNE_GAMMA (gamma)"),
+    "seed": lambda v: as_int(v, "OTPRUNE_SEED (seed)"),
+    "alpha": lambda v: check_unit_interval(v, "OTPRUNE_STP_ALPHA (alpha)", closed_low=True),
+    "keep_ratio": lambda v: check_unit_interval(v, "OTPRUNE_TRIM_KEEP_RATIO (keep_ratio)", closed_low=False),
+    "greedy": _check_greedy_path,
 }
 
 
@@ -97,7 +110,9 @@ class PruneConfig:
         return self.method is not None
 
 
-def _parse_number(name: str, raw: str, kind: type):
+def _parse_value(name: str, raw: str, kind: type):
+    if kind is str:
+        return raw.lower()
     try:
         value = kind(raw)
     except ValueError:
@@ -118,10 +133,10 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     if method not in METHODS:
         raise ValueError(f"BASELINE={raw_method!r} is not a method; allowed: ORIG, {', '.join(METHODS)} (or unset)")
     raw_ratio = env.get("SUBSET_RATIO", "").strip()
-    ratio = _parse_number("SUBSET_RATIO", raw_ratio, float) if raw_ratio else None
+    ratio = _parse_value("SUBSET_RATIO", raw_ratio, float) if raw_ratio else None
     raw_layer = env.get("LAYER_INDEX", "").strip()
     default_layer = FASTV_DEFAULT_LAYER if method == "FASTV" else 0
-    layer_index = _parse_number("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer
+    layer_index = _parse_value("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer
     unknown = sorted(
         name for name in env if name.startswith("OTPRUNE_") and name not in _OPTION_VARIABLES and name not in _FLAG_VARIABLES
     )
@@ -132,7 +147,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     options = {}
     for variable, (option, kind) in _OPTION_VARIABLES.items():
         if variable in env and option in allowed:
-            options[option] = _parse_number(variable, env[variable].strip(), kind)
+            options[option] = _parse_value(variable, env[variable].strip(), kind)
     flags = {}
     for variable in ("OTPRUNE_LOG", "OTPRUNE_OT"):
         raw = env.get(variable, "0").strip()

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from otprune.selectors import DEFAULT_GAMMA, NORM_EPS, _as_int, _check_positive, budget
+from otprune.checks import as_int, check_positive
+from otprune.selectors import DEFAULT_GAMMA, NORM_EPS, budget
 
 __all__ = [
     "MODELS",
@@ -91,7 +92,7 @@ def empirical_ot_distance(tokens: torch.Tensor, kept_indices, *, normalise: bool
 
 def logdet_objective(tokens: torch.Tensor, kept_indices, *, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
     """OTPrune's objective ``log det(I_k + gamma A_S A_S^T)`` with ``A = X_hat X_hat^T``, float64."""
-    gamma = _check_positive(gamma, "gamma")
+    gamma = check_positive(gamma, "gamma")
     x, kept = _prepare(tokens, kept_indices, normalise=True)
     a_rows = x[kept] @ x.T
     kernel = gamma * (a_rows @ a_rows.T)
@@ -130,7 +131,7 @@ def _layer_flops(n: float, shape: ModelShape) -> float:
 
 def prefill_flops(n_tokens: int, model: str | ModelShape = "llava-1.5-7b") -> float:
     """FLOPs of the LLM prefill of ``n_tokens`` tokens: ``T x (4nd^2 + 2n^2 d + 2ndm)`` (FastV)."""
-    n = _as_int(n_tokens, "n_tokens")
+    n = as_int(n_tokens, "n_tokens")
     if n < 0:
         raise ValueError(f"n_tokens must be >= 0; got {n}")
     shape = _model(model)
@@ -150,9 +151,9 @@ def pruned_prefill_flops(
     count. ``ratio=None`` means no pruning; ``ratio=0`` means every visual token is dropped (VTW).
     """
     shape = _model(model)
-    n_text = _as_int(n_text, "n_text")
-    n_visual = _as_int(n_visual, "n_visual")
-    layer_index = _as_int(layer_index, "layer_index")
+    n_text = as_int(n_text, "n_text")
+    n_visual = as_int(n_visual, "n_visual")
+    layer_index = as_int(layer_index, "layer_index")
     if n_text < 0 or n_visual < 0:
         raise ValueError(f"token counts must be >= 0; got n_text={n_text}, n_visual={n_visual}")
     if not 0 <= layer_index <= shape.layers:

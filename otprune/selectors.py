@@ -12,7 +12,7 @@ Kernels and greedy state are float32 whatever the input dtype. On a GPU the gree
 fixed number of steps with no host synchronisation and no Python branching on tensor values, so
 the selection is queued without waiting (one finiteness check per call is the only sync); a batch
 runs all its greedies at once. On a CPU, where a read-back costs nothing, ``greedy_logdet`` runs
-image by image instead (same picks; see its ``host_loop``).
+image by image instead (same picks; see its ``path``).
 
 ``SELECTORS`` maps the ``BASELINE`` names of the reference code to these functions. The formulas
 are those of ``METHOD.md`` (kept beside the project as ``shared/METHOD.md``); the places where it
@@ -22,17 +22,21 @@ marks a *choice* are named in each docstring.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import math
-import operator
 from typing import Callable
 
 import torch
 
+from otprune.checks import as_int, check_positive, check_unit_interval
+
 __all__ = [
+    "GREEDY_PATHS",
     "SELECTORS",
     "accepted_options",
     "budget",
+    "check_greedy_path",
     "get_selector",
     "greedy_logdet",
     "otprune_kernel",
@@ -52,6 +56,8 @@ DEFAULT_STP_ALPHA = 0.3
 DEFAULT_TRIM_KEEP_RATIO = 0.8
 # Below this residual variance a DPP candidate adds nothing; the greedy then fills its budget.
 SINGULAR_EPS = 1e-10
+# How greedy_logdet may run (see its docstring).
+GREEDY_PATHS = ("host", "batched", "triton")
 # Guards divisions by norms of all-zero rows or columns.
 NORM_EPS = 1e-12
 # The CPU Gram product (``_gram``) goes by panels of this many rows (within 3 % of the fastest
@@ -68,19 +74,10 @@ def budget(ratio: float, n_tokens: int) -> int:
     """
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
         raise ValueError(f"ratio must be a number in (0, 1]; got {ratio!r}")
-    n = _as_int(n_tokens, "n_tokens")
+    n = as_int(n_tokens, "n_tokens")
     if n < 1:
         raise ValueError(f"n_tokens must be >= 1; got {n}")
     return min(n, max(1, math.floor(ratio * n + 0.5)))
-
-
-def _as_int(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int; got {value!r}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int; got {value!r} ({type(value).__name__})") from None
 
 
 def _validate(tokens, k) -> int:
@@ -90,7 +87,7 @@ def _validate(tokens, k) -> int:
         raise ValueError(f"tokens must have shape (N, d) or (B, N, d); got shape {tuple(tokens.shape)}")
     if not tokens.is_floating_point():
         raise TypeError(f"tokens must be a floating-point tensor (float32, float16, bfloat16); got {tokens.dtype}")
-    k = _as_int(k, "k")
+    k = as_int(k, "k")
     n = tokens.shape[-2]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N] = [1, {n}] for tokens of shape {tuple(tokens.shape)}; got k={k}")
@@ -178,7 +175,7 @@ def _batch_index(x: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_logdet(
-    kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, host_loop: bool | None = None
+    kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, path: str | None = None
 ) -> torch.Tensor:
     """Greedy MAP of ``log det(L_S)`` by incremental Cholesky (Chen, Zhang & Zhou 2018).
 
@@ -197,18 +194,29 @@ def greedy_logdet(
     unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP kernel),
     decided without reading any value back to the host.
 
-    ``host_loop`` (default: on for CPU tensors) runs the same greedy one image at a time with each
-    pick read back as a Python int. On a GPU every read-back would stall the queue; on a CPU it is
-    free, and the plain per-image loop needs half the tensor operations per step of the batched,
-    sync-free one. Both pick the same indices (tested).
+    ``path`` says how the same greedy runs (default ``"host"`` for CPU tensors, else ``"batched"``):
+
+    - ``"host"``: one image at a time, each pick read back as a Python int. On a GPU every
+      read-back stalls the queue; on a CPU it is free, and this loop needs half the tensor
+      operations per step of the batched one.
+    - ``"batched"``: every image at once, a fixed number of steps, no host synchronisation.
+    - ``"triton"``: ``otprune.greedy_triton``'s fused kernel, one launch for the whole greedy
+      (needs ``triton``). Opt-in: its GPU speed is still to be measured (``bench_selectors``).
+
+    All pick the same indices (tested in float64; for ``"triton"`` up to the kernel's rank, past
+    which the fill order follows rounding noise that it sums in another order).
     """
+    path = _greedy_path(path, kernel.device)
     d2 = kernel.diagonal(dim1=-2, dim2=-1).clone()
     # Residual variances are exact only to rounding of the kernel's scale: below that, "no rank
     # left" (float32 noise would otherwise pass for volume).
     floor = torch.clamp_min(100 * torch.finfo(kernel.dtype).eps * d2.amax(-1), eps)
-    use_host_loop = kernel.device.type == "cpu" if host_loop is None else host_loop
-    if use_host_loop:
+    if path == "host":
         return torch.stack([_greedy_logdet_one(kernel[i], d2[i], floor[i], k) for i in range(kernel.shape[0])])
+    if path == "triton":
+        from otprune.greedy_triton import greedy_logdet_triton
+
+        return greedy_logdet_triton(kernel, k, floor)
     b, n, _ = kernel.shape
     batch = _batch_index(kernel)
     # Row t holds the t-th Cholesky column for every candidate; rows stay contiguous as they grow.
@@ -232,8 +240,23 @@ def greedy_logdet(
     return picks
 
 
+def check_greedy_path(path: str) -> str:
+    """``path`` if it is one of ``GREEDY_PATHS`` and can run here (``"triton"`` needs triton)."""
+    if path not in GREEDY_PATHS:
+        raise ValueError(f"greedy path must be one of {', '.join(GREEDY_PATHS)} (or None for the device's default); got {path!r}")
+    if path == "triton" and importlib.util.find_spec("triton") is None:
+        raise ImportError("the 'triton' greedy path needs the triton package (pip install triton); use 'batched' or 'host'")
+    return path
+
+
+def _greedy_path(path: str | None, device: torch.device) -> str:
+    if path is None:
+        return "host" if device.type == "cpu" else "batched"
+    return check_greedy_path(path)
+
+
 def _greedy_logdet_one(kernel: torch.Tensor, d2: torch.Tensor, floor: torch.Tensor, k: int) -> torch.Tensor:
-    """``greedy_logdet`` for one ``(N, N)`` kernel, picks read back to the host (see ``host_loop``)."""
+    """``greedy_logdet`` for one ``(N, N)`` kernel, picks read back to the host (its ``"host"`` path)."""
     chol = kernel.new_zeros(k, kernel.shape[0])
     picks = []
     j = int(d2.argmax())
@@ -276,22 +299,8 @@ def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tenso
     return kernel
 
 
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
-    return float(value)
-
-
-def _check_unit_interval(value, name: str, *, closed_low: bool) -> float:
-    number = not isinstance(value, bool) and isinstance(value, (int, float))
-    if not number or not ((value >= 0 if closed_low else value > 0) and value <= 1):
-        interval = "[0, 1]" if closed_low else "(0, 1]"
-        raise ValueError(f"{name} must be a number in {interval}; got {value!r}")
-    return float(value)
-
-
 @_selector
-def select_otprune(x: torch.Tensor, k: int, *, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+def select_otprune(x: torch.Tensor, k: int, *, gamma: float = DEFAULT_GAMMA, greedy: str | None = None) -> torch.Tensor:
     """OTPrune (``BASELINE=OURS``): greedy maximisation of ``log det(I + gamma A_S A_S^T)``.
 
     The objective is the log-det lower bound of the Gaussian 2-Wasserstein alignment between the
@@ -299,21 +308,22 @@ def select_otprune(x: torch.Tensor, k: int, *, gamma: float = DEFAULT_GAMMA) -> 
     the best subset. Because ``L = I + PSD``, every unchosen candidate keeps ``d2 >= 1``.
 
     **Choice** (METHOD.md): ``gamma = 0.01`` by default, the value the paper's sensitivity study
-    favours; pass ``gamma=`` to override.
+    favours; pass ``gamma=`` to override. ``greedy`` is ``greedy_logdet``'s ``path``.
     """
-    gamma = _check_positive(gamma, "gamma")
-    return greedy_logdet(otprune_kernel(x, gamma), k)
+    gamma = check_positive(gamma, "gamma")
+    return greedy_logdet(otprune_kernel(x, gamma), k, path=greedy)
 
 
 @_selector
-def select_dpp(x: torch.Tensor, k: int) -> torch.Tensor:
+def select_dpp(x: torch.Tensor, k: int, *, greedy: str | None = None) -> torch.Tensor:
     """DPP (``BASELINE=DPP``): the same greedy MAP on the cosine-similarity kernel ``X~ X~^T``.
 
     **Choice** (METHOD.md): the paper names the method, not its kernel; rows are L2-normalised.
     The kernel has rank <= d and is singular for duplicate tokens: once no candidate adds any
     volume the budget is filled with the unchosen tokens of largest residual variance.
+    ``greedy`` is ``greedy_logdet``'s ``path``.
     """
-    return greedy_logdet(_cosine_similarity(x), k)
+    return greedy_logdet(_cosine_similarity(x), k, path=greedy)
 
 
 @_selector
@@ -346,7 +356,7 @@ def select_random(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     subset on every device, alone or in a batch (every batch element gets that subset), so a batch
     prunes as its images do one by one. Vary ``seed`` for other draws.
     """
-    seed = _as_int(seed, "seed")
+    seed = as_int(seed, "seed")
     generator = torch.Generator().manual_seed(seed)
     b, n, _ = x.shape
     scores = torch.rand(n, generator=generator)
@@ -392,7 +402,7 @@ def select_trim(
     **Choice** (METHOD.md): ``text`` is the embedded text that follows the image in the prompt
     (the question); ``keep_ratio = 0.8``.
     """
-    keep_ratio = _check_unit_interval(keep_ratio, "keep_ratio", closed_low=False)
+    keep_ratio = check_unit_interval(keep_ratio, "keep_ratio", closed_low=False)
     b, n, d = x.shape
     text = _check_text(text, b, d).to(device=x.device, dtype=x.dtype)
     alignment = -torch.cdist(x, text).mean(-1)
@@ -448,7 +458,7 @@ def select_stp(x: torch.Tensor, k: int, *, alpha: float = DEFAULT_STP_ALPHA) -> 
     mixing; unnormalised, ``h`` is ~sqrt(d) times larger than ``z`` and ``alpha`` would do nothing.
     ``alpha = 0.3`` by default.
     """
-    alpha = _check_unit_interval(alpha, "alpha", closed_low=True)
+    alpha = check_unit_interval(alpha, "alpha", closed_low=True)
     n = x.shape[-2]
     similarity = _cosine_similarity(x)
     eye = torch.eye(n, dtype=torch.bool, device=x.device)

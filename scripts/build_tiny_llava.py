@@ -27,6 +27,7 @@ IMAGE_SIZE = 336
 PATCH = 14
 VISION_HIDDEN = 32
 TEXT_HIDDEN = 64
+TEXT_FFN = 2 * TEXT_HIDDEN
 TEXT_LAYERS = 4
 CORPUS = [
     "A chat between a curious human and an artificial intelligence assistant.",
@@ -98,7 +99,7 @@ def llama_config_fields(vocab_size: int, tokenizer) -> dict:
     return dict(
         vocab_size=vocab_size,
         hidden_size=TEXT_HIDDEN,
-        intermediate_size=2 * TEXT_HIDDEN,
+        intermediate_size=TEXT_FFN,
         num_hidden_layers=TEXT_LAYERS,
         num_attention_heads=4,
         num_key_value_heads=4,

@@ -231,14 +231,20 @@ def plan_runs(config: Config, runs_root: Path, label: str | None = None) -> list
     return runs
 
 
+def read_results(path: Path) -> dict:
+    """An lmms-eval results file, or ``{}`` while it is still being written or was cut short."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def finished_tasks(folder: Path) -> set[str]:
     """Tasks some results file in ``folder`` holds: the only proof that a run finished."""
     done = set()
     for path in folder.glob("**/*_results.json"):
-        try:
-            done |= set(json.loads(path.read_text()).get("results", {}))
-        except (OSError, json.JSONDecodeError):
-            continue
+        done |= set(read_results(path).get("results", {}))
     return done
 
 
@@ -423,12 +429,17 @@ def execute(config: Config, run: Run, pretrained: str, num_processes: int, jobs:
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - start
-    new_results = sorted(set(run.folder.glob("**/*_results.json")) - before)
+    # With --jobs > 1, runs of other tasks may write into the same folder meanwhile: a new results
+    # file is this run's only if it holds one of this run's tasks.
+    new_results = []
     done = set()
     eval_seconds = None
-    for path in new_results:
-        data = json.loads(path.read_text())
-        done |= set(data.get("results", {}))
+    for path in sorted(set(run.folder.glob("**/*_results.json")) - before):
+        data = read_results(path)
+        if not set(data.get("results", {})) & set(run.tasks):
+            continue
+        new_results.append(path)
+        done |= set(data["results"])
         eval_seconds = float(data.get("total_evaluation_time_seconds", 0)) or None
     samples = {}
     for path in new_results:

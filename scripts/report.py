@@ -34,14 +34,16 @@ from scipy.stats import rankdata, wilcoxon
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 
+from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS  # noqa: E402
 from otprune.measures import MODELS, ModelShape, prefill_flops  # noqa: E402
 from otprune.config import config_from_env  # noqa: E402
 from otprune.selectors import budget  # noqa: E402
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
 # The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran.
-TINY_SHAPE = ModelShape(hidden=64, ffn=128, layers=4)
+TINY_SHAPE = ModelShape(hidden=TEXT_HIDDEN, ffn=TEXT_FFN, layers=TEXT_LAYERS)
 RANDOM_WEIGHTS_NOTE = (
     "**These checkpoints have random weights: their scores are meaningless.** The visual token "
     "counts, FLOPs and timings are real measurements of the pruning on these inputs."

@@ -43,6 +43,24 @@ def test_bench_selectors_quick(capsys):
     assert all(r.otprune > 0 and r.per_step > 0 and r.floor > 0 for r in rows)
 
 
+def test_bench_selectors_gpu_verdicts_judge_the_faster_path():
+    """The GPU branch of the table and targets, on made-up figures (CI has no GPU to run it)."""
+    bench = load("bench_selectors")
+    row = bench.Row
+    rows = [
+        row(576, 64, 1, otprune=5.0, per_step=9.0, divprune=1.0, floor=0.05, divergent=0, fused=0.25),
+        row(576, 64, 16, otprune=9.0, per_step=150.0, divprune=2.0, floor=0.4, divergent=1, fused=0.6),
+        row(2880, 320, 1, otprune=30.0, per_step=90.0, divprune=3.0, floor=0.5, divergent=0, fused=None),
+    ]
+    lines = bench.target_lines(rows, torch.device("cuda"))
+    assert "GPU  N=576 k=64 b=1 OTPrune <= 0.3 ms: 0.250 ms (fused) -> MET" in lines
+    assert "GPU  N=576 k=64 b=1 >= 10x faster than per-step: 36.0x (fused) -> MET" in lines
+    assert "GPU  N=2880 k=320 b=1 <= 2 ms: 30.000 ms (default) -> NOT MET" in lines
+    assert "GPU  N=576 k=64 batch 16 <= 2x batch 1: 2.40x (fused / fused) -> NOT MET" in lines
+    table = bench.format_table(rows)
+    assert "fused ms" in table and "   0.250" in table and "36.0x" in table
+
+
 def test_bench_selectors_rejects_bad_device():
     with pytest.raises(SystemExit):
         load("bench_selectors").parse_args(["--device", "tpu"])

@@ -45,6 +45,7 @@ def test_defaults_and_method_specific_options():
         ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_LOG": "yes"}, r"OTPRUNE_LOG='yes' is not allowed; use 1 \(on\) or 0"),
+        ({"BASELINE": "DPP", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "fast"}, r"OTPRUNE_GREEDY='fast' is not allowed: greedy path must be one of host, batched, triton"),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(env, message):
@@ -53,8 +54,9 @@ def test_bad_values_name_the_variable_and_what_is_allowed(env, message):
 
 
 def test_explicit_config_checks_options():
-    with pytest.raises(ValueError, match="option\\(s\\) alpha do not apply to BASELINE=OURS; it takes: gamma"):
+    with pytest.raises(ValueError, match="option\\(s\\) alpha do not apply to BASELINE=OURS; it takes: gamma, greedy"):
         PruneConfig("OURS", 0.1, options={"alpha": 0.3})
+    assert config_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "Batched"}).options == {"greedy": "batched"}
     with pytest.raises(ValueError, match="BASELINE=VTW takes no selector options"):
         PruneConfig("VTW", None, 1, options={"gamma": 1.0})
 

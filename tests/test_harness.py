@@ -135,6 +135,26 @@ def test_report_skips_a_file_a_crash_cut_short(tmp_path, capsys):
     assert float(rows["tiny-llava-1.5", "DivPrune"]["visual_tokens_after"]) == 56
 
 
+def test_execute_keeps_only_its_own_results_when_jobs_share_a_folder(tmp_path, monkeypatch):
+    """Per-task runs of one method share a folder; with --jobs > 1 another run's results file (or
+    one it is still writing) appears there during this run and must not be taken for this run's."""
+    config = harness.load_config(str(write_config(tmp_path / "c.yaml", group_tasks=False)))
+    run = next(r for r in harness.plan_runs(config, tmp_path / "runs") if r.tasks == ("otprune_smoke_pope",))
+    other = run.folder / "model" / "20250101_000000_results.json"
+    ours = run.folder / "model" / "20250101_000001_results.json"
+    fake_lmms_eval = (
+        "import json, pathlib;"
+        f"pathlib.Path({str(other)!r}).parent.mkdir(parents=True, exist_ok=True);"
+        f"pathlib.Path({str(other)!r}).write_text(json.dumps({{'results': {{'otprune_smoke_vqa': {{}}}}, 'total_evaluation_time_seconds': '99'}}));"
+        f"pathlib.Path({str(ours)!r}).write_text(json.dumps({{'results': {{'otprune_smoke_pope': {{}}}}, 'total_evaluation_time_seconds': '7'}}));"
+        f"pathlib.Path({str(ours)!r}).with_name('still_writing_results.json').write_text('{{\"res')"
+    )
+    monkeypatch.setattr(harness, "command", lambda *args: [sys.executable, "-c", fake_lmms_eval])
+    record = harness.execute(config, run, "unused", 1, 2, None)
+    assert record["finished_tasks"] == ["otprune_smoke_pope"] and record["status"] == "done"
+    assert record["eval_s"] == 7
+
+
 def paper_runs(root: Path, model: str, model_id: str) -> Path:
     """Results files holding the paper's numbers, one run folder per method, as the harness writes them."""
     bench = {spec["benchmark"]: (task, spec) for task, spec in CATALOGUE.items()}

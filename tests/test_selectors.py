@@ -245,13 +245,16 @@ def test_bad_options():
         select_trim(x, 2, text=torch.randn(3, 5))
     with pytest.raises(TypeError, match="unexpected keyword"):
         SELECTORS["DIVPRUNE"](x, 2, gamma=0.1)
+    with pytest.raises(ValueError, match="greedy path must be one of host, batched, triton.*got 'fast'"):
+        select_otprune(x, 2, greedy="fast")
 
 
 def test_registry_lookup():
     assert get_selector("ours") is select_otprune
     with pytest.raises(ValueError, match="unknown selector 'FOO'; allowed: OURS, DIVPRUNE"):
         get_selector("FOO")
-    assert accepted_options("OURS") == ("gamma",)
+    assert accepted_options("OURS") == ("gamma", "greedy")
+    assert accepted_options("DPP") == ("greedy",)
     assert accepted_options("TRIM") == ("text", "keep_ratio")
     assert accepted_options("FIRST") == ()
 
@@ -268,10 +271,10 @@ def test_budget():
 
 @pytest.mark.parametrize("kernel_of", ["otprune", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_host_loop_and_batched_greedy_pick_the_same(kernel_of, dtype):
+def test_host_and_batched_greedy_pick_the_same(kernel_of, dtype):
     from otprune.selectors import _cosine_similarity, greedy_logdet, otprune_kernel
 
     x = clustered_tokens(200, 48, seed=4, batch=3, dtype=dtype)
     kernel = otprune_kernel(x) if kernel_of == "otprune" else _cosine_similarity(x)
     for k in (1, 20, 90):  # 90 > rank 48 of the cosine kernel: the fill phase too
-        assert torch.equal(greedy_logdet(kernel, k, host_loop=True), greedy_logdet(kernel, k, host_loop=False))
+        assert torch.equal(greedy_logdet(kernel, k, path="host"), greedy_logdet(kernel, k, path="batched"))
