@@ -3,6 +3,7 @@
     python scripts/bench_prefill.py                 # full-size LLaVA-1.5-7B / 1.6-7B, float16, on the GPU
     python scripts/bench_prefill.py --device cpu    # reduced-size models on the CPU (not LLaVA's speed)
     python scripts/bench_prefill.py --quick         # batch 1, ratio 0.098 only, one repeat (CI)
+    python scripts/bench_prefill.py --greedy triton # OTPrune with the fused Triton greedy
 
 The models are built from their configurations with random weights (speed does not depend on the
 weights): a CLIP ViT-L/14-336 tower (its penultimate layer's 576 patch features, as LLaVA uses),
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from otprune.measures import ModelShape, prefill_flops
-from otprune.selectors import budget, select_divprune, select_otprune
+from otprune.selectors import GREEDY_PATHS, budget, select_divprune, select_otprune
 
 TEXT_BEFORE_IMAGE = 35
 TEXT_AFTER_IMAGE = 20
@@ -89,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed TTFT runs per configuration (default 5; 1 with --quick)")
     parser.add_argument("--decode-steps", type=int, default=None, help="greedy decode steps timed (default 32 on GPU, 4 on CPU; 3 with --quick)")
     parser.add_argument("--quick", action="store_true", help="batch 1, no pruning and ratio 0.098 only; for CI")
+    parser.add_argument(
+        "--greedy", choices=GREEDY_PATHS, default=None, help="OTPrune's greedy path (default: the device's; triton: the fused kernel)"
+    )
     args = parser.parse_args(argv)
     if args.device not in ("cpu", "cuda"):
         parser.error(f"--device {args.device!r} is not allowed; use cpu or cuda")
@@ -211,6 +215,7 @@ class Config:
     method: str
     ratio: float | None
     batch: int
+    greedy: str | None = None  # OTPrune's greedy path (None: the device's default)
 
 
 @dataclass
@@ -237,7 +242,8 @@ def _first_token(model: Model, pixels: torch.Tensor, text: tuple[torch.Tensor, t
     times["vision"] = time.perf_counter() - start
     start = time.perf_counter()
     if config.ratio is not None:
-        kept = SELECTOR_FUNCTIONS[config.method](visual, budget(config.ratio, arch.visual_tokens))
+        options = {"greedy": config.greedy} if config.method == "otprune" and config.greedy else {}
+        kept = SELECTOR_FUNCTIONS[config.method](visual, budget(config.ratio, arch.visual_tokens), **options)
         visual = visual.gather(1, kept[..., None].expand(-1, -1, arch.hidden))
     _sync(device)
     times["select"] = time.perf_counter() - start
@@ -426,6 +432,7 @@ def main(argv=None) -> dict[str, list[Result]]:
         )
     hw = measure_hardware(device, dtype)
     print(f"Measured this run: matmul {hw.flops / 1e12:.2f} TFLOP/s, copy bandwidth {hw.bandwidth / 1e9:.1f} GB/s")
+    print(f"OTPrune's greedy path: {args.greedy or 'the default for the device'}")
     print(f"Medians of {args.repeats} TTFT runs (+1 warm-up) and of {args.decode_steps} decode steps; [roofline] in brackets\n")
     by_arch = {}
     for arch in archs:
@@ -433,7 +440,8 @@ def main(argv=None) -> dict[str, list[Result]]:
         results = []
         for batch in args.batches:
             for method, ratio in methods:
-                results.append(run_config(model, Config(method, ratio, batch), args.repeats, args.decode_steps, hw, dtype))
+                config = Config(method, ratio, batch, args.greedy)
+                results.append(run_config(model, config, args.repeats, args.decode_steps, hw, dtype))
         by_arch[arch.name] = results
         print(format_tables(arch, results))
         print(flush=True)
