@@ -113,8 +113,9 @@ def _selector(core: Callable | None = None, *, image_by_image_on_cpu: bool = Tru
 
     On a CPU the core runs image by image: a whole batch's float32 working copy (150 MB for 16
     images of 576 x 4096) is a fresh allocation whose every page faults in on first touch, and
-    every pass over it misses the caches; an image's 9 MB copy is reused from call to call. This
-    made a batch of 16 OTPrune selections 1.5x faster at N = 576, d = 4096 (``bench_selectors``).
+    every pass over it misses the caches; an image's 9 MB copy is reused from call to call. At
+    N = 576, d = 4096 a batch of 16 OTPrune selections took 22x one image's time as one batch and
+    takes 15x image by image (2 cores, ``bench_selectors``).
     Cores with batch-shaped tensor options (TRIM's ``text``) opt out. On a GPU the batch runs as
     one. ``select.__wrapped__`` is the core itself, for tests of the batched path on a CPU.
     """

@@ -288,7 +288,8 @@ def _roofline(model: Model, config: Config, llm_tokens: int, steps: int, hw: Har
         select_flops = select_bytes = 0.0
     else:
         # OTPrune builds A = X X^T and A A; DivPrune only the cosine matrix. Kernels are float32.
-        macs = n * n * arch.hidden + (n**3 if config.method == "otprune" else 0)
+        # Each is a symmetric Gram product, whose upper triangle (half the multiply-adds) suffices.
+        macs = (n * n * arch.hidden + (n**3 if config.method == "otprune" else 0)) / 2
         select_flops = 2 * b * macs
         select_bytes = b * (n * arch.hidden * element + 2 * n * n * 4)
     # FastV's formula counts multiply-adds and two FFN matrices; LLaMA's SwiGLU FFN has three, and
