@@ -231,11 +231,14 @@ def plan_runs(config: Config, runs_root: Path, label: str | None = None) -> list
     return runs
 
 
-def read_results(path: Path) -> dict:
-    """An lmms-eval results file, or ``{}`` while it is still being written or was cut short."""
+def read_results(path: Path, warn: bool = False) -> dict:
+    """A JSON object written by a run (lmms-eval's results, the harness's record), or ``{}`` while
+    it is still being written or after a crash cut it short (with a warning on stderr if ``warn``)."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if warn:
+            print(f"warning: skipping unreadable {path}: {error}", file=sys.stderr)
         return {}
     return data if isinstance(data, dict) else {}
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS  # noqa: E402
+from harness import read_results  # noqa: E402
 from otprune.measures import MODELS, ModelShape, prefill_flops  # noqa: E402
 from otprune.config import config_from_env  # noqa: E402
 from otprune.selectors import budget  # noqa: E402
@@ -92,21 +92,11 @@ def prefill(n_text: float, before: float, after: float, layer_index: int, shape:
 # -- reading runs ---------------------------------------------------------------------------
 
 
-def read_json(path: Path) -> dict | None:
-    """``path``'s JSON object, or None with a warning when a crash left it cut short or empty."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        print(f"warning: skipping unreadable {path}: {error}", file=sys.stderr)
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def read_run(folder: Path, catalogue: dict) -> dict | None:
     """One ``<method>_<ratio>`` folder: scores per task (paper units), token counts and timings."""
-    records = [r for r in map(read_json, sorted(folder.glob("otprune_*.json"))) if r is not None]
+    records = [r for r in (read_results(p, warn=True) for p in sorted(folder.glob("otprune_*.json"))) if r]
     results = {}
-    for data in filter(None, map(read_json, sorted(folder.glob("**/*_results.json")))):
+    for data in (read_results(p, warn=True) for p in sorted(folder.glob("**/*_results.json"))):
         for task, values in data.get("results", {}).items():
             results[task] = values
     if not records and not results:
