@@ -36,14 +36,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS  # noqa: E402
-from harness import read_results  # noqa: E402
+from harness import METHODS as METHOD_NAMES, MODELS as MODEL_SPECS, load_records, read_results, recorded_limit  # noqa: E402
 from otprune.measures import MODELS, ModelShape, prefill_flops  # noqa: E402
-from otprune.config import config_from_env  # noqa: E402
 from otprune.selectors import budget  # noqa: E402
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
 # The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran.
 TINY_SHAPE = ModelShape(hidden=TEXT_HIDDEN, ffn=TEXT_FFN, layers=TEXT_LAYERS)
+LIMIT_NOTE = (
+    "**Rows marked (--limit N) evaluated only N samples per task** (as their results files say): "
+    "they are not full benchmarks and not comparable with the paper."
+)
 RANDOM_WEIGHTS_NOTE = (
     "**These checkpoints have random weights: their scores are meaningless.** The visual token "
     "counts, FLOPs and timings are real measurements of the pruning on these inputs."
@@ -92,47 +95,85 @@ def prefill(n_text: float, before: float, after: float, layer_index: int, shape:
 # -- reading runs ---------------------------------------------------------------------------
 
 
-def read_run(folder: Path, catalogue: dict) -> dict | None:
-    """One ``<method>_<ratio>`` folder: scores per task (paper units), token counts and timings."""
-    records = [r for r in (read_results(p, warn=True) for p in sorted(folder.glob("otprune_*.json"))) if r]
-    results = {}
-    for data in (read_results(p, warn=True) for p in sorted(folder.glob("**/*_results.json"))):
-        for task, values in data.get("results", {}).items():
-            results[task] = values
-    if not records and not results:
+def setting_problem(setting) -> str | None:
+    """Why a ``setting.json`` cannot name a table row (``None`` when it can)."""
+    if not setting:
+        return "unreadable or empty setting.json"
+    if setting.get("model") not in MODEL_SPECS:
+        return f"setting.json: model {setting.get('model')!r} is not one of {', '.join(sorted(MODEL_SPECS))}"
+    if setting.get("method") not in METHOD_NAMES:
+        return f"setting.json: method {setting.get('method')!r} is not one of {', '.join(sorted(METHOD_NAMES))}"
+    ratio = setting.get("ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        return f"setting.json: ratio {ratio!r} is not a number in [0, 1]"
+    layer = setting.get("layer_index")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        return f"setting.json: layer_index {layer!r} is not an integer >= 0"
+    return None
+
+
+def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> dict | None:
+    """One run folder: scores per task (paper units), token counts and timings, from the harness's
+    trusted records and the results files they name. Whatever cannot be read goes to ``skipped``
+    as ``(path, reason)``; ``None`` when nothing of the folder can be tabled."""
+    manifest = folder / "setting.json"
+    if not manifest.exists():
+        skipped.append((folder, "no setting.json: not a run folder of this harness (or written by an older one)"))
         return None
-    first = records[0] if records else {}
-    method, _, ratio = folder.name.rpartition("_")
-    scores = {}
-    for task, values in results.items():
-        spec = catalogue.get(task)
-        if spec and isinstance(values.get(spec["metric"]), (int, float)):
-            scores[task] = values[spec["metric"]] * spec["scale"]
-    done = [r for r in records if r["status"] == "done"]
+    setting = read_results(manifest)
+    problem = setting_problem(setting)
+    if problem:
+        skipped.append((manifest, problem))
+        return None
+    records, bad = load_records(folder)
+    skipped += bad
+    done = [record for _, record in records if record["status"] == "done"]
+    if not records:
+        return None
+    scores, limits = {}, set()
+    for record in done:
+        for name in record["results"]:
+            path = folder / name
+            data = read_results(path)
+            if not isinstance(data.get("results"), dict):
+                skipped.append((path, "no 'results' mapping in the results file"))
+                continue
+            limits.add(recorded_limit(data))
+            for task, values in data["results"].items():
+                spec = catalogue.get(task)
+                if task not in record["finished_tasks"] or spec is None:
+                    continue
+                value = values.get(spec["metric"]) if isinstance(values, dict) else None
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    skipped.append((path, f"results.{task}: {spec['metric']!r} is {value!r}, not a number"))
+                    continue
+                scores[task] = value * spec["scale"]
     tokens = [pair for r in done for pair in r.get("visual_tokens", [])]
     samples = sum(sum(r.get("samples", {}).values()) for r in done)
-    eval_s = sum(r["eval_s"] or 0 for r in done)
+    eval_s = sum(r.get("eval_s") or 0 for r in done)
     text = {}
     for record in done:
         text.update(record.get("text_tokens", {}))
     selector_ms = [ms for r in done for ms in r.get("selector_ms", [])]
+    model = MODEL_SPECS[setting["model"]]
     return {
         "model": folder.parent.name,
-        "model_id": first.get("model", folder.parent.name),
-        "flops_model": first.get("flops_model"),
-        "tiny": first.get("tiny"),
-        "method": method,
-        "ratio": float(ratio),
-        "layer_index": config_from_env(first.get("env", {})).layer_index,
+        "model_id": setting["model"],
+        "flops_model": model.flops_model,
+        "tiny": model.tiny,
+        "method": setting["method"],
+        "ratio": float(setting["ratio"]),
+        "limit": max((v for v in limits if v is not None), default=None),
+        "layer_index": setting.get("layer_index") or 0,
         "scores": scores,
         "visual_tokens": tokens,
         "text_tokens": text,
         "samples": samples,
         "latency_s": eval_s / samples if samples else None,
         "selector_ms": statistics.mean(selector_ms) if selector_ms else None,
-        "peak_rss_mb": max((r["peak_rss_mb"] for r in done), default=None),
-        "wall_s": sum(r["wall_s"] for r in records),
-        "failed_invocations": sum(1 for r in records if r["status"] != "done"),
+        "peak_rss_mb": max((r["peak_rss_mb"] for r in done if "peak_rss_mb" in r), default=None),
+        "wall_s": sum(r["wall_s"] for _, r in records),
+        "failed_invocations": sum(1 for _, r in records if r["status"] != "done"),
     }
 
 
@@ -183,6 +224,12 @@ def score_digits(unit: str) -> int:
     return 0 if unit == "P-score" else 2
 
 
+def label(run: dict) -> str:
+    """A row's name: method and ratio, and the limit when lmms-eval's results say one was used."""
+    name = f"{run['method']} {run['ratio']:g}" if run["method"] != "Original" else "Original"
+    return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "")
+
+
 def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[str], list[dict]]:
     """Markdown lines and CSV rows for every model block."""
     lines, rows = [], []
@@ -197,7 +244,6 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
         bench_index = {b: i for i, b in enumerate(paper["benchmarks"])}
         block_tasks = [t for t in tasks if any(t in r["scores"] for r in block)]
         pruned = [r for r in block if r["method"] != "Original"]
-        label = lambda r: f"{r['method']} {r['ratio']:g}" if r["method"] != "Original" else "Original"  # noqa: E731
         avg = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned})
         one_shot = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned if r["method"] in ONE_SHOT})
         shape = MODELS[flops_model]
@@ -231,6 +277,7 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
                 "model": model,
                 "method": run["method"],
                 "ratio": run["ratio"],
+                "limit": run["limit"],
                 "visual_tokens_before": statistics.mean(before) if before else None,
                 "visual_tokens_after": statistics.mean(after) if after else None,
                 "tokens_derived": derived,
@@ -277,7 +324,7 @@ def efficiency_lines(runs: list[dict]) -> list[str]:
     ]
     for r in sorted(runs, key=lambda r: (r["model"], r["method"], r["ratio"])):
         lines.append(
-            f"| {r['model']} | {r['method']} {r['ratio']:g} | {r['samples']} | {fmt(r['latency_s'], 3)} | {fmt(r['selector_ms'], 1)} "
+            f"| {r['model']} | {label(r)} | {r['samples']} | {fmt(r['latency_s'], 3)} | {fmt(r['selector_ms'], 1)} "
             f"| {fmt(r['peak_rss_mb'], 0)} | {fmt(r['wall_s'], 1)} | {r['failed_invocations']} |"
         )
     return lines + [""]
@@ -321,17 +368,29 @@ def paper_check(paper: dict) -> list[str]:
     return lines
 
 
+def skipped_lines(skipped: list[tuple[Path, str]], runs_dir: Path) -> list[str]:
+    if not skipped:
+        return []
+    lines = ["## Skipped", "", "Files and folders not tabled, and why:", ""]
+    for path, reason in skipped:
+        shown = path.relative_to(runs_dir) if path.is_relative_to(runs_dir) else path
+        lines.append(f"- `{shown}`: {reason}")
+    return lines + [""]
+
+
 def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path, str]:
     catalogue = {**load_yaml("tasks.yaml")["paper"], **load_yaml("tasks.yaml")["local"]}
     paper = load_yaml("paper_results.yaml")
-    runs = []
-    for folder in sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and "_" in p.name and p.parent.name != "checkpoints"):
-        run = read_run(folder, catalogue)
+    runs, skipped = [], []
+    for folder in sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and p.parent.name != "checkpoints"):
+        run = read_run(folder, catalogue, skipped)
         if run is not None:
             runs.append(run)
     lines = [f"# Table 1: {runs_dir.name}", ""]
     if any(r["tiny"] for r in runs):
         lines += [RANDOM_WEIGHTS_NOTE, ""]
+    if any(r["limit"] is not None for r in runs):
+        lines += [LIMIT_NOTE, ""]
     lines += [
         "Scores in the paper's units with the difference from the paper's number in brackets where it has one; "
         "TFLOP: mean LLM prefill over the benchmarks (FastV's formula, measured visual tokens, text tokens of "
@@ -340,7 +399,9 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         "",
     ]
     table, rows = build_table(runs, catalogue, paper) if runs else (["No finished runs yet.", ""], [])
-    lines += table + (efficiency_lines(runs) if runs else []) + paper_check(paper)
+    lines += table + (efficiency_lines(runs) if runs else []) + paper_check(paper) + skipped_lines(skipped, runs_dir)
+    for path, reason in skipped:
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
     out_dir = out_dir or runs_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = "\n".join(lines)
