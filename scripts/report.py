@@ -143,7 +143,10 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
                 spec = catalogue.get(task)
                 if task not in record["finished_tasks"] or spec is None:
                     continue
-                value = values.get(spec["metric"]) if isinstance(values, dict) else None
+                if not isinstance(values, dict):
+                    skipped.append((path, f"results.{task} is {values!r}, not a mapping of metrics"))
+                    continue
+                value = values.get(spec["metric"])
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     skipped.append((path, f"results.{task}: {spec['metric']!r} is {value!r}, not a number"))
                     continue

@@ -2,6 +2,7 @@
 numbers) and the embedded default end to end through the real lmms-eval CLI, offline, on CPU."""
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -95,6 +96,7 @@ def test_prune_log_parsing():
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
+        "logged_methods": ["OURS"],
     }
 
 
@@ -130,50 +132,43 @@ def test_report_skips_a_file_a_crash_cut_short(tmp_path, capsys):
     broken.write_text('{"status": "done", "visual_tok')
     _, csv_path, _ = report.write_report(runs, tmp_path / "out")
     err = capsys.readouterr().err
-    assert f"skipping unreadable {broken}" in err
+    assert f"skipped {broken}: malformed record" in err
     rows = {(r["model"], r["method"]): r for r in csv.DictReader(open(csv_path))}
     assert float(rows["tiny-llava-1.5", "DivPrune"]["visual_tokens_after"]) == 56
 
 
-def test_execute_keeps_only_its_own_results_when_jobs_share_a_folder(tmp_path, monkeypatch):
-    """Per-task runs of one method share a folder; with --jobs > 1 another run's results file (or
-    one it is still writing) appears there during this run and must not be taken for this run's."""
-    config = harness.load_config(str(write_config(tmp_path / "c.yaml", group_tasks=False)))
-    run = next(r for r in harness.plan_runs(config, tmp_path / "runs") if r.tasks == ("otprune_smoke_pope",))
-    other = run.folder / "model" / "20250101_000000_results.json"
-    ours = run.folder / "model" / "20250101_000001_results.json"
-    fake_lmms_eval = (
-        "import json, pathlib;"
-        f"pathlib.Path({str(other)!r}).parent.mkdir(parents=True, exist_ok=True);"
-        f"pathlib.Path({str(other)!r}).write_text(json.dumps({{'results': {{'otprune_smoke_vqa': {{}}}}, 'total_evaluation_time_seconds': '99'}}));"
-        f"pathlib.Path({str(ours)!r}).write_text(json.dumps({{'results': {{'otprune_smoke_pope': {{}}}}, 'total_evaluation_time_seconds': '7'}}));"
-        f"pathlib.Path({str(ours)!r}).with_name('still_writing_results.json').write_text('{{\"res')"
-    )
-    monkeypatch.setattr(harness, "command", lambda *args: [sys.executable, "-c", fake_lmms_eval])
-    record = harness.execute(config, run, "unused", 1, 2, None)
-    assert record["finished_tasks"] == ["otprune_smoke_pope"] and record["status"] == "done"
-    assert record["eval_s"] == 7
+def write_run(folder: Path, model: str, method: str, ratio: float, method_spec: dict, results: dict, **record) -> Path:
+    """A run folder as the harness leaves it: setting.json, one attempt's results file, and a done
+    record naming that file's SHA-256. Returns the results file."""
+    config = harness.Config("t", "llava", "", {}, {}, [])
+    env = harness.run_env(method, ratio, method_spec, {})  # as the harness records it, BASELINE included
+    setting = harness.run_setting(config, model, method, ratio, env, None)
+    results_file = folder / "attempts" / "a" / "model" / "20250101_000000_results.json"
+    results_file.parent.mkdir(parents=True)
+    results_file.write_text(json.dumps(results))
+    (folder / "setting.json").write_text(json.dumps(setting))
+    tasks = list(results.get("results", {})) if isinstance(results.get("results"), dict) else []
+    record = {"model": model, "method": method, "ratio": ratio, "env": env, "status": "done", "tasks": tasks,
+              "finished_tasks": tasks, "results": {"attempts/a/model/20250101_000000_results.json": hashlib.sha256(results_file.read_bytes()).hexdigest()},
+              "samples": {}, "eval_s": None, "peak_rss_mb": 0, "wall_s": 0, "visual_tokens": [], "selector_ms": [], "text_tokens": {}, **record}
+    (folder / "otprune_a.json").write_text(json.dumps(record))
+    return results_file
 
 
 def paper_runs(root: Path, model: str, model_id: str) -> Path:
     """Results files holding the paper's numbers, one run folder per method, as the harness writes them."""
     bench = {spec["benchmark"]: (task, spec) for task, spec in CATALOGUE.items()}
     folder = root / "paper" / harness.model_label(model_id)
-    settings = {"Original": (1, {}), "VTW": (0, {"LAYER_INDEX": "4"}), "FastV": (0.098, {"LAYER_INDEX": "2"}), "DivPrune": (0.098, {}), "OTPrune": (0.098, {})}
+    settings = {"Original": (1, {}), "VTW": (0, {"layer_index": 4}), "FastV": (0.098, {"layer_index": 2}), "DivPrune": (0.098, {}), "OTPrune": (0.098, {})}
     for method, (ratio, env) in settings.items():
         run = folder / f"{method}_{ratio:g}"
-        (run / "model").mkdir(parents=True)
         results = {
             task: {spec["metric"]: score / spec["scale"]}
             for name, score in zip(PAPER["benchmarks"], PAPER["models"][model][method]["scores"])
             for task, spec in [bench[name]]
         }
-        (run / "model" / "20250101_000000_results.json").write_text(json.dumps({"results": results}))
         tokens = [[576, 56]] if method in ("DivPrune", "OTPrune") else []
-        env = harness.run_env(method, ratio, env, {})  # as the harness records it, BASELINE included
-        record = {"model": model_id, "flops_model": model, "tiny": None, "env": env, "status": "done", "samples": {},
-                  "eval_s": None, "peak_rss_mb": 0, "wall_s": 0, "visual_tokens": tokens, "selector_ms": [], "text_tokens": {}}
-        (run / "otprune_20250101.json").write_text(json.dumps(record))
+        write_run(run, model_id, method, ratio, env, {"results": results}, visual_tokens=tokens)
     return root / "paper"
 
 
@@ -230,8 +225,8 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
         assert len(results) == 1
         assert set(json.loads(results[0].read_text())["results"]) == {"otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"}
     table = (runs_dir / "smoke_ci_limit3" / "table1.md").read_text()
-    assert "| OTPrune 0.098 | 576 → 56 |" in table and "| DivPrune 0.098 | 576 → 56 |" in table
-    assert "| Original | 576 → 576* |" in table
+    assert "| OTPrune 0.098 (--limit 3) | 576 → 56 |" in table and "| DivPrune 0.098 (--limit 3) | 576 → 56 |" in table
+    assert "| Original (--limit 3) | 576 → 576* |" in table
     rows = {r["method"]: r for r in csv.DictReader(open(runs_dir / "smoke_ci_limit3" / "table1.csv"))}
     assert 12 < float(rows["OTPrune"]["tflop_pct"]) < 16
     assert float(rows["Original"]["tflop_pct"]) == pytest.approx(100)

@@ -1,0 +1,399 @@
+"""The runs folder as a database (issue 11): one writer, children killed with the harness, records
+that alone mark a run finished, run identity, config and path checks, the pruning check, and a
+report that survives malformed files. Real processes throughout, with a stand-in lmms-eval
+(tests/fixtures/fake_lmms_eval) where the real one would only add minutes."""
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, load_script
+
+harness = load_script("harness")
+report = load_script("report")
+
+FAKE = ROOT / "tests" / "fixtures" / "fake_lmms_eval"
+FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
+TASK = "otprune_smoke_vqa"
+
+
+def write_config(path: Path, **changes) -> Path:
+    config = {"model_args": "device=cpu", "models": ["tiny-llava-1.5"], "methods": {"Original": {}}, "tasks": [TASK]}
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def runs_folder(tmp_path: Path) -> Path:
+    """A runs folder whose tiny checkpoint counts as built (the stand-in lmms-eval never loads it)."""
+    runs = tmp_path / "runs"
+    (runs / "checkpoints" / "tiny-llava-1.5").mkdir(parents=True)
+    (runs / "checkpoints" / "tiny-llava-1.5" / "otprune_tiny.json").write_text("{}")
+    return runs
+
+
+def fake_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX") and not k.startswith("OTPRUNE_")}
+    return {**env, "PYTHONPATH": str(FAKE), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **extra}
+
+
+def harness_cmd(config: Path, runs: Path, *extra) -> list[str]:
+    return [sys.executable, str(ROOT / "scripts" / "harness.py"), str(config), "--runs-dir", str(runs), "--no-report", *extra]
+
+
+def wait_for(condition, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not reaped it yet.
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def child_files(runs: Path) -> list[Path]:
+    return sorted(runs.glob("*/*/*/attempts/*/child.json"))
+
+
+# -- one writer, children killed with the harness ---------------------------------------------
+
+
+def test_a_second_harness_is_refused_and_sigterm_stops_the_child(tmp_path):
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    first = subprocess.Popen(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (child,) = wait_for(lambda: child_files(runs), 60, "the first harness's child")
+        pid = json.loads(child.read_text())["pid"]
+        second = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert f"another harness is writing to {runs / 'c'} (pid {first.pid}" in second.stderr
+        assert child_files(runs) == [child]  # no second child on the same task
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM: 1 lmms-eval child process group(s) stopped" in err
+    wait_for(lambda: not alive(pid), 15, "the child to end")
+    (record,) = (runs / "c" / "tiny-llava-1.5" / "Original_1").glob("otprune_*.json")
+    record = json.loads(record.read_text())
+    assert record["status"] == "failed" and record["reason"] == "stopped with the harness (SIGTERM to the harness)"
+    assert harness.finished_tasks(runs / "c" / "tiny-llava-1.5" / "Original_1") == set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_sigkill_of_the_harness_takes_its_child_along(tmp_path):
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    first = subprocess.Popen(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (child,) = wait_for(lambda: child_files(runs), 60, "the harness's child")
+        pid = json.loads(child.read_text())["pid"]
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        wait_for(lambda: not alive(pid), 15, "the child to end with its harness")
+    finally:
+        first.kill()
+
+
+def test_a_live_child_of_an_earlier_harness_is_reported_not_duplicated(tmp_path):
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    attempt = runs / "c" / "tiny-llava-1.5" / "Original_1" / "attempts" / f"20250101_000000_000000000_{TASK}"
+    attempt.mkdir(parents=True)
+    stale = subprocess.Popen(
+        [sys.executable, "-m", "lmms_eval", "--tasks", TASK, "--output_path", str(attempt)],
+        env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        (attempt / "child.json").write_text(json.dumps({"pid": stale.pid, "pgid": stale.pid, "tasks": [TASK]}))
+        rerun = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 1, rerun.stderr
+        assert f"an lmms-eval child of an earlier harness is still running: pid {stale.pid}" in rerun.stderr
+        assert f"kill -- -{stale.pid}" in rerun.stderr
+        assert "0 finished before, 1 still running elsewhere, 0 to run" in rerun.stdout
+        assert child_files(runs) == [attempt / "child.json"]
+    finally:
+        os.killpg(stale.pid, signal.SIGKILL)
+        stale.wait(timeout=30)
+    # Once it is gone, its unrecorded results do not count: the run runs again, once.
+    resumed = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "0 finished before, 0 still running elsewhere, 1 to run" in resumed.stdout
+    assert len(child_files(runs)) == 2
+
+
+def test_jobs_finishing_in_the_same_second_keep_every_result(tmp_path):
+    """The stand-in names its files by the second, as lmms-eval does: three runs at once in one
+    method folder used to overwrite each other's results."""
+    runs = runs_folder(tmp_path)
+    tasks = ["otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"]
+    config = write_config(tmp_path / "c.yaml", tasks=tasks)
+    done = subprocess.run(harness_cmd(config, runs, "--jobs", "3"), env=fake_env(HF_TOKEN="hf_secret"), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    folder = runs / "c" / "tiny-llava-1.5" / "Original_1"
+    assert harness.finished_tasks(folder) == set(tasks)
+    records = [json.loads(p.read_text()) for p in folder.glob("otprune_*.json")]
+    assert sorted(r["finished_tasks"][0] for r in records) == sorted(tasks)
+    for record in records:
+        assert record["samples"] == {record["tasks"][0]: 3}  # the stand-in's 3 docs, none twice
+        for name, digest in record["results"].items():
+            assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+        assert record["limit"] is None and record["otprune"]["version"] and record["otprune"]["patches"].startswith(str(ROOT))
+        assert record["child_env"]["PATH"] == os.environ["PATH"] and record["child_env"]["HF_TOKEN"] == "<redacted>"
+    _, csv_path, markdown = report.write_report(runs / "c", tmp_path / "out")
+    assert "| tiny-llava-1.5 | Original | 9 |" in markdown
+
+
+# -- the pruning check ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "behaviour, outcome",
+    [
+        ("", "done in"),
+        ("no-plugins", f"FAILED after .* s \\({harness.NO_SELECTION}\\)"),
+        ("keep-all", "FAILED after .* s \\(an image kept 576 of 576 visual tokens; OURS at ratio 0.098 keeps 56\\)"),
+    ],
+)
+def test_a_pruning_run_that_did_not_prune_fails(tmp_path, behaviour, outcome):
+    import re
+
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml", methods={"OTPrune": {"ratios": [0.098]}})
+    result = subprocess.run(harness_cmd(config, runs, "--limit", "2"), env=fake_env(FAKE_LMMS=behaviour), capture_output=True, text=True, timeout=180)
+    assert re.search(outcome, result.stdout), result.stdout + result.stderr
+    assert result.returncode == (0 if behaviour == "" else 1)
+    folder = runs / "c_limit2" / "tiny-llava-1.5" / "OTPrune_0.098"
+    assert harness.finished_tasks(folder) == ({TASK} if behaviour == "" else set())
+
+
+@pytest.mark.parametrize(
+    "env, log, samples, problem",
+    [
+        ({"BASELINE": "VTW", "LAYER_INDEX": "2"}, "otprune VTW: visual tokens 576->0, 576->0; selector 0.1 ms", 2, None),
+        ({"BASELINE": "VTW", "LAYER_INDEX": "2"}, "otprune VTW: visual tokens 576->0; selector 0.1 ms", 2,
+         "2 samples evaluated but only 1 images' selections logged"),
+        ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.25"}, "otprune FASTV: visual tokens 2144->536; selector 0.1 ms", 1, None),
+        ({"BASELINE": "DPP", "SUBSET_RATIO": "0.25"}, "otprune OURS: visual tokens 576->144; selector 0.1 ms", 1,
+         "the log shows a selection by OURS, not DPP"),
+        ({"BASELINE": "ORIG"}, "otprune OURS: visual tokens 576->56; selector 0.1 ms", 1,
+         "the unpruned run logged a selection by OURS: a pruning variable leaked into it"),
+        ({"BASELINE": "ORIG"}, "", 1, None),
+    ],
+)
+def test_pruning_problem(env, log, samples, problem):
+    assert harness.pruning_problem(env, harness.parse_prune_log(log), samples) == problem
+
+
+# -- run identity -----------------------------------------------------------------------------
+
+
+def test_an_edited_config_never_reuses_another_settings_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PYTHONPATH", str(FAKE))
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    assert harness.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 0
+    assert harness.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 0
+    assert "1 finished before, 0 still running elsewhere, 0 to run" in capsys.readouterr().out
+    write_config(config, batch_size=2)
+    assert harness.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 2
+    err = capsys.readouterr().err
+    assert f"{runs / 'c' / 'tiny-llava-1.5' / 'Original_1'} holds the results of another setting (batch_size: 1 -> 2)" in err
+
+
+def test_the_setting_hash_covers_what_changes_a_result():
+    config = harness.load_config("smoke")
+    base = harness.run_setting(config, "tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None)
+    variants = [
+        ("tiny-llava-1.6", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None),
+        ("tiny-llava-1.5", "OTPrune", 0.25, {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}, None),
+        ("tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "1"}, None),
+        ("tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098", "OTPRUNE_GAMMA": "0.5"}, None),
+        ("tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, 3),
+    ]
+    hashes = {harness.run_setting(config, *variant)["hash"] for variant in variants}
+    assert len(hashes | {base["hash"]}) == len(variants) + 1
+    config.model_args = "device=cpu"
+    assert harness.run_setting(config, "tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None)["hash"] != base["hash"]
+
+
+def test_duplicate_ratios_and_tasks_are_planned_once(tmp_path):
+    path = write_config(tmp_path / "d.yaml", methods={"OTPrune": {"ratios": [0.25, 0.250000001, 0.1]}}, tasks=[TASK, "otprune_smoke_pope", TASK])
+    config = harness.load_config(str(path))
+    runs = harness.plan_runs(config, tmp_path / "runs")
+    assert sorted((r.ratio, r.tasks) for r in runs) == sorted([(0.1, (TASK,)), (0.1, ("otprune_smoke_pope",)), (0.25, (TASK,)), (0.25, ("otprune_smoke_pope",))])
+    assert any("ratios [0.25, 0.250000001, 0.1] run once each as ['0.25', '0.1']" in note for note in config.notes)
+
+
+def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
+    path = write_config(tmp_path / "k.yaml", models={"tiny-llava-1.5": {"VTW": {"layer_index": 3}}, "tiny-llava-1.6": {}},
+                        methods={"VTW": {"layer_index": 2}, "FastV": {"ratios": [0.5]}})
+    runs = harness.plan_runs(harness.load_config(str(path)), tmp_path)
+    assert {(r.model, r.method): r.setting["layer_index"] for r in runs} == {
+        ("tiny-llava-1.5", "VTW"): 3, ("tiny-llava-1.6", "VTW"): 2, ("tiny-llava-1.5", "FastV"): 2, ("tiny-llava-1.6", "FastV"): 2}
+
+
+# -- configs, paths and limits refused with a message -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"methods": {"OTPrune": {"ratios": [0.25], "env": {"BASELINE": "ORIG"}}}},
+         "methods.OTPrune.env.BASELINE='ORIG' is not allowed: BASELINE is set by the method's name"),
+        ({"methods": {"OTPrune": {"ratios": [0.25], "env": {"SUBSET_RATIO": 1}}}}, "SUBSET_RATIO is set by the method's 'ratios'"),
+        ({"methods": {"VTW": {"env": {"LAYER_INDEX": 2}}}}, "LAYER_INDEX is set by the method's 'layer_index' key"),
+        ({"methods": {"VTW": {"env": {"LAYER_INDX": 2}}}}, "methods.VTW.env.LAYER_INDX is not allowed: a config's env may set only OTPRUNE_GAMMA"),
+        ({"methods": {"Original": {"env": {"PYTHONPATH": "/tmp/evil"}}}}, "methods.Original.env.PYTHONPATH is not allowed"),
+        ({"models": {"tiny-llava-1.5": {"OTPrune": {"env": {"LD_PRELOAD": "x.so"}}}}}, "models.tiny-llava-1.5.OTPrune.env.LD_PRELOAD is not allowed"),
+        ({"models": {"tiny-llava-1.5": ["x"]}}, "models.tiny-llava-1.5=['x'] (list) is not allowed; allowed: a mapping method"),
+        ({"methods": {"OTPrune": {"ratios": [0.25], "env": ["X"]}}}, "methods.OTPrune.env=['X'] (list) is not allowed; allowed: a mapping VARIABLE: value"),
+        ({"methods": {"OTPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": None}}}}, "methods.OTPrune.env.OTPRUNE_GAMMA=None (null) is not allowed; allowed: a string or a number"),
+        ({"lmms_model": None}, "lmms_model=None (null) is not allowed; allowed: an lmms-eval model name"),
+        ({"tasks": TASK}, f"tasks='{TASK}' (str) is not allowed; allowed: a list of task names"),
+        ({"group_tasks": "yes"}, "group_tasks='yes' (str) is not allowed; allowed: true or false"),
+        ({"methods": {"VTW": {"layer_index": "2"}}}, "methods.VTW.layer_index='2' (str) is not allowed; allowed: an integer >= 0"),
+        ({"model_args": "device=cpu,pretrained=/elsewhere"}, "model_args='device=cpu,pretrained=/elsewhere' (str) is not allowed"),
+    ],
+)
+def test_bad_config_is_a_message_naming_key_value_and_what_is_allowed(tmp_path, capsys, changes, message):
+    runs = tmp_path / "runs"
+    assert harness.main([str(write_config(tmp_path / "bad.yaml", **changes)), "--runs-dir", str(runs)]) == 2
+    assert message in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_a_key_given_twice_is_refused(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text(f"models: [tiny-llava-1.5]\nmethods:\n  OTPrune: {{ratios: [0.1]}}\n  OTPrune: {{ratios: [0.2]}}\ntasks: [{TASK}]\n")
+    assert harness.main([str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "key 'OTPrune' is given twice (lines 3 and 4); give it once" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "limit, message",
+    [("0", "--limit 0 is not allowed: it evaluates no sample"), ("-1", "--limit -1 is not allowed: it means every sample to lmms-eval")],
+)
+def test_limits_that_are_not_a_sample_count_are_refused(tmp_path, capsys, limit, message):
+    runs = tmp_path / "runs"
+    assert harness.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(runs), "--limit", limit]) == 2
+    assert message in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_paths_that_lmms_eval_would_split_or_that_leave_the_runs_folder_are_refused(tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml")
+    assert harness.main([str(config), "--runs-dir", str(tmp_path / "a,b")]) == 2
+    assert "contains a comma, which lmms-eval's --model_args would split" in capsys.readouterr().err
+    dots = write_config(tmp_path / "...yaml")
+    assert harness.main([str(dots), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert "config name '..' is not allowed as a folder name" in capsys.readouterr().err
+    assert not (tmp_path / "a,b").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_unwritable_runs_folder_names_the_path_and_the_fix(tmp_path, capsys):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")
+    assert harness.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(blocker)]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to {blocker}" in err and "choose a writable folder with --runs-dir, or fix its permissions" in err
+
+
+# -- records and the report -------------------------------------------------------------------
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    runs = tmp_path / "smoke"
+    shutil.copytree(FIXTURES, runs)
+    return runs
+
+
+def test_only_a_record_marks_a_run_finished(tmp_path):
+    runs = copy_fixture(tmp_path)
+    folder = runs / "tiny-llava-1.5" / "OTPrune_0.098"
+    assert harness.finished_tasks(folder) == {"otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"}
+    (record,) = folder.glob("otprune_*.json")
+    record.unlink()  # a harness killed before writing it: the child's results alone do not count
+    assert list(folder.glob("attempts/*/*/*_results.json")) and harness.finished_tasks(folder) == set()
+
+
+def test_a_results_file_changed_after_its_record_is_not_trusted(tmp_path):
+    runs = copy_fixture(tmp_path)
+    folder = runs / "tiny-llava-1.5" / "DivPrune_0.098"
+    (results,) = folder.glob("attempts/*/*/*_results.json")
+    data = json.loads(results.read_text())
+    data["results"]["otprune_smoke_vqa"]["exact_match,none"] = 1.0
+    results.write_text(json.dumps(data))
+    assert harness.finished_tasks(folder) == set()
+    _, csv_path, markdown = report.write_report(runs, tmp_path / "out")
+    assert "changed since the record was written (SHA-256 differs)" in markdown
+    assert {r["method"] for r in csv.DictReader(open(csv_path))} == {"Original", "OTPrune"}
+
+
+def test_the_report_names_malformed_files_and_tables_the_rest(tmp_path, capsys):
+    runs = copy_fixture(tmp_path)
+    model = runs / "tiny-llava-1.5"
+    (model / "Original_1" / "otprune_no_status.json").write_text(json.dumps({"tasks": [], "finished_tasks": []}))
+    (model / "OTPrune_abc").mkdir()
+    (model / "OTPrune_abc" / "otprune_x.json").write_text("{}")
+    (model / "DPP_0.5").mkdir()
+    (model / "DPP_0.5" / "setting.json").write_text(json.dumps({"model": "tiny-llava-1.5", "method": "DPP", "ratio": "abc"}))
+    bad_results = model / "Random_0.5"
+    setting = harness.run_setting(harness.load_config("smoke"), "tiny-llava-1.5", "Random", 0.5, {"BASELINE": "RANDOM", "SUBSET_RATIO": "0.5"}, None)
+    results = bad_results / "attempts" / "a" / "m" / "x_results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"results": {TASK: 5}}))
+    (bad_results / "setting.json").write_text(json.dumps(setting))
+    (bad_results / "otprune_a.json").write_text(json.dumps({
+        "status": "done", "tasks": [TASK], "finished_tasks": [TASK], "wall_s": 1,
+        "results": {"attempts/a/m/x_results.json": hashlib.sha256(results.read_bytes()).hexdigest()}}))
+    (model / "DivPrune_0.098" / "otprune_list.json").write_text("[1, 2]")
+    _, csv_path, markdown = report.write_report(runs, tmp_path / "out")
+    skipped = markdown.split("## Skipped")[1]
+    assert "`tiny-llava-1.5/Original_1/otprune_no_status.json`: malformed record: no 'status'" in skipped
+    assert "`tiny-llava-1.5/OTPrune_abc`: no setting.json" in skipped
+    assert "`tiny-llava-1.5/DPP_0.5/setting.json`: setting.json: ratio 'abc' is not a number in [0, 1]" in skipped
+    assert f"`tiny-llava-1.5/Random_0.5/attempts/a/m/x_results.json`: results.{TASK} is 5, not a mapping of metrics" in skipped
+    assert "`tiny-llava-1.5/DivPrune_0.098/otprune_list.json`: malformed record: not a JSON object but list" in skipped
+    assert {r["method"] for r in csv.DictReader(open(csv_path))} == {"Original", "OTPrune", "DivPrune", "Random"}
+    assert "warning: skipped" in capsys.readouterr().err
+
+
+def test_a_limited_run_is_never_tabled_as_full(tmp_path):
+    """A --limit 1 run's folder under another config's name: only its results file says limit 1."""
+    runs = copy_fixture(tmp_path)
+    folder = runs / "tiny-llava-1.5" / "Original_1"
+    (results,) = folder.glob("attempts/*/*/*_results.json")
+    data = json.loads(results.read_text())
+    data["config"] = {"limit": 1.0}
+    results.write_text(json.dumps(data))
+    (record_path,) = folder.glob("otprune_*.json")
+    record = json.loads(record_path.read_text())
+    record["results"] = {name: hashlib.sha256(results.read_bytes()).hexdigest() for name in record["results"]}
+    record_path.write_text(json.dumps(record))
+    _, csv_path, markdown = report.write_report(runs, tmp_path / "out")
+    assert "| Original (--limit 1) |" in markdown and "evaluated only N samples per task" in markdown
+    rows = {r["method"]: r for r in csv.DictReader(open(csv_path))}
+    assert rows["Original"]["limit"] == "1" and rows["OTPrune"]["limit"] == ""
