@@ -787,7 +787,8 @@ def child_env(run: Run, jobs: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in METHOD_OWNED and not k.startswith("OTPRUNE_")}
     env.update(run.env)
     env["OTPRUNE_LOG"] = "1"
-    # The patch and the package come from this checkout, whatever is pip-installed.
+    # The package comes from this checkout whatever is pip-installed; otprune.patches only through an
+    # installed distribution's mapping (patches/ is not inside otprune/): the start-up probe says which.
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -837,12 +838,16 @@ def otprune_copy(env: dict) -> dict:
 def describe_copy(info: dict) -> list[str]:
     """What to tell the user about the otprune a child imports (warnings first)."""
     lines = []
-    if not info.get("entry_point"):
-        lines.append("warning: lmms-eval will not load otprune's entry point (no otprune distribution installed in this "
-                     f"environment): pruning runs will fail their check; {NO_SELECTION.split('? ')[1]}")
+    install = f"pip install -e {ROOT} with {sys.executable}"
     patches = info.get("patches") or ""
-    if not patches.startswith(str(ROOT)):
-        lines.append(f"warning: the child imports otprune.patches from {patches or 'nowhere'}, not from this checkout {ROOT}")
+    if not info.get("entry_point"):
+        lines.append(f"warning: no otprune distribution is installed for {sys.executable}, so lmms-eval will not load its "
+                     f"entry point and pruning runs will fail their check; {install}")
+    elif not patches.endswith(".py"):
+        lines.append(f"warning: otprune.patches is not importable by {sys.executable} (otprune comes from {info.get('otprune')}), "
+                     f"so lmms-eval cannot load the pruning entry point and pruning runs will fail their check; {install}")
+    elif not patches.startswith(str(ROOT)):
+        lines.append(f"warning: the child imports otprune.patches from {patches}, not from this checkout {ROOT}")
     lines.append(f"otprune in the child: {info.get('otprune')} (version {info.get('version')}, checkout {info.get('checkout_commit')})")
     return lines
 

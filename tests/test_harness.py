@@ -215,7 +215,9 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
     config = write_config(tmp_path / "smoke_ci.yaml")
     runs_dir = tmp_path / "runs"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    # run_otprune.sh's python3 is this interpreter, the one otprune is installed for.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PATH": path}
     cmd = ["bash", str(ROOT / "run_otprune.sh"), str(config), "--runs-dir", str(runs_dir), "--limit", "3"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
