@@ -427,7 +427,11 @@ def main(argv=None) -> int:
     if not runs_dir.is_dir():
         print(f"error: {runs_dir} is not a folder of runs", file=sys.stderr)
         return 2
-    md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None)
+    try:
+        md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None)
+    except OSError as error:
+        print(f"error: cannot write {error.filename}: {error.strerror}; pass --out DIR to write the table elsewhere", file=sys.stderr)
+        return 2
     print(markdown)
     print(f"written: {md_path}, {csv_path}")
     return 0

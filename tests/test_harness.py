@@ -235,7 +235,7 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     files = sorted(p.relative_to(runs_dir) for p in runs_dir.glob("smoke_ci_limit3/*/*/**/*") if p.is_file())
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "3 runs, 3 finished before, 0 to run" in second.stdout
+    assert "3 runs, 3 finished before, 0 still running elsewhere, 0 to run" in second.stdout
     assert sorted(p.relative_to(runs_dir) for p in runs_dir.glob("smoke_ci_limit3/*/*/**/*") if p.is_file()) == files
     # The hypothesis analysis (paper Fig. 2) runs on these results end to end.
     from otprune.analysis import hypothesis

@@ -391,3 +391,11 @@ def test_a_limited_run_is_never_tabled_as_full(tmp_path):
     assert "| Original (--limit 1) |" in markdown and "evaluated only N samples per task" in markdown
     rows = {r["method"]: r for r in csv.DictReader(open(csv_path))}
     assert rows["Original"]["limit"] == "1" and rows["OTPrune"]["limit"] == ""
+
+
+def test_the_report_names_a_folder_it_cannot_write(tmp_path, capsys):
+    runs = copy_fixture(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert report.main([str(runs), "--out", str(blocker / "out")]) == 2
+    assert f"error: cannot write {blocker / 'out'}" in capsys.readouterr().err
