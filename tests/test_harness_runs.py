@@ -78,27 +78,30 @@ def child_files(runs: Path) -> list[Path]:
 # -- one writer, children killed with the harness ---------------------------------------------
 
 
-def test_a_second_harness_is_refused_and_sigterm_stops_the_child(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_harness_is_refused_and_a_signal_stops_the_child(tmp_path, signum):
     runs = runs_folder(tmp_path)
     config = write_config(tmp_path / "c.yaml")
     first = subprocess.Popen(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         (child,) = wait_for(lambda: child_files(runs), 60, "the first harness's child")
         pid = json.loads(child.read_text())["pid"]
-        second = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=60)
-        assert second.returncode == 2
-        assert f"another harness is writing to {runs / 'c'} (pid {first.pid}" in second.stderr
-        assert child_files(runs) == [child]  # no second child on the same task
-        first.send_signal(signal.SIGTERM)
+        if signum == signal.SIGTERM:
+            second = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=60)
+            assert second.returncode == 2
+            assert f"another harness is writing to {runs / 'c'} (pid {first.pid}" in second.stderr
+            assert child_files(runs) == [child]  # no second child on the same task
+        first.send_signal(signum)
         out, err = first.communicate(timeout=60)
     finally:
         first.kill()
-    assert first.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by SIGTERM: 1 lmms-eval child process group(s) stopped" in err
+    name = signal.Signals(signum).name
+    assert first.returncode == 128 + signum, err
+    assert f"stopped by {name}: 1 lmms-eval child process group(s) stopped" in err
     wait_for(lambda: not alive(pid), 15, "the child to end")
     (record,) = (runs / "c" / "tiny-llava-1.5" / "Original_1").glob("otprune_*.json")
     record = json.loads(record.read_text())
-    assert record["status"] == "failed" and record["reason"] == "stopped with the harness (SIGTERM to the harness)"
+    assert record["status"] == "failed" and record["reason"] == f"stopped with the harness ({name} to the harness)"
     assert harness.finished_tasks(runs / "c" / "tiny-llava-1.5" / "Original_1") == set()
 
 
