@@ -360,7 +360,7 @@ def paper_check(paper: dict) -> list[str]:
         pooled_theirs += rows["DivPrune"]["scores"]
     pooled = relative_improvements(pooled_ours, pooled_theirs)
     tests.append(("all three models pooled", len(pooled), wilcoxon_greater(pooled)))
-    lines += ["", f"| Wilcoxon OTPrune > DivPrune on | Benchmarks | p | paper's p |", "|---|---|---|---|"]
+    lines += ["", "| Wilcoxon OTPrune > DivPrune on | Benchmarks | p | paper's p |", "|---|---|---|---|"]
     lines += [f"| {name} | {n} | {fmt(p, 4)} | {paper['wilcoxon_p']} |" for name, n, p in tests]
     lines += [
         "",
