@@ -470,14 +470,12 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def read_results(path: Path, warn: bool = False) -> dict:
-    """A JSON object written by a run (lmms-eval's results, the harness's record), or ``{}`` while
-    it is still being written or after a crash cut it short (with a warning on stderr if ``warn``)."""
+def read_results(path: Path) -> dict:
+    """A JSON object written by a run (lmms-eval's results, a setting, a child's pid), or ``{}``
+    when it is unreadable, cut short by a crash, or not an object."""
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        if warn:
-            print(f"warning: skipping unreadable {path}: {error}", file=sys.stderr)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
 
