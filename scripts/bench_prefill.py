@@ -405,9 +405,9 @@ def target_lines(by_arch: dict[str, list[Result]], gpu: bool) -> list[str]:
 
     lines = []
     # LLaVA-1.5 is judged at batch 8, LLaVA-1.6 (five times the visual tokens) at batch 1.
-    for name in by_arch:
+    for name, results in by_arch.items():
         batch = 8 if "1.5" in name else 1
-        g = gain(by_arch[name], batch, "otprune")
+        g = gain(results, batch, "otprune")
         figure = "batch not run" if g is None else f"{g:.2f}x"
         lines.append(f"{name} batch {batch}: TTFT >= 3x lower at ratio 0.098 (OTPrune): {figure} -> {verdict(g is not None and g >= 3)}{status}")
     fractions, shares = [], []

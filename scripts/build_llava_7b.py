@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_prefill import FULL_SIZE, REDUCED, Arch  # noqa: E402
-from build_tiny_llava import build as build_tiny  # noqa: E402
+from bench_prefill import FULL_SIZE, REDUCED, Arch
+from build_tiny_llava import build as build_tiny
 
 VARIANTS = ("llava-1.5", "llava-hf")
 SIZES = {"full": (FULL_SIZE[0], torch.float16), "reduced": (REDUCED[0], torch.float32)}
@@ -45,23 +45,23 @@ def creating_on(device: torch.device, dtype: torch.dtype):
 
 
 def text_sizes(arch: Arch) -> dict:
-    return dict(
-        hidden_size=arch.hidden,
-        intermediate_size=arch.ffn,
-        num_hidden_layers=arch.layers,
-        num_attention_heads=arch.heads,
-        num_key_value_heads=arch.heads,
-        vocab_size=arch.vocab,
-    )
+    return {
+        "hidden_size": arch.hidden,
+        "intermediate_size": arch.ffn,
+        "num_hidden_layers": arch.layers,
+        "num_attention_heads": arch.heads,
+        "num_key_value_heads": arch.heads,
+        "vocab_size": arch.vocab,
+    }
 
 
 def vision_sizes(arch: Arch) -> dict:
-    return dict(
-        hidden_size=arch.tower_hidden,
-        intermediate_size=arch.tower_ffn,
-        num_hidden_layers=arch.tower_layers,
-        num_attention_heads=arch.tower_heads,
-    )
+    return {
+        "hidden_size": arch.tower_hidden,
+        "intermediate_size": arch.tower_ffn,
+        "num_hidden_layers": arch.tower_layers,
+        "num_attention_heads": arch.tower_heads,
+    }
 
 
 def _drop_weights(folder: Path) -> None:
@@ -71,7 +71,10 @@ def _drop_weights(folder: Path) -> None:
 
 
 def _resize_original(path: Path, arch: Arch, device: torch.device, dtype: torch.dtype) -> None:
-    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+    from llava.model.language_model.llava_llama import (
+        LlavaConfig,
+        LlavaLlamaForCausalLM,
+    )
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     tower = path / "vision"

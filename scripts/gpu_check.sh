@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PIP_ROOT_USER_ACTION=ignore
 # Only where lmms-eval is missing (the GPU machine): here the wheels would shadow a working install.
 if compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "import lmms_eval" 2>/dev/null; then
   if "$PYTHON" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \

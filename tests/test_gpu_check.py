@@ -8,11 +8,10 @@ import json
 
 import pytest
 import torch
+from conftest import load_script
 
 from otprune.config import PruneConfig
 from otprune.prune import select_per_image
-
-from conftest import load_script
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,7 @@ def test_rank_check_wants_two_processes_that_dumped_every_image(check, tmp_path)
 def test_lmms_eval_errors_are_found_through_its_colours(check):
     line = "\x1b[32m2026-11-21 20:51:41\x1b[0m | \x1b[31m\x1b[1mERROR   \x1b[0m | \x1b[36mlmms_eval.models.chat.llava_hf\x1b[0m:generate_until:108 - \x1b[31m\x1b[1mError boom in generating\x1b[0m"
     info = "\x1b[32m2026-11-21\x1b[0m | \x1b[1mINFO    \x1b[0m | lmms_eval - fine"
-    assert check.logged_errors("\n".join([line, info, line])) == {"Error boom in generating": 2}
+    assert check.logged_errors(f"{line}\n{info}\n{line}") == {"Error boom in generating": 2}
 
 
 def test_junit_counts_and_failing_ids(check, tmp_path):
