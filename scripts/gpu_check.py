@@ -419,7 +419,7 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
         problems.insert(0, f"timed out after {record['wall_s']} s")
     elif returncode != 0:
         problems.insert(0, f"exit code {returncode}")
-    if not problems or samples:
+    if samples:
         problems += check_tokens(run, logged["visual_tokens"], samples)
     if run.processes > 1:
         problems += check_ranks(folder / "dump", len(logged["visual_tokens"]))
