@@ -152,18 +152,15 @@ def step_environment(device: str, deadline: float) -> StepResult:
 # -- 2. CUDA tests ----------------------------------------------------------------------------
 
 
-def junit_counts(path: Path) -> tuple[dict, list[str]]:
-    """``({tests, failures, errors, skipped}, failing test ids)`` from a pytest JUnit XML file."""
+def junit_counts(path: Path) -> tuple[dict, list[str], list[str]]:
+    """``({tests, failures, errors, skipped}, every test id, failing test ids)`` from pytest's JUnit XML."""
     root = ElementTree.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root)
     counts = {key: sum(int(suite.get(key, 0)) for suite in suites) for key in ("tests", "failures", "errors", "skipped")}
-    failing = [
-        f"{case.get('classname')}::{case.get('name')}"
-        for suite in suites
-        for case in suite.iter("testcase")
-        if case.find("failure") is not None or case.find("error") is not None
-    ]
-    return counts, failing
+    cases = [case for suite in suites for case in suite.iter("testcase")]
+    ids = [f"{case.get('classname')}::{case.get('name')}" for case in cases]
+    failing = [i for i, case in zip(ids, cases) if case.find("failure") is not None or case.find("error") is not None]
+    return counts, ids, failing
 
 
 def step_tests(device: str, deadline: float) -> StepResult:
@@ -171,21 +168,28 @@ def step_tests(device: str, deadline: float) -> StepResult:
         return StepResult(SKIP, "no CUDA device: the CUDA variants are not collected (CI's test run covers the CPU ones)")
     report = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/otprune_gpu_check")) / "cuda_tests.xml"
     report.parent.mkdir(parents=True, exist_ok=True)
+    report.unlink(missing_ok=True)
     command = [
         sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
         "-k", "cuda or greedy_triton", f"--junitxml={report}", "tests",
     ]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=max(1, deadline - time.time()))
+    try:
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=max(1, deadline - time.time() - 5))
+    except subprocess.TimeoutExpired as overrun:
+        output = overrun.stdout.decode(errors="replace") if isinstance(overrun.stdout, bytes) else overrun.stdout or ""
+        return StepResult(FAIL, "pytest ran past the step's time budget", fenced(tail(output)))
     if not report.exists():
         return StepResult(FAIL, f"pytest wrote no report (exit code {done.returncode})", fenced(tail(done.stdout + done.stderr)))
-    counts, failing = junit_counts(report)
-    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    counts["passed"] = passed
-    summary = f"{passed} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
+    counts, ids, failing = junit_counts(report)
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    summary = f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, {counts['skipped']} skipped"
     body = "`pytest -k 'cuda or greedy_triton' tests` (selectors on cuda in fp16/bf16/fp32, the Triton greedy compiled)\n\n"
     body += fenced(tail(done.stdout, 40))
+    patch_tests = sum("test_patch" in i for i in ids)
+    if not patch_tests:
+        body += "\n\nNo patch test has a CUDA variant yet: tests/test_patch_*.py run on the CPU only."
     ok = done.returncode == 0 and counts["tests"] > 0
-    return StepResult(PASS if ok else FAIL, summary, body, {**counts, "failing": failing})
+    return StepResult(PASS if ok else FAIL, summary, body, {**counts, "failing": failing, "patch_tests": patch_tests})
 
 
 # -- 3. bench_selectors -----------------------------------------------------------------------
@@ -423,6 +427,8 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
         problems += check_tokens(run, logged["visual_tokens"], samples)
     if run.processes > 1:
         problems += check_ranks(folder / "dump", len(logged["visual_tokens"]))
+        if "invalid device ordinal" in text:
+            problems.append("a rank asked for a GPU that is not there: accelerate and lmms-eval's llava put rank r on cuda:r")
     errors = logged_errors(text)
     record.update(
         samples=samples,

@@ -93,8 +93,9 @@ def test_junit_counts_and_failing_ids(check, tmp_path):
         '<testcase classname="tests.test_greedy_triton" name="test_d"/>'
         "</testsuite></testsuites>"
     )
-    counts, failing = check.junit_counts(xml)
+    counts, ids, failing = check.junit_counts(xml)
     assert counts == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1}
+    assert ids[-1] == "tests.test_greedy_triton::test_d" and len(ids) == 4
     assert failing == ["tests.test_selectors::test_b[cuda]"]
 
 
