@@ -400,6 +400,9 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
     )
     plan = harness.Run(run.model, run.baseline, RATIO, run.env, tuple(tasks), folder)
     command = harness.command(config, plan, str(checkpoint), run.processes, limit)
+    if command[:2] == ["accelerate", "launch"] and shutil.which("accelerate") is None:
+        # The launcher's console script may be off PATH where the package is installed.
+        command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
     env = harness.child_env(plan, PARALLEL_RUNS[device])
     if run.processes > 1:
         env["OTPRUNE_DUMP"] = str(folder / "dump")
