@@ -108,6 +108,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class EchoedText(io.StringIO):
+    """Keeps what is printed and passes it on to the step's log, which a step cut off at its
+    budget leaves as the report's only record."""
+
+    def write(self, text: str) -> int:
+        sys.__stdout__.write(text)
+        sys.__stdout__.flush()
+        return super().write(text)
+
+
 def fenced(text: str) -> str:
     return "```\n" + text.rstrip() + "\n```"
 
@@ -203,6 +213,7 @@ def step_selectors(device: str, deadline: float) -> StepResult:
     rows = []
     for n, k, batch in SELECTOR_CASES[device]:
         rows.append(bench_selectors.measure(n, k, batch, SELECTOR_REPEATS[device], torch.device(device), seed=0))
+        print(f"measured N={n} k={k} batch={batch}", flush=True)
     targets = bench_selectors.target_lines(rows, torch.device(device))
     reduced = "" if device == "cuda" else "CPU, reduced: N = 576 only, batch 1 and 2, one timed run; the GPU targets are not measured.\n\n"
     body = reduced + fenced(bench_selectors.format_table(rows)) + "\n\nTargets (issue 6):\n\n" + "\n".join(f"- {line}" for line in targets)
@@ -220,11 +231,10 @@ def step_prefill(device: str, deadline: float) -> StepResult:
     import bench_prefill
 
     argv = ["--device", device] + PREFILL_ARGS[device]
-    printed = io.StringIO()
+    printed = EchoedText()
     with contextlib.redirect_stdout(printed):
         by_arch = bench_prefill.main(argv)
     text = printed.getvalue()
-    print(text)
     figures = {
         name: [
             {
