@@ -31,6 +31,9 @@ def select_top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
     return order[:k].sort().values
 
 
+# Kept indices carry no gradient, and the selectors' in-place kernels (``out=``) refuse tokens that
+# require one, as a caller's ``generate`` outside ``no_grad`` (lmms-eval's llava_hf) passes them.
+@torch.no_grad()
 def select_per_image(
     config: PruneConfig,
     images: Sequence[torch.Tensor],

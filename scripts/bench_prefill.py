@@ -81,6 +81,9 @@ REDUCED = [
     Arch("llava-1.6 (reduced)", **_LLAMA_SMALL, **_CLIP_SMALL, crops=5),
 ]
 
+# --models values, in the order of FULL_SIZE and REDUCED.
+MODEL_VERSIONS = ("1.5", "1.6")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -90,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed TTFT runs per configuration (default 5; 1 with --quick)")
     parser.add_argument("--decode-steps", type=int, default=None, help="greedy decode steps timed (default 32 on GPU, 4 on CPU; 3 with --quick)")
     parser.add_argument("--quick", action="store_true", help="batch 1, no pruning and ratio 0.098 only; for CI")
+    parser.add_argument(
+        "--models", default="1.5,1.6", help="comma-separated LLaVA versions to run, of 1.5 and 1.6 (default both)"
+    )
     parser.add_argument(
         "--greedy", choices=GREEDY_PATHS, default=None, help="OTPrune's greedy path (default: the device's; triton: the fused kernel)"
     )
@@ -106,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--batches {batches!r} must be comma-separated integers >= 1, e.g. 1,8")
     if any(b < 1 for b in args.batches):
         parser.error(f"--batches {batches!r} must be comma-separated integers >= 1, e.g. 1,8")
+    args.models = [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in args.models if m not in MODEL_VERSIONS]
+    if unknown or not args.models:
+        parser.error(f"--models {','.join(args.models)!r}: allowed are {', '.join(MODEL_VERSIONS)}, comma-separated")
     if args.repeats is None:
         args.repeats = 1 if args.quick else 5
     if args.decode_steps is None:
@@ -394,9 +404,10 @@ def target_lines(by_arch: dict[str, list[Result]], gpu: bool) -> list[str]:
         return None if base is None or pruned is None else base.stages["ttft"] / pruned.stages["ttft"]
 
     lines = []
-    names = list(by_arch)
-    for name, batch in ((names[0], 8), (names[-1], 1)):
-        g = gain(by_arch[name], batch, "otprune")
+    # LLaVA-1.5 is judged at batch 8, LLaVA-1.6 (five times the visual tokens) at batch 1.
+    for name, results in by_arch.items():
+        batch = 8 if "1.5" in name else 1
+        g = gain(results, batch, "otprune")
         figure = "batch not run" if g is None else f"{g:.2f}x"
         lines.append(f"{name} batch {batch}: TTFT >= 3x lower at ratio 0.098 (OTPrune): {figure} -> {verdict(g is not None and g >= 3)}{status}")
     fractions, shares = [], []
@@ -421,7 +432,7 @@ def main(argv=None) -> dict[str, list[Result]]:
     gpu = device.type == "cuda"
     # float16 is LLaVA's inference dtype; CPUs have no fast float16 matmul, so the CPU run uses float32.
     dtype = torch.float16 if gpu else torch.float32
-    archs = FULL_SIZE if gpu else REDUCED
+    archs = [arch for arch, version in zip(FULL_SIZE if gpu else REDUCED, MODEL_VERSIONS) if version in args.models]
     methods = [m for m in METHODS if not args.quick or m[1] in (None, 0.098)]
     if gpu:
         print(f"End-to-end benchmark on {torch.cuda.get_device_name(device)}: full-size models, float16, random weights")

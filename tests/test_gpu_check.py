@@ -1,0 +1,163 @@
+"""The GPU check's checks and report (scripts/gpu_check.py); CI runs its whole CPU mode in .ci/run.
+
+Each check is held against hand-made evidence whose verdict is known; the report is held against
+the figures the step computed and returned.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import load_script
+
+from otprune.config import PruneConfig
+from otprune.prune import select_per_image
+
+
+@pytest.fixture(scope="module")
+def check():
+    return load_script("gpu_check")
+
+
+def test_plan_covers_the_issue_runs_and_says_why_any_is_skipped(check):
+    runs, skipped = check.planned_runs("cuda")
+    names = {run.name for run in runs}
+    # llava: 5 methods x batch 1, 4; llava_hf: 5 methods x batch 1 (lmms-eval's llava_hf takes batch 1 only).
+    assert len(runs) == 15 and len(skipped) == 5
+    assert {"llava_ORIG_K0_b4", "llava_DIVPRUNE_K0_b1", "llava_OURS_K2_b4", "llava_FASTV_K2_b1", "llava_hf_FASTV_K2_b1"} <= names
+    assert all(run.model == "llava_hf" and run.batch == 4 and "batch size 1" in why for run, why in skipped)
+    cpu_runs, cpu_skipped = check.planned_runs("cpu")
+    assert {r.name for r in cpu_runs} == {"llava_ORIG_K0_b1", "llava_OURS_K0_b4", "llava_FASTV_K2_b4", "llava_hf_OURS_K0_b1"}
+    assert len(cpu_runs) + len(cpu_skipped) == 20
+
+
+def test_run_environment_sets_the_pruning_variables(check):
+    assert check.EvalRun("llava", "ORIG", 0, 1).env == {"BASELINE": "ORIG", "LAYER_INDEX": "0"}
+    assert check.EvalRun("llava", "FASTV", 2, 4).env == {"BASELINE": "FASTV", "LAYER_INDEX": "2", "SUBSET_RATIO": "0.098"}
+
+
+def test_token_check_wants_every_sample_pruned_576_to_56(check):
+    ours = check.EvalRun("llava", "OURS", 0, 4)
+    assert check.check_tokens(ours, [[576, 56]] * 8, 8) == []
+    assert check.check_tokens(ours, [[576, 56]] * 7, 8) == ["7 pruned images logged for 8 samples"]
+    assert check.check_tokens(ours, [[576, 56]] * 7 + [[576, 141]], 8) == ["1 images not 576->56, e.g. 576->141"]
+    original = check.EvalRun("llava", "ORIG", 0, 1)
+    assert check.check_tokens(original, [], 8) == []
+    assert check.check_tokens(original, [[576, 56]], 8) == ["1 pruned images logged without pruning"]
+
+
+def write_run(folder, tasks, effective, sample_lines):
+    folder.mkdir(parents=True)
+    results = {"results": {t: {} for t in tasks}, "n-samples": {t: {"effective": n} for t, n in zip(tasks, effective)}}
+    (folder / "20260101_results.json").write_text(json.dumps(results))
+    for task, lines in zip(tasks, sample_lines):
+        (folder / f"20260101_samples_{task}.jsonl").write_text("{}\n" * lines)
+
+
+def test_results_check_wants_one_whole_results_file(check, tmp_path):
+    tasks = ["otprune_smoke_vqa", "otprune_smoke_pope"]
+    write_run(tmp_path / "whole", tasks, [4, 4], [4, 4])
+    assert check.check_results(tmp_path / "whole", tasks, 4) == ([], 8)
+    write_run(tmp_path / "short", tasks, [4, 4], [4, 3])
+    problems, _ = check.check_results(tmp_path / "short", tasks, 4)
+    assert problems == ["otprune_smoke_pope: samples file has 3 lines for 4 samples"]
+    write_run(tmp_path / "missing", tasks[:1], [4], [4])
+    problems, _ = check.check_results(tmp_path / "missing", tasks, 4)
+    assert problems[0] == "results lack otprune_smoke_pope"
+    (tmp_path / "none").mkdir()
+    assert check.check_results(tmp_path / "none", tasks, 4) == (["0 results files (expected 1)"], 0)
+
+
+def test_rank_check_wants_two_processes_that_dumped_every_image(check, tmp_path):
+    for pid, n in ((101, 0), (101, 1), (202, 0)):
+        (tmp_path / f"tokens_{pid}_{n:06d}.pt").touch()
+    assert check.check_ranks(tmp_path, 3) == []
+    assert check.check_ranks(tmp_path, 4) == ["3 dumped images for 4 logged"]
+    (tmp_path / "tokens_202_000000.pt").unlink()
+    assert check.check_ranks(tmp_path, 2) == ["pruned tokens were dumped by 1 process(es), not 2"]
+
+
+def test_lmms_eval_errors_are_found_through_its_colours(check):
+    line = "\x1b[32m2026-11-21 20:51:41\x1b[0m | \x1b[31m\x1b[1mERROR   \x1b[0m | \x1b[36mlmms_eval.models.chat.llava_hf\x1b[0m:generate_until:108 - \x1b[31m\x1b[1mError boom in generating\x1b[0m"
+    info = "\x1b[32m2026-11-21\x1b[0m | \x1b[1mINFO    \x1b[0m | lmms_eval - fine"
+    assert check.logged_errors(f"{line}\n{info}\n{line}") == {"Error boom in generating": 2}
+
+
+def test_junit_counts_and_failing_ids(check, tmp_path):
+    xml = tmp_path / "r.xml"
+    xml.write_text(
+        '<testsuites><testsuite tests="4" failures="1" errors="0" skipped="1">'
+        '<testcase classname="tests.test_selectors" name="test_a[cuda]"/>'
+        '<testcase classname="tests.test_selectors" name="test_b[cuda]"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_selectors" name="test_c[cuda]"><skipped/></testcase>'
+        '<testcase classname="tests.test_greedy_triton" name="test_d"/>'
+        "</testsuite></testsuites>"
+    )
+    counts, ids, failing = check.junit_counts(xml)
+    assert counts == {"tests": 4, "failures": 1, "errors": 0, "skipped": 1}
+    assert ids[-1] == "tests.test_greedy_triton::test_d" and len(ids) == 4
+    assert failing == ["tests.test_selectors::test_b[cuda]"]
+
+
+def test_report_carries_the_figures_the_steps_computed(check, tmp_path, monkeypatch):
+    """The CPU mode's environment and selector steps, in this process with a small selector case:
+    the report's table and summary hold the measured medians, and its versions are torch's own."""
+    bench = load_script("bench_selectors")
+    monkeypatch.setattr(bench, "D", 64)
+    monkeypatch.setattr(check, "SELECTOR_CASES", {"cpu": [(96, 12, 1), (96, 12, 2)]})
+    results = {name: check.STEP_FUNCTIONS[name]("cpu", 0.0) for name in ("environment", "selectors")}
+    report = check.format_report("cpu", results, 1.0)
+    assert results["environment"].figures["torch"] == torch.__version__
+    assert f"| torch | {torch.__version__} |" in report
+    rows = results["selectors"].figures["rows"]
+    assert [(r["n"], r["k"], r["batch"]) for r in rows] == [(96, 12, 1), (96, 12, 2)]
+    for row in rows:
+        assert f"| {row['otprune']:>10.3f} " in report and f" {row['per_step']:>11.3f} {row['per_step'] / row['otprune']:>6.1f}x | " in report
+    assert f"OTPrune {rows[0]['otprune']:.3f} ms (default), per-step {rows[0]['per_step']:.3f} ms" in report
+    assert "| 1 | environment | PASS |" in report and "| 3 | selectors | PASS |" in report
+    assert "no figure here is a GPU figure" in report
+
+
+@pytest.mark.parametrize(
+    "step_body, why",
+    [("sys.exit(3)", "its process died (exit code 3)"), ("time.sleep(120)", "timed out after its 10 s budget")],
+)
+def test_a_step_that_dies_or_overruns_is_reported_as_failed(check, tmp_path, monkeypatch, step_body, why):
+    """The driver runs each step as ``python <this script> --run-step ...``: a stand-in script that
+    dies, or sleeps past the budget (and is killed), must come back as FAIL with the reason."""
+    stand_in = tmp_path / "stand_in.py"
+    stand_in.write_text(f"import sys, time\n{step_body}\n")
+    monkeypatch.setattr(check, "__file__", str(stand_in))
+    result = check.run_step("selectors", "cpu", 10, tmp_path)
+    assert (result.status, result.summary) == ("FAIL", why)
+
+
+def test_a_step_without_time_left_is_skipped(check, tmp_path):
+    assert check.run_step("selectors", "cpu", 5, tmp_path).status == "SKIP"
+
+
+@pytest.mark.parametrize("bad", [["--steps", "gpu"], ["--budget", "0"], ["--steps", ""]])
+def test_bad_options_are_refused(check, bad):
+    with pytest.raises(SystemExit):
+        check.parse_args(bad)
+
+
+def test_selection_accepts_tokens_that_require_grad():
+    """Found by the check's lmms-eval step: lmms-eval's llava_hf calls generate outside no_grad."""
+    tokens = torch.randn(40, 16, requires_grad=True)
+    config = PruneConfig(method="OURS", ratio=0.25)
+    assert torch.equal(select_per_image(config, [tokens])[0], select_per_image(config, [tokens.detach()])[0])
+
+
+def test_bench_prefill_judges_each_model_at_its_own_batch_when_run_alone():
+    bench = load_script("bench_prefill")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--models", "1.7"])
+    assert bench.parse_args(["--models", "1.6"]).models == ["1.6"]
+
+    def result(method, ratio, ttft):
+        stages = {"vision": 0.0, "select": 0.0, "prefill": ttft, "ttft": ttft}
+        return bench.Result(bench.Config(method, ratio, 1), 1, 1, stages, dict(stages), 1.0, None)
+
+    lines = bench.target_lines({"llava-1.6 (reduced)": [result("none", None, 8.0), result("otprune", 0.098, 2.0)]}, gpu=True)
+    assert lines[0].startswith("llava-1.6 (reduced) batch 1: TTFT >= 3x lower at ratio 0.098 (OTPrune): 4.00x -> MET")
