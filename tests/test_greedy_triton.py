@@ -52,7 +52,7 @@ from triton.compiler import ASTSource
 from otprune.greedy_triton import _greedy_logdet_kernel
 for dtype, block_n, block_k, warps in (("fp32", 1024, 8, 4), ("fp32", 4096, 2, 8), ("fp64", 128, 64, 4)):
     pointer = "*" + dtype
-    signature = {"kernel_ptr": pointer, "d2_ptr": pointer, "floor_ptr": pointer, "chol_ptr": pointer,
+    signature = {"kernel_ptr": pointer, "r_ptr": pointer, "floor_ptr": pointer, "ridge_ptr": pointer, "chol_ptr": pointer,
                  "picks_ptr": "*i64", "n": "i32", "k": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     source = ASTSource(_greedy_logdet_kernel, signature, constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})
