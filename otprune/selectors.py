@@ -187,13 +187,15 @@ def _unit_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
     1e-20) whatever the input's scale, and the result does not depend on that scale. A non-finite
     entry makes its whole vector NaN, which the kernel's finiteness check catches.
     """
-    low, high = torch.aminmax(x, dim=dim, keepdim=True)
-    peak = torch.maximum(high, -low).clamp_min_(torch.finfo(x.dtype).smallest_normal)
-    scaled = x / peak
+    # amax and amin rather than aminmax: 50x faster for the strided column reduction on a CPU.
+    peak = torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
+    peak.clamp_min_(torch.finfo(x.dtype).smallest_normal)
     # Sum of squares rather than torch.norm: the same value, 5x faster for the strided column
-    # reduction on a CPU.
-    norm = scaled.square().sum(dim, keepdim=True).sqrt_().clamp_min_(NORM_EPS)
-    return scaled.div_(norm)
+    # reduction on a CPU. The squares' buffer then takes the result: one (N, d) allocation fewer,
+    # whose fresh pages cost a CPU more time than the division that refills it.
+    unit = torch.div(x, peak)
+    norm = unit.square_().sum(dim, keepdim=True).sqrt_().clamp_min_(NORM_EPS)
+    return torch.div(x, peak, out=unit).div_(norm)
 
 
 def _cosine_similarity(x: torch.Tensor) -> torch.Tensor:
