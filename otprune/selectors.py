@@ -115,7 +115,7 @@ def _validate(tokens, k) -> int:
 
 
 def _check_finite(tokens: torch.Tensor, kernel: torch.Tensor | None = None) -> None:
-    """Raises unless ``tokens`` (and the ``kernel`` built from them, if given) are all finite.
+    """Raises unless ``tokens`` (and the ``kernel`` or scores built from them, if given) are all finite.
 
     min and max propagate NaN and are +-Inf when any entry is: one pass with no (B, N, d) mask,
     which torch.isfinite would allocate. Given a kernel, only the kernel is read (a non-finite
@@ -128,7 +128,8 @@ def _check_finite(tokens: torch.Tensor, kernel: torch.Tensor | None = None) -> N
         raise ValueError("tokens contain NaN or Inf; every entry must be finite")
     # The kernels are built to stay finite for every finite input: this is a bug, not bad input.
     raise ArithmeticError(
-        f"the selector's kernel is not finite although the tokens are (largest |token| {float(tokens.abs().max()):.3g})"
+        f"the selector's kernel is not finite although the tokens are (largest |token| {float(tokens.abs().max()):.3g}); "
+        "please report this input"
     )
 
 
@@ -196,6 +197,12 @@ def _unit_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
     unit = torch.div(x, peak)
     norm = unit.square_().sum(dim, keepdim=True).sqrt_().clamp_min_(NORM_EPS)
     return torch.div(x, peak, out=unit).div_(norm)
+
+
+def _image_peak(x: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in each image of ``x`` ``(B, M, d)``: ``(B, 1, 1)``, at least the
+    smallest normal number (so that an all-zero image divides to zeros)."""
+    return x.abs().amax((-2, -1), keepdim=True).clamp_min_(torch.finfo(x.dtype).smallest_normal)
 
 
 def _cosine_similarity(x: torch.Tensor) -> torch.Tensor:
@@ -492,7 +499,7 @@ def select_uniform(x: torch.Tensor, k: int) -> torch.Tensor:
     return positions.to(x.device).expand(x.shape[0], k)
 
 
-@_selector(image_by_image_on_cpu=False)
+@_selector(image_by_image_on_cpu=False, checks_own_kernel=True)
 def select_trim(
     x: torch.Tensor, k: int, *, text: torch.Tensor | None = None, keep_ratio: float = DEFAULT_TRIM_KEEP_RATIO
 ) -> torch.Tensor:
@@ -510,7 +517,11 @@ def select_trim(
     keep_ratio = check_unit_interval(keep_ratio, "keep_ratio", closed_low=False)
     b, n, d = x.shape
     text = _check_text(text, b, d).to(device=x.device, dtype=x.dtype)
-    alignment = -torch.cdist(x, text).mean(-1)
+    # Distances scale with the tokens: measured on tokens and text divided by their largest
+    # magnitude, the ranking is the same and cannot overflow (tokens of 1e20) or underflow.
+    peak = torch.maximum(_image_peak(x), _image_peak(text))
+    alignment = -torch.cdist(x / peak, text / peak).mean(-1)
+    _check_finite(x, alignment)
     n1 = max(k, math.floor(keep_ratio * n))
     candidates = alignment.argsort(dim=-1, descending=True, stable=True)[:, :n1]
     x1 = x.gather(1, candidates[..., None].expand(b, n1, d))
@@ -551,7 +562,7 @@ def _min_max(v: torch.Tensor) -> torch.Tensor:
     return (v - low) / span.clamp_min(NORM_EPS)
 
 
-@_selector
+@_selector(checks_own_kernel=True)
 def select_stp(x: torch.Tensor, k: int, *, alpha: float = DEFAULT_STP_ALPHA) -> torch.Tensor:
     """STP (``BASELINE=STP``): top-k of ``alpha * diversity + (1 - alpha) * importance``.
 
@@ -570,10 +581,16 @@ def select_stp(x: torch.Tensor, k: int, *, alpha: float = DEFAULT_STP_ALPHA) -> 
     diversity = 1.0 - similarity.masked_fill(eye, -math.inf).amax(-1)
     if n == 1:
         diversity = torch.zeros_like(diversity)
-    mu = x.mean(-2, keepdim=True)
-    sigma = x.std(-2, keepdim=True, unbiased=False)
-    importance = ((x - mu) / (sigma + 1e-6)).norm(dim=-1) * x.abs().amax(-1)
+    # h on the tokens divided by their largest magnitude p: (x - mu) / (sigma + 1e-6) is
+    # (y - mu_y) / (sigma_y + 1e-6 / p) and max |x| is p max |y|, a factor the min-max removes;
+    # in y no square or product overflows (tokens near float32's maximum gave the first k).
+    peak = _image_peak(x)
+    y = x / peak
+    mu = y.mean(-2, keepdim=True)
+    sigma = y.std(-2, keepdim=True, unbiased=False)
+    importance = ((y - mu) / (sigma + 1e-6 / peak)).norm(dim=-1) * y.abs().amax(-1)
     score = alpha * _min_max(diversity) + (1 - alpha) * _min_max(importance)
+    _check_finite(x, score)
     return score.argsort(dim=-1, descending=True, stable=True)[:, :k]
 
 

@@ -18,6 +18,8 @@ from otprune.selectors import (
     select_dpp,
     select_otprune,
     select_random,
+    select_stp,
+    select_trim,
 )
 from otprune.synthetic import clustered_tokens
 
@@ -66,6 +68,25 @@ def test_issue_example_at_1e20_and_near_the_float32_maximum(name):
     largest = torch.finfo(torch.float32).max / 2 / tokens.abs().max()
     for scale in (1e20, 1e-20, largest):
         assert torch.equal(select(tokens * scale, 3), expected), scale
+
+
+@pytest.mark.parametrize("exponent", [60, 127, -100, -140])
+def test_trim_ranks_by_distances_that_scale_with_the_tokens(exponent):
+    """Scaling tokens and text by one factor scales every distance by it: same picks."""
+    tokens = clustered_tokens(64, 32, seed=1)
+    text = torch.randn(5, 32, generator=torch.Generator().manual_seed(2))
+    tokens, text = tokens / tokens.abs().max(), text / text.abs().max()
+    expected = select_trim(tokens, 8, text=text)
+    assert torch.equal(select_trim(tokens * 2.0**exponent, 8, text=text * 2.0**exponent), expected)
+
+
+@pytest.mark.parametrize("exponent", [60, 127])
+def test_stp_on_large_tokens_picks_as_on_unit_ones(exponent):
+    """Up to float32's maximum (2**127 x tokens of magnitude <= 1). Not on tiny tokens: there
+    STP's absolute 1e-6 (METHOD.md) outweighs sigma and changes the ranking by design."""
+    tokens = clustered_tokens(64, 32, seed=1)
+    tokens = tokens / tokens.abs().max()
+    assert torch.equal(select_stp(tokens * 2.0**exponent, 8), select_stp(tokens, 8))
 
 
 def test_float16_tokens_near_65504_pick_as_float64_does():
