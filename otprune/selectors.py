@@ -2,17 +2,21 @@
 
 Every selector is a plain function ``select_x(tokens, k, **options) -> kept_indices``:
 
-- ``tokens``: ``(N, d)`` for one image or ``(B, N, d)`` for a batch sharing one budget ``k``;
-  float32, float16 or bfloat16 (float64 is kept as float64, which the exactness tests use).
+- ``tokens``: ``(N, d)`` for one image or ``(B, N, d)`` for a batch (``B >= 1``) sharing one
+  budget ``k``; float32, float16 or bfloat16 (float64 is kept as float64, which the exactness
+  tests use); finite. Other dtypes (float8 among them), meta tensors and empty batches are refused.
 - ``k``: the number of tokens to keep, an int in ``[1, N]``.
 - returns a ``torch.long`` tensor of shape ``(k,)`` or ``(B, k)``: distinct indices into the
   token axis, sorted ascending (so kept tokens keep their order), on ``tokens.device``.
 
-Kernels and greedy state are float32 whatever the input dtype. On a GPU the greedy loops run a
-fixed number of steps with no host synchronisation and no Python branching on tensor values, so
-the selection is queued without waiting (one finiteness check per call is the only sync); a batch
-runs all its greedies at once. On a CPU, where a read-back costs nothing, ``greedy_logdet`` runs
-image by image instead (same picks; see its ``path``).
+Kernels and greedy state are float32 whatever the input dtype. Vectors are divided by their
+largest magnitude before anything is squared (``_unit_norm``), so no finite input overflows or
+underflows a kernel, and the scale-invariant methods pick the same at any scale. Selection runs
+without autograd. On a GPU the greedy loops run a fixed number of steps with no host
+synchronisation and no Python branching on tensor values, so the selection is queued without
+waiting (one finiteness check per call, of the kernel or scores where there are some, is the only
+sync); a batch runs all its greedies at once. On a CPU, where a read-back costs nothing,
+``greedy_logdet`` runs image by image instead (same picks; see its ``path``).
 
 ``SELECTORS`` maps the ``BASELINE`` names of the reference code to these functions. The formulas
 are those of ``METHOD.md`` (kept beside the project as ``shared/METHOD.md``); the places where it
