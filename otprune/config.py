@@ -21,8 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from otprune.checks import as_int, check_positive, check_unit_interval
-from otprune.selectors import SELECTORS, accepted_options, check_greedy_path
+from otprune.checks import as_int, check_unit_interval
+from otprune.selectors import SELECTORS, accepted_options, check_gamma, check_greedy_path
 
 __all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "config_from_env"]
 
@@ -50,7 +50,7 @@ def _check_greedy_path(value) -> str:
 
 
 _OPTION_CHECKS = {
-    "gamma": lambda v: check_positive(v, "OTPRUNE_GAMMA (gamma)"),
+    "gamma": lambda v: check_gamma(v, "OTPRUNE_GAMMA (gamma)"),
     "seed": lambda v: as_int(v, "OTPRUNE_SEED (seed)"),
     "alpha": lambda v: check_unit_interval(v, "OTPRUNE_STP_ALPHA (alpha)", closed_low=True),
     "keep_ratio": lambda v: check_unit_interval(v, "OTPRUNE_TRIM_KEEP_RATIO (keep_ratio)", closed_low=False),

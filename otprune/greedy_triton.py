@@ -27,7 +27,7 @@ GREEDY_TILE_ELEMENTS = 8192
 
 @triton.jit
 def _greedy_logdet_kernel(
-    kernel_ptr, d2_ptr, floor_ptr, chol_ptr, picks_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    kernel_ptr, r_ptr, floor_ptr, ridge_ptr, chol_ptr, picks_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
 ):
     image = tl.program_id(0).to(tl.int64)
     kernel_ptr += image * n * n
@@ -36,12 +36,15 @@ def _greedy_logdet_kernel(
     columns = tl.arange(0, BLOCK_N)
     in_range = columns < n
     rows = tl.arange(0, BLOCK_K)
-    d2 = tl.load(d2_ptr + image * n + columns, mask=in_range, other=-float("inf"))
+    r = tl.load(r_ptr + image * n + columns, mask=in_range, other=-float("inf"))
     floor = tl.load(floor_ptr + image)
-    j = tl.argmax(d2, axis=0)
+    ridge = tl.load(ridge_ptr)
+    chosen = columns >= n
+    j = tl.argmax(r, axis=0)
     for t in range(k):
         tl.store(picks_ptr + t, j.to(tl.int64))
-        dj2 = tl.max(tl.where(columns == j, d2, -float("inf")), axis=0)
+        chosen = chosen | (columns == j)
+        dj2 = ridge + tl.max(tl.where(columns == j, r, -float("inf")), axis=0)
         residual = tl.load(kernel_ptr + j * n + columns, mask=in_range, other=0.0)
         for first in range(0, t, BLOCK_K):
             row = first + rows
@@ -56,22 +59,24 @@ def _greedy_logdet_kernel(
         tl.store(chol_ptr + t * n + columns, e, mask=in_range)
         # The next step reads this row's entries from other threads.
         tl.debug_barrier()
-        d2 = tl.where(columns == j, -float("inf"), d2 - e * e)
-        j = tl.argmax(d2, axis=0)
+        r = tl.where(chosen, -float("inf"), tl.maximum(r - e * e, 0.0))
+        j = tl.argmax(r, axis=0)
 
 
-def greedy_logdet_triton(kernel: torch.Tensor, k: int, floor: torch.Tensor) -> torch.Tensor:
+def greedy_logdet_triton(kernel: torch.Tensor, k: int, floor: torch.Tensor, ridge: float) -> torch.Tensor:
     """``greedy_logdet``'s picks for ``kernel`` ``(B, N, N)`` with the per-image rank ``floor``
-    ``(B,)``: ``(B, k)`` long indices in the order chosen."""
+    ``(B,)`` and the ``ridge``: ``(B, k)`` long indices in the order chosen."""
     b, n, _ = kernel.shape
     kernel = kernel.contiguous()
-    d2 = kernel.diagonal(dim1=-2, dim2=-1).contiguous()
+    r = kernel.diagonal(dim1=-2, dim2=-1).clamp_min(0).contiguous()
+    # A tensor, not a scalar argument: Triton would pass a Python float as float32.
+    ridge = torch.full((1,), ridge, dtype=kernel.dtype, device=kernel.device)
     chol = kernel.new_empty(b, k, n)
     picks = torch.empty(b, k, dtype=torch.long, device=kernel.device)
     block_n = triton.next_power_of_2(n)
     block_k = max(1, GREEDY_TILE_ELEMENTS // block_n)
     _greedy_logdet_kernel[(b,)](
-        kernel, d2, floor.to(kernel.dtype).contiguous(), chol, picks, n, k,
+        kernel, r, floor.to(kernel.dtype).contiguous(), ridge, chol, picks, n, k,
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n <= 1024 else 8,
         # Unfused multiply-adds round as torch's separate operations do.
         enable_fp_fusion=False,

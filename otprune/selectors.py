@@ -2,17 +2,21 @@
 
 Every selector is a plain function ``select_x(tokens, k, **options) -> kept_indices``:
 
-- ``tokens``: ``(N, d)`` for one image or ``(B, N, d)`` for a batch sharing one budget ``k``;
-  float32, float16 or bfloat16 (float64 is kept as float64, which the exactness tests use).
+- ``tokens``: ``(N, d)`` for one image or ``(B, N, d)`` for a batch (``B >= 1``) sharing one
+  budget ``k``; float32, float16 or bfloat16 (float64 is kept as float64, which the exactness
+  tests use); finite. Other dtypes (float8 among them), meta tensors and empty batches are refused.
 - ``k``: the number of tokens to keep, an int in ``[1, N]``.
 - returns a ``torch.long`` tensor of shape ``(k,)`` or ``(B, k)``: distinct indices into the
   token axis, sorted ascending (so kept tokens keep their order), on ``tokens.device``.
 
-Kernels and greedy state are float32 whatever the input dtype. On a GPU the greedy loops run a
-fixed number of steps with no host synchronisation and no Python branching on tensor values, so
-the selection is queued without waiting (one finiteness check per call is the only sync); a batch
-runs all its greedies at once. On a CPU, where a read-back costs nothing, ``greedy_logdet`` runs
-image by image instead (same picks; see its ``path``).
+Kernels and greedy state are float32 whatever the input dtype. Vectors are divided by their
+largest magnitude before anything is squared (``_unit_norm``), so no finite input overflows or
+underflows a kernel, and the scale-invariant methods pick the same at any scale. Selection runs
+without autograd. On a GPU the greedy loops run a fixed number of steps with no host
+synchronisation and no Python branching on tensor values, so the selection is queued without
+waiting (one finiteness check per call, of the kernel or scores where there are some, is the only
+sync); a batch runs all its greedies at once. On a CPU, where a read-back costs nothing,
+``greedy_logdet`` runs image by image instead (same picks; see its ``path``).
 
 ``SELECTORS`` maps the ``BASELINE`` names of the reference code to these functions. The formulas
 are those of ``METHOD.md`` (kept beside the project as ``shared/METHOD.md``); the places where it
@@ -29,14 +33,19 @@ from typing import Callable
 
 import torch
 
-from otprune.checks import as_int, check_positive, check_unit_interval
+from otprune.checks import as_int, check_unit_interval
 
 __all__ = [
+    "GAMMA_RANGE",
     "GREEDY_PATHS",
+    "SEED_RANGE",
     "SELECTORS",
+    "TOKEN_DTYPES",
     "accepted_options",
     "budget",
+    "check_gamma",
     "check_greedy_path",
+    "check_seed",
     "get_selector",
     "greedy_logdet",
     "otprune_kernel",
@@ -56,6 +65,14 @@ DEFAULT_STP_ALPHA = 0.3
 DEFAULT_TRIM_KEEP_RATIO = 0.8
 # Below this residual variance a DPP candidate adds nothing; the greedy then fills its budget.
 SINGULAR_EPS = 1e-10
+# OTPrune's greedy runs on L / gamma = I / gamma + A A^T (see select_otprune): the ridge 1 / gamma
+# must be a finite normal float32, so gamma lies in [1 / float32 max, 1 / float32's smallest normal]
+# = [2.9e-39, 8.5e37]. Past the top, the ridge is lost to underflow; below the bottom it overflows.
+GAMMA_RANGE = (1 / torch.finfo(torch.float32).max, 1 / torch.finfo(torch.float32).tiny)
+# Dtypes the selectors take; the float8 types (no reductions on a CPU) and the rest are refused.
+TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.Generator takes 64-bit unsigned seeds.
+SEED_RANGE = (0, 2**64 - 1)
 # How greedy_logdet may run (see its docstring).
 GREEDY_PATHS = ("host", "batched", "triton")
 # Guards divisions by norms of all-zero rows or columns.
@@ -85,8 +102,13 @@ def _validate(tokens, k) -> int:
         raise TypeError(f"tokens must be a torch.Tensor of shape (N, d) or (B, N, d); got {type(tokens).__name__}")
     if tokens.dim() not in (2, 3):
         raise ValueError(f"tokens must have shape (N, d) or (B, N, d); got shape {tuple(tokens.shape)}")
-    if not tokens.is_floating_point():
-        raise TypeError(f"tokens must be a floating-point tensor (float32, float16, bfloat16); got {tokens.dtype}")
+    if tokens.dtype not in TOKEN_DTYPES:
+        allowed = ", ".join(str(dtype).removeprefix("torch.") for dtype in TOKEN_DTYPES)
+        raise TypeError(f"tokens must be a floating-point tensor of dtype {allowed}; got {tokens.dtype}")
+    if tokens.device.type == "meta":
+        raise ValueError("tokens are on the meta device, which holds no values; selection reads them: pass a CPU or GPU tensor")
+    if tokens.dim() == 3 and tokens.shape[0] < 1:
+        raise ValueError(f"a batch of tokens must hold at least one image; got shape {tuple(tokens.shape)}")
     k = as_int(k, "k")
     n = tokens.shape[-2]
     if not 1 <= k <= n:
@@ -96,19 +118,32 @@ def _validate(tokens, k) -> int:
     return k
 
 
-def _check_finite(x: torch.Tensor) -> None:
-    # min and max propagate NaN and are +-Inf when any entry is: one pass with no (B, N, d) mask,
-    # which torch.isfinite would allocate. The one host synchronisation of a call.
-    low, high = torch.aminmax(x)
-    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+def _check_finite(tokens: torch.Tensor, kernel: torch.Tensor | None = None) -> None:
+    """Raises unless ``tokens`` (and the ``kernel`` or scores built from them, if given) are all finite.
+
+    min and max propagate NaN and are +-Inf when any entry is: one pass with no (B, N, d) mask,
+    which torch.isfinite would allocate. Given a kernel, only the kernel is read (a non-finite
+    token makes its kernel non-finite): the one host synchronisation of a call either way.
+    """
+    low, high = torch.aminmax(tokens if kernel is None else kernel)
+    if bool(torch.isfinite(low) & torch.isfinite(high)):
+        return
+    if kernel is None or not bool(torch.isfinite(torch.stack(torch.aminmax(tokens))).all()):
         raise ValueError("tokens contain NaN or Inf; every entry must be finite")
+    # The kernels are built to stay finite for every finite input: this is a bug, not bad input.
+    raise ArithmeticError(
+        f"the selector's kernel is not finite although the tokens are (largest |token| {float(tokens.abs().max()):.3g}); "
+        "please report this input"
+    )
 
 
 def _work_dtype(tokens: torch.Tensor) -> torch.dtype:
     return torch.float64 if tokens.dtype == torch.float64 else torch.float32
 
 
-def _selector(core: Callable | None = None, *, image_by_image_on_cpu: bool = True) -> Callable:
+def _selector(
+    core: Callable | None = None, *, image_by_image_on_cpu: bool = True, checks_own_kernel: bool = False
+) -> Callable:
     """Wraps a core ``(x: (B, N, d) float, k, **options) -> (B, k)`` into the public contract.
 
     On a CPU the core runs image by image: a whole batch's float32 working copy (150 MB for 16
@@ -118,17 +153,23 @@ def _selector(core: Callable | None = None, *, image_by_image_on_cpu: bool = Tru
     takes 15x image by image (2 cores, ``bench_selectors``).
     Cores with batch-shaped tensor options (TRIM's ``text``) opt out. On a GPU the batch runs as
     one. ``select.__wrapped__`` is the core itself, for tests of the batched path on a CPU.
+
+    Cores that build a kernel (``checks_own_kernel``) check its finiteness themselves with
+    ``_check_finite(x, kernel)``; the others' tokens are checked here. Selection runs without
+    autograd: indices have no gradient, and tokens that require one are read like detached ones.
     """
     if core is None:
-        return functools.partial(_selector, image_by_image_on_cpu=image_by_image_on_cpu)
+        return functools.partial(_selector, image_by_image_on_cpu=image_by_image_on_cpu, checks_own_kernel=checks_own_kernel)
 
     def run(tokens: torch.Tensor, k: int, options: dict) -> torch.Tensor:
-        # Checked before the float32 copy: half the bytes for float16, and a cast keeps non-finite
-        # values non-finite and finite ones finite.
-        _check_finite(tokens)
+        if not checks_own_kernel:
+            # Checked before the float32 copy: half the bytes for float16, and a cast keeps
+            # non-finite values non-finite and finite ones finite.
+            _check_finite(tokens)
         return core(tokens.to(_work_dtype(tokens)), k, **options)
 
     @functools.wraps(core)
+    @torch.no_grad()
     def select(tokens: torch.Tensor, k: int, **options) -> torch.Tensor:
         k = _validate(tokens, k)
         single = tokens.dim() == 2
@@ -143,12 +184,33 @@ def _selector(core: Callable | None = None, *, image_by_image_on_cpu: bool = Tru
     return select
 
 
-def _row_normalise(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+def _unit_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x`` scaled to unit L2 norm along ``dim`` (all-zero vectors stay zero), for any finite ``x``.
+
+    Each vector is first divided by its largest magnitude, so its squares lie in [0, 1] and its
+    norm in [1, sqrt(length)]: no float32 overflow (tokens of 1e20) or underflow (tokens of
+    1e-20) whatever the input's scale, and the result does not depend on that scale. A non-finite
+    entry makes its whole vector NaN, which the kernel's finiteness check catches.
+    """
+    # amax and amin rather than aminmax: 50x faster for the strided column reduction on a CPU.
+    peak = torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
+    peak.clamp_min_(torch.finfo(x.dtype).smallest_normal)
+    # Sum of squares rather than torch.norm: the same value, 5x faster for the strided column
+    # reduction on a CPU. The squares' buffer then takes the result: one (N, d) allocation fewer,
+    # whose fresh pages cost a CPU more time than the division that refills it.
+    unit = torch.div(x, peak)
+    norm = unit.square_().sum(dim, keepdim=True).sqrt_().clamp_min_(NORM_EPS)
+    return torch.div(x, peak, out=unit).div_(norm)
+
+
+def _image_peak(x: torch.Tensor) -> torch.Tensor:
+    """The largest magnitude in each image of ``x`` ``(B, M, d)``: ``(B, 1, 1)``, at least the
+    smallest normal number (so that an all-zero image divides to zeros)."""
+    return x.abs().amax((-2, -1), keepdim=True).clamp_min_(torch.finfo(x.dtype).smallest_normal)
 
 
 def _cosine_similarity(x: torch.Tensor) -> torch.Tensor:
-    return _gram(_row_normalise(x))
+    return _gram(_unit_norm(x, dim=-1))
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -176,24 +238,32 @@ def _batch_index(x: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_logdet(
-    kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, path: str | None = None
+    kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, ridge: float = 0.0, path: str | None = None
 ) -> torch.Tensor:
-    """Greedy MAP of ``log det(L_S)`` by incremental Cholesky (Chen, Zhang & Zhou 2018).
+    """Greedy MAP of ``log det(L_S)`` for ``L = ridge * I + kernel`` by incremental Cholesky
+    (Chen, Zhang & Zhou 2018).
 
-    ``kernel``: ``(B, N, N)`` symmetric PSD float tensor. Returns the ``(B, k)`` picks in the order
-    chosen (not sorted). ``d2[i]`` is the residual variance of candidate ``i`` given the picks so
-    far, so ``log d2[i]`` is its marginal gain; each step takes the largest.
+    ``kernel``: ``(B, N, N)`` symmetric PSD float tensor; ``ridge >= 0``. Returns the ``(B, k)``
+    picks in the order chosen (not sorted). ``d2[i] = ridge + r[i]`` is the residual variance of
+    candidate ``i`` given the picks so far, so ``log d2[i]`` is its marginal gain; each step takes
+    the largest. The loop tracks ``r`` (``kernel``'s share) apart from the ridge: ``ridge + r``
+    would lose ``r``'s digits in float32 wherever ``r << ridge``. ``r >= 0`` in exact arithmetic,
+    so rounding that takes it below 0 is clamped.
+
+    ``ridge > 0`` (OTPrune's ``I / gamma + A A^T``): every ``d2 >= ridge > 0``, so every step is a
+    Cholesky step and the greedy never runs out of candidates (METHOD.md: ``d2 >= 1`` for
+    ``I + gamma A A^T``).
+
+    ``ridge = 0`` (DPP): when the largest remaining ``d2`` is ``<= max(eps, 100 * machine epsilon
+    * max diag(kernel))`` the kernel has no rank left (**deviation** from METHOD.md's plain
+    ``1e-10``, which float32 rounding noise exceeds, so the fill rule would never fire there): the
+    step then adds a zero Cholesky column, which leaves every ``d2`` unchanged, so the remaining
+    picks are the unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP
+    kernel), decided without reading any value back to the host.
 
     A batch gives each image the picks it gets alone, except where float32 rounding (which BLAS
     may do differently for different batch sizes and thread counts) decides a near-tie; in
     float64 they agree exactly.
-
-    When the largest remaining ``d2`` is ``<= max(eps, 100 * machine epsilon * max diag(L))`` the
-    kernel has no rank left (**deviation** from METHOD.md's plain ``1e-10``, which float32 rounding
-    noise exceeds, so the fill rule would never fire there): the step then adds
-    a zero Cholesky column, which leaves every ``d2`` unchanged, so the remaining picks are the
-    unchosen candidates of largest ``d2`` (METHOD.md's fill rule for a singular DPP kernel),
-    decided without reading any value back to the host.
 
     ``path`` says how the same greedy runs (default ``"host"`` for CPU tensors, else ``"batched"``):
 
@@ -208,36 +278,42 @@ def greedy_logdet(
     which the fill order follows rounding noise that it sums in another order).
     """
     path = _greedy_path(path, kernel.device)
-    d2 = kernel.diagonal(dim1=-2, dim2=-1).clone()
-    # Residual variances are exact only to rounding of the kernel's scale: below that, "no rank
-    # left" (float32 noise would otherwise pass for volume).
-    floor = torch.clamp_min(100 * torch.finfo(kernel.dtype).eps * d2.amax(-1), eps)
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0; got {ridge!r}")
+    r = kernel.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    if ridge > 0:
+        floor = r.new_zeros(r.shape[0])
+    else:
+        # Residual variances are exact only to rounding of the kernel's scale: below that, "no
+        # rank left" (float32 noise would otherwise pass for volume).
+        floor = torch.clamp_min(100 * torch.finfo(kernel.dtype).eps * r.amax(-1), eps)
     if path == "host":
-        return torch.stack([_greedy_logdet_one(kernel[i], d2[i], floor[i], k) for i in range(kernel.shape[0])])
+        return torch.stack([_greedy_logdet_one(kernel[i], r[i], floor[i], ridge, k) for i in range(kernel.shape[0])])
     if path == "triton":
         from otprune.greedy_triton import greedy_logdet_triton
 
-        return greedy_logdet_triton(kernel, k, floor)
+        return greedy_logdet_triton(kernel, k, floor, ridge)
     b, n, _ = kernel.shape
     batch = _batch_index(kernel)
     # Row t holds the t-th Cholesky column for every candidate; rows stay contiguous as they grow.
     chol = kernel.new_zeros(b, k, n)
+    chosen = torch.zeros(b, n, dtype=torch.bool, device=kernel.device)
     picks = torch.empty(b, k, dtype=torch.long, device=kernel.device)
-    j = d2.argmax(dim=-1)
+    j = r.argmax(dim=-1)
     for t in range(k):
         picks[:, t] = j
         if t == k - 1:
             break
-        dj2 = d2[batch, j]
+        chosen[batch, j] = True
+        dj2 = ridge + r[batch, j]
         c_j = chol[batch, :t, j]
         residual = kernel[batch, j] - (c_j[:, None, :] @ chol[:, :t]).squeeze(1)
         has_rank = dj2 > floor
         e = torch.where(has_rank[:, None], residual / torch.maximum(dj2, floor).sqrt()[:, None], 0.0)
         chol[:, t] = e
-        d2 = d2 - e.square()
-        # Chosen candidates are excluded for good: later updates keep -inf at -inf.
-        d2[batch, j] = -math.inf
-        j = d2.argmax(dim=-1)
+        # Chosen candidates are excluded for good.
+        r = (r - e.square()).clamp_min_(0).masked_fill_(chosen, -math.inf)
+        j = r.argmax(dim=-1)
     return picks
 
 
@@ -256,66 +332,92 @@ def _greedy_path(path: str | None, device: torch.device) -> str:
     return check_greedy_path(path)
 
 
-def _greedy_logdet_one(kernel: torch.Tensor, d2: torch.Tensor, floor: torch.Tensor, k: int) -> torch.Tensor:
+def _greedy_logdet_one(kernel: torch.Tensor, r: torch.Tensor, floor: torch.Tensor, ridge: float, k: int) -> torch.Tensor:
     """``greedy_logdet`` for one ``(N, N)`` kernel, picks read back to the host (its ``"host"`` path)."""
     chol = kernel.new_zeros(k, kernel.shape[0])
+    chosen = torch.zeros(kernel.shape[0], dtype=torch.bool, device=kernel.device)
     picks = []
-    j = int(d2.argmax())
+    j = int(r.argmax())
     for t in range(k):
         picks.append(j)
         if t == k - 1:
             break
-        dj2 = d2[j]
+        chosen[j] = True
+        dj2 = ridge + r[j]
         if dj2 > floor:
             chol[t] = (kernel[j] - chol[:t, j] @ chol[:t]) / dj2.sqrt()
-            d2 -= chol[t].square()
-        d2[j] = -math.inf
-        j = int(d2.argmax())
+            r.sub_(chol[t].square()).clamp_min_(0)
+        r.masked_fill_(chosen, -math.inf)
+        j = int(r.argmax())
     return torch.tensor(picks, dtype=torch.long, device=kernel.device)
 
 
-def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
-    """OTPrune's kernel ``L = I + gamma * A A^T`` with ``A = X_hat X_hat^T``.
+def check_gamma(value, name: str = "gamma") -> float:
+    """``value`` as a float if it is a number in ``GAMMA_RANGE`` (OTPrune's gamma)."""
+    low, high = GAMMA_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ValueError(
+            f"{name} must be a number in [{low:.3g}, {high:.3g}] (where OTPrune's float32 ridge 1/gamma "
+            f"is a normal number); got {value!r}"
+        )
+    return float(value)
 
-    ``x``: ``(..., N, d)``; returns ``(..., N, N)`` in ``x``'s dtype. ``X_hat`` scales each
-    embedding dimension (column) to unit L2 norm over the N tokens, without centring (METHOD.md
-    step 1). ``A A^T`` is built the cheaper way: as the Gram products ``A = X_hat X_hat^T`` and
-    ``A A^T`` (``2N^2 d + 2N^3`` flops, halved on a CPU by ``_gram``) when ``d >= N``, as for
-    LLaVA's 4096-wide tokens, else as ``X_hat (X_hat^T X_hat) X_hat^T`` (``2N d^2 + 2N^2 d``).
+
+def _interaction_gram(x: torch.Tensor) -> torch.Tensor:
+    """``A A^T`` with ``A = X_hat X_hat^T``: ``(..., N, d) -> (..., N, N)`` in ``x``'s dtype.
+
+    ``X_hat`` scales each embedding dimension (column) to unit L2 norm over the N tokens, without
+    centring (METHOD.md step 1), whatever the tokens' scale (``_unit_norm``). Its entries lie in
+    [-1, 1], so every entry of ``A A^T`` is at most ``d^2`` in magnitude: finite for any finite
+    input. Built the cheaper way: as the Gram products ``A = X_hat X_hat^T`` and ``A A^T``
+    (``2N^2 d + 2N^3`` flops, halved on a CPU by ``_gram``) when ``d >= N``, as for LLaVA's
+    4096-wide tokens, else as ``X_hat (X_hat^T X_hat) X_hat^T`` (``2N d^2 + 2N^2 d``).
     """
     n, d = x.shape[-2:]
-    # Sum of squares rather than torch.norm: the same value, 5x faster for this strided reduction
-    # on a CPU (torch.norm's rescaling against overflow is moot for projected visual tokens). The
-    # squares' buffer then takes X_hat: one (N, d) allocation fewer, whose fresh pages cost a CPU
-    # as much time as the division.
-    x_hat = x.square()
-    norm = x_hat.sum(-2, keepdim=True).sqrt_().clamp_min_(NORM_EPS)
-    x_hat = torch.div(x, norm, out=x_hat)
+    x_hat = _unit_norm(x, dim=-2)
     if d >= n:
-        kernel = gamma * _gram(_gram(x_hat))
-    else:
-        x_hat_t = x_hat.transpose(-1, -2)
-        kernel = gamma * ((x_hat @ (x_hat_t @ x_hat)) @ x_hat_t)
+        return _gram(_gram(x_hat))
+    x_hat_t = x_hat.transpose(-1, -2)
+    return (x_hat @ (x_hat_t @ x_hat)) @ x_hat_t
+
+
+def otprune_kernel(x: torch.Tensor, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:
+    """OTPrune's kernel ``L = I + gamma * A A^T`` with ``A = X_hat X_hat^T`` (see ``_interaction_gram``).
+
+    ``x``: ``(..., N, d)``; returns ``(..., N, N)`` in ``x``'s dtype. ``select_otprune`` runs its
+    greedy on ``L / gamma`` instead, which keeps in float32 the digits that ``1 + gamma * ...``
+    loses for a small ``gamma``.
+    """
+    kernel = check_gamma(gamma) * _interaction_gram(x)
     kernel.diagonal(dim1=-2, dim2=-1).add_(1.0)
     return kernel
 
 
-@_selector
+@_selector(checks_own_kernel=True)
 def select_otprune(x: torch.Tensor, k: int, *, gamma: float = DEFAULT_GAMMA, greedy: str | None = None) -> torch.Tensor:
     """OTPrune (``BASELINE=OURS``): greedy maximisation of ``log det(I + gamma A_S A_S^T)``.
 
     The objective is the log-det lower bound of the Gaussian 2-Wasserstein alignment between the
     kept and the full token set; it is monotone submodular, so the greedy is within ``1 - 1/e`` of
-    the best subset. Because ``L = I + PSD``, every unchosen candidate keeps ``d2 >= 1``.
+    the best subset. Because ``L = I + PSD``, every unchosen candidate keeps ``d2 >= 1``: the
+    greedy never runs out of candidates, whatever the tokens (one dominant token included).
+
+    The greedy runs on ``L / gamma = I / gamma + A A^T`` (``greedy_logdet`` with ``ridge = 1 /
+    gamma``): scaling a kernel by ``c`` adds ``k log c`` to the log det of every k-subset, so the
+    picks are ``L``'s, while float32 keeps ``A A^T``'s digits that ``1 + gamma * A A^T`` rounds
+    away for a small ``gamma`` (``I + 1e-9 A A^T`` is ``I`` in float32) and no entry overflows for
+    a large one. ``gamma`` must lie in ``GAMMA_RANGE``, where ``1 / gamma`` is a normal float32.
 
     **Choice** (METHOD.md): ``gamma = 0.01`` by default, the value the paper's sensitivity study
     favours; pass ``gamma=`` to override. ``greedy`` is ``greedy_logdet``'s ``path``.
     """
-    gamma = check_positive(gamma, "gamma")
-    return greedy_logdet(otprune_kernel(x, gamma), k, path=greedy)
+    gamma = check_gamma(gamma)
+    interaction = _interaction_gram(x)
+    _check_finite(x, interaction)
+    return greedy_logdet(interaction, k, ridge=1 / gamma, path=greedy)
 
 
-@_selector
+@_selector(checks_own_kernel=True)
 def select_dpp(x: torch.Tensor, k: int, *, greedy: str | None = None) -> torch.Tensor:
     """DPP (``BASELINE=DPP``): the same greedy MAP on the cosine-similarity kernel ``X~ X~^T``.
 
@@ -324,17 +426,21 @@ def select_dpp(x: torch.Tensor, k: int, *, greedy: str | None = None) -> torch.T
     volume the budget is filled with the unchosen tokens of largest residual variance.
     ``greedy`` is ``greedy_logdet``'s ``path``.
     """
-    return greedy_logdet(_cosine_similarity(x), k, path=greedy)
+    kernel = _cosine_similarity(x)
+    _check_finite(x, kernel)
+    return greedy_logdet(kernel, k, path=greedy)
 
 
-@_selector
+@_selector(checks_own_kernel=True)
 def select_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
     """DivPrune (``BASELINE=DIVPRUNE``): greedy max-min diversity under cosine distance.
 
     ``D = 1 - cos``. The first pick is the token farthest from its nearest other token; each
     later pick is the unchosen token whose distance to the nearest chosen token is largest.
     """
-    distance = 1.0 - _cosine_similarity(x)
+    similarity = _cosine_similarity(x)
+    _check_finite(x, similarity)
+    distance = 1.0 - similarity
     b, n, _ = distance.shape
     batch = _batch_index(x)
     nearest_other = distance.masked_fill(torch.eye(n, dtype=torch.bool, device=x.device), math.inf).amin(-1)
@@ -349,6 +455,15 @@ def select_divprune(x: torch.Tensor, k: int) -> torch.Tensor:
     return picks
 
 
+def check_seed(value, name: str = "seed") -> int:
+    """``value`` as an int if it is in ``SEED_RANGE``, the seeds ``torch.Generator`` takes."""
+    seed = as_int(value, name)
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise ValueError(f"{name} must be an int in [{low}, 2**64 - 1]; got {seed}")
+    return seed
+
+
 @_selector
 def select_random(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     """Random (``BASELINE=RANDOM``): k distinct tokens uniformly at random.
@@ -357,7 +472,7 @@ def select_random(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     subset on every device, alone or in a batch (every batch element gets that subset), so a batch
     prunes as its images do one by one. Vary ``seed`` for other draws.
     """
-    seed = as_int(seed, "seed")
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     b, n, _ = x.shape
     scores = torch.rand(n, generator=generator)
@@ -388,7 +503,7 @@ def select_uniform(x: torch.Tensor, k: int) -> torch.Tensor:
     return positions.to(x.device).expand(x.shape[0], k)
 
 
-@_selector(image_by_image_on_cpu=False)
+@_selector(image_by_image_on_cpu=False, checks_own_kernel=True)
 def select_trim(
     x: torch.Tensor, k: int, *, text: torch.Tensor | None = None, keep_ratio: float = DEFAULT_TRIM_KEEP_RATIO
 ) -> torch.Tensor:
@@ -406,7 +521,11 @@ def select_trim(
     keep_ratio = check_unit_interval(keep_ratio, "keep_ratio", closed_low=False)
     b, n, d = x.shape
     text = _check_text(text, b, d).to(device=x.device, dtype=x.dtype)
-    alignment = -torch.cdist(x, text).mean(-1)
+    # Distances scale with the tokens: measured on tokens and text divided by their largest
+    # magnitude, the ranking is the same and cannot overflow (tokens of 1e20) or underflow.
+    peak = torch.maximum(_image_peak(x), _image_peak(text))
+    alignment = -torch.cdist(x / peak, text / peak).mean(-1)
+    _check_finite(x, alignment)
     n1 = max(k, math.floor(keep_ratio * n))
     candidates = alignment.argsort(dim=-1, descending=True, stable=True)[:, :n1]
     x1 = x.gather(1, candidates[..., None].expand(b, n1, d))
@@ -447,7 +566,7 @@ def _min_max(v: torch.Tensor) -> torch.Tensor:
     return (v - low) / span.clamp_min(NORM_EPS)
 
 
-@_selector
+@_selector(checks_own_kernel=True)
 def select_stp(x: torch.Tensor, k: int, *, alpha: float = DEFAULT_STP_ALPHA) -> torch.Tensor:
     """STP (``BASELINE=STP``): top-k of ``alpha * diversity + (1 - alpha) * importance``.
 
@@ -466,10 +585,16 @@ def select_stp(x: torch.Tensor, k: int, *, alpha: float = DEFAULT_STP_ALPHA) -> 
     diversity = 1.0 - similarity.masked_fill(eye, -math.inf).amax(-1)
     if n == 1:
         diversity = torch.zeros_like(diversity)
-    mu = x.mean(-2, keepdim=True)
-    sigma = x.std(-2, keepdim=True, unbiased=False)
-    importance = ((x - mu) / (sigma + 1e-6)).norm(dim=-1) * x.abs().amax(-1)
+    # h on the tokens divided by their largest magnitude p: (x - mu) / (sigma + 1e-6) is
+    # (y - mu_y) / (sigma_y + 1e-6 / p) and max |x| is p max |y|, a factor the min-max removes;
+    # in y no square or product overflows (tokens near float32's maximum gave the first k).
+    peak = _image_peak(x)
+    y = x / peak
+    mu = y.mean(-2, keepdim=True)
+    sigma = y.std(-2, keepdim=True, unbiased=False)
+    importance = ((y - mu) / (sigma + 1e-6 / peak)).norm(dim=-1) * y.abs().amax(-1)
     score = alpha * _min_max(diversity) + (1 - alpha) * _min_max(importance)
+    _check_finite(x, score)
     return score.argsort(dim=-1, descending=True, stable=True)[:, :k]
 
 

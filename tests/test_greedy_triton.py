@@ -12,7 +12,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from otprune.selectors import _cosine_similarity, greedy_logdet, otprune_kernel, select_dpp, select_otprune  # noqa: E402
+from otprune.selectors import (  # noqa: E402
+    DEFAULT_GAMMA,
+    _cosine_similarity,
+    _interaction_gram,
+    greedy_logdet,
+    select_dpp,
+    select_otprune,
+)
 from otprune.synthetic import clustered_tokens  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,9 +28,21 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("gamma", [0.01, 1.0])
 def test_triton_greedy_picks_what_the_torch_greedy_picks(gamma):
     x = clustered_tokens(100, 24, seed=4, batch=3, dtype=torch.float64).to(DEVICE)
-    kernel = otprune_kernel(x, gamma)
+    kernel = _interaction_gram(x)  # OTPrune's greedy: ridge 1 / gamma on A A^T
     for k in (1, 2, 17, 100):
-        assert torch.equal(greedy_logdet(kernel, k, path="triton"), greedy_logdet(kernel, k, path="batched"))
+        fused = greedy_logdet(kernel, k, ridge=1 / gamma, path="triton")
+        assert torch.equal(fused, greedy_logdet(kernel, k, ridge=1 / gamma, path="batched"))
+
+
+@pytest.mark.parametrize("kernel_of", ["otprune", "cosine"])
+def test_triton_greedy_in_float32_at_llava_size(kernel_of):
+    """N = 576 (one LLaVA-1.5 image) in float32, as the selectors run; the rank of both kernels
+    exceeds k, so no pick is a fill. k = 32 keeps the interpreter to seconds."""
+    x = clustered_tokens(576, 1024, seed=8, batch=2).to(DEVICE)
+    kernel, ridge = (_interaction_gram(x), 1 / DEFAULT_GAMMA) if kernel_of == "otprune" else (_cosine_similarity(x), 0.0)
+    fused = greedy_logdet(kernel, 32, ridge=ridge, path="triton")
+    assert torch.equal(fused, greedy_logdet(kernel, 32, ridge=ridge, path="batched"))
+    assert torch.equal(fused, greedy_logdet(kernel, 32, ridge=ridge, path="host"))
 
 
 def test_triton_greedy_on_a_singular_kernel_agrees_up_to_its_rank_then_fills():
@@ -52,7 +71,7 @@ from triton.compiler import ASTSource
 from otprune.greedy_triton import _greedy_logdet_kernel
 for dtype, block_n, block_k, warps in (("fp32", 1024, 8, 4), ("fp32", 4096, 2, 8), ("fp64", 128, 64, 4)):
     pointer = "*" + dtype
-    signature = {"kernel_ptr": pointer, "d2_ptr": pointer, "floor_ptr": pointer, "chol_ptr": pointer,
+    signature = {"kernel_ptr": pointer, "r_ptr": pointer, "floor_ptr": pointer, "ridge_ptr": pointer, "chol_ptr": pointer,
                  "picks_ptr": "*i64", "n": "i32", "k": "i32", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
     source = ASTSource(_greedy_logdet_kernel, signature, constexprs={"BLOCK_N": block_n, "BLOCK_K": block_k})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "enable_fp_fusion": False})

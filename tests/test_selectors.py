@@ -233,7 +233,7 @@ def test_bad_types_raise_type_error():
 
 def test_bad_options():
     x = torch.randn(10, D)
-    with pytest.raises(ValueError, match="gamma must be a finite number > 0; got -1"):
+    with pytest.raises(ValueError, match=r"gamma must be a number in \[2.94e-39, 8.51e\+37\].*got -1"):
         select_otprune(x, 2, gamma=-1)
     with pytest.raises(ValueError, match=r"alpha must be a number in \[0, 1\]; got 2"):
         select_stp(x, 2, alpha=2)
@@ -272,9 +272,11 @@ def test_budget():
 @pytest.mark.parametrize("kernel_of", ["otprune", "cosine"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_host_and_batched_greedy_pick_the_same(kernel_of, dtype):
-    from otprune.selectors import _cosine_similarity, greedy_logdet, otprune_kernel
+    from otprune.selectors import DEFAULT_GAMMA, _cosine_similarity, _interaction_gram, greedy_logdet
 
     x = clustered_tokens(200, 48, seed=4, batch=3, dtype=dtype)
-    kernel = otprune_kernel(x) if kernel_of == "otprune" else _cosine_similarity(x)
-    for k in (1, 20, 90):  # 90 > rank 48 of the cosine kernel: the fill phase too
-        assert torch.equal(greedy_logdet(kernel, k, path="host"), greedy_logdet(kernel, k, path="batched"))
+    # OTPrune's greedy: ridge 1 / gamma on A A^T; DPP's: no ridge on the cosine kernel.
+    kernel, ridge = (_interaction_gram(x), 1 / DEFAULT_GAMMA) if kernel_of == "otprune" else (_cosine_similarity(x), 0.0)
+    for k in (1, 20, 90):  # 90 > rank 48 of both kernels: the fill phase of the cosine one too
+        host = greedy_logdet(kernel, k, ridge=ridge, path="host")
+        assert torch.equal(host, greedy_logdet(kernel, k, ridge=ridge, path="batched"))
