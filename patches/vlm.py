@@ -1,0 +1,342 @@
+"""transformers' Qwen-VL and LLaVA-OneVision classes: prune before the LLM, keep the model's own positions.
+
+Covers ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``. Their
+processors expand each image (or video) into as many placeholder tokens as it has visual tokens.
+``generate`` and ``forward`` are wrapped; with pruning on they compute, from the caller's full
+sequence, what the model would: the token embeddings with the image and video features scattered
+into their placeholders, and the positions of every token (Qwen: the 3-D (time, height, width)
+rotary positions of the model's own ``get_rope_index``, text after an image continuing from the
+grid's largest position; OneVision: the 1-D positions the unpruned call would use). Then:
+
+- ``LAYER_INDEX = 0``: each selection unit keeps ``budget(ratio, N)`` of its ``N`` tokens; the
+  LLM gets ``inputs_embeds`` and ``position_ids`` cut to the kept tokens (and re-padded), so each
+  kept token keeps the position the unpruned model gives it: **choice**: positions are gathered,
+  never renumbered, as renumbering would scramble the image grid's spatial layout. Decoding goes
+  on from the last prompt token's position, which is the unpruned model's next position (prompts
+  end with text). Qwen3-VL's DeepStack features are added at the kept visual positions only.
+  ``generate`` returns the caller's full ``input_ids`` followed by the new tokens, as unpruned;
+  ``forward`` returns logits for the shortened sequence.
+- ``K > 0``: the model runs unchanged and the layer hooks of ``layers.py`` prune inside the LLM.
+
+Selection units: each image is one unit. **Choice** for video: per frame: each temporal step of
+a video (Qwen: one ``t`` of its grid, two input frames merged; OneVision: one pooled frame) is
+pruned to its own budget, as an image would be, so a clip keeps the same share of every moment;
+OneVision's one newline token after a video is always kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from otprune.prune import select_per_image
+
+from .hf import _as_keywords, _with_full_prompt
+from .layers import PrefillState, attach_state
+from .splice import IGNORE_INDEX, question_positions, repad
+
+QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+ONEVISION_CLASS = "LlavaOnevisionForConditionalGeneration"
+CLASS_NAMES = (*QWEN_CLASSES, ONEVISION_CLASS)
+# Inputs that only describe the images and videos: the pruned call gets embeddings instead.
+VISUAL_INPUTS = (
+    "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids",
+    "image_sizes", "image_sizes_videos", "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy",
+    "vision_aspect_ratio",
+)  # fmt: skip
+
+
+@dataclass
+class Visual:
+    """One placeholder token's features: ``features`` ``(M, d)`` in placeholder order over the batch,
+    ``units`` the consecutive ``(count, selectable)`` runs they split into (``selectable=False``:
+    always kept), ``deepstack`` Qwen3-VL's per-level ``(M, d)`` features added in the first layers."""
+
+    token_id: int
+    features: torch.Tensor
+    units: list[tuple[int, bool]]
+    deepstack: list[torch.Tensor] | None = None
+
+
+def install() -> bool:
+    """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return False
+    for name in CLASS_NAMES:
+        cls = getattr(transformers, name, None)
+        if cls is None or getattr(cls.forward, "otprune_original", None) is not None:
+            continue
+        cls.forward = _wrap(cls.forward, generating=False)
+        cls.generate = _wrap(cls.generate, generating=True)
+    return True
+
+
+def _wrap(original, generating: bool):
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapped(self, *args, **kwargs):
+        from . import active_config
+
+        kwargs = _as_keywords(signature, self, args, kwargs)
+        config = active_config(self)
+        input_ids = kwargs.get("input_ids")
+        has_visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if not config.enabled or not has_visual or input_ids is None:
+            if input_ids is not None and input_ids.shape[1] > 1:
+                _attach(self, config, None)
+            return original(self, **kwargs)
+        if config.layer_index > 0:
+            _attach(self, config, _prefill_state(self, kwargs))
+            return original(self, **kwargs)
+        prepared, deepstack = _prune_before_llm(self, config, kwargs, generating)
+        with _deepstack_injected(self, deepstack):
+            output = original(self, **prepared)
+        if not generating:
+            return output
+        return _with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
+
+    wrapped.otprune_original = original
+    return wrapped
+
+
+def _attach(model, config, state) -> None:
+    language_model = model.model.language_model
+    attach_state(model, config, language_model.layers, language_model.norm, state)
+
+
+# -- what the unpruned model computes --------------------------------------------------------------
+
+
+def _visuals(model, kwargs: dict) -> list[Visual]:
+    """The image and video features the model would scatter into its placeholders."""
+    config = model.config
+    inner = model.model
+    visuals = []
+    if type(model).__name__ == ONEVISION_CLASS:
+        options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy") if kwargs.get(k) is not None}
+        if kwargs.get("pixel_values") is not None:
+            out = inner.get_image_features(
+                kwargs["pixel_values"], kwargs["image_sizes"], batch_num_images=kwargs.get("batch_num_images"), return_dict=True, **options
+            )
+            features = list(out.pooler_output)
+            visuals.append(Visual(config.image_token_id, torch.cat(features), [(f.shape[0], True) for f in features]))
+        if kwargs.get("pixel_values_videos") is not None:
+            videos = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **options).pooler_output
+            frames = kwargs["pixel_values_videos"].shape[1]
+            per_frame = (videos.shape[1] - 1) // frames
+            units = [(per_frame, True)] * frames + [(1, False)]
+            visuals.append(Visual(config.video_token_id, videos.flatten(0, 1), units * videos.shape[0]))
+        return visuals
+    merge = config.vision_config.spatial_merge_size**2
+    for token_id, pixels, grid_name, encode in (
+        (config.image_token_id, "pixel_values", "image_grid_thw", inner.get_image_features),
+        (config.video_token_id, "pixel_values_videos", "video_grid_thw", inner.get_video_features),
+    ):
+        if kwargs.get(pixels) is None:
+            continue
+        grids = kwargs[grid_name]
+        out = encode(kwargs[pixels], grids, return_dict=True)
+        deepstack = getattr(out, "deepstack_features", None)
+        if deepstack is not None:
+            deepstack = [torch.cat(list(level)) if isinstance(level, (list, tuple)) else level for level in deepstack]
+        units = _grid_units(grids, merge, per_frame=pixels == "pixel_values_videos")
+        visuals.append(Visual(token_id, torch.cat(list(out.pooler_output)), units, deepstack))
+    return visuals
+
+
+def _positions(model, kwargs: dict, valid: torch.Tensor, generating: bool) -> torch.Tensor:
+    """``(R, B, L)`` positions of the unpruned call: Qwen's 3-D rope index (R = 3), else ``(1, B, L)``."""
+    input_ids = kwargs["input_ids"]
+    given = kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor):
+        return given[-3:] if given.dim() == 3 else given[None]
+    if type(model).__name__ == ONEVISION_CLASS:
+        if generating:
+            return ((valid.long().cumsum(1) - 1).masked_fill(~valid, 0))[None]
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(1, *input_ids.shape)
+    config = model.config
+    token_types = kwargs.get("mm_token_type_ids")
+    if token_types is None:
+        token_types = (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
+    extra = {"second_per_grid_ts": kwargs["second_per_grid_ts"]} if kwargs.get("second_per_grid_ts") is not None else {}
+    positions, _ = model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=token_types,
+        image_grid_thw=kwargs.get("image_grid_thw"),
+        video_grid_thw=kwargs.get("video_grid_thw"),
+        attention_mask=kwargs.get("attention_mask"),
+        **extra,
+    )
+    return positions
+
+
+def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Tensor, bool]]:
+    """Each unit's ``(row, positions, selectable)``, consuming placeholders in batch order."""
+    rows, columns = (input_ids == visual.token_id).nonzero(as_tuple=True)
+    total = sum(n for n, _ in visual.units)
+    if rows.numel() != total:
+        raise ValueError(f"the prompts hold {rows.numel()} placeholder tokens {visual.token_id} but the inputs give {total} visual tokens")
+    result, offset = [], 0
+    for n, selectable in visual.units:
+        row = rows[offset : offset + n]
+        if bool((row != row[0]).any()):
+            raise ValueError(f"a unit of {n} visual tokens at placeholder {offset} spans two prompts of the batch")
+        result.append((int(row[0]), columns[offset : offset + n], selectable))
+        offset += n
+    return result
+
+
+def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
+    """Per unit, the text TRIM scores against (``splice.question_positions`` over each row's units)."""
+    by_row: dict[int, list[int]] = {}
+    for i, (b, positions, _) in enumerate(units):
+        by_row.setdefault(b, []).append(i)
+    result: list[torch.Tensor | None] = [None] * len(units)
+    for b, members in by_row.items():
+        members.sort(key=lambda i: int(units[i][1][0]))
+        spans = [(int(units[i][1][0]), int(units[i][1][-1]) + 1) for i in members]
+        for i, positions in zip(members, question_positions(spans, text[b])):
+            result[i] = positions
+    return result
+
+
+# -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
+
+
+def _prune_before_llm(model, config, kwargs: dict, generating: bool):
+    """The pruned call's arguments, and Qwen3-VL's DeepStack inputs for it (``None`` otherwise)."""
+    input_ids = kwargs["input_ids"]
+    attention_mask = kwargs.get("attention_mask")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    positions = _positions(model, kwargs, valid, generating)
+    embeds = model.get_input_embeddings()(input_ids)
+    visuals = _visuals(model, kwargs)
+    visual_mask = torch.zeros_like(valid)
+    deepstack = None
+    units = []
+    for visual in visuals:
+        where = input_ids == visual.token_id
+        visual_mask |= where
+        embeds = embeds.masked_scatter(where[..., None], visual.features.to(embeds.dtype))
+        if visual.deepstack is not None:
+            deepstack = deepstack or [embeds.new_zeros(embeds.shape) for _ in visual.deepstack]
+            deepstack = [d.masked_scatter(where[..., None], f.to(d.dtype)) for d, f in zip(deepstack, visual.deepstack)]
+        units += _units(input_ids, visual)
+    selectable = [u for u in units if u[2]]
+    texts = None
+    if config.method == "TRIM":
+        texts = [embeds[b, q] for (b, _, _), q in zip(selectable, _questions(selectable, valid & ~visual_mask))]
+    kept = select_per_image(config, [embeds[b, p] for b, p, _ in selectable], texts)
+    keep = valid & ~visual_mask
+    for (b, p, _), k in zip(selectable, kept):
+        keep[b, p[k]] = True
+    for b, p, is_selectable in units:
+        if not is_selectable:
+            keep[b, p] = True
+    columns = [
+        (input_ids, model.config.get_text_config().pad_token_id or 0),
+        (embeds, 0),
+        (positions.permute(1, 2, 0), 0),
+        (visual_mask, False),
+    ]
+    names = ["input_ids", "inputs_embeds", "position_ids", "visual_mask"]
+    if isinstance(kwargs.get("labels"), torch.Tensor):
+        columns.append((kwargs["labels"], IGNORE_INDEX))
+        names.append("labels")
+    columns += [(d, 0) for d in deepstack or []]
+    side = "left" if bool((~valid[:, 0]).any()) else "right"
+    new_mask, *cut = repad(keep & valid, side, *columns)
+    prepared = {k: v for k, v in kwargs.items() if k not in VISUAL_INPUTS}
+    prepared.update(zip(names, cut))
+    kept_visual = prepared.pop("visual_mask")
+    prepared["position_ids"] = prepared["position_ids"].permute(2, 0, 1)
+    if prepared["position_ids"].shape[0] == 1:
+        prepared["position_ids"] = prepared["position_ids"][0]
+    if attention_mask is not None:
+        prepared["attention_mask"] = new_mask.to(attention_mask.dtype)
+    if not generating:
+        prepared["input_ids"] = None
+    injected = None
+    if deepstack is not None:
+        levels = cut[len(names) :]
+        injected = (kept_visual, [level[kept_visual] for level in levels])
+    return prepared, injected
+
+
+@contextlib.contextmanager
+def _deepstack_injected(model, deepstack):
+    """Hand Qwen3-VL's text model the kept tokens' DeepStack features during the pruned prefill.
+
+    The multimodal model computes them only from ``pixel_values``, which the pruned call no longer
+    passes; a one-shot pre-hook on its text model adds them to the prefill's arguments.
+    """
+    if deepstack is None:
+        yield
+        return
+    mask, levels = deepstack
+    language_model = model.model.language_model
+
+    def inject(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.shape[:2] != mask.shape:
+            return None
+        handle.remove()
+        kwargs["visual_pos_masks"] = mask
+        kwargs["deepstack_visual_embeds"] = levels
+        return args, kwargs
+
+    handle = language_model.register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# -- LAYER_INDEX > 0 -------------------------------------------------------------------------------
+
+
+def _prefill_state(model, kwargs: dict) -> PrefillState:
+    """Where each selection unit sits, for the layer hooks (units must be consecutive runs)."""
+    input_ids = kwargs["input_ids"]
+    attention_mask = kwargs.get("attention_mask")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    visual_mask = torch.zeros_like(valid)
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
+    for visual in _placeholder_layout(model, kwargs):
+        visual_mask |= input_ids == visual.token_id
+        for b, positions, selectable in _units(input_ids, visual):
+            if selectable:
+                spans[b].append((int(positions[0]), int(positions[-1]) + 1))
+    for row in spans:
+        row.sort()
+    questions = [question_positions(row, valid[b] & ~visual_mask[b]) for b, row in enumerate(spans)]
+    return PrefillState(spans=spans, valid=valid, text_after=questions)
+
+
+def _placeholder_layout(model, kwargs: dict) -> list[Visual]:
+    """The units without their features, where the grids tell them (Qwen); else from the features."""
+    if type(model).__name__ == ONEVISION_CLASS:
+        return _visuals(model, kwargs)
+    config = model.config
+    merge = config.vision_config.spatial_merge_size**2
+    return [
+        Visual(token_id, torch.empty(0), _grid_units(kwargs[grid_name], merge, per_frame=grid_name == "video_grid_thw"))
+        for token_id, grid_name in ((config.image_token_id, "image_grid_thw"), (config.video_token_id, "video_grid_thw"))
+        if kwargs.get(grid_name) is not None
+    ]
+
+
+def _grid_units(grids: torch.Tensor, merge: int, per_frame: bool) -> list[tuple[int, bool]]:
+    """Qwen's units from ``(t, h, w)`` patch grids: one per image, or one per temporal step of a video."""
+    if per_frame:
+        return [(int(g[1] * g[2]) // merge, True) for g in grids for _ in range(int(g[0]))]
+    return [(int(g.prod()) // merge, True) for g in grids]
