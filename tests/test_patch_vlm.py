@@ -302,3 +302,38 @@ def test_layer_k_prunes_the_kv_cache(models, variant, method):
     generated = generate(model, inputs, tokens=4)
     assert torch.equal(generated[:, :length], inputs["input_ids"])
     assert generated.shape[1] == length + 4
+
+
+def test_qwen3_deepstack_features_are_added_at_the_kept_visual_tokens(models):
+    """Between decoder layers 0 and 1 Qwen3-VL adds the first DeepStack level at visual tokens: with
+    pruning, exactly the kept tokens' rows of it, and nothing at text tokens."""
+    processor, model = models["qwen3-vl"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 14)]])
+    full = llm_embeds(model, inputs)
+    kept = expected_kept(model, inputs, full, "OURS")[0]
+    levels = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True).deepstack_features
+    first_level = torch.cat(list(levels[0]))
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    expected = torch.zeros(kept.numel(), first_level.shape[-1])
+    for row, position in enumerate(kept.tolist()):
+        if position in visual.tolist():
+            expected[row] = first_level[visual.tolist().index(position)]
+    seen = {}
+
+    def record(name, tensor):
+        seen.setdefault(name, tensor.clone())
+
+    layers = model.model.language_model.layers
+    handles = [
+        layers[0].register_forward_hook(lambda m, a, out: record("out", out)),
+        layers[1].register_forward_pre_hook(lambda m, a, k: record("in", a[0]), with_kwargs=True),
+    ]
+    patches.prune(model, "OURS", RATIO)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(seen["in"][0] - seen["out"][0], expected, atol=1e-5)
+    assert expected.abs().sum() > 0
