@@ -337,3 +337,26 @@ def test_qwen3_deepstack_features_are_added_at_the_kept_visual_tokens(models):
             handle.remove()
     assert torch.allclose(seen["in"][0] - seen["out"][0], expected, atol=1e-5)
     assert expected.abs().sum() > 0
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_fastv_keeps_the_tokens_the_last_prompt_token_attends_most(models, variant):
+    """FASTV's picks at layer K equal the top visual tokens of layer K-1's eager attention weights
+    (the last prompt token's row, mean over heads)."""
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 15)]])
+    layer = 3 if variant == "qwen3-vl" else 2
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = model(**inputs, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    scores = attentions[layer - 1][0, :, -1, visual].mean(0)
+    expected = visual[scores.topk(budget(RATIO, visual.numel())).indices].sort().values
+    patches.prune(model, "FASTV", RATIO, layer_index=layer)
+    with torch.no_grad():
+        model(**inputs)
+    kept = model._otprune_layer_pruner.state.kept[0]
+    assert kept[torch.isin(kept, visual)].tolist() == expected.tolist()
