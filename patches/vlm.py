@@ -74,6 +74,9 @@ def install() -> bool:
             continue
         cls.forward = _wrap(cls.forward, generating=False)
         cls.generate = _wrap(cls.generate, generating=True)
+    text_model = getattr(transformers, "Qwen3VLTextModel", None)
+    if text_model is not None and not hasattr(text_model._deepstack_process, "otprune_original"):
+        text_model._deepstack_process = _deepstack_at_kept(text_model._deepstack_process)
     return True
 
 
@@ -111,6 +114,27 @@ def _wrap(original, generating: bool):
 def _attach(model, config, state) -> None:
     language_model = model.model.language_model
     attach_state(model, config, language_model.layers, language_model.norm, state)
+    # Not a module attribute: the text model must not hold its parent as a submodule.
+    language_model.__dict__["_otprune_prefill_state"] = lambda: getattr(getattr(model, "_otprune_layer_pruner", None), "state", None)
+
+
+def _deepstack_at_kept(original):
+    """Qwen3-VL adds DeepStack features after its first layers at the prompt's visual positions; once
+    the hooks of ``layers.py`` have cut the sequence (``LAYER_INDEX`` below the number of levels),
+    add them at the kept visual tokens, each its own token's features."""
+
+    @functools.wraps(original)
+    def process(self, hidden_states, visual_pos_masks, visual_embeds):
+        state = self.__dict__.get("_otprune_prefill_state", lambda: None)()
+        if state is None or state.kept is None or hidden_states.shape[1] == visual_pos_masks.shape[1]:
+            return original(self, hidden_states, visual_pos_masks, visual_embeds)
+        visual_pos_masks = visual_pos_masks.to(state.kept.device)
+        rank = (visual_pos_masks.flatten().long().cumsum(0) - 1).view_as(visual_pos_masks)
+        kept_visual = visual_pos_masks.gather(1, state.kept)
+        return original(self, hidden_states, kept_visual, visual_embeds[rank.gather(1, state.kept)[kept_visual]])
+
+    process.otprune_original = original
+    return process
 
 
 # -- what the unpruned model computes --------------------------------------------------------------

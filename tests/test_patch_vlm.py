@@ -287,7 +287,7 @@ def test_layer_k_prunes_the_kv_cache(models, variant, method):
     inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 13)]])
     length = inputs["input_ids"].shape[1]
     n = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
-    layer = 3 if variant == "qwen3-vl" else 2
+    layer = 1 if variant == "qwen3-vl" else 2  # Qwen3-VL: DeepStack's second level lands after the cut
     with torch.no_grad():
         unpruned = model(**inputs, use_cache=True)
     patches.prune(model, method, RATIO, layer_index=layer)
@@ -304,20 +304,16 @@ def test_layer_k_prunes_the_kv_cache(models, variant, method):
     assert generated.shape[1] == length + 4
 
 
-def test_qwen3_deepstack_features_are_added_at_the_kept_visual_tokens(models):
-    """Between decoder layers 0 and 1 Qwen3-VL adds the first DeepStack level at visual tokens: with
-    pruning, exactly the kept tokens' rows of it, and nothing at text tokens."""
+@pytest.mark.parametrize("layer_index", [0, 1])
+def test_qwen3_deepstack_features_are_added_at_the_kept_visual_tokens(models, layer_index):
+    """After decoder layer i Qwen3-VL adds DeepStack level i at visual tokens: with pruning at
+    K <= i, each kept visual token gets its own row of it, and text tokens nothing."""
     processor, model = models["qwen3-vl"]
     inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 14)]])
-    full = llm_embeds(model, inputs)
-    kept = expected_kept(model, inputs, full, "OURS")[0]
+    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten().tolist()
     levels = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True).deepstack_features
-    first_level = torch.cat(list(levels[0]))
-    visual = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
-    expected = torch.zeros(kept.numel(), first_level.shape[-1])
-    for row, position in enumerate(kept.tolist()):
-        if position in visual.tolist():
-            expected[row] = first_level[visual.tolist().index(position)]
+    level = torch.cat(list(levels[layer_index]))
+    kept = expected_kept(model, inputs, llm_embeds(model, inputs), "OURS")[0]
     seen = {}
 
     def record(name, tensor):
@@ -325,16 +321,20 @@ def test_qwen3_deepstack_features_are_added_at_the_kept_visual_tokens(models):
 
     layers = model.model.language_model.layers
     handles = [
-        layers[0].register_forward_hook(lambda m, a, out: record("out", out)),
-        layers[1].register_forward_pre_hook(lambda m, a, k: record("in", a[0]), with_kwargs=True),
+        layers[layer_index].register_forward_hook(lambda m, a, out: record("out", out)),
+        layers[layer_index + 1].register_forward_pre_hook(lambda m, a, k: record("in", a[0]), with_kwargs=True),
     ]
-    patches.prune(model, "OURS", RATIO)
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
     try:
         with torch.no_grad():
             model(**inputs)
     finally:
         for handle in handles:
             handle.remove()
+    if layer_index > 0:
+        kept = model._otprune_layer_pruner.state.kept[0]
+    expected = torch.stack([level[visual.index(p)] if p in visual else torch.zeros(level.shape[-1]) for p in kept.tolist()])
+    assert seen["in"].shape[1] == kept.numel() < inputs["input_ids"].shape[1]
     assert torch.allclose(seen["in"][0] - seen["out"][0], expected, atol=1e-5)
     assert expected.abs().sum() > 0
 
