@@ -6,7 +6,8 @@ import torch
 pytest.importorskip("transformers")
 
 from conftest import load_script  # noqa: E402
-from PIL import Image  # noqa: E402
+from test_patch_hf import generate, inputs_for, make_image  # noqa: E402
+from test_patch_hf import llm_inputs as llm_embeds  # noqa: E402
 
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
@@ -41,20 +42,6 @@ def pruning_off(models):
         model._otprune_config = None
 
 
-def make_image(width, height, seed):
-    g = torch.Generator().manual_seed(seed)
-    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy())
-
-
-def inputs_for(processor, questions, images_per_prompt):
-    prompts = []
-    for question, images in zip(questions, images_per_prompt):
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
-        prompts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-    flat = [im for images in images_per_prompt for im in images]
-    return processor(images=flat, text=prompts, return_tensors="pt", padding=True)
-
-
 def first_layer_inputs(model, inputs, **options):
     """What the LLM's first decoder layer receives on each call: ``(hidden, cos, sin)``."""
     seen = []
@@ -74,24 +61,6 @@ def first_layer_inputs(model, inputs, **options):
     finally:
         handle.remove()
     return seen
-
-
-def llm_embeds(model, inputs):
-    seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen[0]
-
-
-def generate(model, inputs, tokens=4):
-    with torch.no_grad():
-        return model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
 
 
 def image_runs(model, input_ids):
@@ -178,10 +147,10 @@ def test_batch_of_two_prompts_generates_as_each_alone(models, variant):
     questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
     images = [[make_image(500, 300, 5)], [make_image(320, 320, 6), make_image(180, 300, 7)]]
     patches.prune(model, "OURS", RATIO)
-    alone = [generate(model, inputs_for(processor, [q], [im]))[0, -4:] for q, im in zip(questions, images)]
+    alone = [generate(model, inputs_for(processor, [q], [im]))[0, -5:] for q, im in zip(questions, images)]
     together = generate(model, inputs_for(processor, questions, images))
     for row, expected in enumerate(alone):
-        assert together[row, -4:].tolist() == expected.tolist()
+        assert together[row, -5:].tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
@@ -299,9 +268,9 @@ def test_layer_k_prunes_the_kv_cache(models, variant, method):
     assert lengths == [length] * layer + [length - n + kept] * (len(lengths) - layer)
     for before, after in zip(unpruned.past_key_values.layers[:layer], out.past_key_values.layers[:layer]):
         assert torch.equal(before.keys, after.keys)  # layers before K see the full, unchanged prompt
-    generated = generate(model, inputs, tokens=4)
+    generated = generate(model, inputs)
     assert torch.equal(generated[:, :length], inputs["input_ids"])
-    assert generated.shape[1] == length + 4
+    assert generated.shape[1] == length + 5
 
 
 @pytest.mark.parametrize("layer_index", [0, 1])
