@@ -155,6 +155,11 @@ def _visuals(model, kwargs: dict) -> list[Visual]:
             visuals.append(Visual(config.image_token_id, torch.cat(features), [(f.shape[0], True) for f in features]))
         if kwargs.get("pixel_values_videos") is not None:
             videos = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **options).pooler_output
+            placeholders = int((kwargs["input_ids"] == config.video_token_id).sum())
+            if placeholders == videos.shape[0] * (videos.shape[1] + 1):
+                # transformers < 5.23 appends each video's newline token in forward, not in get_video_features.
+                newline = inner.image_newline[None, None].expand(videos.shape[0], 1, -1).to(videos)
+                videos = torch.cat([videos, newline], dim=1)
             frames = kwargs["pixel_values_videos"].shape[1]
             per_frame = (videos.shape[1] - 1) // frames
             units = [(per_frame, True)] * frames + [(1, False)]

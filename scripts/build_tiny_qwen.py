@@ -165,10 +165,13 @@ def load_processor(path: str | Path):
     from unittest import mock
 
     import transformers
-    from transformers import AutoImageProcessor, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = Path(path)
     fields = json.loads((path / "processor_config.json").read_text())
+    # The PIL backend by name: AutoImageProcessor of transformers < 5.23 insists on torchvision's.
+    image_type = json.loads((path / "preprocessor_config.json").read_text())["image_processor_type"]
+    image_processor = getattr(transformers, image_type.removesuffix("Pil") + "Pil").from_pretrained(path)
     cls = getattr(transformers, fields.pop("processor_class"))
     check = cls.check_argument_for_proper_class
 
@@ -177,7 +180,7 @@ def load_processor(path: str | Path):
 
     with mock.patch.object(cls, "check_argument_for_proper_class", check_all_but_video):
         return cls(
-            image_processor=AutoImageProcessor.from_pretrained(path), tokenizer=AutoTokenizer.from_pretrained(path),
+            image_processor=image_processor, tokenizer=AutoTokenizer.from_pretrained(path),
             video_processor=None, chat_template=(path / "chat_template.jinja").read_text(), **fields,
         )  # fmt: skip
 
