@@ -290,6 +290,11 @@ def _prune_before_llm(model, config, kwargs: dict, generating: bool):
     prepared["position_ids"] = prepared["position_ids"].permute(2, 0, 1)
     if prepared["position_ids"].shape[0] == 1:
         prepared["position_ids"] = prepared["position_ids"][0]
+    else:
+        # Qwen decodes a cached sequence at (its kept length + rope_deltas) when no positions are
+        # given: the offset that puts the next token where the unpruned model would.
+        next_position = positions.masked_fill(~valid, 0).amax(dim=(0, 2)) + 1
+        model.model.rope_deltas = (next_position - new_mask.sum(1))[:, None]
     if attention_mask is not None:
         prepared["attention_mask"] = new_mask.to(attention_mask.dtype)
     if not generating:

@@ -168,6 +168,26 @@ def test_decoding_continues_from_the_unpruned_models_positions(models, variant):
         assert torch.equal(cos, full_cos) and torch.equal(sin, full_sin)
 
 
+@pytest.mark.parametrize("variant", ["qwen2.5-vl", "qwen3-vl"])
+def test_a_hand_written_decoding_step_gets_the_unpruned_position(models, variant):
+    """Qwen decoding without position ids (the model's rope_deltas): the step after a pruned prompt
+    gets the rotary the unpruned model gives the same step. (transformers' own step with an
+    attention mask and no positions is broken, so the step goes without either.)"""
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 16)]])
+
+    def decoding_step_rotary():
+        with torch.no_grad():
+            cache = model(**inputs, use_cache=True).past_key_values
+        (_, cos, sin), *_ = first_layer_inputs(model, {"input_ids": torch.tensor([[5]]), "past_key_values": cache})
+        return cos, sin
+
+    full = decoding_step_rotary()
+    patches.prune(model, "OURS", RATIO)
+    pruned = decoding_step_rotary()
+    assert torch.equal(pruned[0], full[0]) and torch.equal(pruned[1], full[1])
+
+
 @pytest.mark.parametrize("variant", ["qwen2.5-vl", "llava-onevision"])
 def test_cached_decoding_equals_a_full_recompute(models, variant):
     """The pruned prompt plus the generated tokens, run again without a cache at the same positions,
