@@ -17,7 +17,8 @@ grid's largest position; OneVision: the 1-D positions the unpruned call would us
   end with text). Qwen3-VL's DeepStack features are added at the kept visual positions only.
   ``generate`` returns the caller's full ``input_ids`` followed by the new tokens, as unpruned;
   ``forward`` returns logits for the shortened sequence.
-- ``K > 0``: the model runs unchanged and the layer hooks of ``layers.py`` prune inside the LLM.
+- ``K > 0``: the LLM gets the same inputs uncut (the vision tower runs once) and the layer hooks
+  of ``layers.py`` prune inside it.
 
 Selection units: each image is one unit. **Choice** for video: per frame: each temporal step of
 a video (Qwen: one ``t`` of its grid, two input frames merged; OneVision: one pooled frame) is
@@ -97,13 +98,15 @@ def _wrap(original, generating: bool):
             if input_ids is not None and input_ids.shape[1] > 1:
                 _attach(self, config, None)
             return original(self, **kwargs)
+        full = _unpruned_inputs(self, kwargs, generating)
         if config.layer_index > 0:
-            _attach(self, config, _prefill_state(self, kwargs))
-            return original(self, **kwargs)
-        prepared, deepstack = _prune_before_llm(self, config, kwargs, generating)
+            _attach(self, config, _prefill_state(full))
+            prepared, deepstack = _llm_call(self, kwargs, full, None, generating)
+        else:
+            prepared, deepstack = _llm_call(self, kwargs, full, _kept_before_llm(config, full), generating)
         with _deepstack_injected(self, deepstack):
             output = original(self, **prepared)
-        if not generating:
+        if not generating or config.layer_index > 0:
             return output
         return _with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
 
@@ -238,21 +241,31 @@ def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
     return result
 
 
-# -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
+@dataclass
+class UnprunedInputs:
+    """What the unpruned model's LLM would get, over the caller's full ``(B, L)`` sequence:
+    ``embeds`` with the visual features scattered in, ``positions`` ``(R, B, L)``, the selection
+    ``units`` (``(row, positions, selectable)``), and Qwen3-VL's per-level DeepStack ``(B, L, d)``."""
+
+    input_ids: torch.Tensor
+    valid: torch.Tensor
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    visual_mask: torch.Tensor
+    units: list[tuple[int, torch.Tensor, bool]]
+    deepstack: list[torch.Tensor] | None
 
 
-def _prune_before_llm(model, config, kwargs: dict, generating: bool):
-    """The pruned call's arguments, and Qwen3-VL's DeepStack inputs for it (``None`` otherwise)."""
+def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
     input_ids = kwargs["input_ids"]
     attention_mask = kwargs.get("attention_mask")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     positions = _positions(model, kwargs, valid, generating)
     embeds = model.get_input_embeddings()(input_ids)
-    visuals = _visuals(model, kwargs)
     visual_mask = torch.zeros_like(valid)
     deepstack = None
     units = []
-    for visual in visuals:
+    for visual in _visuals(model, kwargs):
         where = input_ids == visual.token_id
         visual_mask |= where
         embeds = embeds.masked_scatter(where[..., None], visual.features.to(embeds.dtype))
@@ -260,30 +273,47 @@ def _prune_before_llm(model, config, kwargs: dict, generating: bool):
             deepstack = deepstack or [embeds.new_zeros(embeds.shape) for _ in visual.deepstack]
             deepstack = [d.masked_scatter(where[..., None], f.to(d.dtype)) for d, f in zip(deepstack, visual.deepstack)]
         units += _units(input_ids, visual)
-    selectable = [u for u in units if u[2]]
+    return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack)
+
+
+# -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
+
+
+def _kept_before_llm(config, full: UnprunedInputs) -> torch.Tensor:
+    """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens."""
+    selectable = [u for u in full.units if u[2]]
     texts = None
     if config.method == "TRIM":
-        texts = [embeds[b, q] for (b, _, _), q in zip(selectable, _questions(selectable, valid & ~visual_mask))]
-    kept = select_per_image(config, [embeds[b, p] for b, p, _ in selectable], texts)
-    keep = valid & ~visual_mask
+        questions = _questions(selectable, full.valid & ~full.visual_mask)
+        texts = [full.embeds[b, q] for (b, _, _), q in zip(selectable, questions)]
+    kept = select_per_image(config, [full.embeds[b, p] for b, p, _ in selectable], texts)
+    keep = full.valid & ~full.visual_mask
     for (b, p, _), k in zip(selectable, kept):
         keep[b, p[k]] = True
-    for b, p, is_selectable in units:
+    for b, p, is_selectable in full.units:
         if not is_selectable:
             keep[b, p] = True
+    return keep
+
+
+def _llm_call(model, kwargs: dict, full: UnprunedInputs, keep: torch.Tensor | None, generating: bool):
+    """The call's arguments with the LLM's inputs cut to the ``keep`` ``(B, L)`` positions and
+    re-padded (``None``: all, as at K > 0), and Qwen3-VL's DeepStack inputs for it (else ``None``)."""
     columns = [
-        (input_ids, model.config.get_text_config().pad_token_id or 0),
-        (embeds, 0),
-        (positions.permute(1, 2, 0), 0),
-        (visual_mask, False),
+        (full.input_ids, model.config.get_text_config().pad_token_id or 0),
+        (full.embeds, 0),
+        (full.positions.permute(1, 2, 0), 0),
+        (full.visual_mask, False),
     ]
     names = ["input_ids", "inputs_embeds", "position_ids", "visual_mask"]
     if isinstance(kwargs.get("labels"), torch.Tensor):
         columns.append((kwargs["labels"], IGNORE_INDEX))
         names.append("labels")
-    columns += [(d, 0) for d in deepstack or []]
-    side = "left" if bool((~valid[:, 0]).any()) else "right"
-    new_mask, *cut = repad(keep & valid, side, *columns)
+    columns += [(d, 0) for d in full.deepstack or []]
+    if keep is None:
+        new_mask, cut = full.valid, [t for t, _ in columns]
+    else:
+        new_mask, *cut = repad(keep, "left" if bool((~full.valid[:, 0]).any()) else "right", *columns)
     prepared = {k: v for k, v in kwargs.items() if k not in VISUAL_INPUTS}
     prepared.update(zip(names, cut))
     kept_visual = prepared.pop("visual_mask")
@@ -293,16 +323,15 @@ def _prune_before_llm(model, config, kwargs: dict, generating: bool):
     else:
         # Qwen decodes a cached sequence at (its kept length + rope_deltas) when no positions are
         # given: the offset that puts the next token where the unpruned model would.
-        next_position = positions.masked_fill(~valid, 0).amax(dim=(0, 2)) + 1
+        next_position = full.positions.masked_fill(~full.valid, 0).amax(dim=(0, 2)) + 1
         model.model.rope_deltas = (next_position - new_mask.sum(1))[:, None]
-    if attention_mask is not None:
-        prepared["attention_mask"] = new_mask.to(attention_mask.dtype)
+    if kwargs.get("attention_mask") is not None:
+        prepared["attention_mask"] = new_mask.to(kwargs["attention_mask"].dtype)
     if not generating:
         prepared["input_ids"] = None
     injected = None
-    if deepstack is not None:
-        levels = cut[len(names) :]
-        injected = (kept_visual, [level[kept_visual] for level in levels])
+    if full.deepstack is not None:
+        injected = (kept_visual, [level[kept_visual] for level in cut[len(names) :]])
     return prepared, injected
 
 
@@ -338,35 +367,16 @@ def _deepstack_injected(model, deepstack):
 # -- LAYER_INDEX > 0 -------------------------------------------------------------------------------
 
 
-def _prefill_state(model, kwargs: dict) -> PrefillState:
-    """Where each selection unit sits, for the layer hooks (units must be consecutive runs)."""
-    input_ids = kwargs["input_ids"]
-    attention_mask = kwargs.get("attention_mask")
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    visual_mask = torch.zeros_like(valid)
-    spans: list[list[tuple[int, int]]] = [[] for _ in range(input_ids.shape[0])]
-    for visual in _placeholder_layout(model, kwargs):
-        visual_mask |= input_ids == visual.token_id
-        for b, positions, selectable in _units(input_ids, visual):
-            if selectable:
-                spans[b].append((int(positions[0]), int(positions[-1]) + 1))
+def _prefill_state(full: UnprunedInputs) -> PrefillState:
+    """Where each selection unit sits, for the layer hooks (each unit is one run of placeholders)."""
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(full.input_ids.shape[0])]
+    for b, positions, selectable in full.units:
+        if selectable:
+            spans[b].append((int(positions[0]), int(positions[-1]) + 1))
     for row in spans:
         row.sort()
-    questions = [question_positions(row, valid[b] & ~visual_mask[b]) for b, row in enumerate(spans)]
-    return PrefillState(spans=spans, valid=valid, text_after=questions)
-
-
-def _placeholder_layout(model, kwargs: dict) -> list[Visual]:
-    """The units without their features, where the grids tell them (Qwen); else from the features."""
-    if type(model).__name__ == ONEVISION_CLASS:
-        return _visuals(model, kwargs)
-    config = model.config
-    merge = config.vision_config.spatial_merge_size**2
-    return [
-        Visual(token_id, torch.empty(0), _grid_units(kwargs[grid_name], merge, per_frame=grid_name == "video_grid_thw"))
-        for token_id, grid_name in ((config.image_token_id, "image_grid_thw"), (config.video_token_id, "video_grid_thw"))
-        if kwargs.get(grid_name) is not None
-    ]
+    questions = [question_positions(row, full.valid[b] & ~full.visual_mask[b]) for b, row in enumerate(spans)]
+    return PrefillState(spans=spans, valid=full.valid, text_after=questions)
 
 
 def _grid_units(grids: torch.Tensor, merge: int, per_frame: bool) -> list[tuple[int, bool]]:
