@@ -268,10 +268,10 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
     for visual in _visuals(model, kwargs):
         where = input_ids == visual.token_id
         visual_mask |= where
-        embeds = embeds.masked_scatter(where[..., None], visual.features.to(embeds.dtype))
+        embeds = embeds.masked_scatter(where[..., None], visual.features.to(embeds.device, embeds.dtype))
         if visual.deepstack is not None:
             deepstack = deepstack or [embeds.new_zeros(embeds.shape) for _ in visual.deepstack]
-            deepstack = [d.masked_scatter(where[..., None], f.to(d.dtype)) for d, f in zip(deepstack, visual.deepstack)]
+            deepstack = [d.masked_scatter(where[..., None], f.to(d.device, d.dtype)) for d, f in zip(deepstack, visual.deepstack)]
         units += _units(input_ids, visual)
     return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack)
 

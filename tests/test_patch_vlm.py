@@ -350,3 +350,19 @@ def test_fastv_keeps_the_tokens_the_last_prompt_token_attends_most(models, varia
         model(**inputs)
     kept = model._otprune_layer_pruner.state.kept[0]
     assert kept[torch.isin(kept, visual)].tolist() == expected.tolist()
+
+
+def test_environment_variables_prune_each_family(models):
+    """What lmms-eval's entry point does: the variables alone make every family prune."""
+    import transformers
+
+    inputs = {variant: inputs_for(processor, ["What is in the image?"], [[make_image(400, 300, 18)]]) for variant, (processor, _) in models.items()}
+    full = {variant: llm_embeds(model, inputs[variant]).shape[1] for variant, (_, model) in models.items()}
+    try:
+        patches.activate_from_env({"BASELINE": "OURS", "SUBSET_RATIO": str(RATIO)})
+        assert all(hasattr(getattr(transformers, name).generate, "otprune_original") for name in patches.vlm.CLASS_NAMES)
+        for variant, (_, model) in models.items():
+            n = int((inputs[variant]["input_ids"] == model.config.image_token_id).sum())
+            assert llm_embeds(model, inputs[variant]).shape[1] == full[variant] - n + budget(RATIO, n)
+    finally:
+        patches.activate_from_env({})
