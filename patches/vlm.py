@@ -228,16 +228,24 @@ def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Ten
 
 
 def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
-    """Per unit, the text TRIM scores against (``splice.question_positions`` over each row's units)."""
+    """Per unit, the text TRIM scores against: ``splice.question_positions`` of its run of adjacent
+    units (a video's frames share the text after the video)."""
     by_row: dict[int, list[int]] = {}
     for i, (b, positions, _) in enumerate(units):
         by_row.setdefault(b, []).append(i)
     result: list[torch.Tensor | None] = [None] * len(units)
     for b, members in by_row.items():
         members.sort(key=lambda i: int(units[i][1][0]))
-        spans = [(int(units[i][1][0]), int(units[i][1][-1]) + 1) for i in members]
-        for i, positions in zip(members, question_positions(spans, text[b])):
-            result[i] = positions
+        runs: list[list[int]] = []
+        for i in members:
+            if runs and int(units[runs[-1][-1]][1][-1]) + 1 == int(units[i][1][0]):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        spans = [(int(units[run[0]][1][0]), int(units[run[-1]][1][-1]) + 1) for run in runs]
+        for run, positions in zip(runs, question_positions(spans, text[b])):
+            for i in run:
+                result[i] = positions
     return result
 
 
@@ -369,14 +377,14 @@ def _deepstack_injected(model, deepstack):
 
 def _prefill_state(full: UnprunedInputs) -> PrefillState:
     """Where each selection unit sits, for the layer hooks (each unit is one run of placeholders)."""
+    selectable = sorted((u for u in full.units if u[2]), key=lambda u: (u[0], int(u[1][0])))
+    questions = _questions(selectable, full.valid & ~full.visual_mask)
     spans: list[list[tuple[int, int]]] = [[] for _ in range(full.input_ids.shape[0])]
-    for b, positions, selectable in full.units:
-        if selectable:
-            spans[b].append((int(positions[0]), int(positions[-1]) + 1))
-    for row in spans:
-        row.sort()
-    questions = [question_positions(row, full.valid[b] & ~full.visual_mask[b]) for b, row in enumerate(spans)]
-    return PrefillState(spans=spans, valid=full.valid, text_after=questions)
+    text_after: list[list[torch.Tensor]] = [[] for _ in spans]
+    for (b, positions, _), question in zip(selectable, questions):
+        spans[b].append((int(positions[0]), int(positions[-1]) + 1))
+        text_after[b].append(question)
+    return PrefillState(spans=spans, valid=full.valid, text_after=text_after)
 
 
 def _grid_units(grids: torch.Tensor, merge: int, per_frame: bool) -> list[tuple[int, bool]]:

@@ -366,3 +366,20 @@ def test_environment_variables_prune_each_family(models):
             assert llm_embeds(model, inputs[variant]).shape[1] == full[variant] - n + budget(RATIO, n)
     finally:
         patches.activate_from_env({})
+
+
+def test_trim_scores_every_video_frame_against_the_question_after_the_video(models):
+    processor, model = models["qwen2.5-vl"]
+    inputs = qwen_video_inputs(processor, model, (2, 8, 8), seed=19)
+    full = llm_embeds(model, inputs)[0]
+    video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
+    question = full[int(video[-1]) + 1 :]
+    per_frame = 16
+    patches.prune(model, "TRIM", RATIO)
+    pruned = llm_embeds(model, inputs)[0]
+    start = int(video[0])
+    for frame in range(2):
+        positions = video[frame * per_frame : (frame + 1) * per_frame]
+        picks = SELECTORS["TRIM"](full[positions], budget(RATIO, per_frame), text=question)
+        kept = pruned[start + frame * budget(RATIO, per_frame) :][: picks.numel()]
+        assert torch.equal(kept, full[positions[picks]])
