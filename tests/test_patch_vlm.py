@@ -220,7 +220,12 @@ def qwen_video_inputs(processor, model, grid, seed):
     tokens = t * h * w // model.config.vision_config.spatial_merge_size**2
     content = [{"type": "video"}, {"type": "text", "text": "What is in the image?"}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    prompt = prompt.replace("<|video_pad|>", "<|video_pad|>" * tokens)
+    if type(model).__name__.startswith("Qwen3"):
+        # Qwen3-VL's layout: each temporal step its own placeholder run, after its timestamp.
+        frame = "<|vision_start|>" + "<|video_pad|>" * (tokens // t) + "<|vision_end|>"
+        prompt = prompt.replace("<|vision_start|><|video_pad|><|vision_end|>", "".join(f"<{i}.0 seconds>{frame}" for i in range(t)))
+    else:
+        prompt = prompt.replace("<|video_pad|>", "<|video_pad|>" * tokens)
     ids = processor.tokenizer(prompt, return_tensors="pt")
     vision = model.config.vision_config
     width = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
@@ -233,20 +238,22 @@ def qwen_video_inputs(processor, model, grid, seed):
     }
 
 
-def test_qwen_video_keeps_a_budget_per_frame(models):
-    processor, model = models["qwen2.5-vl"]
+@pytest.mark.parametrize("variant", ["qwen2.5-vl", "qwen3-vl"])
+def test_qwen_video_keeps_a_budget_per_frame_at_its_own_positions(models, variant):
+    processor, model = models[variant]
     inputs = qwen_video_inputs(processor, model, (3, 8, 12), seed=11)
-    full = llm_embeds(model, inputs)
+    (full, full_cos, full_sin), *_ = first_layer_inputs(model, inputs)
     patches.prune(model, "OURS", RATIO)
-    pruned = llm_embeds(model, inputs)
+    (pruned, cos, sin), *_ = first_layer_inputs(model, inputs)
     per_frame = 8 * 12 // 4
     assert pruned.shape[1] == full.shape[1] - 3 * per_frame + 3 * budget(RATIO, per_frame)
-    video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
+    video = inputs["input_ids"][0] == model.config.video_token_id
+    keep = ~video
     for frame in range(3):
-        positions = video[frame * per_frame : (frame + 1) * per_frame]
-        picks = SELECTORS["OURS"](full[0, positions], budget(RATIO, per_frame))
-        start = int(video[0]) + frame * budget(RATIO, per_frame)
-        assert torch.equal(pruned[0, start : start + picks.numel()], full[0, positions[picks]])
+        positions = video.nonzero().flatten()[frame * per_frame : (frame + 1) * per_frame]
+        keep[positions[SELECTORS["OURS"](full[0, positions], budget(RATIO, per_frame))]] = True
+    assert torch.equal(pruned[0], full[0, keep])
+    assert torch.equal(cos[0], full_cos[0, keep]) and torch.equal(sin[0], full_sin[0, keep])
 
 
 def test_onevision_video_keeps_a_budget_per_frame_and_its_newline(models):
