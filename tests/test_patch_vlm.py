@@ -390,3 +390,15 @@ def test_trim_scores_every_video_frame_against_the_question_after_the_video(mode
         picks = SELECTORS["TRIM"](full[positions], budget(RATIO, per_frame), text=question)
         kept = pruned[start + frame * budget(RATIO, per_frame) :][: picks.numel()]
         assert torch.equal(kept, full[positions[picks]])
+
+
+@pytest.mark.parametrize("variant", ["qwen2.5-vl", "llava-onevision"])
+def test_layer_k_batch_with_padding_generates_as_each_alone(models, variant):
+    processor, model = models[variant]
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    images = [[make_image(400, 300, 20)], [make_image(400, 300, 21)]]
+    patches.prune(model, "OURS", RATIO, layer_index=2)
+    alone = [generate(model, inputs_for(processor, [q], [im]))[0, -5:] for q, im in zip(questions, images)]
+    together = generate(model, inputs_for(processor, questions, images))
+    for row, expected in enumerate(alone):
+        assert together[row, -5:].tolist() == expected.tolist()
