@@ -113,6 +113,10 @@ MODELS: dict[str, ModelShape] = {
     "llava-1.5-7b": ModelShape(hidden=4096, ffn=11008, layers=32),
     "llava-1.5-13b": ModelShape(hidden=5120, ffn=13824, layers=40),
     "llava-1.6-7b": ModelShape(hidden=4096, ffn=11008, layers=32),
+    # The LLMs of Qwen2.5-VL-7B (Qwen2.5-7B), Qwen3-VL-8B (Qwen3-8B), LLaVA-OneVision-7B (Qwen2-7B).
+    "qwen2.5-vl-7b": ModelShape(hidden=3584, ffn=18944, layers=28),
+    "qwen3-vl-8b": ModelShape(hidden=4096, ffn=12288, layers=36),
+    "llava-onevision-7b": ModelShape(hidden=3584, ffn=18944, layers=28),
 }
 
 

@@ -14,7 +14,7 @@ import logging
 
 from otprune.config import PruneConfig, config_from_env
 
-from . import hf, llava
+from . import hf, llava, vlm
 
 __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
 
@@ -30,7 +30,9 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     """Make ``model`` prune its visual tokens; returns the same model.
 
     ``model``: an original-LLaVA model (``llava-torch``) or transformers' ``LlavaForConditionalGeneration``
-    / ``LlavaNextForConditionalGeneration``.
+    / ``LlavaNextForConditionalGeneration`` / ``Qwen2VLForConditionalGeneration`` /
+    ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` /
+    ``LlavaOnevisionForConditionalGeneration``.
 
     ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
     ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before;
@@ -41,10 +43,11 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
         _enable_logging()
     llava.install()
     hf.install()
+    vlm.install()
     if not _supported(model):
         raise TypeError(
             f"otprune.patches.prune does not support {type(model).__name__}; it supports the original LLaVA "
-            f"(LlavaMetaForCausalLM subclasses) and transformers' {', '.join(hf.CLASS_NAMES)}"
+            f"(LlavaMetaForCausalLM subclasses) and transformers' {', '.join(hf.CLASS_NAMES + vlm.CLASS_NAMES)}"
         )
     model._otprune_config = config
     return model
@@ -58,6 +61,7 @@ def activate_from_env(environ=None) -> PruneConfig:
     if config.enabled:
         llava.install()
         hf.install()
+        vlm.install()
         if config.log:
             _enable_logging()
     return config
@@ -65,7 +69,7 @@ def activate_from_env(environ=None) -> PruneConfig:
 
 def _supported(model) -> bool:
     names = {cls.__name__ for cls in type(model).__mro__}
-    return "LlavaMetaForCausalLM" in names or bool(names & set(hf.CLASS_NAMES))
+    return "LlavaMetaForCausalLM" in names or bool(names & set(hf.CLASS_NAMES + vlm.CLASS_NAMES))
 
 
 def _enable_logging() -> None:

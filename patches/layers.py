@@ -176,6 +176,9 @@ def last_token_attention(attention, hidden, position_embeddings, valid) -> torch
     rows = torch.arange(b, device=hidden.device)
     query = attention.q_proj(hidden[rows, last]).view(b, -1, head_dim)
     keys = attention.k_proj(hidden).view(b, length, -1, head_dim).transpose(1, 2)
+    if hasattr(attention, "q_norm"):
+        # Qwen3 normalises each head's query and key before the rotary.
+        query, keys = attention.q_norm(query), attention.k_norm(keys)
     cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
     query = query * cos[rows, last][:, None] + rotate_half(query) * sin[rows, last][:, None]
     keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]

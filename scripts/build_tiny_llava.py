@@ -46,8 +46,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(path: Path):
-    """A byte-level BPE tokenizer that adds ``<s>`` like LLaMA's, saved as a fast tokenizer."""
+def build_tokenizer(path: Path, extra_special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer that adds ``<s>`` like LLaMA's, saved as a fast tokenizer.
+
+    ``extra_special_tokens``: further unsplittable tokens (another family's placeholders)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -55,7 +57,7 @@ def build_tokenizer(path: Path):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=600, special_tokens=SPECIAL_TOKENS + list(extra_special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     core.train_from_iterator(CORPUS, trainer=trainer)
     bos = core.token_to_id("<s>")

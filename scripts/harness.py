@@ -85,6 +85,9 @@ MODELS = {
     "liuhaotian/llava-v1.5-7b": ModelSpec("llava-1.5-7b"),
     "liuhaotian/llava-v1.5-13b": ModelSpec("llava-1.5-13b"),
     "liuhaotian/llava-v1.6-vicuna-7b": ModelSpec("llava-1.6-7b"),
+    "Qwen/Qwen2.5-VL-7B-Instruct": ModelSpec("qwen2.5-vl-7b"),
+    "Qwen/Qwen3-VL-8B-Instruct": ModelSpec("qwen3-vl-8b"),
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": ModelSpec("llava-onevision-7b"),
     "tiny-llava-1.5": ModelSpec("llava-1.5-7b", tiny="llava-1.5"),
     "tiny-llava-1.6": ModelSpec("llava-1.6-7b", tiny="llava-1.6"),
 }

@@ -84,7 +84,7 @@ def test_bad_config_fails_before_any_run(tmp_path, capsys, changes, message):
 
 def test_unknown_config_name_lists_the_shipped_ones(capsys):
     assert harness.main(["no_such_config"]) == 2
-    assert "no config 'no_such_config'; allowed: paper_table1, smoke" in capsys.readouterr().err
+    assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, smoke" in capsys.readouterr().err
 
 
 def test_prune_log_parsing():

@@ -1,0 +1,394 @@
+"""transformers' Qwen-VL and LLaVA-OneVision classes: prune before the LLM, keep the model's own positions.
+
+Covers ``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
+``Qwen3VLForConditionalGeneration`` and ``LlavaOnevisionForConditionalGeneration``. Their
+processors expand each image (or video) into as many placeholder tokens as it has visual tokens.
+``generate`` and ``forward`` are wrapped; with pruning on they compute, from the caller's full
+sequence, what the model would: the token embeddings with the image and video features scattered
+into their placeholders, and the positions of every token (Qwen: the 3-D (time, height, width)
+rotary positions of the model's own ``get_rope_index``, text after an image continuing from the
+grid's largest position; OneVision: the 1-D positions the unpruned call would use). Then:
+
+- ``LAYER_INDEX = 0``: each selection unit keeps ``budget(ratio, N)`` of its ``N`` tokens; the
+  LLM gets ``inputs_embeds`` and ``position_ids`` cut to the kept tokens (and re-padded), so each
+  kept token keeps the position the unpruned model gives it: **choice**: positions are gathered,
+  never renumbered, as renumbering would scramble the image grid's spatial layout. Decoding goes
+  on from the last prompt token's position, which is the unpruned model's next position (prompts
+  end with text). Qwen3-VL's DeepStack features are added at the kept visual positions only.
+  ``generate`` returns the caller's full ``input_ids`` followed by the new tokens, as unpruned;
+  ``forward`` returns logits for the shortened sequence.
+- ``K > 0``: the LLM gets the same inputs uncut (the vision tower runs once) and the layer hooks
+  of ``layers.py`` prune inside it.
+
+Selection units: each image is one unit. **Choice** for video: per frame: each temporal step of
+a video (Qwen: one ``t`` of its grid, two input frames merged; OneVision: one pooled frame) is
+pruned to its own budget, as an image would be, so a clip keeps the same share of every moment;
+OneVision's one newline token after a video is always kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from otprune.prune import select_per_image
+
+from .hf import _as_keywords, _with_full_prompt
+from .layers import PrefillState, attach_state
+from .splice import IGNORE_INDEX, question_positions, repad
+
+QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
+ONEVISION_CLASS = "LlavaOnevisionForConditionalGeneration"
+CLASS_NAMES = (*QWEN_CLASSES, ONEVISION_CLASS)
+# Inputs that only describe the images and videos: the pruned call gets embeddings instead.
+VISUAL_INPUTS = (
+    "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids",
+    "image_sizes", "image_sizes_videos", "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy",
+    "vision_aspect_ratio",
+)  # fmt: skip
+
+
+@dataclass
+class Visual:
+    """One placeholder token's features: ``features`` ``(M, d)`` in placeholder order over the batch,
+    ``units`` the consecutive ``(count, selectable)`` runs they split into (``selectable=False``:
+    always kept), ``deepstack`` Qwen3-VL's per-level ``(M, d)`` features added in the first layers."""
+
+    token_id: int
+    features: torch.Tensor
+    units: list[tuple[int, bool]]
+    deepstack: list[torch.Tensor] | None = None
+
+
+def install() -> bool:
+    """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        return False
+    for name in CLASS_NAMES:
+        cls = getattr(transformers, name, None)
+        if cls is None or getattr(cls.forward, "otprune_original", None) is not None:
+            continue
+        cls.forward = _wrap(cls.forward, generating=False)
+        cls.generate = _wrap(cls.generate, generating=True)
+    text_model = getattr(transformers, "Qwen3VLTextModel", None)
+    if text_model is not None and not hasattr(text_model._deepstack_process, "otprune_original"):
+        text_model._deepstack_process = _deepstack_at_kept(text_model._deepstack_process)
+    return True
+
+
+def _wrap(original, generating: bool):
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def wrapped(self, *args, **kwargs):
+        from . import active_config
+
+        kwargs = _as_keywords(signature, self, args, kwargs)
+        config = active_config(self)
+        input_ids = kwargs.get("input_ids")
+        has_visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        if not config.enabled or not has_visual or input_ids is None:
+            if input_ids is not None and input_ids.shape[1] > 1:
+                _attach(self, config, None)
+            return original(self, **kwargs)
+        full = _unpruned_inputs(self, kwargs, generating)
+        if config.layer_index > 0:
+            _attach(self, config, _prefill_state(full))
+            prepared, deepstack = _llm_call(self, kwargs, full, None, generating)
+        else:
+            prepared, deepstack = _llm_call(self, kwargs, full, _kept_before_llm(config, full), generating)
+        with _deepstack_injected(self, deepstack):
+            output = original(self, **prepared)
+        if not generating or config.layer_index > 0:
+            return output
+        return _with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
+
+    wrapped.otprune_original = original
+    return wrapped
+
+
+def _attach(model, config, state) -> None:
+    language_model = model.model.language_model
+    attach_state(model, config, language_model.layers, language_model.norm, state)
+    # Not a module attribute: the text model must not hold its parent as a submodule.
+    language_model.__dict__["_otprune_prefill_state"] = lambda: getattr(getattr(model, "_otprune_layer_pruner", None), "state", None)
+
+
+def _deepstack_at_kept(original):
+    """Qwen3-VL adds DeepStack features after its first layers at the prompt's visual positions; once
+    the hooks of ``layers.py`` have cut the sequence (``LAYER_INDEX`` below the number of levels),
+    add them at the kept visual tokens, each its own token's features."""
+
+    @functools.wraps(original)
+    def process(self, hidden_states, visual_pos_masks, visual_embeds):
+        state = self.__dict__.get("_otprune_prefill_state", lambda: None)()
+        if state is None or state.kept is None or hidden_states.shape[1] == visual_pos_masks.shape[1]:
+            return original(self, hidden_states, visual_pos_masks, visual_embeds)
+        visual_pos_masks = visual_pos_masks.to(state.kept.device)
+        rank = (visual_pos_masks.flatten().long().cumsum(0) - 1).view_as(visual_pos_masks)
+        kept_visual = visual_pos_masks.gather(1, state.kept)
+        return original(self, hidden_states, kept_visual, visual_embeds[rank.gather(1, state.kept)[kept_visual]])
+
+    process.otprune_original = original
+    return process
+
+
+# -- what the unpruned model computes --------------------------------------------------------------
+
+
+def _visuals(model, kwargs: dict) -> list[Visual]:
+    """The image and video features the model would scatter into its placeholders."""
+    config = model.config
+    inner = model.model
+    visuals = []
+    if type(model).__name__ == ONEVISION_CLASS:
+        options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy") if kwargs.get(k) is not None}
+        if kwargs.get("pixel_values") is not None:
+            out = inner.get_image_features(
+                kwargs["pixel_values"], kwargs["image_sizes"], batch_num_images=kwargs.get("batch_num_images"), return_dict=True, **options
+            )
+            features = list(out.pooler_output)
+            visuals.append(Visual(config.image_token_id, torch.cat(features), [(f.shape[0], True) for f in features]))
+        if kwargs.get("pixel_values_videos") is not None:
+            videos = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **options).pooler_output
+            placeholders = int((kwargs["input_ids"] == config.video_token_id).sum())
+            if placeholders == videos.shape[0] * (videos.shape[1] + 1):
+                # transformers < 5.23 appends each video's newline token in forward, not in get_video_features.
+                newline = inner.image_newline[None, None].expand(videos.shape[0], 1, -1).to(videos)
+                videos = torch.cat([videos, newline], dim=1)
+            frames = kwargs["pixel_values_videos"].shape[1]
+            per_frame = (videos.shape[1] - 1) // frames
+            units = [(per_frame, True)] * frames + [(1, False)]
+            visuals.append(Visual(config.video_token_id, videos.flatten(0, 1), units * videos.shape[0]))
+        return visuals
+    merge = config.vision_config.spatial_merge_size**2
+    for token_id, pixels, grid_name, encode in (
+        (config.image_token_id, "pixel_values", "image_grid_thw", inner.get_image_features),
+        (config.video_token_id, "pixel_values_videos", "video_grid_thw", inner.get_video_features),
+    ):
+        if kwargs.get(pixels) is None:
+            continue
+        grids = kwargs[grid_name]
+        out = encode(kwargs[pixels], grids, return_dict=True)
+        deepstack = getattr(out, "deepstack_features", None)
+        if deepstack is not None:
+            deepstack = [torch.cat(list(level)) if isinstance(level, (list, tuple)) else level for level in deepstack]
+        units = _grid_units(grids, merge, per_frame=pixels == "pixel_values_videos")
+        visuals.append(Visual(token_id, torch.cat(list(out.pooler_output)), units, deepstack))
+    return visuals
+
+
+def _positions(model, kwargs: dict, valid: torch.Tensor, generating: bool) -> torch.Tensor:
+    """``(R, B, L)`` positions of the unpruned call: Qwen's 3-D rope index (R = 3), else ``(1, B, L)``."""
+    input_ids = kwargs["input_ids"]
+    given = kwargs.get("position_ids")
+    if isinstance(given, torch.Tensor):
+        return given[-3:] if given.dim() == 3 else given[None]
+    if type(model).__name__ == ONEVISION_CLASS:
+        if generating:
+            return ((valid.long().cumsum(1) - 1).masked_fill(~valid, 0))[None]
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(1, *input_ids.shape)
+    config = model.config
+    token_types = kwargs.get("mm_token_type_ids")
+    if token_types is None:
+        token_types = (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
+    extra = {"second_per_grid_ts": kwargs["second_per_grid_ts"]} if kwargs.get("second_per_grid_ts") is not None else {}
+    positions, _ = model.model.get_rope_index(
+        input_ids,
+        mm_token_type_ids=token_types,
+        image_grid_thw=kwargs.get("image_grid_thw"),
+        video_grid_thw=kwargs.get("video_grid_thw"),
+        attention_mask=kwargs.get("attention_mask"),
+        **extra,
+    )
+    return positions
+
+
+def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Tensor, bool]]:
+    """Each unit's ``(row, positions, selectable)``, consuming placeholders in batch order."""
+    rows, columns = (input_ids == visual.token_id).nonzero(as_tuple=True)
+    total = sum(n for n, _ in visual.units)
+    if rows.numel() != total:
+        raise ValueError(f"the prompts hold {rows.numel()} placeholder tokens {visual.token_id} but the inputs give {total} visual tokens")
+    result, offset = [], 0
+    for n, selectable in visual.units:
+        row = rows[offset : offset + n]
+        if bool((row != row[0]).any()):
+            raise ValueError(f"a unit of {n} visual tokens at placeholder {offset} spans two prompts of the batch")
+        result.append((int(row[0]), columns[offset : offset + n], selectable))
+        offset += n
+    return result
+
+
+def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
+    """Per unit, the text TRIM scores against: ``splice.question_positions`` of its run of adjacent
+    units (a video's frames share the text after the video)."""
+    by_row: dict[int, list[int]] = {}
+    for i, (b, positions, _) in enumerate(units):
+        by_row.setdefault(b, []).append(i)
+    result: list[torch.Tensor | None] = [None] * len(units)
+    for b, members in by_row.items():
+        members.sort(key=lambda i: int(units[i][1][0]))
+        runs: list[list[int]] = []
+        for i in members:
+            if runs and int(units[runs[-1][-1]][1][-1]) + 1 == int(units[i][1][0]):
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        spans = [(int(units[run[0]][1][0]), int(units[run[-1]][1][-1]) + 1) for run in runs]
+        for run, positions in zip(runs, question_positions(spans, text[b])):
+            for i in run:
+                result[i] = positions
+    return result
+
+
+@dataclass
+class UnprunedInputs:
+    """What the unpruned model's LLM would get, over the caller's full ``(B, L)`` sequence:
+    ``embeds`` with the visual features scattered in, ``positions`` ``(R, B, L)``, the selection
+    ``units`` (``(row, positions, selectable)``), and Qwen3-VL's per-level DeepStack ``(B, L, d)``."""
+
+    input_ids: torch.Tensor
+    valid: torch.Tensor
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    visual_mask: torch.Tensor
+    units: list[tuple[int, torch.Tensor, bool]]
+    deepstack: list[torch.Tensor] | None
+
+
+def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
+    input_ids = kwargs["input_ids"]
+    attention_mask = kwargs.get("attention_mask")
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    positions = _positions(model, kwargs, valid, generating)
+    embeds = model.get_input_embeddings()(input_ids)
+    visual_mask = torch.zeros_like(valid)
+    deepstack = None
+    units = []
+    for visual in _visuals(model, kwargs):
+        where = input_ids == visual.token_id
+        visual_mask |= where
+        embeds = embeds.masked_scatter(where[..., None], visual.features.to(embeds.device, embeds.dtype))
+        if visual.deepstack is not None:
+            deepstack = deepstack or [embeds.new_zeros(embeds.shape) for _ in visual.deepstack]
+            deepstack = [d.masked_scatter(where[..., None], f.to(d.device, d.dtype)) for d, f in zip(deepstack, visual.deepstack)]
+        units += _units(input_ids, visual)
+    return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack)
+
+
+# -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
+
+
+def _kept_before_llm(config, full: UnprunedInputs) -> torch.Tensor:
+    """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens."""
+    selectable = [u for u in full.units if u[2]]
+    texts = None
+    if config.method == "TRIM":
+        questions = _questions(selectable, full.valid & ~full.visual_mask)
+        texts = [full.embeds[b, q] for (b, _, _), q in zip(selectable, questions)]
+    kept = select_per_image(config, [full.embeds[b, p] for b, p, _ in selectable], texts)
+    keep = full.valid & ~full.visual_mask
+    for (b, p, _), k in zip(selectable, kept):
+        keep[b, p[k]] = True
+    for b, p, is_selectable in full.units:
+        if not is_selectable:
+            keep[b, p] = True
+    return keep
+
+
+def _llm_call(model, kwargs: dict, full: UnprunedInputs, keep: torch.Tensor | None, generating: bool):
+    """The call's arguments with the LLM's inputs cut to the ``keep`` ``(B, L)`` positions and
+    re-padded (``None``: all, as at K > 0), and Qwen3-VL's DeepStack inputs for it (else ``None``)."""
+    columns = [
+        (full.input_ids, model.config.get_text_config().pad_token_id or 0),
+        (full.embeds, 0),
+        (full.positions.permute(1, 2, 0), 0),
+        (full.visual_mask, False),
+    ]
+    names = ["input_ids", "inputs_embeds", "position_ids", "visual_mask"]
+    if isinstance(kwargs.get("labels"), torch.Tensor):
+        columns.append((kwargs["labels"], IGNORE_INDEX))
+        names.append("labels")
+    columns += [(d, 0) for d in full.deepstack or []]
+    if keep is None:
+        new_mask, cut = full.valid, [t for t, _ in columns]
+    else:
+        new_mask, *cut = repad(keep, "left" if bool((~full.valid[:, 0]).any()) else "right", *columns)
+    prepared = {k: v for k, v in kwargs.items() if k not in VISUAL_INPUTS}
+    prepared.update(zip(names, cut))
+    kept_visual = prepared.pop("visual_mask")
+    prepared["position_ids"] = prepared["position_ids"].permute(2, 0, 1)
+    if prepared["position_ids"].shape[0] == 1:
+        prepared["position_ids"] = prepared["position_ids"][0]
+    else:
+        # Qwen decodes a cached sequence at (its kept length + rope_deltas) when no positions are
+        # given: the offset that puts the next token where the unpruned model would.
+        next_position = full.positions.masked_fill(~full.valid, 0).amax(dim=(0, 2)) + 1
+        model.model.rope_deltas = (next_position - new_mask.sum(1))[:, None]
+    if kwargs.get("attention_mask") is not None:
+        prepared["attention_mask"] = new_mask.to(kwargs["attention_mask"].dtype)
+    if not generating:
+        prepared["input_ids"] = None
+    injected = None
+    if full.deepstack is not None:
+        injected = (kept_visual, [level[kept_visual] for level in cut[len(names) :]])
+    return prepared, injected
+
+
+@contextlib.contextmanager
+def _deepstack_injected(model, deepstack):
+    """Hand Qwen3-VL's text model the kept tokens' DeepStack features during the pruned prefill.
+
+    The multimodal model computes them only from ``pixel_values``, which the pruned call no longer
+    passes; a one-shot pre-hook on its text model adds them to the prefill's arguments.
+    """
+    if deepstack is None:
+        yield
+        return
+    mask, levels = deepstack
+    language_model = model.model.language_model
+
+    def inject(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.shape[:2] != mask.shape:
+            return None
+        handle.remove()
+        kwargs["visual_pos_masks"] = mask
+        kwargs["deepstack_visual_embeds"] = levels
+        return args, kwargs
+
+    handle = language_model.register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# -- LAYER_INDEX > 0 -------------------------------------------------------------------------------
+
+
+def _prefill_state(full: UnprunedInputs) -> PrefillState:
+    """Where each selection unit sits, for the layer hooks (each unit is one run of placeholders)."""
+    selectable = sorted((u for u in full.units if u[2]), key=lambda u: (u[0], int(u[1][0])))
+    questions = _questions(selectable, full.valid & ~full.visual_mask)
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(full.input_ids.shape[0])]
+    text_after: list[list[torch.Tensor]] = [[] for _ in spans]
+    for (b, positions, _), question in zip(selectable, questions):
+        spans[b].append((int(positions[0]), int(positions[-1]) + 1))
+        text_after[b].append(question)
+    return PrefillState(spans=spans, valid=full.valid, text_after=text_after)
+
+
+def _grid_units(grids: torch.Tensor, merge: int, per_frame: bool) -> list[tuple[int, bool]]:
+    """Qwen's units from ``(t, h, w)`` patch grids: one per image, or one per temporal step of a video."""
+    if per_frame:
+        return [(int(g[1] * g[2]) // merge, True) for g in grids for _ in range(int(g[0]))]
+    return [(int(g.prod()) // merge, True) for g in grids]
