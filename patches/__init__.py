@@ -15,6 +15,7 @@ import logging
 from otprune.config import PruneConfig, config_from_env
 
 from . import hf, llava
+from .layers import check_layer_index
 
 __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
 
@@ -37,15 +38,18 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     ``options``: selector options (``gamma=``, ``seed=``, ``alpha=``, ``keep_ratio=``).
     """
     config = PruneConfig(method=method, ratio=ratio, layer_index=layer_index, options=options, log=log)
-    if log:
-        _enable_logging()
-    llava.install()
-    hf.install()
     if not _supported(model):
         raise TypeError(
             f"otprune.patches.prune does not support {type(model).__name__}; it supports the original LLaVA "
             f"(LlavaMetaForCausalLM subclasses) and transformers' {', '.join(hf.CLASS_NAMES)}"
         )
+    if config.enabled:
+        hf.check_transformers_version()
+        check_layer_index(config, len(_decoder(model).layers))
+    if log:
+        _enable_logging()
+    llava.install()
+    hf.install()
     model._otprune_config = config
     return model
 
@@ -54,6 +58,8 @@ def activate_from_env(environ=None) -> PruneConfig:
     """Read the pruning variables and, if pruning is on, patch every supported model class."""
     global _env_config
     config = config_from_env(environ)
+    if config.enabled:
+        hf.check_transformers_version()
     _env_config = config
     if config.enabled:
         llava.install()
@@ -63,9 +69,16 @@ def activate_from_env(environ=None) -> PruneConfig:
     return config
 
 
+def _is_original_llava(model) -> bool:
+    return "LlavaMetaForCausalLM" in {cls.__name__ for cls in type(model).__mro__}
+
+
 def _supported(model) -> bool:
-    names = {cls.__name__ for cls in type(model).__mro__}
-    return "LlavaMetaForCausalLM" in names or bool(names & set(hf.CLASS_NAMES))
+    return _is_original_llava(model) or bool({cls.__name__ for cls in type(model).__mro__} & set(hf.CLASS_NAMES))
+
+
+def _decoder(model):
+    return llava.decoder(model) if _is_original_llava(model) else hf.decoder(model)
 
 
 def _enable_logging() -> None:

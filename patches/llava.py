@@ -22,7 +22,7 @@ import torch
 from otprune.config import PruneConfig
 from otprune.prune import select_per_image
 
-from .layers import PrefillState, attach_state
+from .layers import PrefillState, attach_state, check_layer_index
 from .splice import IGNORE_INDEX, question_positions, repad
 
 IMAGE_TOKEN_INDEX = -200
@@ -45,6 +45,7 @@ def install() -> bool:
         from . import active_config
 
         config = active_config(self)
+        check_layer_index(config, len(decoder(self).layers))
         prefill = images is not None and input_ids is not None and input_ids.shape[1] > 1
         if not config.enabled or not prefill or self.get_vision_tower() is None:
             # A new prompt without images ends the previous prompt's pruning; a decode step
@@ -61,9 +62,13 @@ def install() -> bool:
     return True
 
 
+def decoder(model):
+    """The decoder stack (``.layers``, ``.norm``) of an original-LLaVA model."""
+    return model.get_model()
+
+
 def _set_state(model, config: PruneConfig, state: PrefillState | None) -> None:
-    inner = model.get_model()
-    attach_state(model, config, inner.layers, inner.norm, state)
+    attach_state(model, config, decoder(model), state)
 
 
 def _visual_spans(visual: torch.Tensor, sources: torch.Tensor, input_ids: torch.Tensor) -> list[tuple[int, int]]:
