@@ -1,5 +1,7 @@
 """The original-LLaVA patch on tiny random checkpoints built offline (tests/conftest.py)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llav
 
 from PIL import Image  # noqa: E402
 
+import fa2_style  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
@@ -302,3 +305,89 @@ def test_layer_index_beyond_the_model_is_refused_before_anything_runs(models, mo
     finally:
         handle.remove()
     assert towers == []
+
+
+@contextlib.contextmanager
+def attention(model, implementation):
+    """Run ``model`` under one attention backend (``fa2-style``: the flash-attention masks)."""
+    if implementation == "fa2-style":
+        implementation = fa2_style.register()
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def greedy_by_recompute(model, ids, pixel, sizes, tokens=6):
+    """Greedy decoding the slow way: every step a full forward over prompt + tokens so far, no cache."""
+    ids = ids if ids.dim() == 2 else ids[None]
+    new = ids.new_zeros(ids.shape[0], 0)
+    for _ in range(tokens):
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.cat([ids, new], 1), images=pixel, image_sizes=sizes, use_cache=False
+            ).logits
+        new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return new
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["OURS", "VTW"])
+def test_layer_k_cached_decoding_matches_a_full_recompute(models, attn, method):
+    _, model, _ = models["llava-1.5"]
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 13)])
+    patches.prune(model, method, None if method == "VTW" else RATIO, layer_index=2)
+    with attention(model, attn):
+        cached = generate(model, ids, pixel, sizes)
+        recomputed = greedy_by_recompute(model, ids, pixel, sizes)
+    assert cached.tolist() == recomputed.tolist()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_layer_k_text_prompt_after_an_image_prompt_and_back(models, attn):
+    tokenizer, model, _ = models["llava-1.5"]
+    text_ids = tokenizer("USER: Hello there. ASSISTANT:", return_tensors="pt").input_ids
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 14)])
+    with attention(model, attn):
+        text_alone = generate(model, text_ids, None, None)
+        patches.prune(model, "OURS", RATIO, layer_index=2)
+        image_alone = greedy_by_recompute(model, ids, pixel, sizes)
+        assert generate(model, ids, pixel, sizes).tolist() == image_alone.tolist()
+        assert generate(model, text_ids, None, None).tolist() == text_alone.tolist()
+        assert generate(model, ids, pixel, sizes).tolist() == image_alone.tolist()
+        with torch.no_grad():
+            text_logits = model(input_ids=text_ids, use_cache=False).logits
+        patches.prune(model, None)
+        with torch.no_grad():
+            assert torch.allclose(text_logits, model(input_ids=text_ids, use_cache=False).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "fa2-style"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layer_k_padded_batch_matches_each_prompt_alone(models, attn, side):
+    _, model, _ = models["llava-1.5"]
+    short = encode(models, "llava-1.5", PROMPT, [make_image(400, 300, 15)])
+    long = encode(models, "llava-1.5", "USER: <image>\nDescribe the image briefly, with the sky. ASSISTANT:", [make_image(300, 400, 16)])
+    ids, mask = pad_batch([short[0], long[0]], side)
+    pixel = torch.cat([short[1], long[1]])
+    sizes = [short[2][0], long[2][0]]
+    patches.prune(model, "OURS", RATIO, layer_index=2)
+    alone = []
+    for e in (short, long):
+        with torch.no_grad():
+            alone.append(model(input_ids=e[0][None], images=e[1], image_sizes=e[2]).logits[0])
+    model.config.tokenizer_padding_side = side
+    try:
+        with attention(model, attn), torch.no_grad():
+            together = model(input_ids=ids, attention_mask=mask, images=pixel, image_sizes=sizes).logits
+            generated = generate(model, ids, pixel, sizes, mask, tokens=4) if side == "left" else None
+    finally:
+        model.config.tokenizer_padding_side = "right"
+    for row, expected in enumerate(alone):
+        n = expected.shape[0]
+        got = together[row, -n:] if side == "left" else together[row, :n]
+        assert torch.allclose(got, expected, atol=1e-4)
+    if generated is not None:
+        for row, e in enumerate((short, long)):
+            assert generated[row].tolist() == generate(model, e[0], e[1], e[2], tokens=4)[0].tolist()
