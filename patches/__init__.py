@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from otprune.config import PruneConfig, config_from_env
+from otprune.config import PruneConfig, check_runnable_here, config_from_env, default_layer_index
 
 from . import hf, llava
 from .layers import check_layer_index
@@ -27,16 +27,19 @@ def active_config(model) -> PruneConfig:
     return getattr(model, "_otprune_config", None) or _env_config
 
 
-def prune(model, method: str | None, ratio: float | None = None, layer_index: int = 0, *, log: bool = False, **options):
+def prune(model, method: str | None, ratio: float | None = None, layer_index: int | None = None, *, log: bool = False, **options):
     """Make ``model`` prune its visual tokens; returns the same model.
 
     ``model``: an original-LLaVA model (``llava-torch``) or transformers' ``LlavaForConditionalGeneration``
     / ``LlavaNextForConditionalGeneration``.
 
     ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
-    ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before;
+    ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before (default
+    0; 2 for FASTV, 4 for VTW);
     ``options``: selector options (``gamma=``, ``seed=``, ``alpha=``, ``keep_ratio=``).
     """
+    if layer_index is None:
+        layer_index = default_layer_index(method)
     config = PruneConfig(method=method, ratio=ratio, layer_index=layer_index, options=options, log=log)
     if not _supported(model):
         raise TypeError(
@@ -45,7 +48,8 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
         )
     if config.enabled:
         hf.check_transformers_version()
-        check_layer_index(config, len(_decoder(model).layers))
+        check_runnable_here(config)
+        check_model(model, config)
     if log:
         _enable_logging()
     llava.install()
@@ -54,12 +58,27 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     return model
 
 
+def check_model(model, config: PruneConfig) -> None:
+    """Refuse a setting ``model`` cannot run (a ``LAYER_INDEX`` beyond its layers) before it runs.
+
+    A setting from the environment stops the process (``SystemExit``): under lmms-eval, which
+    catches ``Exception`` and exits 0, it would otherwise fail every sample and report success.
+    """
+    try:
+        check_layer_index(config, len(_decoder(model).layers))
+    except ValueError as error:
+        if config is _env_config:
+            raise SystemExit(f"otprune: {error}") from None
+        raise
+
+
 def activate_from_env(environ=None) -> PruneConfig:
     """Read the pruning variables and, if pruning is on, patch every supported model class."""
     global _env_config
     config = config_from_env(environ)
     if config.enabled:
         hf.check_transformers_version()
+        check_runnable_here(config)
     _env_config = config
     if config.enabled:
         llava.install()

@@ -28,7 +28,7 @@ import torch
 
 from otprune.prune import select_per_image
 
-from .layers import PrefillState, attach_state, check_layer_index
+from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, question_positions, repad
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
@@ -96,13 +96,13 @@ def _wrap(original, generating: bool):
 
     @functools.wraps(original)
     def wrapped(self, *args, **kwargs):
-        from . import active_config
+        from . import active_config, check_model
 
         kwargs = _as_keywords(signature, self, args, kwargs)
         config = active_config(self)
         if not config.enabled:
             return original(self, **kwargs)
-        check_layer_index(config, len(decoder(self).layers))
+        check_model(self, config)
         input_ids = kwargs.get("input_ids")
         images = None
         if kwargs.get("pixel_values") is not None and input_ids is not None:

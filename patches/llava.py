@@ -22,7 +22,7 @@ import torch
 from otprune.config import PruneConfig
 from otprune.prune import select_per_image
 
-from .layers import PrefillState, attach_state, check_layer_index
+from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, question_positions, repad
 
 IMAGE_TOKEN_INDEX = -200
@@ -42,10 +42,10 @@ def install() -> bool:
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
     ):
-        from . import active_config
+        from . import active_config, check_model
 
         config = active_config(self)
-        check_layer_index(config, len(decoder(self).layers))
+        check_model(self, config)
         prefill = images is not None and input_ids is not None and input_ids.shape[1] > 1
         if not config.enabled or not prefill or self.get_vision_tower() is None:
             # A new prompt without images ends the previous prompt's pruning; a decode step

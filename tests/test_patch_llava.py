@@ -294,13 +294,13 @@ def test_layer_index_beyond_the_model_is_refused_before_anything_runs(models, mo
     ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 12)])
     with pytest.raises(ValueError, match=r"LAYER_INDEX=9 is not allowed for this model; it has 4 layers"):
         patches.prune(model, "OURS", RATIO, layer_index=9)
-    # Set from the environment (no model at hand then): refused at the first forward, before
-    # the vision tower runs.
+    # Set from the environment (no model at hand then): the first forward stops the process
+    # (lmms-eval would swallow an exception), before the vision tower runs.
     monkeypatch.setattr(patches, "_env_config", patches.PruneConfig("OURS", RATIO, 9))
     towers = []
     handle = model.get_vision_tower().register_forward_pre_hook(lambda *a: towers.append(1))
     try:
-        with pytest.raises(ValueError, match=r"LAYER_INDEX=9 is not allowed for this model; it has 4 layers"):
+        with pytest.raises(SystemExit, match=r"otprune: LAYER_INDEX=9 is not allowed for this model; it has 4 layers"):
             cache_lengths(model, ids, pixel, sizes)
     finally:
         handle.remove()
