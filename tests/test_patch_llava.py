@@ -341,7 +341,26 @@ def test_layer_k_cached_decoding_matches_a_full_recompute(models, attn, method):
     with attention(model, attn):
         cached = generate(model, ids, pixel, sizes)
         recomputed = greedy_by_recompute(model, ids, pixel, sizes)
+        with torch.no_grad():
+            uncached = model.generate(ids[None], images=pixel, image_sizes=sizes, max_new_tokens=6, do_sample=False, use_cache=False)
     assert cached.tolist() == recomputed.tolist()
+    assert uncached.tolist() == recomputed.tolist()
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_beam_search_scores_its_sequence_as_a_full_recompute_does(models, layer_index):
+    _, model, _ = models["llava-1.5"]
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 17)])
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    with torch.no_grad():
+        out = model.generate(
+            ids[None], images=pixel, image_sizes=sizes, max_new_tokens=4, num_beams=3, do_sample=False,
+            length_penalty=0.0, output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        new = out.sequences
+        logits = model(input_ids=torch.cat([ids[None], new], 1), images=pixel, image_sizes=sizes, use_cache=False).logits
+    logprobs = logits[:, -new.shape[1] - 1 : -1].log_softmax(-1)
+    assert torch.allclose(out.sequences_scores[0], logprobs.gather(-1, new[..., None]).sum(), atol=1e-4)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
