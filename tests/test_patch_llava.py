@@ -231,9 +231,6 @@ def test_layer_k_prunes_hidden_states_and_kv_cache(models, method):
     kept_visual = 0 if method == "VTW" else budget(RATIO, 576)
     assert logits_len == full_len  # logits keep the caller's shape
     assert cache == [full_len, full_len] + [full_len - 576 + kept_visual] * 2
-    # Generation after a pruned prefill runs on the pruned cache and stays deterministic.
-    out = generate(model, ids, pixel, sizes, tokens=4)
-    assert torch.equal(out, generate(model, ids, pixel, sizes, tokens=4))
 
 
 def test_layer_k_feature_selector_uses_layer_k_hidden_states(models):
