@@ -60,7 +60,7 @@ class PrefillState:
     def length(self) -> int:
         return self.valid.shape[1]
 
-    def repeated(self, rows: int) -> "PrefillState":
+    def repeated(self, rows: int) -> PrefillState:
         """The state of a batch whose every row is repeated ``rows / B`` times in place (beams)."""
         times = rows // len(self.spans)
         if times * len(self.spans) != rows:

@@ -1,7 +1,5 @@
 """The transformers-native patch (LlavaForConditionalGeneration, LlavaNextForConditionalGeneration)."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
-import fa2_style  # noqa: E402
+from attention_backends import backend  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
@@ -167,18 +165,6 @@ def test_unsupported_model_is_a_clear_error():
         patches.prune(torch.nn.Linear(2, 2), "OURS", 0.5)
 
 
-@contextlib.contextmanager
-def attention(model, implementation):
-    """Run ``model`` under one attention backend (``fa2-style``: the flash-attention masks)."""
-    if implementation == "fa2-style":
-        implementation = fa2_style.register()
-    model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
 def forward_logits(model, inputs, new):
     """Logits of one full forward over the prompt and the tokens ``new`` after it, no cache."""
     ids = torch.cat([inputs["input_ids"], new], 1)
@@ -214,7 +200,7 @@ def test_layer_k_text_prompt_after_an_image_prompt_and_back(models, attn):
     processor, model = models["llava-hf"]
     image_inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 9)]])
     text_inputs = processor(text=["USER: Hello there. ASSISTANT:"], return_tensors="pt")
-    with attention(model, attn):
+    with backend(model, attn):
         text_alone = generate(model, text_inputs)
         patches.prune(model, "OURS", RATIO, layer_index=2)
         image_alone = greedy_by_recompute(model, image_inputs)
@@ -238,7 +224,7 @@ def test_layer_k_padded_batch_matches_each_prompt_alone(models, attn, side):
         together = inputs_for(processor, questions, images)
     finally:
         processor.tokenizer.padding_side = "left"
-    with attention(model, attn):
+    with backend(model, attn):
         logits = forward_logits(model, together, together["input_ids"][:, :0])
         generated = generate(model, together, tokens=4) if side == "left" else None
     for row, expected in enumerate(alone_logits):

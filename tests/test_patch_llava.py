@@ -1,7 +1,5 @@
 """The original-LLaVA patch on tiny random checkpoints built offline (tests/conftest.py)."""
 
-import contextlib
-
 import pytest
 import torch
 
@@ -9,7 +7,7 @@ pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llav
 
 from PIL import Image  # noqa: E402
 
-import fa2_style  # noqa: E402
+from attention_backends import backend  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
@@ -304,18 +302,6 @@ def test_layer_index_beyond_the_model_is_refused_before_anything_runs(models, mo
     assert towers == []
 
 
-@contextlib.contextmanager
-def attention(model, implementation):
-    """Run ``model`` under one attention backend (``fa2-style``: the flash-attention masks)."""
-    if implementation == "fa2-style":
-        implementation = fa2_style.register()
-    model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
 def greedy_by_recompute(model, ids, pixel, sizes, tokens=6):
     """Greedy decoding the slow way: every step a full forward over prompt + tokens so far, no cache."""
     ids = ids if ids.dim() == 2 else ids[None]
@@ -335,7 +321,7 @@ def test_layer_k_cached_decoding_matches_a_full_recompute(models, attn, method):
     _, model, _ = models["llava-1.5"]
     ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 13)])
     patches.prune(model, method, None if method == "VTW" else RATIO, layer_index=2)
-    with attention(model, attn):
+    with backend(model, attn):
         cached = generate(model, ids, pixel, sizes)
         recomputed = greedy_by_recompute(model, ids, pixel, sizes)
         with torch.no_grad():
@@ -365,7 +351,7 @@ def test_layer_k_text_prompt_after_an_image_prompt_and_back(models, attn):
     tokenizer, model, _ = models["llava-1.5"]
     text_ids = tokenizer("USER: Hello there. ASSISTANT:", return_tensors="pt").input_ids
     ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 14)])
-    with attention(model, attn):
+    with backend(model, attn):
         text_alone = generate(model, text_ids, None, None)
         patches.prune(model, "OURS", RATIO, layer_index=2)
         image_alone = greedy_by_recompute(model, ids, pixel, sizes)
@@ -395,7 +381,7 @@ def test_layer_k_padded_batch_matches_each_prompt_alone(models, attn, side):
             alone.append(model(input_ids=e[0][None], images=e[1], image_sizes=e[2]).logits[0])
     model.config.tokenizer_padding_side = side
     try:
-        with attention(model, attn), torch.no_grad():
+        with backend(model, attn), torch.no_grad():
             together = model(input_ids=ids, attention_mask=mask, images=pixel, image_sizes=sizes).logits
             generated = generate(model, ids, pixel, sizes, mask, tokens=4) if side == "left" else None
     finally:
