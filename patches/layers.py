@@ -176,7 +176,7 @@ class LayerPruner:
                 keep[b, start:end] = False
                 images.append(hidden[b, start:end])
                 if self.config.method == "TRIM":
-                    texts.append(hidden[b, state.text_after[b][i]])
+                    texts.append(hidden[b, state.text_after[b][i].to(hidden.device)])
                 where.append((b, start))
         method = self.config.method
         began = selection_clock(self.config, images)

@@ -393,3 +393,45 @@ def test_layer_k_padded_batch_matches_each_prompt_alone(models, attn, side):
     if generated is not None:
         for row, e in enumerate((short, long)):
             assert generated[row].tolist() == generate(model, e[0], e[1], e[2], tokens=4)[0].tolist()
+
+
+def projector_gradient(model, ids, pixel, sizes):
+    model.zero_grad()
+    labels = ids[None].masked_fill(ids[None] < 0, -100)
+    loss = model(input_ids=ids[None], images=pixel, image_sizes=sizes, labels=labels).loss
+    loss.backward()
+    grad = model.get_model().mm_projector[0].weight.grad.clone()
+    model.zero_grad()
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_training_backpropagates_as_the_unpatched_model(models, layer_index):
+    _, model, _ = models["llava-1.5"]
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 18)])
+    expected = projector_gradient(model, ids, pixel, sizes)
+    # Keeping every token, the pruning path must pass gradients through unchanged.
+    patches.prune(model, "OURS", 1.0, layer_index=layer_index)
+    loss, grad = projector_gradient(model, ids, pixel, sizes)
+    assert torch.allclose(loss, expected[0], atol=1e-6) and torch.allclose(grad, expected[1], atol=1e-6)
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    loss, grad = projector_gradient(model, ids, pixel, sizes)
+    assert grad.abs().sum() > 0 and not grad.isnan().any() and loss.isfinite()
+
+
+def test_layer_k_sampling_draws_what_a_full_recompute_draws(models):
+    _, model, _ = models["llava-1.5"]
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 19)])
+    patches.prune(model, "OURS", RATIO, layer_index=2)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        sampled = model.generate(
+            ids[None], images=pixel, image_sizes=sizes, max_new_tokens=5, do_sample=True, top_k=0, top_p=1.0, temperature=1.0
+        )
+    torch.manual_seed(3)
+    new = ids.new_zeros(1, 0)
+    for _ in range(5):
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([ids[None], new], 1), images=pixel, image_sizes=sizes, use_cache=False).logits
+        new = torch.cat([new, torch.multinomial(logits[:, -1].float().softmax(-1), 1)], 1)
+    assert sampled.tolist() == new.tolist()
