@@ -105,7 +105,12 @@ def _wrap(original, generating: bool):
         check_model(self, config)
         input_ids = kwargs.get("input_ids")
         images = None
-        if kwargs.get("pixel_values") is not None and input_ids is not None:
+        if input_ids is None and kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
+            raise ValueError(
+                "with pruning on, give the images as pixel_values together with input_ids (the placeholders "
+                "show where each image's tokens go); inputs_embeds or mm_encoder_outputs would go in unpruned"
+            )
+        if kwargs.get("pixel_values") is not None:
             kwargs, images = _prepare(self, config, kwargs)
         elif not generating:
             images = getattr(self, "_otprune_images", None)
@@ -162,10 +167,14 @@ def _attach(model, config, state) -> None:
 
 
 def _with_full_prompt(output, input_ids: torch.Tensor, pruned_length: int):
-    """Put the caller's prompt back in front of the generated tokens (callers strip it by length)."""
+    """Put the caller's prompt back in front of the generated tokens (callers strip it by length);
+    with several sequences per prompt (``num_return_sequences``), in front of each."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    sequences = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
     if isinstance(output, torch.Tensor):
-        return torch.cat([input_ids, output[:, pruned_length:]], dim=1)
-    output.sequences = torch.cat([input_ids, output.sequences[:, pruned_length:]], dim=1)
+        return sequences
+    output.sequences = sequences
     return output
 
 

@@ -160,6 +160,15 @@ def test_positional_arguments_are_pruned_too(models):
     assert seen.shape[1] == inputs["input_ids"].shape[1] - 576 + budget(RATIO, 576)
 
 
+def test_images_given_in_a_form_the_patch_cannot_prune_are_refused(models):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 16)]])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    patches.prune(model, "OURS", RATIO)
+    with pytest.raises(ValueError, match="give the images as pixel_values together with input_ids"):
+        model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"])
+
+
 def test_unsupported_model_is_a_clear_error():
     with pytest.raises(TypeError, match="does not support Linear; it supports the original LLaVA"):
         patches.prune(torch.nn.Linear(2, 2), "OURS", 0.5)
@@ -247,6 +256,9 @@ def test_beam_search_scores_its_sequence_as_a_full_recompute_does(models, layer_
         )  # fmt: skip
     new = out.sequences[:, length:]
     assert torch.equal(out.sequences[:, :length], inputs["input_ids"])
+    with torch.no_grad():
+        two = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, length_penalty=0.0)
+    assert torch.equal(two[:1], out.sequences) and torch.equal(two[:, :length], inputs["input_ids"].expand(2, -1))
     logprobs = forward_logits(model, inputs, new)[:, -new.shape[1] - 1 : -1].log_softmax(-1)
     recomputed = logprobs.gather(-1, new[..., None]).sum()
     assert torch.allclose(out.sequences_scores[0], recomputed, atol=1e-4)
