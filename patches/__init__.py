@@ -79,12 +79,11 @@ def activate_from_env(environ=None) -> PruneConfig:
     if config.enabled:
         hf.check_transformers_version()
         check_runnable_here(config)
-    _env_config = config
-    if config.enabled:
         llava.install()
         hf.install()
         if config.log:
             _enable_logging()
+    _env_config = config
     return config
 
 
