@@ -6,7 +6,8 @@ Variables (names as in the reference code; values case-insensitive):
   ``ORIG`` means no pruning.
 - ``SUBSET_RATIO``: kept fraction of each image's visual tokens, in (0, 1]; required with every
   method except ``VTW`` (which keeps none).
-- ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``).
+- ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``,
+  4 for ``VTW``).
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
   ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
   selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
@@ -18,18 +19,27 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping
 
 from otprune.checks import as_int, check_unit_interval
 from otprune.selectors import SELECTORS, accepted_options, check_gamma, check_greedy_path
 
-__all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "config_from_env"]
+__all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
 
 # Methods that rank tokens by the LLM's own attention or drop them wholesale: they act inside it.
 LAYER_METHODS = ("FASTV", "VTW")
 METHODS = (*SELECTORS, *LAYER_METHODS)
-FASTV_DEFAULT_LAYER = 2
+# Defaults of K for the methods that only act inside the LLM. VTW's is a **choice**: the K the
+# paper's Table 1 uses for LLaVA-1.5 (configs/paper_table1.yaml), a per-model setting there.
+DEFAULT_LAYERS = {"FASTV": 2, "VTW": 4}
+
+
+def default_layer_index(method: str | None) -> int:
+    """``LAYER_INDEX`` when none is given: 0 (before the LLM) except for FASTV and VTW."""
+    return DEFAULT_LAYERS.get(method.upper() if isinstance(method, str) else method, 0)
 
 # OTPRUNE_* variable -> (selector option, parser)
 _OPTION_VARIABLES = {
@@ -91,6 +101,11 @@ class PruneConfig:
                 f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE=FASTV: it ranks tokens by "
                 "the attention of layer K-1, so K must be >= 1"
             )
+        if method == "VTW" and self.layer_index < 1:
+            raise ValueError(
+                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE=VTW: it withdraws the visual tokens "
+                f"after layers 0 .. K-1 have read them, so K must be >= 1 (default {DEFAULT_LAYERS['VTW']})"
+            )
         if method in SELECTORS:
             # TRIM's text is the prompt itself, supplied by the adapter, not a setting.
             allowed = tuple(name for name in accepted_options(method) if name != "text")
@@ -135,8 +150,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     raw_ratio = env.get("SUBSET_RATIO", "").strip()
     ratio = _parse_value("SUBSET_RATIO", raw_ratio, float) if raw_ratio else None
     raw_layer = env.get("LAYER_INDEX", "").strip()
-    default_layer = FASTV_DEFAULT_LAYER if method == "FASTV" else 0
-    layer_index = _parse_value("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer
+    layer_index = _parse_value("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer_index(method)
     unknown = sorted(
         name for name in env if name.startswith("OTPRUNE_") and name not in _OPTION_VARIABLES and name not in _FLAG_VARIABLES
     )
@@ -163,3 +177,39 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
         record_ot=flags["OTPRUNE_OT"],
         dump_dir=env.get("OTPRUNE_DUMP") or None,
     )
+
+
+def check_runnable_here(config: PruneConfig) -> None:
+    """Refuse what this machine cannot do, before any model loads: ``greedy="triton"`` without a
+    CUDA GPU (or Triton's interpreter, ``TRITON_INTERPRET=1``), an ``OTPRUNE_DUMP`` folder that
+    cannot be written. Kept apart from parsing, which also reads settings recorded elsewhere."""
+    if config.options.get("greedy") == "triton" and not _cuda_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "OTPRUNE_GREEDY='triton' is not allowed here: Triton kernels need a CUDA GPU (none is available) "
+            "or TRITON_INTERPRET=1; use 'batched' or 'host'"
+        )
+    if config.dump_dir:
+        _check_writable_folder(config.dump_dir)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _check_writable_folder(folder: str) -> None:
+    path = Path(folder).expanduser()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    problem = None
+    if not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif existing == path:
+        try:
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as error:
+            problem = f"cannot write in it ({error.strerror})"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"cannot create it in {existing}"
+    if problem:
+        raise ValueError(f"OTPRUNE_DUMP={folder!r} is not allowed: {problem}; give a folder that can be written")

@@ -43,7 +43,8 @@ def select_per_image(
 
     Images with the same ``N`` (all of LLaVA-1.5's) go through the selector as one ``(B, N, d)``
     batch; each is still pruned to its own budget ``budget(config.ratio, N_i)``. ``texts`` gives,
-    per image, the text-token embeddings TRIM scores against.
+    per image, the text-token embeddings TRIM scores against. Runs without autograd: a choice of
+    indices has no gradient, and the caller's indexing of its own tensors keeps theirs.
     """
     selector = get_selector(config.method)
     start = selection_clock(config, images)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 
-from otprune.config import PruneConfig, config_from_env
+from otprune.config import PruneConfig, check_runnable_here, config_from_env, default_layer_index
 
 from . import hf, llava, vlm
+from .layers import check_layer_index
 
 __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
 
@@ -26,7 +27,7 @@ def active_config(model) -> PruneConfig:
     return getattr(model, "_otprune_config", None) or _env_config
 
 
-def prune(model, method: str | None, ratio: float | None = None, layer_index: int = 0, *, log: bool = False, **options):
+def prune(model, method: str | None, ratio: float | None = None, layer_index: int | None = None, *, log: bool = False, **options):
     """Make ``model`` prune its visual tokens; returns the same model.
 
     ``model``: an original-LLaVA model (``llava-torch``) or transformers' ``LlavaForConditionalGeneration``
@@ -35,41 +36,71 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     ``LlavaOnevisionForConditionalGeneration``.
 
     ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
-    ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before;
+    ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before (default
+    0; 2 for FASTV, 4 for VTW);
     ``options``: selector options (``gamma=``, ``seed=``, ``alpha=``, ``keep_ratio=``).
     """
+    if layer_index is None:
+        layer_index = default_layer_index(method)
     config = PruneConfig(method=method, ratio=ratio, layer_index=layer_index, options=options, log=log)
-    if log:
-        _enable_logging()
-    llava.install()
-    hf.install()
-    vlm.install()
     if not _supported(model):
         raise TypeError(
             f"otprune.patches.prune does not support {type(model).__name__}; it supports the original LLaVA "
             f"(LlavaMetaForCausalLM subclasses) and transformers' {', '.join(hf.CLASS_NAMES + vlm.CLASS_NAMES)}"
         )
+    if config.enabled:
+        hf.check_transformers_version()
+        check_runnable_here(config)
+        check_model(model, config)
+    if log:
+        _enable_logging()
+    llava.install()
+    hf.install()
+    vlm.install()
     model._otprune_config = config
     return model
+
+
+def check_model(model, config: PruneConfig) -> None:
+    """Refuse a setting ``model`` cannot run (a ``LAYER_INDEX`` beyond its layers) before it runs.
+
+    A setting from the environment stops the process (``SystemExit``): under lmms-eval, which
+    catches ``Exception`` and exits 0, it would otherwise fail every sample and report success.
+    """
+    try:
+        check_layer_index(config, len(_decoder(model).layers))
+    except ValueError as error:
+        if config is _env_config:
+            raise SystemExit(f"otprune: {error}") from None
+        raise
 
 
 def activate_from_env(environ=None) -> PruneConfig:
     """Read the pruning variables and, if pruning is on, patch every supported model class."""
     global _env_config
     config = config_from_env(environ)
-    _env_config = config
     if config.enabled:
+        hf.check_transformers_version()
+        check_runnable_here(config)
         llava.install()
         hf.install()
         vlm.install()
         if config.log:
             _enable_logging()
+    _env_config = config
     return config
 
 
+def _is_original_llava(model) -> bool:
+    return "LlavaMetaForCausalLM" in {cls.__name__ for cls in type(model).__mro__}
+
+
 def _supported(model) -> bool:
-    names = {cls.__name__ for cls in type(model).__mro__}
-    return "LlavaMetaForCausalLM" in names or bool(names & set(hf.CLASS_NAMES + vlm.CLASS_NAMES))
+    return _is_original_llava(model) or bool({cls.__name__ for cls in type(model).__mro__} & set(hf.CLASS_NAMES + vlm.CLASS_NAMES))
+
+
+def _decoder(model):
+    return llava.decoder(model) if _is_original_llava(model) else hf.decoder(model)
 
 
 def _enable_logging() -> None:

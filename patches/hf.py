@@ -1,16 +1,22 @@
 """transformers' own LLaVA classes (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``).
 
-Their processors expand each image into as many placeholder tokens as it has visual tokens, and
-the model scatters the image features into those placeholders. ``generate`` and ``forward`` are
-wrapped so that, with pruning on, the image features are computed first (the model's own
-``get_image_features``: CLIP, projector and, for LLaVA-NeXT, tiling, unpadding and newline
-vectors) and handed to the model through transformers' ``mm_encoder_outputs`` argument:
+Their processors expand each image into as many placeholder tokens as it has visual tokens.
+``generate`` and ``forward`` are wrapped so that, with pruning on, the image features are
+computed first (the model's own ``get_image_features``: CLIP, projector and, for LLaVA-NeXT,
+tiling, unpadding and newline vectors), and the model then receives ``inputs_embeds`` built here:
+its own token embeddings with each row's image features scattered into that row's placeholders.
+No version-specific argument is used (``mm_encoder_outputs`` exists only from transformers 5.23
+on), so every transformers in ``SUPPORTED_TRANSFORMERS`` behaves the same.
 
 - ``LAYER_INDEX = 0``: each image's features are cut to the selector's picks and the unkept
   placeholders removed from ``input_ids`` (and the attention mask, labels and position ids), so
   the LLM sees a shorter prompt. ``generate`` returns the caller's full ``input_ids`` followed by
   the new tokens, as unpruned; ``forward`` returns logits for the shortened sequence.
 - ``K > 0``: the features go in whole and the layer hooks of ``layers.py`` prune inside the LLM.
+
+In ``generate`` the features are computed once and kept for the call: every forward whose input
+holds the placeholders (the prefill; each step with ``use_cache=False``; the beams' repeated
+rows) gets them scattered in.
 """
 
 from __future__ import annotations
@@ -27,6 +33,32 @@ from .splice import IGNORE_INDEX, question_positions, repad
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_FEATURE_KWARGS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
+# The lowest transformers the tests run on (CI runs this one and the newest) and the first major
+# version not claimed.
+SUPPORTED_TRANSFORMERS = ("5.17", "6")
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Refuse a transformers outside ``SUPPORTED_TRANSFORMERS`` before any model runs."""
+    if version is None:
+        try:
+            import transformers
+        except ImportError:
+            return
+        version = transformers.__version__
+    from packaging.version import Version
+
+    low, high = SUPPORTED_TRANSFORMERS
+    if not Version(low) <= Version(Version(version).base_version) < Version(high):
+        raise ValueError(
+            f"transformers {version} is not supported by otprune's patch; it needs transformers >= {low}, < {high} "
+            f"(pip install 'transformers>={low},<{high}')"
+        )
+
+
+def decoder(model):
+    """The decoder stack (``.layers``, ``.norm``) of a transformers LLaVA model."""
+    return model.model.language_model
 
 
 def install() -> bool:
@@ -39,8 +71,8 @@ def install() -> bool:
         cls = getattr(transformers, name, None)
         if cls is None or getattr(cls.forward, "otprune_original", None) is not None:
             continue
-        cls.forward = _wrap(cls.forward, restore_prompt=False)
-        cls.generate = _wrap(cls.generate, restore_prompt=True)
+        cls.forward = _wrap(cls.forward, generating=False)
+        cls.generate = _wrap(cls.generate, generating=True)
     return True
 
 
@@ -59,70 +91,149 @@ def _as_keywords(signature: inspect.Signature, model, args, kwargs) -> dict:
     return named
 
 
-def _wrap(original, restore_prompt: bool):
+def _wrap(original, generating: bool):
     signature = inspect.signature(original)
 
     @functools.wraps(original)
     def wrapped(self, *args, **kwargs):
-        from . import active_config
+        from . import active_config, check_model
 
         kwargs = _as_keywords(signature, self, args, kwargs)
         config = active_config(self)
-        input_ids = kwargs.get("input_ids")
-        pixel_values = kwargs.get("pixel_values")
-        new_prompt = input_ids is not None and input_ids.shape[1] > 1 and not kwargs.get("mm_encoder_outputs")
-        if not config.enabled or pixel_values is None or input_ids is None:
-            if new_prompt:
-                _attach(self, config, None)
+        if not config.enabled:
             return original(self, **kwargs)
-        prepared = _prepare(self, config, kwargs)
-        output = original(self, **prepared)
-        if not restore_prompt or config.layer_index > 0:
+        check_model(self, config)
+        input_ids = kwargs.get("input_ids")
+        images = None
+        if input_ids is None and kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
+            raise ValueError(
+                "with pruning on, give the images as pixel_values together with input_ids (the placeholders "
+                "show where each image's tokens go); inputs_embeds or mm_encoder_outputs would go in unpruned"
+            )
+        if kwargs.get("pixel_values") is not None:
+            kwargs, images = _prepare(self, config, kwargs)
+        elif not generating:
+            images = getattr(self, "_otprune_images", None)
+        if not generating:
+            if images is not None and _holds_placeholders(self, kwargs.get("input_ids")):
+                kwargs = _with_image_embeddings(self, config, kwargs, images)
+            return original(self, **kwargs)
+        if images is None:
+            return original(self, **kwargs)
+        self._otprune_images = images
+        try:
+            output = original(self, **kwargs)
+        finally:
+            del self._otprune_images
+        if config.layer_index > 0:
             return output
-        return _with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
+        return _with_full_prompt(output, input_ids, kwargs["input_ids"].shape[1])
 
     wrapped.otprune_original = original
     return wrapped
 
 
+def _holds_placeholders(model, input_ids) -> bool:
+    return input_ids is not None and input_ids.shape[1] > 1 and bool((input_ids == model.config.image_token_id).any())
+
+
+def _with_image_embeddings(model, config, kwargs: dict, images: list[list[torch.Tensor]]) -> dict:
+    """``kwargs`` with ``input_ids`` replaced by ``inputs_embeds``: the model's token embeddings,
+    each row's image features (``images[b]``, one tensor per image) in its placeholder rows.
+
+    A batch repeated in place (beam search) takes its prompt's images. With ``LAYER_INDEX > 0``
+    this is a new prefill: the layer hooks get where its visual tokens sit.
+    """
+    kwargs = dict(kwargs)
+    input_ids = kwargs.pop("input_ids")
+    rows = input_ids.shape[0]
+    if rows % len(images):
+        raise ValueError(f"{rows} prompt rows cannot repeat the {len(images)} prompts whose images were encoded")
+    images = [row for row in images for _ in range(rows // len(images))]
+    counts = [[f.shape[0] for f in row] for row in images]
+    spans = _image_spans(input_ids, model.config.image_token_id, counts)
+    embeds = model.get_input_embeddings()(input_ids)
+    placeholders = input_ids == model.config.image_token_id
+    features = torch.cat([f for row in images for f in row]).to(embeds.device, embeds.dtype)
+    kwargs["inputs_embeds"] = embeds.masked_scatter(placeholders[..., None].to(embeds.device), features)
+    if config.layer_index > 0:
+        valid, questions = _layout(input_ids, kwargs.get("attention_mask"), spans)
+        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=questions))
+    return kwargs
+
+
 def _attach(model, config, state) -> None:
-    language_model = model.model.language_model
-    attach_state(model, config, language_model.layers, language_model.norm, state)
+    attach_state(model, config, decoder(model), state)
 
 
 def _with_full_prompt(output, input_ids: torch.Tensor, pruned_length: int):
-    """Put the caller's prompt back in front of the generated tokens (callers strip it by length)."""
+    """Put the caller's prompt back in front of the generated tokens (callers strip it by length);
+    with several sequences per prompt (``num_return_sequences``), in front of each."""
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
+    sequences = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
     if isinstance(output, torch.Tensor):
-        return torch.cat([input_ids, output[:, pruned_length:]], dim=1)
-    output.sequences = torch.cat([input_ids, output.sequences[:, pruned_length:]], dim=1)
+        return sequences
+    output.sequences = sequences
     return output
 
 
-def _image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[int]) -> list[list[tuple[int, int]]]:
-    """Each image's placeholder run per row, consuming images in order across the batch."""
+def _image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Each image's placeholder run per row; ``counts[b]``: row b's images' token counts, in order."""
     spans: list[list[tuple[int, int]]] = []
-    image = 0
-    for row in input_ids:
+    for b, row in enumerate(input_ids):
         positions = (row == image_token_id).nonzero().flatten().tolist()
+        if len(positions) != sum(counts[b]):
+            raise ValueError(
+                f"prompt row {b} holds {len(positions)} image placeholders but its images have {sum(counts[b])} features"
+            )
         row_spans, cursor = [], 0
-        while cursor < len(positions):
-            if image >= len(counts):
-                raise ValueError(f"the prompts hold more image placeholders than the {len(counts)} images' features")
-            start, n = positions[cursor], counts[image]
+        for image, n in enumerate(counts[b]):
+            start = positions[cursor]
             if positions[cursor : cursor + n] != list(range(start, start + n)):
-                raise ValueError(f"image {image} needs {n} consecutive placeholder tokens at position {start}")
+                raise ValueError(f"image {image} of row {b} needs {n} consecutive placeholder tokens at position {start}")
             row_spans.append((start, start + n))
             cursor += n
-            image += 1
         spans.append(row_spans)
-    if image != len(counts):
-        raise ValueError(f"{len(counts)} images' features but placeholders for only {image}")
     return spans
 
 
-def _prepare(model, config, kwargs: dict) -> dict:
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+def _layout(input_ids: torch.Tensor, attention_mask, spans) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """Non-padding positions ``(B, L)`` and, per image, the text positions of its question."""
+    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().to(input_ids.device)
+    visual = torch.zeros_like(valid)
+    for b, row_spans in enumerate(spans):
+        for start, end in row_spans:
+            visual[b, start:end] = True
+    return valid, [question_positions(row_spans, valid[b] & ~visual[b]) for b, row_spans in enumerate(spans)]
 
+
+def _rows_of_images(input_ids: torch.Tensor, image_token_id: int, features: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The images' features (in order across the batch) dealt to the rows whose placeholders they fill."""
+    rows, image = [], 0
+    for b, row in enumerate(input_ids):
+        remaining = int((row == image_token_id).sum())
+        mine = []
+        while remaining > 0:
+            if image >= len(features):
+                raise ValueError(f"the prompts hold more image placeholders than the {len(features)} images' features")
+            mine.append(features[image])
+            remaining -= features[image].shape[0]
+            image += 1
+        if remaining < 0:
+            raise ValueError(f"prompt row {b}'s image placeholders do not match its images' feature counts")
+        rows.append(mine)
+    if image != len(features):
+        raise ValueError(f"{len(features)} images' features but placeholders for only {image}")
+    return rows
+
+
+def _prepare(model, config, kwargs: dict) -> tuple[dict, list[list[torch.Tensor]]]:
+    """Encode the images; at K = 0 also prune them and cut their placeholders from the prompt.
+
+    Returns the model's arguments without ``pixel_values`` and, per row, the features of its
+    images that go into its (remaining) placeholders.
+    """
     kwargs = dict(kwargs)
     input_ids = kwargs["input_ids"]
     pixel_values = kwargs.pop("pixel_values")
@@ -130,40 +241,34 @@ def _prepare(model, config, kwargs: dict) -> dict:
     for name in IMAGE_FEATURE_KWARGS:
         kwargs.pop(name, None)
     features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **feature_kwargs).pooler_output
-    features = list(features)
-    spans = _image_spans(input_ids, model.config.image_token_id, [f.shape[0] for f in features])
-    attention_mask = kwargs.get("attention_mask")
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    visual = torch.zeros_like(valid)
-    for b, row_spans in enumerate(spans):
-        for start, end in row_spans:
-            visual[b, start:end] = True
-    questions = [question_positions(row_spans, valid[b] & ~visual[b]) for b, row_spans in enumerate(spans)]
+    images = _rows_of_images(input_ids, model.config.image_token_id, list(features))
     if config.layer_index > 0:
-        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=questions))
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-        return kwargs
-
+        return kwargs, images
+    spans = _image_spans(input_ids, model.config.image_token_id, [[f.shape[0] for f in row] for row in images])
+    attention_mask = kwargs.get("attention_mask")
+    valid, questions = _layout(input_ids, attention_mask, spans)
     embed = model.get_input_embeddings()
     texts = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]] if config.method == "TRIM" else None
-    kept = select_per_image(config, features, texts)
-    keep = ~visual
+    flat = [f for row in images for f in row]
+    kept = select_per_image(config, flat, texts)
+    keep = valid.clone()
     chosen = iter(kept)
     for b, row_spans in enumerate(spans):
-        for start, _ in row_spans:
-            keep[b, start + next(chosen)] = True
+        for start, end in row_spans:
+            keep[b, start:end] = False
+            keep[b, start + next(chosen).to(keep.device)] = True
     columns = [(input_ids, model.config.text_config.pad_token_id or 0)]
     names = ["input_ids"]
     if isinstance(kwargs.get("labels"), torch.Tensor):
         columns.append((kwargs["labels"], IGNORE_INDEX))
         names.append("labels")
     side = "left" if bool((~valid[:, 0]).any()) else "right"
-    new_mask, *cut = repad(keep & valid, side, *columns)
+    new_mask, *cut = repad(keep, side, *columns)
     kwargs.update(zip(names, cut))
     if isinstance(kwargs.get("position_ids"), torch.Tensor):
         # Renumbered over the kept tokens, as the original LLaVA numbers its spliced sequence.
         kwargs["position_ids"] = (new_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~new_mask, 0)
     if attention_mask is not None:
         kwargs["attention_mask"] = new_mask.to(attention_mask.dtype)
-    kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=[f[k] for f, k in zip(features, kept)])}
-    return kwargs
+    picks = iter(kept)
+    return kwargs, [[f[next(picks).to(f.device)] for f in row] for row in images]

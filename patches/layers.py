@@ -2,13 +2,26 @@
 
 Layers ``0 .. K-1`` run on the full sequence. A pre-hook on layer K picks the kept visual tokens
 from the hidden states entering it (or, for FASTV, from the attention of the last prompt token
-at layer K-1; VTW keeps none) and cuts the hidden states, the 4-D attention mask, the rotary
-position embeddings and the position ids down to the kept positions; the pre-hooks of later
-layers cut their inputs the same way, so their KV cache holds only kept tokens. Kept tokens keep
-their original rotary positions. During decoding the mask's columns of dropped tokens are
-removed for layers >= K. A hook on the final norm scatters the hidden states back to the full
-length, so logits (and a loss against labels) keep the shape callers expect; dropped visual
-positions get zero hidden states, and their labels are ignored anyway.
+at layer K-1; VTW keeps none) and cuts the hidden states, the attention mask, the position
+embeddings and the position ids down to the kept positions; the pre-hooks of later layers cut
+their inputs the same way, so their KV cache holds only kept tokens. Kept tokens keep their
+original positions: whatever the layers receive per position (rotary ``(cos, sin)``, position
+ids) is gathered by kept index, so 1-D and multi-axis positions are cut alike. During decoding
+the mask's columns of dropped tokens are removed for layers >= K. A hook on the final norm
+scatters the hidden states back to the full length, so logits (and a loss against labels) keep
+the shape callers expect; dropped visual positions get zero hidden states, and their labels are
+ignored anyway.
+
+Mask conventions: a 4-D ``(B, 1, q, kv)`` mask (eager, sdpa with padding), a 2-D ``(B, kv)``
+padding mask (flash-attention) or none (sdpa or flash-attention without padding). Every index
+is moved to the device of the tensor it indexes, so a model split over several devices
+(``device_map``) is cut on each layer's own device.
+
+A pre-hook on the decoder stack itself ends a prompt's pruning: an input of several tokens that
+is not the prefill the adapter announced (a text-only prompt after an image prompt, which the
+original LLaVA's ``generate`` hands over without calling its multimodal preparation) runs
+unpruned. Beam search repeats each prompt ``num_beams`` times after the adapter has seen it; the
+state follows the repeat.
 
 Works with any decoder stack whose layers take ``hidden_states`` first and ``attention_mask``,
 ``position_embeddings`` (cos, sin) and ``position_ids`` as keyword arguments (LLaMA-family models
@@ -47,17 +60,28 @@ class PrefillState:
     def length(self) -> int:
         return self.valid.shape[1]
 
+    def repeated(self, rows: int) -> PrefillState:
+        """The state of a batch whose every row is repeated ``rows / B`` times in place (beams)."""
+        times = rows // len(self.spans)
+        if times * len(self.spans) != rows:
+            raise ValueError(f"a prefill of {rows} rows does not repeat the {len(self.spans)} prompts the adapter saw")
+        return PrefillState(
+            spans=[s for s in self.spans for _ in range(times)],
+            valid=self.valid.repeat_interleave(times, dim=0),
+            text_after=[t for t in self.text_after for _ in range(times)],
+        )
+
 
 class LayerPruner:
     """Holds the hooks of one model; ``state`` is replaced before every multimodal prefill."""
 
-    def __init__(self, config: PruneConfig, layers, final_norm):
+    def __init__(self, config: PruneConfig, decoder, layers, final_norm):
         self.config = config
         self.state: PrefillState | None = None
         k = config.layer_index
-        if k >= len(layers):
-            raise ValueError(f"LAYER_INDEX={k} is not allowed for this model; it has {len(layers)} layers (0 .. {len(layers) - 1})")
-        self.handles = [layers[k].register_forward_pre_hook(self._select_and_cut, with_kwargs=True)]
+        check_layer_index(config, len(layers))
+        self.handles = [decoder.register_forward_pre_hook(self._check_prompt, with_kwargs=True)]
+        self.handles.append(layers[k].register_forward_pre_hook(self._select_and_cut, with_kwargs=True))
         self.handles += [layer.register_forward_pre_hook(self._cut, with_kwargs=True) for layer in layers[k + 1 :]]
         self.handles.append(final_norm.register_forward_hook(self._restore_length))
         if config.method == "FASTV":
@@ -68,6 +92,21 @@ class LayerPruner:
             handle.remove()
 
     # -- hooks -------------------------------------------------------------------------------
+
+    def _check_prompt(self, module, args, kwargs):
+        state = self.state
+        embeds = kwargs.get("inputs_embeds")
+        tokens = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        if state is None or tokens is None:
+            return None
+        rows, length = tokens.shape[:2]
+        if length == 1 and not state.pending:
+            return None  # a decode step of the pruned prompt
+        if not state.pending or length != state.length:
+            self.state = None
+        elif rows != len(state.spans):
+            self.state = state.repeated(rows)
+        return None
 
     def _select_and_cut(self, module, args, kwargs):
         state = self.state
@@ -93,20 +132,19 @@ class LayerPruner:
         mask = kwargs.get("attention_mask")
         if state.decoding:
             if isinstance(mask, torch.Tensor):
-                new = torch.arange(state.length, mask.shape[-1], device=mask.device).expand(kept.shape[0], -1)
-                columns = torch.cat([kept, new], dim=1)
-                kwargs["attention_mask"] = _take(mask, columns, dim=3)
+                new = torch.arange(state.length, mask.shape[-1], device=kept.device).expand(kept.shape[0], -1)
+                kwargs["attention_mask"] = take(mask, torch.cat([kept, new], dim=1), dim=mask.dim() - 1)
             return (hidden, *rest), kwargs
         if hidden.shape[1] == state.length:
-            hidden = hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
+            hidden = take(hidden, kept, dim=1)
         if isinstance(mask, torch.Tensor) and mask.shape[-1] == state.length:
-            kwargs["attention_mask"] = _take(_take(mask, kept, dim=2), kept, dim=3)
+            kwargs["attention_mask"] = cut_mask(mask, kept)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None and cos_sin[0].shape[-2] == state.length:
-            kwargs["position_embeddings"] = tuple(_take_rows(t, kept) for t in cos_sin)
+            kwargs["position_embeddings"] = tuple(take_positions(t, kept, dim=-2) for t in cos_sin)
         position_ids = kwargs.get("position_ids")
         if isinstance(position_ids, torch.Tensor) and position_ids.shape[-1] == state.length:
-            kwargs["position_ids"] = position_ids.expand(kept.shape[0], -1).gather(1, kept)
+            kwargs["position_ids"] = take_positions(position_ids, kept, dim=-1)
         return (hidden, *rest), kwargs
 
     def _restore_length(self, module, args, output):
@@ -114,28 +152,31 @@ class LayerPruner:
         if state is None or state.kept is None or state.decoding or output.shape[1] != state.kept.shape[1]:
             return None
         full = output.new_zeros(output.shape[0], state.length, output.shape[-1])
-        return full.scatter(1, state.kept[..., None].expand(-1, -1, output.shape[-1]), output)
+        kept = state.kept.to(output.device)
+        return full.scatter(1, kept[..., None].expand(-1, -1, output.shape[-1]), output)
 
     def _record_attention(self, module, args, kwargs):
         state = self.state
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         if state is None or not state.pending or hidden.shape[1] != state.length:
             return None
-        state.attention_scores = last_token_attention(module, hidden, kwargs["position_embeddings"], state.valid)
+        with torch.no_grad():
+            state.attention_scores = last_token_attention(module, hidden, kwargs["position_embeddings"], state.valid)
         return None
 
     # -- selection ---------------------------------------------------------------------------
 
     def _kept_positions(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
         """``(B, L')`` sorted positions kept from layer K on: all but the dropped visual tokens."""
-        keep = torch.ones_like(state.valid)
+        hidden = hidden.detach()
+        keep = torch.ones_like(state.valid, device=hidden.device)
         images, texts, where = [], [], []
         for b, spans in enumerate(state.spans):
             for i, (start, end) in enumerate(spans):
                 keep[b, start:end] = False
                 images.append(hidden[b, start:end])
                 if self.config.method == "TRIM":
-                    texts.append(hidden[b, state.text_after[b][i]])
+                    texts.append(hidden[b, state.text_after[b][i].to(hidden.device)])
                 where.append((b, start))
         method = self.config.method
         began = selection_clock(self.config, images)
@@ -152,7 +193,7 @@ class LayerPruner:
         if method in ("VTW", "FASTV"):
             log_selection(self.config, images, chosen, began)
         for (b, start), indices in zip(where, chosen):
-            keep[b, start + indices] = True
+            keep[b, start + indices.to(keep.device)] = True
         counts = keep.sum(1)
         if bool((counts != counts[0]).any()):
             raise ValueError(
@@ -172,6 +213,7 @@ def last_token_attention(attention, hidden, position_embeddings, valid) -> torch
 
     b, length, _ = hidden.shape
     head_dim = attention.head_dim
+    valid = valid.to(hidden.device)
     last = (valid.long() * torch.arange(length, device=hidden.device)).argmax(1)
     rows = torch.arange(b, device=hidden.device)
     query = attention.q_proj(hidden[rows, last]).view(b, -1, head_dim)
@@ -189,8 +231,12 @@ def last_token_attention(attention, hidden, position_embeddings, valid) -> torch
     return scores.softmax(-1).mean(1)
 
 
-def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Index ``t`` (B or 1 leading) along ``dim`` with per-row ``index`` ``(B, M)``."""
+def take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` indexed along ``dim`` with per-row positions ``index`` ``(B, M)``, on ``t``'s device.
+
+    ``t``'s leading dimension is ``B`` or 1 (shared by every row); any other dimension is kept.
+    """
+    index = index.to(t.device)
     t = t.expand(index.shape[0], *t.shape[1:])
     shape = [index.shape[0]] + [1] * (t.dim() - 1)
     shape[dim] = index.shape[1]
@@ -198,22 +244,43 @@ def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return t.gather(dim, expanded)
 
 
-def _take_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    t = t.expand(index.shape[0], *t.shape[1:])
-    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+def take_positions(t: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per-position inputs cut to the kept positions: ``(..., B, L)`` position ids (``dim=-1``) or
+    ``(..., B, L, d)`` position embeddings (``dim=-2``); leading axes (multi-axis rotary) alike."""
+    dim = dim % t.dim()
+    if dim > 1:
+        return torch.stack([take_positions(part, kept, dim - 1) for part in t])
+    return take(t, kept, dim)
 
 
-def attach_state(model, config: PruneConfig, layers, final_norm, state: PrefillState | None) -> None:
+def cut_mask(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The prefill mask for the kept positions: a 2-D ``(B, L)`` padding mask keeps its columns,
+    a 4-D ``(B, 1, L, L)`` mask its rows and columns."""
+    if mask.dim() == 2:
+        return take(mask, kept, dim=1)
+    return take(take(mask, kept, dim=2), kept, dim=3)
+
+
+def check_layer_index(config: PruneConfig, n_layers: int) -> None:
+    """Refuse a ``LAYER_INDEX`` the model does not have before anything runs."""
+    if config.enabled and config.layer_index >= n_layers:
+        raise ValueError(
+            f"LAYER_INDEX={config.layer_index} is not allowed for this model; it has {n_layers} layers "
+            f"(0 .. {n_layers - 1})"
+        )
+
+
+def attach_state(model, config: PruneConfig, decoder, state: PrefillState | None) -> None:
     """Give ``model``'s layer hooks the next prefill's ``state`` (``None``: nothing to prune).
 
-    The hooks are installed the first time a setting with ``LAYER_INDEX > 0`` needs them and
-    replaced when the setting changes.
+    ``decoder``: the decoder stack (``.layers``, ``.norm``). The hooks are installed the first
+    time a setting with ``LAYER_INDEX > 0`` needs them and replaced when the setting changes.
     """
     pruner = getattr(model, "_otprune_layer_pruner", None)
     if config.enabled and config.layer_index > 0 and (pruner is None or pruner.config != config):
         if pruner is not None:
             pruner.remove()
-        pruner = LayerPruner(config, layers, final_norm)
+        pruner = LayerPruner(config, decoder, decoder.layers, decoder.norm)
         model._otprune_layer_pruner = pruner
     if pruner is not None:
         pruner.state = state

@@ -42,9 +42,10 @@ def install() -> bool:
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
     ):
-        from . import active_config
+        from . import active_config, check_model
 
         config = active_config(self)
+        check_model(self, config)
         prefill = images is not None and input_ids is not None and input_ids.shape[1] > 1
         if not config.enabled or not prefill or self.get_vision_tower() is None:
             # A new prompt without images ends the previous prompt's pruning; a decode step
@@ -61,9 +62,13 @@ def install() -> bool:
     return True
 
 
+def decoder(model):
+    """The decoder stack (``.layers``, ``.norm``) of an original-LLaVA model."""
+    return model.get_model()
+
+
 def _set_state(model, config: PruneConfig, state: PrefillState | None) -> None:
-    inner = model.get_model()
-    attach_state(model, config, inner.layers, inner.norm, state)
+    attach_state(model, config, decoder(model), state)
 
 
 def _visual_spans(visual: torch.Tensor, sources: torch.Tensor, input_ids: torch.Tensor) -> list[tuple[int, int]]:

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from otprune.config import PruneConfig, config_from_env
+from otprune.config import PruneConfig, check_runnable_here, config_from_env
 
 
 def test_unset_and_orig_mean_no_pruning():
@@ -23,6 +23,7 @@ def test_full_setting_is_read_case_insensitively():
 
 def test_defaults_and_method_specific_options():
     assert config_from_env({"BASELINE": "FASTV", "SUBSET_RATIO": "0.25"}).layer_index == 2
+    assert config_from_env({"BASELINE": "VTW"}).layer_index == 4
     assert config_from_env({"BASELINE": "VTW", "LAYER_INDEX": "2"}).ratio is None
     # An option for another method is ignored, so one environment can drive a sweep.
     assert config_from_env({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "1"}).options == {}
@@ -41,6 +42,7 @@ def test_defaults_and_method_specific_options():
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "-1"}, r"LAYER_INDEX=-1 is not allowed; it must be an integer >= 0"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "two"}, r"LAYER_INDEX='two' is not allowed; it must be an integer"),
         ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=FASTV"),
+        ({"BASELINE": "VTW", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=VTW: .* K must be >= 1 \(default 4\)"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "0"}, r"OTPRUNE_GAMMA \(gamma\) must be a number in \[2.94e-39, 8.51e\+37\]"),
         ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
@@ -59,6 +61,44 @@ def test_explicit_config_checks_options():
     assert config_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "Batched"}).options == {"greedy": "batched"}
     with pytest.raises(ValueError, match="BASELINE=VTW takes no selector options"):
         PruneConfig("VTW", None, 1, options={"gamma": 1.0})
+
+
+def test_triton_greedy_is_refused_where_triton_cannot_run(monkeypatch):
+    import otprune.config as config_module
+
+    config = config_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "triton"})
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: False)
+    with pytest.raises(ValueError, match=r"OTPRUNE_GREEDY='triton' is not allowed here: Triton kernels need a CUDA GPU"):
+        check_runnable_here(config)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    check_runnable_here(config)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(config_module, "_cuda_available", lambda: True)
+    check_runnable_here(config)
+
+
+def test_dump_folder_must_be_writable(tmp_path):
+    a_file = tmp_path / "tokens.pt"
+    a_file.write_bytes(b"")
+    for folder in (a_file, a_file / "dump"):
+        config = config_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_DUMP": str(folder)})
+        with pytest.raises(ValueError, match=rf"OTPRUNE_DUMP='{folder}' is not allowed: {a_file} is not a folder"):
+            check_runnable_here(config)
+    for folder in (tmp_path, tmp_path / "new" / "dump"):
+        check_runnable_here(config_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_DUMP": str(folder)}))
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_transformers_outside_the_tested_range_is_refused():
+    from otprune.patches.hf import SUPPORTED_TRANSFORMERS, check_transformers_version
+
+    assert SUPPORTED_TRANSFORMERS == ("5.17", "6")
+    for version in ("5.17.0", "5.23.0", "5.99.1.dev0"):
+        check_transformers_version(version)
+    for version in ("4.57.1", "5.16.0", "6.0.0"):
+        with pytest.raises(ValueError, match=rf"transformers {version} is not supported by otprune's patch; it needs transformers >= 5.17, < 6"):
+            check_transformers_version(version)
 
 
 needs_lmms_eval = pytest.mark.skipif(
@@ -93,3 +133,12 @@ def test_lmms_eval_start_up_fails_on_a_bad_value():
     bad = run_lmms_eval_start_up(BASELINE="OURS", SUBSET_RATIO="2")
     assert bad.returncode != 0
     assert "otprune: SUBSET_RATIO=2.0 is not allowed; it must be a number in (0, 1]" in bad.stderr
+
+
+@needs_lmms_eval
+def test_lmms_eval_start_up_fails_on_an_unwritable_dump_folder(tmp_path):
+    a_file = tmp_path / "not_a_folder"
+    a_file.write_bytes(b"")
+    bad = run_lmms_eval_start_up(BASELINE="OURS", SUBSET_RATIO="0.098", OTPRUNE_DUMP=str(a_file))
+    assert bad.returncode != 0
+    assert f"otprune: OTPRUNE_DUMP='{a_file}' is not allowed: {a_file} is not a folder" in bad.stderr

@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 
 from PIL import Image  # noqa: E402
 
+from attention_backends import backend  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
@@ -141,9 +142,7 @@ def test_layer_k_prunes_the_kv_cache(models, method):
     kept = 0 if method == "VTW" else budget(RATIO, 576)
     assert out.logits.shape[1] == length
     assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [length] * 2 + [length - 576 + kept] * 2
-    generated = generate(model, inputs, tokens=4)
-    assert torch.equal(generated, generate(model, inputs, tokens=4))
-    assert torch.equal(generated[:, :length], inputs["input_ids"])
+    assert torch.equal(generate(model, inputs, tokens=4)[:, :length], inputs["input_ids"])
 
 
 def test_positional_arguments_are_pruned_too(models):
@@ -161,6 +160,174 @@ def test_positional_arguments_are_pruned_too(models):
     assert seen.shape[1] == inputs["input_ids"].shape[1] - 576 + budget(RATIO, 576)
 
 
+def test_images_given_in_a_form_the_patch_cannot_prune_are_refused(models):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 16)]])
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    patches.prune(model, "OURS", RATIO)
+    with pytest.raises(ValueError, match="give the images as pixel_values together with input_ids"):
+        model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"])
+
+
 def test_unsupported_model_is_a_clear_error():
     with pytest.raises(TypeError, match="does not support Linear; it supports the original LLaVA"):
         patches.prune(torch.nn.Linear(2, 2), "OURS", 0.5)
+
+
+def forward_logits(model, inputs, new):
+    """Logits of one full forward over the prompt and the tokens ``new`` after it, no cache."""
+    ids = torch.cat([inputs["input_ids"], new], 1)
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(new)], 1)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False, **extra).logits
+
+
+def greedy_by_recompute(model, inputs, tokens=5):
+    new = inputs["input_ids"].new_zeros(inputs["input_ids"].shape[0], 0)
+    for _ in range(tokens):
+        new = torch.cat([new, forward_logits(model, inputs, new)[:, -1].argmax(-1, keepdim=True)], 1)
+    return new
+
+
+@pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_cached_and_uncached_decoding_match_a_full_recompute(models, variant, layer_index):
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 8)]])
+    length = inputs["input_ids"].shape[1]
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    expected = greedy_by_recompute(model, inputs)
+    assert generate(model, inputs)[:, length:].tolist() == expected.tolist()
+    with torch.no_grad():
+        uncached = model.generate(**inputs, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert uncached[:, length:].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_layer_k_text_prompt_after_an_image_prompt_and_back(models, attn):
+    processor, model = models["llava-hf"]
+    image_inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 9)]])
+    text_inputs = processor(text=["USER: Hello there. ASSISTANT:"], return_tensors="pt")
+    with backend(model, attn):
+        text_alone = generate(model, text_inputs)
+        patches.prune(model, "OURS", RATIO, layer_index=2)
+        image_alone = greedy_by_recompute(model, image_inputs)
+        length = image_inputs["input_ids"].shape[1]
+        assert generate(model, image_inputs)[:, length:].tolist() == image_alone.tolist()
+        assert generate(model, text_inputs).tolist() == text_alone.tolist()
+        assert generate(model, image_inputs)[:, length:].tolist() == image_alone.tolist()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "fa2-style"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layer_k_padded_batch_matches_each_prompt_alone(models, attn, side):
+    processor, model = models["llava-hf"]
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    images = [[make_image(500, 300, 10)], [make_image(320, 320, 11)]]
+    patches.prune(model, "OURS", RATIO, layer_index=2)
+    alone = [inputs_for(processor, [q], [im]) for q, im in zip(questions, images)]
+    alone_logits = [forward_logits(model, a, a["input_ids"][:, :0])[0] for a in alone]
+    processor.tokenizer.padding_side = side
+    try:
+        together = inputs_for(processor, questions, images)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    with backend(model, attn):
+        logits = forward_logits(model, together, together["input_ids"][:, :0])
+        generated = generate(model, together, tokens=4) if side == "left" else None
+    for row, expected in enumerate(alone_logits):
+        n = expected.shape[0]
+        assert torch.allclose(logits[row, -n:] if side == "left" else logits[row, :n], expected, atol=1e-4)
+        if generated is not None:
+            assert generated[row, -4:].tolist() == generate(model, alone[row], tokens=4)[0, -4:].tolist()
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_beam_search_scores_its_sequence_as_a_full_recompute_does(models, layer_index):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 12)]])
+    length = inputs["input_ids"].shape[1]
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, max_new_tokens=4, num_beams=3, do_sample=False, length_penalty=0.0,
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    new = out.sequences[:, length:]
+    assert torch.equal(out.sequences[:, :length], inputs["input_ids"])
+    with torch.no_grad():
+        two = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, length_penalty=0.0)
+    assert torch.equal(two[:1], out.sequences) and torch.equal(two[:, :length], inputs["input_ids"].expand(2, -1))
+    logprobs = forward_logits(model, inputs, new)[:, -new.shape[1] - 1 : -1].log_softmax(-1)
+    recomputed = logprobs.gather(-1, new[..., None]).sum()
+    assert torch.allclose(out.sequences_scores[0], recomputed, atol=1e-4)
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_sampling_draws_what_a_full_recompute_draws(models, layer_index):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 13)]])
+    length = inputs["input_ids"].shape[1]
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        sampled = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
+    torch.manual_seed(7)
+    new = inputs["input_ids"][:, :0]
+    for _ in range(5):
+        probs = forward_logits(model, inputs, new)[:, -1].float().softmax(-1)
+        new = torch.cat([new, torch.multinomial(probs, 1)], 1)
+    assert sampled[:, length:].tolist() == new.tolist()
+
+
+def projector_gradient(model, **inputs):
+    model.zero_grad()
+    loss = model(**inputs).loss
+    loss.backward()
+    grad = model.model.multi_modal_projector.linear_1.weight.grad.clone()
+    model.zero_grad()
+    return loss.detach(), grad
+
+
+def test_training_at_k0_backpropagates_through_the_kept_features_only(models):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 14)]])
+    ids = inputs["input_ids"]
+    placeholders = ids[0] == model.config.image_token_id
+    labels = ids.masked_fill(placeholders, -100)
+    patches.prune(model, "OURS", RATIO)
+    loss, grad = projector_gradient(model, **inputs, labels=labels)
+    # The same by hand on the unpatched forward: the selector's picks of the features (with their
+    # graph) in the kept placeholder rows.
+    start, n = int(placeholders.nonzero()[0]), int(placeholders.sum())
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True).pooler_output[0]
+    picks = SELECTORS["OURS"](features.detach(), budget(RATIO, n))
+    short = torch.cat([ids[0, : start + len(picks)], ids[0, start + n :]])[None]
+    embeds = model.get_input_embeddings()(short)
+    embeds = torch.cat([embeds[:, :start], features[picks][None], embeds[:, start + len(picks) :]], 1)
+    short_labels = short.masked_fill(short == model.config.image_token_id, -100)
+    model._otprune_config = None
+    original = type(model).forward.otprune_original
+    model.zero_grad()
+    expected_loss = original(model, inputs_embeds=embeds, attention_mask=torch.ones_like(short), labels=short_labels).loss
+    expected_loss.backward()
+    assert torch.allclose(loss, expected_loss.detach(), atol=1e-6)
+    assert torch.allclose(grad, model.model.multi_modal_projector.linear_1.weight.grad, atol=1e-6)
+    assert grad.abs().sum() > 0
+
+
+def test_training_at_layer_k_backpropagates_as_the_unpatched_model(models):
+    processor, model = models["llava-hf"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 15)]])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    expected = projector_gradient(model, **inputs, labels=labels)
+    # Keeping every token, the hooks' cuts and scatter must pass gradients through unchanged.
+    patches.prune(model, "OURS", 1.0, layer_index=2)
+    loss, grad = projector_gradient(model, **inputs, labels=labels)
+    assert torch.allclose(loss, expected[0], atol=1e-6) and torch.allclose(grad, expected[1], atol=1e-6)
+    patches.prune(model, "OURS", RATIO, layer_index=2)
+    loss, grad = projector_gradient(model, **inputs, labels=labels)
+    with torch.no_grad():
+        assert torch.allclose(loss, model(**inputs, labels=labels).loss, atol=1e-6)
+    assert grad.abs().sum() > 0 and not grad.isnan().any()
