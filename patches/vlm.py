@@ -88,10 +88,12 @@ def _wrap(original, generating: bool):
 
     @functools.wraps(original)
     def wrapped(self, *args, **kwargs):
-        from . import active_config
+        from . import active_config, check_model
 
         kwargs = _as_keywords(signature, self, args, kwargs)
         config = active_config(self)
+        if config.enabled:
+            check_model(self, config)
         input_ids = kwargs.get("input_ids")
         has_visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
         if not config.enabled or not has_visual or input_ids is None:
@@ -116,7 +118,7 @@ def _wrap(original, generating: bool):
 
 def _attach(model, config, state) -> None:
     language_model = model.model.language_model
-    attach_state(model, config, language_model.layers, language_model.norm, state)
+    attach_state(model, config, language_model, state)
     # Not a module attribute: the text model must not hold its parent as a submodule.
     language_model.__dict__["_otprune_prefill_state"] = lambda: getattr(getattr(model, "_otprune_layer_pruner", None), "state", None)
 

@@ -104,6 +104,15 @@ def test_pruning_off_is_identical(models, variant, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", FAMILIES)
+def test_a_layer_index_beyond_the_llm_is_refused_before_it_runs(models, variant):
+    _, model = models[variant]
+    layers = len(model.model.language_model.layers)
+    with pytest.raises(ValueError, match=f"LAYER_INDEX={layers}"):
+        patches.prune(model, "OURS", RATIO, layer_index=layers)
+    patches.prune(model, "OURS", RATIO, layer_index=layers - 1)
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
 @pytest.mark.parametrize("method", ["OURS", "DIVPRUNE", "TRIM", "UNIFORM"])
 def test_llm_gets_text_plus_exactly_the_selectors_picks(models, variant, method):
     processor, model = models[variant]
