@@ -1,6 +1,6 @@
 """Turn lmms-eval results files into the paper's Table 1 (Markdown and CSV), beside the paper's numbers.
 
-    python scripts/report.py RUNS/<config> [--out DIR]        # default DIR: RUNS/<config>
+    otprune report RUNS/<config> [--out DIR]        # default DIR: RUNS/<config>
 
 Reads every run folder ``<model>/<method>_<ratio>/`` (lmms-eval's ``*_results.json`` and the
 harness's ``otprune_*.json``) and writes ``table1.md`` and ``table1.csv``:
@@ -30,19 +30,13 @@ import numpy as np
 import yaml
 from scipy.stats import rankdata, wilcoxon
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS  # noqa: E402
-from harness import METHODS as METHOD_NAMES, MODELS as MODEL_SPECS, load_records, read_results, recorded_limit  # noqa: E402
-from otprune.measures import MODELS, ModelShape, prefill_flops  # noqa: E402
-from otprune.selectors import budget  # noqa: E402
+from otprune.harness import METHODS as METHOD_NAMES
+from otprune.harness import MODELS as MODEL_SPECS
+from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_builder
+from otprune.measures import MODELS, ModelShape, prefill_flops
+from otprune.selectors import budget
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
-# The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran.
-TINY_SHAPE = ModelShape(hidden=TEXT_HIDDEN, ffn=TEXT_FFN, layers=TEXT_LAYERS)
 LIMIT_NOTE = (
     "**Rows marked (--limit N) evaluated only N samples per task** (as their results files say): "
     "they are not full benchmarks and not comparable with the paper."
@@ -54,7 +48,13 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def load_yaml(name: str) -> dict:
-    return yaml.safe_load((CONFIGS / name).read_text())
+    return yaml.safe_load(config_file(name).read_text())
+
+
+def tiny_shape() -> ModelShape:
+    """The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran."""
+    builder = tiny_builder()
+    return ModelShape(hidden=builder.TEXT_HIDDEN, ffn=builder.TEXT_FFN, layers=builder.TEXT_LAYERS)
 
 
 # -- pure statistics ------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
                 tflop += f" [{flops / 1e12 - paper_row['tflop']:+.3f}]"
             cells = [label(run), tokens, tflop]
             if tiny:
-                tiny_flops = flops_of(run, before, after, block_tasks, catalogue, TINY_SHAPE)
+                tiny_flops = flops_of(run, before, after, block_tasks, catalogue, tiny_shape())
                 cells.append(fmt(tiny_flops / 1e6 if tiny_flops else None, 1))
             csv_row = {
                 "model": model,
@@ -419,7 +419,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="otprune report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="RUNS/<config>, the folder holding <model>/<method>_<ratio>/")
     parser.add_argument("--out", help="where table1.md and table1.csv go (default: runs_dir)")
     args = parser.parse_args(argv)
@@ -429,6 +429,9 @@ def main(argv=None) -> int:
         return 2
     try:
         md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None)
+    except MissingResource as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(f"error: cannot write {error.filename}: {error.strerror}; pass --out DIR to write the table elsewhere", file=sys.stderr)
         return 2

@@ -1,7 +1,6 @@
 """Run every (model, method, ratio, task) of an experiment config through lmms-eval, resumably.
 
-    python scripts/harness.py [CONFIG] [--num-processes N] [--jobs N] [--limit N] [--runs-dir DIR]
-                              [--dry-run] [--no-report]
+    otprune run [CONFIG] [--num-processes N] [--jobs N] [--limit N] [--runs-dir DIR] [--dry-run] [--no-report]
 
 CONFIG is a name in configs/ (``smoke``, ``paper_table1``) or a path to a YAML file; without it,
 ``paper_table1`` runs when a GPU and the Hugging Face hub (or a local cache) are there, else
@@ -24,7 +23,13 @@ CONFIG is a name in configs/ (``smoke``, ``paper_table1``) or a path to a YAML f
 After a pruning run the harness checks the child's OTPRUNE_LOG lines: every image must show the
 method's selection with ``budget(ratio, N)`` kept (VTW: none); otherwise the attempt is FAILED with
 the reason. Failed tasks run again on the next invocation; finished ones never do. The report
-(scripts/report.py) runs at the end.
+(otprune.report) runs at the end.
+
+Where things are: the configs (``configs/``, with the embedded tasks' data) come from the installed
+package (a wheel carries them as ``otprune/configs``) or, in a source checkout, from the checkout's
+``configs/``; the tiny checkpoints are built by the checkout's ``scripts/build_tiny_llava.py``, so
+configs of tiny models need a checkout. Runs go to the checkout's ``runs/``, or ``./runs`` when
+otprune is installed from a wheel.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import functools
 import importlib.util
 import json
 import os
@@ -49,12 +55,18 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = ROOT / "configs"
-sys.path.insert(0, str(ROOT))
+from otprune.config import config_from_env
+from otprune.selectors import budget
 
-from otprune.config import config_from_env  # noqa: E402
-from otprune.selectors import budget  # noqa: E402
+PACKAGE = Path(__file__).resolve().parent
+# The source checkout otprune runs from (an editable install), or None for an installed wheel.
+CHECKOUT = PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").is_file() else None
+# The folder holding configs/: the task catalogue's include paths and the embedded tasks' data files
+# are relative to it, and lmms-eval runs in it.
+ROOT = PACKAGE if (PACKAGE / "configs").is_dir() else CHECKOUT or PACKAGE
+CONFIGS = ROOT / "configs"
+TINY_BUILDER = "scripts/build_tiny_llava.py"
+DEFAULT_RUNS = CHECKOUT / "runs" if CHECKOUT else Path("runs")
 
 # Display name (the paper's) -> BASELINE value of the patch.
 METHODS = {
@@ -150,9 +162,24 @@ class Config:
     notes: list = field(default_factory=list)
 
 
+class MissingResource(ConfigError):
+    """A file of the project that this otprune installation lacks."""
+
+
+def config_file(name: str) -> Path:
+    """``configs/<name>``; a ``MissingResource`` naming where it was looked for when it is not there."""
+    path = CONFIGS / name
+    if not path.is_file():
+        raise MissingResource(
+            f"{path} is missing: this otprune ({PACKAGE}) was installed without the project's configs; "
+            "install it from the project's wheel or sdist, or from a source checkout (pip install -e CHECKOUT)"
+        )
+    return path
+
+
 def load_catalogue() -> dict:
     """``{task: spec}`` from configs/tasks.yaml (paper and local tasks together)."""
-    data = yaml.safe_load((CONFIGS / "tasks.yaml").read_text())
+    data = yaml.safe_load(config_file("tasks.yaml").read_text())
     return {**data["paper"], **data["local"]}
 
 
@@ -632,6 +659,9 @@ def prerequisites(config: Config, num_processes: int) -> tuple[list[str], list[s
     for module, what in (("lmms_eval", "lmms-eval"), ("llava", "llava-torch (pip install --no-deps llava-torch==1.2.2.post1)")):
         if importlib.util.find_spec(module) is None:
             missing.append(f"{what} is not installed (bash scripts/install.sh --llava)")
+    tiny = [m for m in config.models if MODELS[m].tiny is not None]
+    if tiny and (CHECKOUT is None or not (CHECKOUT / TINY_BUILDER).is_file()):
+        missing.append(f"{', '.join(tiny)} are built by {TINY_BUILDER}, which only a source checkout has (pip install -e CLONE)")
     real = [m for m in config.models if MODELS[m].tiny is None]
     if real:
         gpus = gpu_count()
@@ -746,13 +776,19 @@ def checkpoint(model: str, runs_root: Path) -> str:
     with open(folder.parent / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "otprune_tiny.json").exists():
-            build = _load_script("build_tiny_llava").build
-            build(folder, spec.tiny)
+            tiny_builder().build(folder, spec.tiny)
     return str(folder.resolve())
 
 
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+@functools.cache
+def tiny_builder():
+    """The checkout's scripts/build_tiny_llava.py as a module (a script, not part of the package)."""
+    if CHECKOUT is None or not (CHECKOUT / TINY_BUILDER).is_file():
+        raise MissingResource(
+            f"the tiny checkpoints are built by {TINY_BUILDER} of otprune's source checkout, which this otprune "
+            f"({PACKAGE}) is not installed from: run configs of tiny models from a clone (pip install -e CLONE)"
+        )
+    spec = importlib.util.spec_from_file_location("build_tiny_llava", CHECKOUT / TINY_BUILDER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -785,9 +821,10 @@ def child_env(run: Run, jobs: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in METHOD_OWNED and not k.startswith("OTPRUNE_")}
     env.update(run.env)
     env["OTPRUNE_LOG"] = "1"
-    # The package comes from this checkout whatever is pip-installed; otprune.patches only through an
-    # installed distribution's mapping (patches/ is not inside otprune/): the start-up probe says which.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    # From a checkout, the package comes from it whatever is pip-installed; otprune.patches only through
+    # an installed distribution's mapping (patches/ is not inside otprune/): the start-up probe says which.
+    if CHECKOUT is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p)
     if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     return env
@@ -817,26 +854,28 @@ print(json.dumps({"entry_point": eps[0] if eps else None, "otprune": origin("otp
 
 
 def otprune_copy(env: dict) -> dict:
-    """Which otprune a child started with ``env`` imports, its version and entry point, and this
-    checkout's commit (``+dirty`` with uncommitted changes)."""
+    """Which otprune a child started with ``env`` imports, its version and entry point, and the
+    checkout's commit (``+dirty`` with uncommitted changes; None when not run from a checkout)."""
     try:
         probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
         info = json.loads(probe.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, IndexError, json.JSONDecodeError):
         info = {"entry_point": None, "otprune": None, "patches": None, "version": None}
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-        info["checkout_commit"] = (commit + ("+dirty" if dirty else "")) or None
-    except (OSError, subprocess.SubprocessError):
-        info["checkout_commit"] = None
+    info["checkout_commit"] = None
+    if CHECKOUT is not None:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=CHECKOUT, capture_output=True, text=True, timeout=30).stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=CHECKOUT, capture_output=True, text=True, timeout=30).stdout.strip()
+            info["checkout_commit"] = (commit + ("+dirty" if dirty else "")) or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     return info
 
 
 def describe_copy(info: dict) -> list[str]:
     """What to tell the user about the otprune a child imports (warnings first)."""
     lines = []
-    install = f"pip install -e {ROOT} with {sys.executable}"
+    install = f"pip install -e {CHECKOUT} with {sys.executable}" if CHECKOUT else f"install otprune for {sys.executable}"
     patches = info.get("patches") or ""
     if not info.get("entry_point"):
         lines.append(f"warning: no otprune distribution is installed for {sys.executable}, so lmms-eval will not load its "
@@ -844,8 +883,8 @@ def describe_copy(info: dict) -> list[str]:
     elif not patches.endswith(".py"):
         lines.append(f"warning: otprune.patches is not importable by {sys.executable} (otprune comes from {info.get('otprune')}), "
                      f"so lmms-eval cannot load the pruning entry point and pruning runs will fail their check; {install}")
-    elif not patches.startswith(str(ROOT)):
-        lines.append(f"warning: the child imports otprune.patches from {patches}, not from this checkout {ROOT}")
+    elif not patches.startswith(str(CHECKOUT or PACKAGE)):
+        lines.append(f"warning: the child imports otprune.patches from {patches}, not from this otprune ({CHECKOUT or PACKAGE})")
     lines.append(f"otprune in the child: {info.get('otprune')} (version {info.get('version')}, checkout {info.get('checkout_commit')})")
     return lines
 
@@ -1073,12 +1112,12 @@ def check_limit(limit: int | None) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="otprune run", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="a name in configs/ or a .yaml path (default: see above)")
     parser.add_argument("--num-processes", type=int, help="lmms-eval processes per run, one per GPU (accelerate launch)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (CPU only; timings then share the cores)")
     parser.add_argument("--limit", type=int, help="samples per task (lmms-eval --limit), for a quick look; goes to RUNS/<config>_limitN")
-    parser.add_argument("--runs-dir", default=str(ROOT / "runs"), help="where runs/<config>/... go (default: runs/)")
+    parser.add_argument("--runs-dir", default=str(DEFAULT_RUNS), help=f"where <config>/... go (default: {DEFAULT_RUNS})")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
@@ -1190,7 +1229,8 @@ def _run_locked(config: Config, runs: list[Run], label: str, label_dir: Path, ru
     if failed:
         print(f"{len(failed)} run(s) failed; run the same command again to retry them (finished runs are kept).")
     if not args.no_report:
-        report = _load_script("report")
+        from otprune import report
+
         report.main([str(label_dir)])
     return 1 if failed or stale else 0
 
