@@ -335,7 +335,7 @@ def check_results(folder: Path, tasks: list[str], limit: int) -> tuple[list[str]
     """``(problems, samples)``: whether the run's results file is whole: one readable results file
     listing every task, each with ``limit`` samples (or the whole task if smaller), and a samples
     file with as many lines."""
-    from harness import read_results
+    from otprune.harness import read_results
 
     files = sorted(folder.glob("**/*_results.json"))
     if len(files) != 1:
@@ -397,7 +397,7 @@ def logged_errors(text: str) -> dict[str, int]:
 
 def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device: str, work: Path, timeout: float) -> dict:
     """One lmms-eval run through the harness's command line and environment, then its checks."""
-    import harness
+    from otprune import harness
 
     folder = work / "runs" / run.name
     shutil.rmtree(folder, ignore_errors=True)
