@@ -189,6 +189,8 @@ def config_path(name_or_path: str) -> Path:
         return path
     candidate = CONFIGS / f"{name_or_path}.yaml"
     if not candidate.exists():
+        # An installation without its configs: name that, rather than an empty list of configs.
+        config_file("tasks.yaml")
         known = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in ("tasks", "paper_results"))
         raise ConfigError(f"no config {name_or_path!r}; allowed: {', '.join(known)} or a path to a .yaml file")
     return candidate

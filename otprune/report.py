@@ -381,11 +381,28 @@ def skipped_lines(skipped: list[tuple[Path, str]], runs_dir: Path) -> list[str]:
     return lines + [""]
 
 
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The ``<model>/<method>_<ratio>/`` folders of ``RUNS/<config>`` (the tiny checkpoints aside)."""
+    return sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and p.parent.name != "checkpoints")
+
+
+def nested_runs(runs_dir: Path) -> dict[Path, int]:
+    """``{RUNS/<config>: number of run folders}`` below ``runs_dir`` when ``runs_dir`` is their parent
+    (``runs/`` instead of ``runs/smoke``): it holds no run folder itself. Empty otherwise."""
+    if any((folder / "setting.json").is_file() for folder in run_folders(runs_dir)):
+        return {}
+    found: dict[Path, int] = {}
+    for setting in sorted(runs_dir.glob("*/*/*/setting.json")):
+        config_dir = setting.parent.parent.parent
+        found[config_dir] = found.get(config_dir, 0) + 1
+    return found
+
+
 def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path, str]:
     catalogue = {**load_yaml("tasks.yaml")["paper"], **load_yaml("tasks.yaml")["local"]}
     paper = load_yaml("paper_results.yaml")
     runs, skipped = [], []
-    for folder in sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and p.parent.name != "checkpoints"):
+    for folder in run_folders(runs_dir):
         run = read_run(folder, catalogue, skipped)
         if run is not None:
             runs.append(run)
@@ -426,6 +443,14 @@ def main(argv=None) -> int:
     runs_dir = Path(args.runs_dir)
     if not runs_dir.is_dir():
         print(f"error: {runs_dir} is not a folder of runs", file=sys.stderr)
+        return 2
+    nested = nested_runs(runs_dir)
+    if nested:
+        print(f"error: {runs_dir} holds no run folders (<model>/<method>_<ratio>/ with a setting.json); these folders in it do:",
+              file=sys.stderr)
+        for folder, count in nested.items():
+            print(f"  {folder}  ({count} run folder{'s' if count != 1 else ''})", file=sys.stderr)
+        print(f"report one of them: otprune report {next(iter(nested))}", file=sys.stderr)
         return 2
     try:
         md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None)

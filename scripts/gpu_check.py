@@ -409,7 +409,7 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
         "gpu_check", run.model, model_args, {}, {}, tasks, batch_size=run.batch, catalogue=harness.load_catalogue()
     )
     plan = harness.Run(run.model, run.baseline, RATIO, run.env, tuple(tasks), folder)
-    command = harness.command(config, plan, str(checkpoint), run.processes, limit)
+    command = harness.command(config, plan, str(checkpoint), run.processes, limit, folder)
     if command[:2] == ["accelerate", "launch"] and shutil.which("accelerate") is None:
         # The launcher's console script may be off PATH where the package is installed.
         command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
