@@ -1,8 +1,8 @@
 """Selector benchmark (issue 6): OTPrune against a per-step reference greedy, DivPrune and the floor.
 
-    python scripts/bench_selectors.py                  # every shape, GPU if there is one
-    python scripts/bench_selectors.py --device cpu     # the same table on the CPU
-    python scripts/bench_selectors.py --quick          # three cases, one repeat (CI)
+    otprune bench selectors                  # every shape, GPU if there is one
+    otprune bench selectors --device cpu     # the same table on the CPU
+    otprune bench selectors --quick          # three cases, one repeat (CI)
 
 Shapes: LLaVA-1.5 (N = 576, d = 4096, k = 56, 64, 128, 192) and LLaVA-1.6 (N = 2880, d = 4096,
 k = 320), batch 1 and 16, float16 tokens. Every figure is the median over ``--repeats`` rounds
@@ -27,20 +27,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-# The per-step baseline lives beside this script, not in the otprune package.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from per_step_reference import per_step_otprune
-
+from otprune.bench.per_step_reference import per_step_otprune
 from otprune.selectors import otprune_kernel, select_divprune, select_otprune
 from otprune.synthetic import clustered_tokens
 
@@ -73,7 +67,7 @@ class Row:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="otprune bench selectors", description=__doc__.split("\n\n")[0])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help=f"cpu or cuda (default {default_device})")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per figure (default 20 on GPU, 3 on CPU; 1 with --quick)")

@@ -1,9 +1,9 @@
 """End-to-end benchmark (issue 6): what pruning saves in LLaVA's time to first token and decode.
 
-    python scripts/bench_prefill.py                 # full-size LLaVA-1.5-7B / 1.6-7B, float16, on the GPU
-    python scripts/bench_prefill.py --device cpu    # reduced-size models on the CPU (not LLaVA's speed)
-    python scripts/bench_prefill.py --quick         # batch 1, ratio 0.098 only, one repeat (CI)
-    python scripts/bench_prefill.py --greedy triton # OTPrune with the fused Triton greedy
+    otprune bench prefill                 # full-size LLaVA-1.5-7B / 1.6-7B, float16, on the GPU
+    otprune bench prefill --device cpu    # reduced-size models on the CPU (not LLaVA's speed)
+    otprune bench prefill --quick         # batch 1, ratio 0.098 only, one repeat (CI)
+    otprune bench prefill --greedy triton # OTPrune with the fused Triton greedy
 
 The models are built from their configurations with random weights (speed does not depend on the
 weights): a CLIP ViT-L/14-336 tower (its penultimate layer's 576 patch features, as LLaVA uses),
@@ -86,7 +86,7 @@ MODEL_VERSIONS = ("1.5", "1.6")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="otprune bench prefill", description=__doc__.split("\n\n")[0])
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     parser.add_argument("--device", default=default_device, help=f"cpu or cuda (default {default_device})")
     parser.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,8 on GPU, 1,2 on CPU)")
