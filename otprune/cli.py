@@ -3,6 +3,7 @@
     otprune run [CONFIG] [options]     # an experiment config through lmms-eval, then its Table 1
     otprune report RUNS/<config>       # Table 1 from a runs folder
     otprune analysis COMMAND [...]     # the paper's analyses (python -m otprune.analysis)
+    otprune bench selectors|prefill    # the benchmarks of the selectors and of the prefill
 
 Each subcommand's module is imported only when it runs, so a missing optional dependency of one
 (lmms-eval's stack for ``run``, scipy for ``report``) is named instead of breaking the others.
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "run": ("otprune.harness", "run an experiment config through lmms-eval, resumably, then print its Table 1"),
     "report": ("otprune.report", "write Table 1 (Markdown and CSV) from a runs folder"),
     "analysis": ("otprune.analysis.__main__", "the paper's analyses: subset enumeration, Table 2, Fig. 2"),
+    "bench": ("otprune.bench", "the benchmarks: selectors (the selectors alone), prefill (LLaVA-shaped end to end)"),
 }
 EXTRAS = "pip install 'otprune[llava]' (or bash scripts/install.sh --llava in a checkout)"
 

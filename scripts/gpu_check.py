@@ -207,8 +207,9 @@ def step_tests(device: str, deadline: float) -> StepResult:
 
 
 def step_selectors(device: str, deadline: float) -> StepResult:
-    import bench_selectors
     import torch
+
+    from otprune.bench import selectors as bench_selectors
 
     rows = []
     for n, k, batch in SELECTOR_CASES[device]:
@@ -228,7 +229,7 @@ def step_selectors(device: str, deadline: float) -> StepResult:
 
 
 def step_prefill(device: str, deadline: float) -> StepResult:
-    import bench_prefill
+    from otprune.bench import prefill as bench_prefill
 
     argv = ["--device", device] + PREFILL_ARGS[device]
     printed = EchoedText()
@@ -260,7 +261,7 @@ def step_prefill(device: str, deadline: float) -> StepResult:
             if r["method"] == "otprune" and r["ratio"] == RATIO and r["batch"] in base:
                 lines.append(f"{name} b={r['batch']}: TTFT {base[r['batch']]:.1f} -> {r['ttft_ms']:.1f} ms with OTPrune {RATIO}")
     summary = "; ".join(lines)
-    body = f"`python scripts/bench_prefill.py {' '.join(argv)}`\n\n" + fenced(text)
+    body = f"`otprune bench prefill {' '.join(argv)}`\n\n" + fenced(text)
     return StepResult(PASS, summary, body, figures)
 
 
