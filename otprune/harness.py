@@ -40,6 +40,7 @@ import hashlib
 import functools
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -782,6 +783,22 @@ def checkpoint(model: str, runs_root: Path) -> str:
     return str(folder.resolve())
 
 
+class _TorchvisionHint(logging.Filter):
+    """Drops transformers' advice to install torchvision when it falls back to the PIL image processor:
+    scripts/install.sh removes a torchvision that cannot load against the installed torch on purpose,
+    and the PIL processor is the one the tiny checkpoints are built with, so the advice is wrong here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_torchvision_hint() -> None:
+    """Silence only that advice, in this process (the tiny builds and tokenizers run here)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionHint) for f in logger.filters):
+        logger.addFilter(_TorchvisionHint())
+
+
 @functools.cache
 def tiny_builder():
     """The checkout's scripts/build_tiny_llava.py as a module (a script, not part of the package)."""
@@ -1123,6 +1140,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the commands; run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
+    quiet_torchvision_hint()
 
     name = args.config
     if name is None:

@@ -88,3 +88,25 @@ def test_an_installed_layout_finds_its_configs_and_runs_in_the_working_folder(tm
     assert "are built by scripts/build_tiny_llava.py, which only a source checkout has" in done.stderr
     assert f"-> runs/smoke\n" in done.stdout
     assert f"--include_path {site / 'otprune' / 'configs' / 'otprune_smoke'}" in done.stdout
+
+
+BUILD_WITHOUT_TORCHVISION = """
+import sys
+sys.modules["torchvision"] = None  # as after scripts/install.sh removed a torchvision that cannot load
+from otprune import harness
+if sys.argv[2] == "quiet":
+    harness.quiet_torchvision_hint()
+harness.tiny_builder().build(sys.argv[1], "llava-1.5")
+print("built")
+"""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_harness_drops_the_advice_to_install_torchvision(tmp_path, quiet):
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
+    done = subprocess.run(
+        [sys.executable, "-c", BUILD_WITHOUT_TORCHVISION, str(tmp_path / "tiny-llava"), "quiet" if quiet else "loud"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0 and "built" in done.stdout, done.stderr
+    assert ("Install torchvision" in done.stderr) is not quiet
