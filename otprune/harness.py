@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
