@@ -2,7 +2,7 @@
 # Main job: run an experiment config through lmms-eval, resumably, then print its Table 1.
 #   bash run_otprune.sh                  # paper_table1 with a GPU and the hub, else the embedded smoke
 #   bash run_otprune.sh smoke|paper_table1|path/to.yaml [--num-processes N] [--jobs N] [--limit N] [--dry-run]
-# Everything else lives in scripts/harness.py (see --help).
+# The same as `otprune run ...`; everything lives in otprune/harness.py (see --help).
 set -euo pipefail
 cd "$(dirname "$0")"
-exec python3 scripts/harness.py "$@"
+exec python3 -m otprune run "$@"

@@ -24,8 +24,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_prefill import FULL_SIZE, REDUCED, Arch
 from build_tiny_llava import build as build_tiny
+
+from otprune.bench.prefill import FULL_SIZE, REDUCED, Arch
 
 VARIANTS = ("llava-1.5", "llava-hf")
 SIZES = {"full": (FULL_SIZE[0], torch.float16), "reduced": (REDUCED[0], torch.float32)}

@@ -207,8 +207,9 @@ def step_tests(device: str, deadline: float) -> StepResult:
 
 
 def step_selectors(device: str, deadline: float) -> StepResult:
-    import bench_selectors
     import torch
+
+    from otprune.bench import selectors as bench_selectors
 
     rows = []
     for n, k, batch in SELECTOR_CASES[device]:
@@ -228,7 +229,7 @@ def step_selectors(device: str, deadline: float) -> StepResult:
 
 
 def step_prefill(device: str, deadline: float) -> StepResult:
-    import bench_prefill
+    from otprune.bench import prefill as bench_prefill
 
     argv = ["--device", device] + PREFILL_ARGS[device]
     printed = EchoedText()
@@ -260,7 +261,7 @@ def step_prefill(device: str, deadline: float) -> StepResult:
             if r["method"] == "otprune" and r["ratio"] == RATIO and r["batch"] in base:
                 lines.append(f"{name} b={r['batch']}: TTFT {base[r['batch']]:.1f} -> {r['ttft_ms']:.1f} ms with OTPrune {RATIO}")
     summary = "; ".join(lines)
-    body = f"`python scripts/bench_prefill.py {' '.join(argv)}`\n\n" + fenced(text)
+    body = f"`otprune bench prefill {' '.join(argv)}`\n\n" + fenced(text)
     return StepResult(PASS, summary, body, figures)
 
 
@@ -335,7 +336,7 @@ def check_results(folder: Path, tasks: list[str], limit: int) -> tuple[list[str]
     """``(problems, samples)``: whether the run's results file is whole: one readable results file
     listing every task, each with ``limit`` samples (or the whole task if smaller), and a samples
     file with as many lines."""
-    from harness import read_results
+    from otprune.harness import read_results
 
     files = sorted(folder.glob("**/*_results.json"))
     if len(files) != 1:
@@ -397,7 +398,7 @@ def logged_errors(text: str) -> dict[str, int]:
 
 def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device: str, work: Path, timeout: float) -> dict:
     """One lmms-eval run through the harness's command line and environment, then its checks."""
-    import harness
+    from otprune import harness
 
     folder = work / "runs" / run.name
     shutil.rmtree(folder, ignore_errors=True)
@@ -409,7 +410,7 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
         "gpu_check", run.model, model_args, {}, {}, tasks, batch_size=run.batch, catalogue=harness.load_catalogue()
     )
     plan = harness.Run(run.model, run.baseline, RATIO, run.env, tuple(tasks), folder)
-    command = harness.command(config, plan, str(checkpoint), run.processes, limit)
+    command = harness.command(config, plan, str(checkpoint), run.processes, limit, folder)
     if command[:2] == ["accelerate", "launch"] and shutil.which("accelerate") is None:
         # The launcher's console script may be off PATH where the package is installed.
         command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import load_script
 
+from otprune.bench import prefill as bench_prefill
+from otprune.bench import selectors as bench_selectors
 from otprune.config import PruneConfig
 from otprune.prune import select_per_image
 
@@ -102,8 +104,7 @@ def test_junit_counts_and_failing_ids(check, tmp_path):
 def test_report_carries_the_figures_the_steps_computed(check, tmp_path, monkeypatch):
     """The CPU mode's environment and selector steps, in this process with a small selector case:
     the report's table and summary hold the measured medians, and its versions are torch's own."""
-    bench = load_script("bench_selectors")
-    monkeypatch.setattr(bench, "D", 64)
+    monkeypatch.setattr(bench_selectors, "D", 64)
     monkeypatch.setattr(check, "SELECTOR_CASES", {"cpu": [(96, 12, 1), (96, 12, 2)]})
     results = {name: check.STEP_FUNCTIONS[name]("cpu", 0.0) for name in ("environment", "selectors")}
     report = check.format_report("cpu", results, 1.0)
@@ -150,14 +151,13 @@ def test_selection_accepts_tokens_that_require_grad():
 
 
 def test_bench_prefill_judges_each_model_at_its_own_batch_when_run_alone():
-    bench = load_script("bench_prefill")
     with pytest.raises(SystemExit):
-        bench.parse_args(["--models", "1.7"])
-    assert bench.parse_args(["--models", "1.6"]).models == ["1.6"]
+        bench_prefill.parse_args(["--models", "1.7"])
+    assert bench_prefill.parse_args(["--models", "1.6"]).models == ["1.6"]
 
     def result(method, ratio, ttft):
         stages = {"vision": 0.0, "select": 0.0, "prefill": ttft, "ttft": ttft}
-        return bench.Result(bench.Config(method, ratio, 1), 1, 1, stages, dict(stages), 1.0, None)
+        return bench_prefill.Result(bench_prefill.Config(method, ratio, 1), 1, 1, stages, dict(stages), 1.0, None)
 
-    lines = bench.target_lines({"llava-1.6 (reduced)": [result("none", None, 8.0), result("otprune", 0.098, 2.0)]}, gpu=True)
+    lines = bench_prefill.target_lines({"llava-1.6 (reduced)": [result("none", None, 8.0), result("otprune", 0.098, 2.0)]}, gpu=True)
     assert lines[0].startswith("llava-1.6 (reduced) batch 1: TTFT >= 3x lower at ratio 0.098 (OTPrune): 4.00x -> MET")

@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, load_script
+from conftest import ROOT
+from otprune import harness, report
 from otprune.measures import prefill_flops, pruned_prefill_flops
-
-harness = load_script("harness")
-report = load_script("report")
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
 PAPER = yaml.safe_load((ROOT / "configs" / "paper_results.yaml").read_text())

@@ -17,10 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, load_script
-
-harness = load_script("harness")
-report = load_script("report")
+from conftest import ROOT
+from otprune import harness, report
 
 FAKE = ROOT / "tests" / "fixtures" / "fake_lmms_eval"
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
@@ -48,7 +46,7 @@ def fake_env(**extra) -> dict:
 
 
 def harness_cmd(config: Path, runs: Path, *extra) -> list[str]:
-    return [sys.executable, str(ROOT / "scripts" / "harness.py"), str(config), "--runs-dir", str(runs), "--no-report", *extra]
+    return [sys.executable, "-m", "otprune", "run", str(config), "--runs-dir", str(runs), "--no-report", *extra]
 
 
 def wait_for(condition, seconds: float, what: str):

@@ -75,7 +75,7 @@ def load_points(runs_dir: Path) -> list[MethodPoint]:
     """One point per (model, method, ratio, benchmark) that has both a score and OT distances."""
     table = runs_dir / "table1.csv"
     if not table.exists():
-        raise ValueError(f"{table} does not exist; run the harness (or scripts/report.py {runs_dir}) first")
+        raise ValueError(f"{table} does not exist; run the harness (or otprune report {runs_dir}) first")
     scores = _scores(table)
     distances: dict[tuple, list[float]] = defaultdict(list)
     pooled: dict[tuple, bool] = {}

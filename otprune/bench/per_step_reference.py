@@ -1,4 +1,4 @@
-"""The straightforward per-step OTPrune greedy, kept only as a baseline for ``bench_selectors.py``.
+"""The straightforward per-step OTPrune greedy, kept only as a baseline for ``otprune.bench.selectors``.
 
 It follows the shape of the published reference code on purpose: one image at a time, the
 identity matrix built on the host and copied to the tokens' device at every call, and one host

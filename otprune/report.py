@@ -1,0 +1,469 @@
+"""Turn lmms-eval results files into the paper's Table 1 (Markdown and CSV), beside the paper's numbers.
+
+    otprune report RUNS/<config> [--out DIR]        # default DIR: RUNS/<config>
+
+Reads every run folder ``<model>/<method>_<ratio>/`` (lmms-eval's ``*_results.json`` and the
+harness's ``otprune_*.json``) and writes ``table1.md`` and ``table1.csv``:
+
+- each benchmark in the paper's unit (configs/tasks.yaml: CIDEr, EM, Acc, P-score, F1), with its
+  difference from the paper's number (configs/paper_results.yaml) where the paper has one;
+- visual tokens per image before -> after and the TFLOP column, from the measured token counts
+  and FastV's formula (otprune.measures) for the real LLM shape the checkpoint is or stands in for;
+- Avg. rank (all pruned rows of the model) and one-shot rank (VTW, FastV, DivPrune, OTPrune only);
+  ties share the average rank;
+- the one-sided Wilcoxon signed-rank test that OTPrune's per-benchmark relative improvement over
+  DivPrune is > 0 (scipy), beside the paper's p;
+- per-sample latency, selector time and peak memory of each run;
+- the same ranks and test computed from the paper's own numbers, beside the published ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.stats import rankdata, wilcoxon
+
+from otprune.harness import METHODS as METHOD_NAMES
+from otprune.harness import MODELS as MODEL_SPECS
+from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_builder
+from otprune.measures import MODELS, ModelShape, prefill_flops
+from otprune.selectors import budget
+
+ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
+LIMIT_NOTE = (
+    "**Rows marked (--limit N) evaluated only N samples per task** (as their results files say): "
+    "they are not full benchmarks and not comparable with the paper."
+)
+RANDOM_WEIGHTS_NOTE = (
+    "**These checkpoints have random weights: their scores are meaningless.** The visual token "
+    "counts, FLOPs and timings are real measurements of the pruning on these inputs."
+)
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load(config_file(name).read_text())
+
+
+def tiny_shape() -> ModelShape:
+    """The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran."""
+    builder = tiny_builder()
+    return ModelShape(hidden=builder.TEXT_HIDDEN, ffn=builder.TEXT_FFN, layers=builder.TEXT_LAYERS)
+
+
+# -- pure statistics ------------------------------------------------------------------------
+
+
+def average_ranks(scores: dict[str, list[float | None]]) -> dict[str, float]:
+    """Per column, rank the rows (highest score = 1, ties share the average rank), then average
+    each row's ranks over the columns every row has a number for."""
+    names = list(scores)
+    if not names:
+        return {}
+    columns = [j for j in range(len(scores[names[0]])) if all(scores[n][j] is not None for n in names)]
+    if not columns:
+        return {}
+    ranks = np.array([rankdata([-scores[n][j] for n in names]) for j in columns])
+    return {name: float(ranks[:, i].mean()) for i, name in enumerate(names)}
+
+
+def relative_improvements(ours: list[float | None], theirs: list[float | None]) -> list[float]:
+    """``(ours - theirs) / theirs`` per benchmark; skipped where either is missing or theirs is 0."""
+    return [(a - b) / b for a, b in zip(ours, theirs) if a is not None and b is not None and b != 0]
+
+
+def wilcoxon_greater(improvements: list[float]) -> float | None:
+    """One-sided Wilcoxon signed-rank p that the improvements are > 0; None if all are zero or none."""
+    if not any(x != 0 for x in improvements):
+        return None
+    return float(wilcoxon(improvements, alternative="greater").pvalue)
+
+
+def prefill(n_text: float, before: float, after: float, layer_index: int, shape: ModelShape) -> float:
+    """FastV's prefill FLOPs with ``before`` visual tokens in layers < K and ``after`` from K on."""
+    per_layer_full = prefill_flops(round(n_text + before), shape) / shape.layers
+    per_layer_kept = prefill_flops(round(n_text + after), shape) / shape.layers
+    return layer_index * per_layer_full + (shape.layers - layer_index) * per_layer_kept
+
+
+# -- reading runs ---------------------------------------------------------------------------
+
+
+def setting_problem(setting) -> str | None:
+    """Why a ``setting.json`` cannot name a table row (``None`` when it can)."""
+    if not setting:
+        return "unreadable or empty setting.json"
+    if setting.get("model") not in MODEL_SPECS:
+        return f"setting.json: model {setting.get('model')!r} is not one of {', '.join(sorted(MODEL_SPECS))}"
+    if setting.get("method") not in METHOD_NAMES:
+        return f"setting.json: method {setting.get('method')!r} is not one of {', '.join(sorted(METHOD_NAMES))}"
+    ratio = setting.get("ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        return f"setting.json: ratio {ratio!r} is not a number in [0, 1]"
+    layer = setting.get("layer_index")
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
+        return f"setting.json: layer_index {layer!r} is not an integer >= 0"
+    return None
+
+
+def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> dict | None:
+    """One run folder: scores per task (paper units), token counts and timings, from the harness's
+    trusted records and the results files they name. Whatever cannot be read goes to ``skipped``
+    as ``(path, reason)``; ``None`` when nothing of the folder can be tabled."""
+    manifest = folder / "setting.json"
+    if not manifest.exists():
+        skipped.append((folder, "no setting.json: not a run folder of this harness (or written by an older one)"))
+        return None
+    setting = read_results(manifest)
+    problem = setting_problem(setting)
+    if problem:
+        skipped.append((manifest, problem))
+        return None
+    records, bad = load_records(folder)
+    skipped += bad
+    done = [record for _, record in records if record["status"] == "done"]
+    if not records:
+        return None
+    scores, limits = {}, set()
+    for record in done:
+        for name in record["results"]:
+            path = folder / name
+            data = read_results(path)
+            if not isinstance(data.get("results"), dict):
+                skipped.append((path, "no 'results' mapping in the results file"))
+                continue
+            limits.add(recorded_limit(data))
+            for task, values in data["results"].items():
+                spec = catalogue.get(task)
+                if task not in record["finished_tasks"] or spec is None:
+                    continue
+                if not isinstance(values, dict):
+                    skipped.append((path, f"results.{task} is {values!r}, not a mapping of metrics"))
+                    continue
+                value = values.get(spec["metric"])
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    skipped.append((path, f"results.{task}: {spec['metric']!r} is {value!r}, not a number"))
+                    continue
+                scores[task] = value * spec["scale"]
+    tokens = [pair for r in done for pair in r.get("visual_tokens", [])]
+    samples = sum(sum(r.get("samples", {}).values()) for r in done)
+    eval_s = sum(r.get("eval_s") or 0 for r in done)
+    text = {}
+    for record in done:
+        text.update(record.get("text_tokens", {}))
+    selector_ms = [ms for r in done for ms in r.get("selector_ms", [])]
+    model = MODEL_SPECS[setting["model"]]
+    return {
+        "model": folder.parent.name,
+        "model_id": setting["model"],
+        "flops_model": model.flops_model,
+        "tiny": model.tiny,
+        "method": setting["method"],
+        "ratio": float(setting["ratio"]),
+        "limit": max((v for v in limits if v is not None), default=None),
+        "layer_index": setting.get("layer_index") or 0,
+        "scores": scores,
+        "visual_tokens": tokens,
+        "text_tokens": text,
+        "samples": samples,
+        "latency_s": eval_s / samples if samples else None,
+        "selector_ms": statistics.mean(selector_ms) if selector_ms else None,
+        "peak_rss_mb": max((r["peak_rss_mb"] for r in done if "peak_rss_mb" in r), default=None),
+        "wall_s": sum(r["wall_s"] for _, r in records),
+        "failed_invocations": sum(1 for _, r in records if r["status"] != "done"),
+    }
+
+
+def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int], bool]:
+    """Visual tokens per image before and after pruning; True when derived rather than logged.
+
+    The patch logs counts wherever it prunes (OTPRUNE_LOG=1). For a run without them (the unpruned
+    model, which is not patched; records made without the log) "before" is the same images' count
+    from a sibling run of the same model and "after" what the method keeps (all; none for VTW;
+    the budget otherwise).
+    """
+    if run["visual_tokens"]:
+        return [b for b, _ in run["visual_tokens"]], [a for _, a in run["visual_tokens"]], False
+    logged = next((s["visual_tokens"] for s in siblings if s["visual_tokens"]), [])
+    before = [b for b, _ in logged]
+    if run["method"] == "Original":
+        after = before
+    elif run["method"] == "VTW":
+        after = [0] * len(before)
+    else:
+        after = [budget(run["ratio"], n) for n in before]
+    return before, after, True
+
+
+def flops_of(run: dict, before: list[int], after: list[int], tasks: list[str], catalogue: dict, shape: ModelShape) -> float | None:
+    """Mean prefill FLOPs over benchmarks (the paper's TFLOP column) and over each run's images."""
+    if not before:
+        return None
+    per_task = []
+    for task in tasks:
+        n_text = run["text_tokens"].get(task, catalogue[task].get("text_tokens"))
+        if n_text is None:
+            continue
+        per_task.append(statistics.mean(prefill(n_text, b, a, run["layer_index"], shape) for b, a in zip(before, after)))
+    return statistics.mean(per_task) if per_task else None
+
+
+# -- the tables -----------------------------------------------------------------------------
+
+
+def fmt(value, digits=2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def score_digits(unit: str) -> int:
+    return 0 if unit == "P-score" else 2
+
+
+def label(run: dict) -> str:
+    """A row's name: method and ratio, and the limit when lmms-eval's results say one was used."""
+    name = f"{run['method']} {run['ratio']:g}" if run["method"] != "Original" else "Original"
+    return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "")
+
+
+def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[str], list[dict]]:
+    """Markdown lines and CSV rows for every model block."""
+    lines, rows = [], []
+    tasks = [t for t in catalogue if any(t in r["scores"] for r in runs)]
+    for model in sorted({r["model"] for r in runs}):
+        block = [r for r in runs if r["model"] == model]
+        order = {name: i for i, name in enumerate(["Original", *ONE_SHOT, "DPP", "Random"])}
+        block.sort(key=lambda r: (order.get(r["method"], 99), r["ratio"]))
+        flops_model = block[0]["flops_model"]
+        tiny = block[0]["tiny"]
+        paper_rows = paper["models"].get(flops_model, {}) if not tiny else {}
+        bench_index = {b: i for i, b in enumerate(paper["benchmarks"])}
+        block_tasks = [t for t in tasks if any(t in r["scores"] for r in block)]
+        pruned = [r for r in block if r["method"] != "Original"]
+        avg = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned})
+        one_shot = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned if r["method"] in ONE_SHOT})
+        shape = MODELS[flops_model]
+        title = f"## {model}"
+        if tiny:
+            title += f" (tiny random-weight stand-in for {flops_model}: TFLOP is for {flops_model}'s LLM at these token counts)"
+        lines += [title, ""]
+        header = ["Method", "Visual tokens / image", "TFLOP (%)"]
+        if tiny:
+            header.append("Tiny LLM MFLOP")
+        header += [f"{catalogue[t]['benchmark']} ({catalogue[t]['unit']})" for t in block_tasks] + ["Avg. rank", "One-shot rank"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        full_flops = None
+        siblings = [r for r in block if r["visual_tokens"]]
+        for run in block:
+            before, after, derived = token_counts(run, siblings)
+            flops = flops_of(run, before, after, block_tasks, catalogue, shape)
+            if run["method"] == "Original":
+                full_flops = flops
+            pct = 100 * flops / full_flops if flops is not None and full_flops else None
+            tokens = f"{statistics.mean(before):.0f} → {statistics.mean(after):.0f}" + ("*" if derived else "") if before else "–"
+            paper_row = paper_rows.get(run["method"]) if run["ratio"] in (0.098, 1.0, 0.0) else None
+            tflop = f"{fmt(flops / 1e12 if flops else None, 3)} ({fmt(pct)})"
+            if paper_row and paper_row.get("tflop") and flops:
+                tflop += f" [{flops / 1e12 - paper_row['tflop']:+.3f}]"
+            cells = [label(run), tokens, tflop]
+            if tiny:
+                tiny_flops = flops_of(run, before, after, block_tasks, catalogue, tiny_shape())
+                cells.append(fmt(tiny_flops / 1e6 if tiny_flops else None, 1))
+            csv_row = {
+                "model": model,
+                "method": run["method"],
+                "ratio": run["ratio"],
+                "limit": run["limit"],
+                "visual_tokens_before": statistics.mean(before) if before else None,
+                "visual_tokens_after": statistics.mean(after) if after else None,
+                "tokens_derived": derived,
+                "tflop": flops / 1e12 if flops else None,
+                "tflop_pct": pct,
+                "paper_tflop": paper_row.get("tflop") if paper_row else None,
+            }
+            for task in block_tasks:
+                value = run["scores"].get(task)
+                bench = catalogue[task]["benchmark"]
+                published = paper_row["scores"][bench_index[bench]] if paper_row and bench in bench_index else None
+                cell = fmt(value, score_digits(catalogue[task]["unit"]))
+                if value is not None and published is not None:
+                    cell += f" ({value - published:+.{score_digits(catalogue[task]['unit'])}f})"
+                cells.append(cell)
+                csv_row[bench] = value
+                csv_row[f"{bench}_paper"] = published
+                csv_row[f"{bench}_diff"] = value - published if value is not None and published is not None else None
+            cells += [fmt(avg.get(label(run))), fmt(one_shot.get(label(run)))]
+            csv_row.update(avg_rank=avg.get(label(run)), one_shot_rank=one_shot.get(label(run)))
+            lines.append("| " + " | ".join(cells) + " |")
+            rows.append(csv_row)
+        ours = next((r for r in block if r["method"] == "OTPrune"), None)
+        theirs = next((r for r in block if r["method"] == "DivPrune" and ours and r["ratio"] == ours["ratio"]), None)
+        if ours and theirs:
+            improvements = relative_improvements([ours["scores"].get(t) for t in block_tasks], [theirs["scores"].get(t) for t in block_tasks])
+            p = wilcoxon_greater(improvements)
+            lines += ["", f"Wilcoxon signed-rank, OTPrune > DivPrune (one-sided, {len(improvements)} benchmarks with DivPrune ≠ 0): "
+                      f"p = {fmt(p, 4) if p is not None else 'n/a (no nonzero difference)'}; paper: p = {paper['wilcoxon_p']}"]
+        lines += [""]
+    return lines, rows
+
+
+def efficiency_lines(runs: list[dict]) -> list[str]:
+    lines = [
+        "## Per-run cost",
+        "",
+        "Latency: lmms-eval's evaluation time over the samples (model loading excluded). Selector: mean time of "
+        "one selection call (OTPRUNE_LOG). Peak memory: the run's process tree's peak resident memory (CPU RAM; "
+        "GPU memory is not recorded).",
+        "",
+        "| Model | Method | Samples | Latency s/sample | Selector ms | Peak RSS MB | Wall s | Failed attempts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["model"], r["method"], r["ratio"])):
+        lines.append(
+            f"| {r['model']} | {label(r)} | {r['samples']} | {fmt(r['latency_s'], 3)} | {fmt(r['selector_ms'], 1)} "
+            f"| {fmt(r['peak_rss_mb'], 0)} | {fmt(r['wall_s'], 1)} | {r['failed_invocations']} |"
+        )
+    return lines + [""]
+
+
+def paper_check(paper: dict) -> list[str]:
+    """The paper's own numbers through the same rank and test functions, beside the published ones."""
+    lines = [
+        "## The paper's numbers through this report",
+        "",
+        "Ranks and Wilcoxon p computed here from configs/paper_results.yaml (Avg. rank over every row of a "
+        "model's block but Original; one-shot rank over VTW, FastV, DivPrune, OTPrune).",
+        "",
+        "| Model | Method | Avg. rank (published) | One-shot rank (published) |",
+        "|---|---|---|---|",
+    ]
+    pooled_ours, pooled_theirs = [], []
+    tests = []
+    for model, rows in paper["models"].items():
+        pruned = {name: row["scores"] for name, row in rows.items() if name != "Original"}
+        avg = average_ranks(pruned)
+        one = average_ranks({n: s for n, s in pruned.items() if n in paper["one_shot_methods"]})
+        for name in pruned:
+            row = rows[name]
+            published_one = fmt(row.get("one_shot_rank")) if "one_shot_rank" in row else "–"
+            lines.append(f"| {model} | {name} | {fmt(avg[name])} ({fmt(row.get('avg_rank'))}) | {fmt(one.get(name))} ({published_one}) |")
+        improvements = relative_improvements(rows["OTPrune"]["scores"], rows["DivPrune"]["scores"])
+        tests.append((model, len(improvements), wilcoxon_greater(improvements)))
+        pooled_ours += rows["OTPrune"]["scores"]
+        pooled_theirs += rows["DivPrune"]["scores"]
+    pooled = relative_improvements(pooled_ours, pooled_theirs)
+    tests.append(("all three models pooled", len(pooled), wilcoxon_greater(pooled)))
+    lines += ["", "| Wilcoxon OTPrune > DivPrune on | Benchmarks | p | paper's p |", "|---|---|---|---|"]
+    lines += [f"| {name} | {n} | {fmt(p, 4)} | {paper['wilcoxon_p']} |" for name, n, p in tests]
+    lines += [
+        "",
+        "The paper does not say which benchmarks it pooled; none of these reproduces 0.028 exactly "
+        "(LLaVA-1.5-13B alone comes closest).",
+        "",
+    ]
+    return lines
+
+
+def skipped_lines(skipped: list[tuple[Path, str]], runs_dir: Path) -> list[str]:
+    if not skipped:
+        return []
+    lines = ["## Skipped", "", "Files and folders not tabled, and why:", ""]
+    for path, reason in skipped:
+        shown = path.relative_to(runs_dir) if path.is_relative_to(runs_dir) else path
+        lines.append(f"- `{shown}`: {reason}")
+    return lines + [""]
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    """The ``<model>/<method>_<ratio>/`` folders of ``RUNS/<config>`` (the tiny checkpoints aside)."""
+    return sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and p.parent.name != "checkpoints")
+
+
+def nested_runs(runs_dir: Path) -> dict[Path, int]:
+    """``{RUNS/<config>: number of run folders}`` below ``runs_dir`` when ``runs_dir`` is their parent
+    (``runs/`` instead of ``runs/smoke``): it holds no run folder itself. Empty otherwise."""
+    if any((folder / "setting.json").is_file() for folder in run_folders(runs_dir)):
+        return {}
+    found: dict[Path, int] = {}
+    for setting in sorted(runs_dir.glob("*/*/*/setting.json")):
+        config_dir = setting.parent.parent.parent
+        found[config_dir] = found.get(config_dir, 0) + 1
+    return found
+
+
+def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path, str]:
+    catalogue = {**load_yaml("tasks.yaml")["paper"], **load_yaml("tasks.yaml")["local"]}
+    paper = load_yaml("paper_results.yaml")
+    runs, skipped = [], []
+    for folder in run_folders(runs_dir):
+        run = read_run(folder, catalogue, skipped)
+        if run is not None:
+            runs.append(run)
+    lines = [f"# Table 1: {runs_dir.name}", ""]
+    if any(r["tiny"] for r in runs):
+        lines += [RANDOM_WEIGHTS_NOTE, ""]
+    if any(r["limit"] is not None for r in runs):
+        lines += [LIMIT_NOTE, ""]
+    lines += [
+        "Scores in the paper's units with the difference from the paper's number in brackets where it has one; "
+        "TFLOP: mean LLM prefill over the benchmarks (FastV's formula, measured visual tokens, text tokens of "
+        "the prompts), % of the unpruned model, [difference from the paper]. Token counts marked * are derived "
+        "(no log for that run): a sibling run's count of the same images, and what the method keeps.",
+        "",
+    ]
+    table, rows = build_table(runs, catalogue, paper) if runs else (["No finished runs yet.", ""], [])
+    lines += table + (efficiency_lines(runs) if runs else []) + paper_check(paper) + skipped_lines(skipped, runs_dir)
+    for path, reason in skipped:
+        print(f"warning: skipped {path}: {reason}", file=sys.stderr)
+    out_dir = out_dir or runs_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = "\n".join(lines)
+    md_path, csv_path = out_dir / "table1.md", out_dir / "table1.csv"
+    md_path.write_text(markdown)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return md_path, csv_path, markdown
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="otprune report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="RUNS/<config>, the folder holding <model>/<method>_<ratio>/")
+    parser.add_argument("--out", help="where table1.md and table1.csv go (default: runs_dir)")
+    args = parser.parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    if not runs_dir.is_dir():
+        print(f"error: {runs_dir} is not a folder of runs", file=sys.stderr)
+        return 2
+    nested = nested_runs(runs_dir)
+    if nested:
+        print(f"error: {runs_dir} holds no run folders (<model>/<method>_<ratio>/ with a setting.json); these folders in it do:",
+              file=sys.stderr)
+        for folder, count in nested.items():
+            print(f"  {folder}  ({count} run folder{'s' if count != 1 else ''})", file=sys.stderr)
+        print(f"report one of them: otprune report {next(iter(nested))}", file=sys.stderr)
+        return 2
+    try:
+        md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None)
+    except MissingResource as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: cannot write {error.filename}: {error.strerror}; pass --out DIR to write the table elsewhere", file=sys.stderr)
+        return 2
+    print(markdown)
+    print(f"written: {md_path}, {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
