@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 from scipy.stats import rankdata, wilcoxon
 
+from otprune.analysis.figures import write_pareto_figures
 from otprune.harness import METHODS as METHOD_NAMES
 from otprune.harness import MODELS as MODEL_SPECS
 from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_builder
@@ -432,6 +433,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    print(write_pareto_figures(rows, {spec["benchmark"]: spec["unit"] for spec in catalogue.values()}, out_dir), file=sys.stderr)
     return md_path, csv_path, markdown
 
 
