@@ -1,0 +1,95 @@
+"""The report's Pareto figures: the front against a brute-force one, what the figures plot for the
+recorded runs, and the report without matplotlib."""
+
+from __future__ import annotations
+
+import csv
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from otprune import report
+from otprune.analysis import figures
+
+pytest.importorskip("matplotlib")
+
+FIXTURES = Path(__file__).parent / "fixtures" / "runs" / "smoke"
+UNITS = {"Caption": "CIDEr", "VQA": "EM", "YesNo": "F1"}
+
+
+def brute_force_front(points):
+    """Every point no other point beats on one axis while matching it on the other."""
+    def dominates(q, p):
+        return q[0] <= p[0] and q[1] >= p[1] and q != p
+    return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pareto_front_matches_brute_force(seed):
+    rng = random.Random(seed)
+    # A small grid forces ties in cost, in score and whole duplicate points.
+    points = [(rng.randint(0, 5), rng.randint(0, 5)) for _ in range(rng.randint(1, 12))]
+    assert figures.pareto_front(points) == brute_force_front(points)
+
+
+def test_pareto_front_of_a_known_set():
+    points = [(1.0, 50.0), (2.0, 40.0), (3.0, 70.0), (3.0, 60.0), (0.5, 10.0), (4.0, 70.0)]
+    assert figures.pareto_front(points) == [0, 2, 4]
+
+
+def scatter_points(ax):
+    return sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
+
+
+def test_figure_plots_the_rows_and_their_front():
+    rows = [
+        {"model": "m", "method": "Original", "ratio": 1.0, "tflop": 3.0, "visual_tokens_after": 576, "VQA": 60.0},
+        {"model": "m", "method": "OTPrune", "ratio": 0.098, "tflop": 0.4, "visual_tokens_after": 56, "VQA": 55.0},
+        {"model": "m", "method": "DivPrune", "ratio": 0.098, "tflop": 0.4, "visual_tokens_after": 56, "VQA": 50.0},
+        {"model": "m", "method": "OTPrune", "ratio": 0.25, "tflop": 0.9, "visual_tokens_after": 144, "VQA": 54.0},
+        {"model": "m", "method": "VTW", "ratio": 0.0, "tflop": 0.2, "visual_tokens_after": 0, "VQA": None},
+    ]
+    figure = figures.pareto_figure(rows, {"VQA": "EM", "POPE": "F1"}, x="tflop")
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    assert ax.get_ylabel() == "VQA (EM)" and ax.get_xlabel() == "LLM prefill (TFLOP)"
+    assert scatter_points(ax) == [(0.4, 50.0), (0.4, 55.0), (0.9, 54.0), (3.0, 60.0)]
+    (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
+    assert sorted(set(zip(front.get_xdata(), front.get_ydata()))) == [(0.4, 55.0), (3.0, 60.0)]
+    assert {t.get_text() for t in ax.texts} == {"Original", "OTPrune 0.098", "DivPrune 0.098", "OTPrune 0.25"}
+
+
+def test_figure_refuses_an_unknown_axis():
+    with pytest.raises(ValueError, match="x must be one of tflop, visual_tokens_after; got 'latency'"):
+        figures.pareto_figure([], UNITS, x="latency")
+
+
+def test_report_writes_the_figures_of_the_recorded_runs(tmp_path, monkeypatch, capsys):
+    drawn = {}
+    real = figures.pareto_figure
+
+    def keep(rows, units, x="tflop"):
+        drawn[x] = real(rows, units, x)
+        return drawn[x]
+
+    monkeypatch.setattr(figures, "pareto_figure", keep)
+    _, csv_path, _ = report.write_report(FIXTURES, tmp_path)
+    assert (tmp_path / "pareto_tflop.png").stat().st_size > 0 and (tmp_path / "pareto_tokens.png").stat().st_size > 0
+    assert "written: " in capsys.readouterr().err
+    rows = list(csv.DictReader(open(csv_path)))
+    for x in ("tflop", "visual_tokens_after"):
+        axes = {ax.get_title(): ax for ax in drawn[x].axes if ax.get_visible()}
+        assert set(axes) == set(UNITS)
+        for bench, ax in axes.items():
+            assert scatter_points(ax) == sorted((float(r[x]), float(r[bench])) for r in rows)
+    tokens = {ax.get_title(): ax for ax in drawn["visual_tokens_after"].axes}["VQA"]
+    assert {t.get_text() for t in tokens.texts} == {"Original", "DivPrune 0.098, OTPrune 0.098"}
+
+
+def test_report_without_matplotlib_writes_tables_and_says_why(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    md_path, csv_path, _ = report.write_report(FIXTURES, tmp_path)
+    assert md_path.exists() and len(list(csv.DictReader(open(csv_path)))) == 3
+    assert not list(tmp_path.glob("*.png"))
+    assert "skipped pareto_tflop.png, pareto_tokens.png: matplotlib is not installed" in capsys.readouterr().err
