@@ -176,30 +176,31 @@ def render(results: list[tuple[Shape, list[GammaRow], dict]], *, seconds: float)
 
 def figure(results: list[tuple[Shape, list[GammaRow], dict]]) -> "plt.Figure":
     """Per token source: Jaccard overlaps vs γ, and OT distance vs γ against reference subsets."""
-    fig, axes = plt.subplots(len(results), 2, figsize=(12, 4 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 2, figsize=(12, 5 * len(results)), squeeze=False, layout="constrained")
     for (shape, rows, references), (ax_j, ax_ot) in zip(results, axes):
         gammas = [r.gamma for r in rows]
-        ax_j.plot(gammas, [r.jaccard_top_diag for r in rows], marker="o", label="J(OTPrune, top-k diag(L))")
+        ax_j.plot(gammas, [r.jaccard_top_diag for r in rows], marker="o", label="OTPrune vs top-k diag(L)")
         ax_j.plot(
             gammas, [r.jaccard_top_diag_float64 for r in rows], marker="x", linestyle=":",
-            label="J(OTPrune float64, top-k diag(L))",
+            label="OTPrune float64 vs top-k diag(L)",
         )  # fmt: skip
-        ax_j.plot(gammas, [r.jaccard_largest_gamma for r in rows], marker="s", label="J(OTPrune, OTPrune at γ_max)")
-        ax_j.plot(gammas, [r.jaccard_float64 for r in rows], marker="^", label="J(float32, float64 greedy)")
+        ax_j.plot(gammas, [r.jaccard_largest_gamma for r in rows], marker="s", label="OTPrune vs OTPrune at largest γ")
+        ax_j.plot(gammas, [r.jaccard_float64 for r in rows], marker="^", label="float32 vs float64 greedy")
         ax_j.set_xscale("log")
         ax_j.set_ylim(-0.02, 1.02)
-        ax_j.set_xlabel("γ")
+        ax_j.set_xlabel("γ (log scale)")
+        ax_j.set_ylabel("Jaccard overlap of the kept sets")
         ax_j.set_title(f"{shape.label}: overlap")
-        ax_j.legend(fontsize=8)
+        # Below the axes: inside, the legend covers the curves.
+        ax_j.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2)
         ax_ot.plot(gammas, [r.ot for r in rows], marker="o", color="black", label="OTPrune")
         for name, values in references.items():
             ax_ot.axhline(values["ot"], linestyle="--", linewidth=1, label=name, color=_REFERENCE_COLOURS[name])
         ax_ot.set_xscale("log")
-        ax_ot.set_xlabel("γ")
-        ax_ot.set_ylabel("empirical OT distance to the full set")
+        ax_ot.set_xlabel("γ (log scale)")
+        ax_ot.set_ylabel("OT distance, kept to full")
         ax_ot.set_title(f"{shape.label}: OT distance")
-        ax_ot.legend(fontsize=8)
-    fig.tight_layout()
+        ax_ot.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3)
     return fig
 
 

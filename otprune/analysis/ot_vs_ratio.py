@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from matplotlib.ticker import PercentFormatter
 
+from otprune.analysis.figures import display_name
 from otprune.analysis.report import markdown_table, plt
 from otprune.measures import empirical_ot_distance, gaussian_w2, logdet_objective
 from otprune.selectors import SELECTORS, budget
@@ -189,17 +191,24 @@ def figure(records: list[Record]) -> "plt.Figure":
     """Three panels against the keep ratio: OT distance, Gaussian W2², OT distance / OTPrune's."""
     ratios = sorted({r.ratio for r in records})
     selectors = list(dict.fromkeys(r.selector for r in records))
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    panels = (("ot", False, "empirical OT distance"), ("w2", False, "Gaussian W2²"), ("ot", True, "OT distance / OTPrune's"))
-    for ax, (field, relative, title) in zip(axes, panels):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
+    panels = (
+        ("ot", False, "empirical OT distance", "OT distance, kept to full (log scale)"),
+        ("w2", False, "Gaussian W2²", "W2², kept to full (log scale)"),
+        ("ot", True, f"OT distance / {display_name(REFERENCE)}'s", f"OT distance ÷ {display_name(REFERENCE)}'s"),
+    )
+    for ax, (field, relative, title, ylabel) in zip(axes, panels):
         for selector in selectors:
             values = [_mean(records, selector, ratio, field, relative) for ratio in ratios]
             style = {"linewidth": 2.5, "color": "black"} if selector == REFERENCE else {"linewidth": 1.2}
-            ax.plot(ratios, values, marker="o", markersize=3, label=selector, **style)
-        ax.set_xlabel("keep ratio k / N")
+            ax.plot(ratios, values, marker="o", markersize=4, label=display_name(selector), **style)
+        ax.set_xlabel("keep ratio k / N (%)")
+        ax.set_ylabel(ylabel)
         ax.set_title(title)
+        ax.set_xticks(ratios)
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
         if not relative:
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    # Below the panels: inside, the legend covers the curves.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=len(selectors))
     return fig

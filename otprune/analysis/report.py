@@ -12,6 +12,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from otprune.analysis.figures import DPI, STYLE  # noqa: E402
+
+plt.rcParams.update(STYLE)
+
 __all__ = ["markdown_table", "mean_std", "plt", "write_report"]
 
 
@@ -37,7 +41,7 @@ def write_report(out: Path, name: str, markdown: str, figures: dict[str, "plt.Fi
     paths[0].write_text(markdown + "\n", encoding="utf-8")
     for figure_name, figure in figures.items():
         path = out / f"{figure_name}.png"
-        figure.savefig(path, dpi=120, bbox_inches="tight")
+        figure.savefig(path, dpi=DPI, bbox_inches="tight")
         plt.close(figure)
         paths.append(path)
     return paths

@@ -234,12 +234,13 @@ def figure(results: list[ConfigResult]) -> "plt.Figure":
                     PAPER[method][CONFIGS.index((r.n, r.d, r.k))][0] if (r.n, r.d, r.k) in CONFIGS else math.nan
                     for r in results
                 ]
-                ax.scatter(positions, paper, marker="_", s=200, color="black", zorder=3)
+                ax.scatter(positions, paper, marker="_", s=200, linewidths=2, color="black", zorder=3,
+                           label="paper" if m == 0 else None)
         ax.set_xticks(range(len(results)), labels)
-        ax.set_xlabel("N / d / k")
+        ax.set_xlabel("tokens N / width d / kept k")
         ax.set_title(f"win rate, {title}")
-    axes[0].set_ylabel("win rate (%)  — black ticks: paper")
+    axes[0].set_ylabel("win rate (% of subsets beaten)")
     fig.tight_layout()
     # Above the panels: inside, the legend would cover bars or the paper's ticks.
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(METHODS))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(METHODS) + 1)
     return fig
