@@ -155,7 +155,10 @@ def _hypothesis(parser, args) -> tuple[str, dict]:
         points = hypothesis.load_points(source)
     except ValueError as error:
         parser.error(str(error))
-    return hypothesis.render(points, source), {"hypothesis": hypothesis.figure(points)}
+    from otprune.report import load_yaml
+
+    units = {spec["benchmark"]: spec["unit"] for group in load_yaml("tasks.yaml").values() for spec in group.values()}
+    return hypothesis.render(points, source), {"hypothesis": hypothesis.figure(points, units)}
 
 
 def _log(message: str) -> None:

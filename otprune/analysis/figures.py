@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["AXES", "DPI", "SELECTOR_NAMES", "display_name", "pareto_figure", "pareto_front", "style", "write_pareto_figures"]
+__all__ = ["AXES", "DPI", "SELECTOR_NAMES", "annotate", "display_name", "pareto_figure", "pareto_front", "point_label", "style", "write_pareto_figures"]
 
 # Written at 150 dpi with 10–11 pt text: legible when the PNG is viewed at its own size.
 DPI = 150
@@ -66,10 +66,21 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return sorted(front)
 
 
-def _point_label(row: dict) -> str:
+def point_label(row: dict) -> str:
+    """``OTPrune 0.098``; the methods without a ratio (Original, VTW) by name alone."""
     if row["method"] in ("Original", "VTW"):
         return row["method"]
     return f"{row['method']} {float(row['ratio']):g}"
+
+
+def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
+    """Writes each label beside its point; points at one place get one label listing them all, so
+    that no two labels are drawn over each other there."""
+    together = defaultdict(list)
+    for point, text in labelled:
+        together[point].append(text)
+    for point, texts in together.items():
+        ax.annotate(", ".join(texts), point, xytext=(4, 4), textcoords="offset points", fontsize=8)
 
 
 def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop"):
@@ -106,8 +117,7 @@ def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop")
                         ax.scatter(*point, color=colours[row["method"]], marker=markers[model], zorder=3 + depth,
                                    s=40 * (len(together) - depth) ** 1.5,
                                    label=row["method"] + (f" ({model})" if len(models) > 1 else ""))
-                    names = [_point_label(row) for row in together]
-                    ax.annotate(", ".join(names), point, xytext=(4, 4), textcoords="offset points", fontsize=8)
+                annotate(ax, [(point, point_label(row)) for point, row in zip(points, placed)])
                 front = sorted(points[i] for i in pareto_front(points))
                 if front:
                     ax.step(*zip(*front), where="post", color="black", linewidth=1, linestyle="--", zorder=2,

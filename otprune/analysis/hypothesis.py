@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from otprune.analysis.figures import annotate, point_label
 from otprune.analysis.report import markdown_table, plt
 
 __all__ = ["MethodPoint", "load_points", "render", "figure", "spearman"]
@@ -131,15 +132,19 @@ def render(points: list[MethodPoint], source: Path) -> str:
     return "\n".join(lines)
 
 
-def figure(points: list[MethodPoint]):
+def figure(points: list[MethodPoint], units: dict[str, str] | None = None):
+    """Score vs mean OT distance, one panel per model and benchmark; ``units``: benchmark -> unit
+    (configs/tasks.yaml) for the score axis."""
     groups = _groups(points)
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4 * max(1, len(groups)), 3.5), squeeze=False)
+    panels = max(1, len(groups))
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False, layout="constrained")
     for ax, ((model, benchmark), group) in zip(axes[0], sorted(groups.items())):
         for point in group:
-            ax.scatter(point.ot_distance, point.score)
-            ax.annotate(point.method, (point.ot_distance, point.score), fontsize=8)
-        ax.set_title(f"{model}: {benchmark}", fontsize=9)
-        ax.set_xlabel("mean OT distance, kept vs full")
-        ax.set_ylabel("score")
-    fig.tight_layout()
+            ax.scatter(point.ot_distance, point.score, s=40)
+        annotate(ax, [((p.ot_distance, p.score), point_label({"method": p.method, "ratio": p.ratio})) for p in group])
+        ax.margins(x=0.25, y=0.15)
+        ax.set_title(f"{model}: {benchmark}")
+        ax.set_xlabel("mean OT distance, kept to full visual tokens")
+        unit = (units or {}).get(benchmark)
+        ax.set_ylabel(f"{benchmark} ({unit})" if unit else f"{benchmark} score")
     return fig
