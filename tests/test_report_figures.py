@@ -93,3 +93,16 @@ def test_report_without_matplotlib_writes_tables_and_says_why(tmp_path, monkeypa
     assert md_path.exists() and len(list(csv.DictReader(open(csv_path)))) == 3
     assert not list(tmp_path.glob("*.png"))
     assert "skipped pareto_tflop.png, pareto_tokens.png: matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_hypothesis_figure_names_methods_and_units():
+    from otprune.analysis import hypothesis
+
+    points = [
+        hypothesis.MethodPoint("m", method, ratio, "GQA", ot, score, 4, False)
+        for method, ratio, ot, score in [("OTPrune", 0.098, 0.8, 57.0), ("DivPrune", 0.098, 1.2, 56.5), ("DPP", 0.098, 1.2, 56.5)]
+    ]
+    (ax,) = hypothesis.figure(points, {"GQA": "EM"}).axes
+    assert ax.get_ylabel() == "GQA (EM)"
+    assert scatter_points(ax) == [(0.8, 57.0), (1.2, 56.5), (1.2, 56.5)]
+    assert sorted(t.get_text() for t in ax.texts) == ["DivPrune 0.098, DPP 0.098", "OTPrune 0.098"]
