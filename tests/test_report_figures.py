@@ -57,7 +57,7 @@ def test_figure_plots_the_rows_and_their_front():
     assert scatter_points(ax) == [(0.4, 50.0), (0.4, 55.0), (0.9, 54.0), (3.0, 60.0)]
     (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
     assert sorted(set(zip(front.get_xdata(), front.get_ydata()))) == [(0.4, 55.0), (3.0, 60.0)]
-    assert {t.get_text() for t in ax.texts} == {"Original", "OTPrune 0.098", "DivPrune 0.098", "OTPrune 0.25"}
+    assert {t.get_text() for t in ax.texts} == {"Original", "OTPrune 0.098\nDivPrune 0.098", "OTPrune 0.25"}
 
 
 def test_figure_refuses_an_unknown_axis():
@@ -106,3 +106,19 @@ def test_hypothesis_figure_names_methods_and_units():
     assert ax.get_ylabel() == "GQA (EM)"
     assert scatter_points(ax) == [(0.8, 57.0), (1.2, 56.5), (1.2, 56.5)]
     assert sorted(t.get_text() for t in ax.texts) == ["DivPrune 0.098, DPP 0.098", "OTPrune 0.098"]
+
+
+def test_labels_of_close_columns_do_not_overlap():
+    rows = [
+        {"model": "m", "method": method, "ratio": ratio, "tflop": tflop, "visual_tokens_after": 0, "VQA": score}
+        for method, ratio, tflop, score in [
+            ("OTPrune", 0.098, 0.40, 57.0), ("DivPrune", 0.098, 0.40, 56.9), ("DPP", 0.098, 0.40, 56.8),
+            ("OTPrune", 0.11, 0.42, 57.0), ("DivPrune", 0.11, 0.42, 56.9), ("Original", 1.0, 3.0, 60.0),
+        ]
+    ]
+    figure = figures.pareto_figure(rows, {"VQA": "EM"})
+    renderer = figure.canvas.get_renderer()
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    extents = [t.get_window_extent(renderer) for t in ax.texts]
+    assert len(extents) == 3
+    assert not any(a.overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1:])

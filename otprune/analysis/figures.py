@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["AXES", "DPI", "SELECTOR_NAMES", "annotate", "display_name", "pareto_figure", "pareto_front", "point_label", "style", "write_pareto_figures"]
+__all__ = ["AXES", "DPI", "SELECTOR_NAMES", "annotate", "display_name", "pareto_figure", "pareto_front", "point_label", "separate_labels", "style", "write_pareto_figures"]
 
 # Written at 150 dpi with 10–11 pt text: legible when the PNG is viewed at its own size.
 DPI = 150
@@ -74,13 +74,40 @@ def point_label(row: dict) -> str:
 
 
 def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
-    """Writes each label beside its point; points at one place get one label listing them all, so
-    that no two labels are drawn over each other there."""
-    together = defaultdict(list)
-    for point, text in labelled:
-        together[point].append(text)
-    for point, texts in together.items():
-        ax.annotate(", ".join(texts), point, xytext=(4, 4), textcoords="offset points", fontsize=8)
+    """Writes the labels of points sharing an x (the methods at one ratio share their cost) as one
+    block beside the highest of them, a line per y from the top down (names at one place joined),
+    so that no two labels are drawn over each other there."""
+    columns = defaultdict(lambda: defaultdict(list))
+    for (x, y), text in labelled:
+        columns[x][y].append(text)
+    for x, by_y in columns.items():
+        top = max(by_y)
+        lines = [", ".join(by_y[y]) for y in sorted(by_y, reverse=True)]
+        # On a white box above the lines: the Pareto front's dashes would cross the text otherwise.
+        ax.annotate("\n".join(lines), (x, top), xytext=(6, 4), textcoords="offset points", fontsize=8,
+                    va="top" if len(lines) > 1 else "bottom", zorder=10,
+                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+
+
+def separate_labels(figure) -> None:
+    """Moves each axes' labels down, top first, until none overlaps another: blocks of nearby
+    columns (two close ratios) would otherwise be drawn over each other. Lays the figure out to
+    measure the labels, so call it once everything is drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if not isinstance(figure.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(figure)
+    figure.draw_without_rendering()
+    renderer = figure.canvas.get_renderer()
+    for ax in figure.axes:
+        placed = []
+        for text in sorted(ax.texts, key=lambda t: -t.get_window_extent(renderer).y1):
+            extent = text.get_window_extent(renderer)
+            shift = 0.0
+            while clash := next((p for p in placed if extent.translated(0, -shift).overlaps(p)), None):
+                shift = extent.y1 - clash.y0 + 1
+            text.xyann = (text.xyann[0], text.xyann[1] - shift * 72 / figure.dpi)
+            placed.append(extent.translated(0, -shift))
 
 
 def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop"):
@@ -131,6 +158,7 @@ def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop")
         handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
         figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(6, len(handles)))
         figure.suptitle(f"Score vs {AXES[x]}" + (f": {models[0]}" if len(models) == 1 else ""))
+        separate_labels(figure)
     return figure
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from otprune.analysis.figures import annotate, point_label
+from otprune.analysis.figures import annotate, point_label, separate_labels
 from otprune.analysis.report import markdown_table, plt
 
 __all__ = ["MethodPoint", "load_points", "render", "figure", "spearman"]
@@ -147,4 +147,5 @@ def figure(points: list[MethodPoint], units: dict[str, str] | None = None):
         ax.set_xlabel("mean OT distance, kept to full visual tokens")
         unit = (units or {}).get(benchmark)
         ax.set_ylabel(f"{benchmark} ({unit})" if unit else f"{benchmark} score")
+    separate_labels(fig)
     return fig
