@@ -156,7 +156,10 @@ def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop")
         for ax in axes[len(benchmarks):]:
             ax.set_visible(False)
         handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
-        figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(6, len(handles)))
+        legend = figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(6, len(handles)))
+        for handle in legend.legend_handles:
+            if hasattr(handle, "set_sizes"):
+                handle.set_sizes([40])
         figure.suptitle(f"Score vs {AXES[x]}" + (f": {models[0]}" if len(models) == 1 else ""))
         separate_labels(figure)
     return figure
