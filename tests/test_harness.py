@@ -17,6 +17,7 @@ import yaml
 from conftest import ROOT
 from otprune import harness, report
 from otprune.measures import prefill_flops, pruned_prefill_flops
+from otprune.timing import timing_line
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
 PAPER = yaml.safe_load((ROOT / "configs" / "paper_results.yaml").read_text())
@@ -89,12 +90,14 @@ def test_prune_log_parsing():
     text = (
         "x\notprune OURS: visual tokens 576->56; selector 12.50 ms; ot 6.25\n"
         "otprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms; ot 1.5, 2\n"
+        "50%|##  | 1/2\r" + timing_line({"generated_tokens": 3, "prefill_ms": 4.5}) + "\n"
     )
     assert harness.parse_prune_log(text) == {
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
         "logged_methods": ["OURS"],
+        "timing": [{"generated_tokens": 3, "prefill_ms": 4.5}],
     }
 
 
