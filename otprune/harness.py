@@ -18,7 +18,8 @@ CONFIG is a name in configs/ (``smoke``, ``paper_table1``) or a path to a YAML f
 - ``.../otprune_<stamp>_<tasks>.json``: the harness's record of an attempt, written atomically; the
   only thing that marks a task finished (``status: done``). It carries the results files' SHA-256,
   the limit, the child's full environment (secrets redacted), which otprune copy the child imports,
-  and what the report needs (tokens before/after per image, selector time, wall time, peak memory).
+  and what the report needs (tokens before/after per image, selector time, each generate call's
+  timing line from otprune.timing, wall time, peak memory).
 
 After a pruning run the harness checks the child's OTPRUNE_LOG lines: every image must show the
 method's selection with ``budget(ratio, N)`` kept (VTW: none); otherwise the attempt is FAILED with
