@@ -164,3 +164,23 @@ def test_original_llava_records_its_new_tokens(tiny_checkpoints, caplog):
     # llava-torch generates from inputs_embeds: its output holds the new tokens only.
     assert record["generated_tokens"] == output.shape[1] == TOKENS
     assert record["vision_ms"] > 0 and record["selection_ms"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_records_events_and_peak_memory(tiny_hf_checkpoints, caplog):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny_hf_checkpoints["llava-hf"]
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float16).cuda().eval()
+    from PIL import Image
+
+    image = Image.fromarray((torch.rand(300, 500, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy())
+    content = [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt").to("cuda")
+    patches.prune(model, "OURS", RATIO, log=True)
+    output, (record,) = timed_generate(model, inputs, caplog)
+    assert record["generated_tokens"] == output.shape[1] - inputs["input_ids"].shape[1] == TOKENS
+    assert record["gpu_peak_mb"] * 2**20 >= sum(p.numel() * p.element_size() for p in model.parameters())
+    assert record["selection_ms"] > 0 and record["vision_ms"] > 0
