@@ -231,6 +231,12 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     assert "| OTPrune 0.098 (--limit 3) | 576 → 56 |" in table and "| DivPrune 0.098 (--limit 3) | 576 → 56 |" in table
     assert "| Original (--limit 3) | 576 → 576* |" in table
     rows = {r["method"]: r for r in csv.DictReader(open(runs_dir / "smoke_ci_limit3" / "table1.csv"))}
+    # Every sample's generate call is timed, the unpruned run's too (its patch is off: timing only).
+    for method in ("Original_1", "OTPrune_0.098", "DivPrune_0.098"):
+        (record,) = [json.loads(p.read_text()) for p in (runs_dir / "smoke_ci_limit3" / "tiny-llava-1.5" / method).glob("otprune_*.json")]
+        assert len(record["timing"]) == sum(record["samples"].values()) == 9, method
+        assert all(t["generated_tokens"] >= 1 and t["prefill_ms"] > 0 for t in record["timing"])
+        assert all((t["selection_ms"] > 0) == (method != "Original_1") for t in record["timing"])
     assert 12 < float(rows["OTPrune"]["tflop_pct"]) < 16
     assert float(rows["Original"]["tflop_pct"]) == pytest.approx(100)
     files = sorted(p.relative_to(runs_dir) for p in runs_dir.glob("smoke_ci_limit3/*/*/**/*") if p.is_file())
