@@ -11,6 +11,7 @@ Variables (names as in the reference code; values case-insensitive):
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
   ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
   selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
+  and each generate call's timing (``otprune.timing``), with pruning on or off;
   ``OTPRUNE_OT=1`` adds each image's empirical OT distance (kept vs full set) to that line;
   ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
 """
