@@ -11,6 +11,7 @@ Variables (names as in the reference code; values case-insensitive):
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
   ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
   selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
+  and each generate call's timing (``otprune.timing``), with pruning on or off;
   ``OTPRUNE_OT=1`` adds each image's empirical OT distance (kept vs full set) to that line;
   ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
 """
@@ -144,7 +145,8 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     raw_method = env.get("BASELINE", "").strip()
     method = raw_method.upper() or None
     if method in (None, "ORIG"):
-        return PruneConfig()
+        # The log stays on without pruning: unpruned runs are timed too (patches/timing.py).
+        return PruneConfig(log=_log_flags(env)[0])
     if method not in METHODS:
         raise ValueError(f"BASELINE={raw_method!r} is not a method; allowed: ORIG, {', '.join(METHODS)} (or unset)")
     raw_ratio = env.get("SUBSET_RATIO", "").strip()
@@ -162,21 +164,27 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     for variable, (option, kind) in _OPTION_VARIABLES.items():
         if variable in env and option in allowed:
             options[option] = _parse_value(variable, env[variable].strip(), kind)
+    log, record_ot = _log_flags(env)
+    return PruneConfig(
+        method=method,
+        ratio=ratio,
+        layer_index=layer_index,
+        options=options,
+        log=log,
+        record_ot=record_ot,
+        dump_dir=env.get("OTPRUNE_DUMP") or None,
+    )
+
+
+def _log_flags(env: Mapping[str, str]) -> tuple[bool, bool]:
+    """``(log, record_ot)`` from ``OTPRUNE_LOG`` and ``OTPRUNE_OT`` (which implies the log)."""
     flags = {}
     for variable in ("OTPRUNE_LOG", "OTPRUNE_OT"):
         raw = env.get(variable, "0").strip()
         if raw not in ("0", "1", ""):
             raise ValueError(f"{variable}={raw!r} is not allowed; use 1 (on) or 0")
         flags[variable] = raw == "1"
-    return PruneConfig(
-        method=method,
-        ratio=ratio,
-        layer_index=layer_index,
-        options=options,
-        log=flags["OTPRUNE_LOG"] or flags["OTPRUNE_OT"],
-        record_ot=flags["OTPRUNE_OT"],
-        dump_dir=env.get("OTPRUNE_DUMP") or None,
-    )
+    return flags["OTPRUNE_LOG"] or flags["OTPRUNE_OT"], flags["OTPRUNE_OT"]
 
 
 def check_runnable_here(config: PruneConfig) -> None:

@@ -18,7 +18,8 @@ CONFIG is a name in configs/ (``smoke``, ``paper_table1``) or a path to a YAML f
 - ``.../otprune_<stamp>_<tasks>.json``: the harness's record of an attempt, written atomically; the
   only thing that marks a task finished (``status: done``). It carries the results files' SHA-256,
   the limit, the child's full environment (secrets redacted), which otprune copy the child imports,
-  and what the report needs (tokens before/after per image, selector time, wall time, peak memory).
+  and what the report needs (tokens before/after per image, selector time, each generate call's
+  timing line from otprune.timing, wall time, peak memory).
 
 After a pruning run the harness checks the child's OTPRUNE_LOG lines: every image must show the
 method's selection with ``budget(ratio, N)`` kept (VTW: none); otherwise the attempt is FAILED with
@@ -58,6 +59,7 @@ import yaml
 
 from otprune.config import config_from_env
 from otprune.selectors import budget
+from otprune.timing import TIMING_PREFIX
 
 PACKAGE = Path(__file__).resolve().parent
 # The source checkout otprune runs from (an editable install), or None for an installed wheel.
@@ -132,6 +134,8 @@ HARMLESS_VARIABLES = (
 ALLOWED_ENV = OPTION_VARIABLES + HARMLESS_VARIABLES
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A progress bar may share the line (it ends in a carriage return, not a newline): found anywhere.
+TIMING_LINE = re.compile(re.escape(TIMING_PREFIX) + r"(\{[^{}\n]*\})")
 LOG_LINE = re.compile(r"otprune (\w+): visual tokens ([\d\->, ]+); selector ([\d.]+) ms(?:; ot ([^\n]+))?")
 NO_SELECTION = "no selection logged: is otprune installed in this environment? (pip install -e . in it)"
 
@@ -534,6 +538,7 @@ RECORD_FIELDS = {
     "text_tokens": (dict, False),
     "visual_tokens": (list, False),
     "selector_ms": (list, False),
+    "timing": (list, False),
 }
 
 
@@ -552,6 +557,8 @@ def check_record(record) -> None:
         raise ValueError("'visual_tokens' is not a list of [before, after] integer pairs")
     if not all(isinstance(v, (int, float)) for v in record.get("selector_ms", [])):
         raise ValueError("'selector_ms' is not a list of numbers")
+    if not all(isinstance(v, dict) for v in record.get("timing", [])):
+        raise ValueError("'timing' is not a list of per-call timing objects")
     for name in ("samples", "text_tokens"):
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.get(name, {}).values()):
             raise ValueError(f"'{name}' is not a mapping task: number")
@@ -599,8 +606,10 @@ def finished_tasks(folder: Path) -> set[str]:
 
 def parse_prune_log(text: str) -> dict:
     """Per-image ``[before, after]`` visual tokens, per-call selector ms and, where OTPRUNE_OT=1
-    recorded them, per-image OT distances (kept vs full set) from OTPRUNE_LOG lines."""
+    recorded them, per-image OT distances (kept vs full set) from OTPRUNE_LOG lines; ``timing``:
+    each ``generate`` call's record (``otprune.timing``) from its timing line."""
     tokens, selector_ms, ot, methods = [], [], [], []
+    timing = [json.loads(match.group(1)) for match in TIMING_LINE.finditer(text)]
     for match in LOG_LINE.finditer(text):
         methods.append(match.group(1))
         for pair in match.group(2).split(","):
@@ -609,7 +618,7 @@ def parse_prune_log(text: str) -> dict:
         selector_ms.append(float(match.group(3)))
         if match.group(4):
             ot += [float(v) for v in match.group(4).split(",")]
-    return {"visual_tokens": tokens, "selector_ms": selector_ms, "ot_distance": ot, "logged_methods": sorted(set(methods))}
+    return {"visual_tokens": tokens, "selector_ms": selector_ms, "ot_distance": ot, "logged_methods": sorted(set(methods)), "timing": timing}
 
 
 def pruning_problem(env: dict, log: dict, samples: int) -> str | None:

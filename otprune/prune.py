@@ -19,6 +19,7 @@ import torch
 from otprune.config import PruneConfig
 from otprune.measures import empirical_ot_distance
 from otprune.selectors import budget, get_selector
+from otprune.timing import phase
 
 __all__ = ["log_selection", "select_per_image", "select_top_scores", "selection_clock"]
 
@@ -46,6 +47,14 @@ def select_per_image(
     per image, the text-token embeddings TRIM scores against. Runs without autograd: a choice of
     indices has no gradient, and the caller's indexing of its own tensors keeps theirs.
     """
+    with phase("selection"):
+        kept = _select(config, images, texts)
+    if config.dump_dir:
+        _dump(config.dump_dir, images)
+    return kept
+
+
+def _select(config: PruneConfig, images: Sequence[torch.Tensor], texts) -> list[torch.Tensor]:
     selector = get_selector(config.method)
     start = selection_clock(config, images)
     groups: dict[int, list[int]] = defaultdict(list)
@@ -63,8 +72,6 @@ def select_per_image(
         for i, indices in zip(members, selector(batch, k, **config.options)):
             kept[i] = indices
     log_selection(config, images, kept, start)
-    if config.dump_dir:
-        _dump(config.dump_dir, images)
     return kept
 
 

@@ -13,7 +13,10 @@ harness's ``otprune_*.json``) and writes ``table1.md`` and ``table1.csv``:
   ties share the average rank;
 - the one-sided Wilcoxon signed-rank test that OTPrune's per-benchmark relative improvement over
   DivPrune is > 0 (scipy), beside the paper's p;
-- per-sample latency, selector time and peak memory of each run;
+- each run's latency per ``generate`` call (OTPRUNE_LOG's timing lines, otprune.timing): median
+  time to first token with its p25–p75, its vision / selection / LLM-prefill parts, median decode
+  time per generated token, and peak memory (the process tree's RSS; the GPU's allocated memory
+  on a GPU), in Table 1's row order;
 - the same ranks and test computed from the paper's own numbers, beside the published ones.
 """
 
@@ -36,6 +39,7 @@ from otprune.harness import MODELS as MODEL_SPECS
 from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_builder
 from otprune.measures import MODELS, ModelShape, prefill_flops
 from otprune.selectors import budget
+from otprune.timing import spread
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
 LIMIT_NOTE = (
@@ -154,11 +158,10 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
                 scores[task] = value * spec["scale"]
     tokens = [pair for r in done for pair in r.get("visual_tokens", [])]
     samples = sum(sum(r.get("samples", {}).values()) for r in done)
-    eval_s = sum(r.get("eval_s") or 0 for r in done)
     text = {}
     for record in done:
         text.update(record.get("text_tokens", {}))
-    selector_ms = [ms for r in done for ms in r.get("selector_ms", [])]
+    timing = [t for r in done for t in r.get("timing", [])]
     model = MODEL_SPECS[setting["model"]]
     return {
         "model": folder.parent.name,
@@ -173,12 +176,28 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         "visual_tokens": tokens,
         "text_tokens": text,
         "samples": samples,
-        "latency_s": eval_s / samples if samples else None,
-        "selector_ms": statistics.mean(selector_ms) if selector_ms else None,
+        "latency": latency_summary(timing),
         "peak_rss_mb": max((r["peak_rss_mb"] for r in done if "peak_rss_mb" in r), default=None),
         "wall_s": sum(r["wall_s"] for _, r in records),
         "failed_invocations": sum(1 for _, r in records if r["status"] != "done"),
     }
+
+
+TIMING_FIELDS = ("prefill_ms", "vision_ms", "selection_ms", "llm_prefill_ms", "decode_ms_per_token", "generated_tokens")
+
+
+def latency_summary(timing: list[dict]) -> dict:
+    """Per field of ``TIMING_FIELDS``, ``(p25, median, p75)`` over the run's ``generate`` calls
+    (``None`` where none recorded it), and the GPU's peak allocated MB (``None`` off a GPU)."""
+    summary = {name: spread(t.get(name) for t in timing) for name in TIMING_FIELDS}
+    summary["gpu_peak_mb"] = max((t["gpu_peak_mb"] for t in timing if t.get("gpu_peak_mb") is not None), default=None)
+    return summary
+
+
+def row_order(run: dict) -> tuple:
+    """Table 1's order of a model's rows: Original, the one-shot methods, DPP, Random, the rest; by ratio."""
+    order = ["Original", *ONE_SHOT, "DPP", "Random"]
+    return (order.index(run["method"]) if run["method"] in order else len(order), run["ratio"])
 
 
 def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int], bool]:
@@ -240,8 +259,7 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
     tasks = [t for t in catalogue if any(t in r["scores"] for r in runs)]
     for model in sorted({r["model"] for r in runs}):
         block = [r for r in runs if r["model"] == model]
-        order = {name: i for i, name in enumerate(["Original", *ONE_SHOT, "DPP", "Random"])}
-        block.sort(key=lambda r: (order.get(r["method"], 99), r["ratio"]))
+        block.sort(key=row_order)
         flops_model = block[0]["flops_model"]
         tiny = block[0]["tiny"]
         paper_rows = paper["models"].get(flops_model, {}) if not tiny else {}
@@ -319,19 +337,39 @@ def efficiency_lines(runs: list[dict]) -> list[str]:
     lines = [
         "## Per-run cost",
         "",
-        "Latency: lmms-eval's evaluation time over the samples (model loading excluded). Selector: mean time of "
-        "one selection call (OTPRUNE_LOG). Peak memory: the run's process tree's peak resident memory (CPU RAM; "
-        "GPU memory is not recorded).",
+        "Per generate call (one sample), from OTPRUNE_LOG's timing lines: median with p25–p75 in brackets. "
+        "TTFT: the call's start to the end of its first forward (time to first token), split into vision "
+        "(vision tower + projector), selection (before the LLM; FastV and VTW prune inside it) and LLM prefill "
+        "(the rest). Decode: the time after the first token over the tokens after the first, per token. "
+        "Tokens: generated per call. CUDA events on a GPU, wall clock on a CPU. Peak RSS: the run's process "
+        "tree's resident memory; GPU peak: torch.cuda.max_memory_allocated (– off a GPU).",
         "",
-        "| Model | Method | Samples | Latency s/sample | Selector ms | Peak RSS MB | Wall s | Failed attempts |",
-        "|---|---|---|---|---|---|---|---|",
+        "| Model | Method | Samples | TTFT ms | Vision ms | Selection ms | LLM prefill ms | Decode ms/token "
+        "| Tokens | Peak RSS MB | GPU peak MB | Wall s | Failed attempts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(runs, key=lambda r: (r["model"], r["method"], r["ratio"])):
+    for r in sorted(runs, key=lambda r: (r["model"], *row_order(r))):
+        latency = r["latency"]
         lines.append(
-            f"| {r['model']} | {label(r)} | {r['samples']} | {fmt(r['latency_s'], 3)} | {fmt(r['selector_ms'], 1)} "
-            f"| {fmt(r['peak_rss_mb'], 0)} | {fmt(r['wall_s'], 1)} | {r['failed_invocations']} |"
+            f"| {r['model']} | {label(r)} | {r['samples']} | {with_spread(latency['prefill_ms'])} "
+            f"| {fmt(median_of(latency['vision_ms']), 1)} | {fmt(median_of(latency['selection_ms']), 1)} "
+            f"| {fmt(median_of(latency['llm_prefill_ms']), 1)} | {with_spread(latency['decode_ms_per_token'])} "
+            f"| {fmt(median_of(latency['generated_tokens']), 0)} | {fmt(r['peak_rss_mb'], 0)} "
+            f"| {fmt(latency['gpu_peak_mb'], 0)} | {fmt(r['wall_s'], 1)} | {r['failed_invocations']} |"
         )
     return lines + [""]
+
+
+def median_of(quartiles) -> float | None:
+    return None if quartiles is None else quartiles[1]
+
+
+def with_spread(quartiles, digits=1) -> str:
+    """``median [p25–p75]`` of ``spread``'s triple; ``–`` when nothing was recorded."""
+    if quartiles is None:
+        return "–"
+    p25, median, p75 = quartiles
+    return f"{median:.{digits}f} [{p25:.{digits}f}–{p75:.{digits}f}]"
 
 
 def paper_check(paper: dict) -> list[str]:

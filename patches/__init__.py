@@ -14,7 +14,7 @@ import logging
 
 from otprune.config import PruneConfig, check_runnable_here, config_from_env, default_layer_index
 
-from . import hf, llava, vlm
+from . import hf, llava, timing, vlm
 from .layers import check_layer_index
 
 __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
@@ -57,6 +57,8 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     llava.install()
     hf.install()
     vlm.install()
+    if log:
+        timing.install()
     model._otprune_config = config
     return model
 
@@ -85,8 +87,10 @@ def activate_from_env(environ=None) -> PruneConfig:
         llava.install()
         hf.install()
         vlm.install()
-        if config.log:
-            _enable_logging()
+    if config.log:
+        # Unpruned runs are timed too: only the timing wrapper goes in, which leaves outputs as they are.
+        timing.install()
+        _enable_logging()
     _env_config = config
     return config
 

@@ -61,6 +61,11 @@ def decoder(model):
     return model.model.language_model
 
 
+def vision_modules(model) -> tuple:
+    """The modules the image passes first and last before the LLM (vision tower, projector), for timing."""
+    return model.model.vision_tower, model.model.multi_modal_projector
+
+
 def install() -> bool:
     """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
     try:

@@ -67,6 +67,11 @@ def decoder(model):
     return model.get_model()
 
 
+def vision_modules(model) -> tuple:
+    """The modules the image passes first and last before the LLM (vision tower, projector), for timing."""
+    return model.get_model().get_vision_tower(), model.get_model().mm_projector
+
+
 def _set_state(model, config: PruneConfig, state: PrefillState | None) -> None:
     attach_state(model, config, decoder(model), state)
 

@@ -63,6 +63,14 @@ class Visual:
     deepstack: list[torch.Tensor] | None = None
 
 
+def vision_modules(model) -> tuple:
+    """The modules the image passes first and last before the LLM, for timing: Qwen's vision model
+    (its merger is the projector), OneVision's vision tower and projector."""
+    if type(model).__name__ == ONEVISION_CLASS:
+        return model.model.vision_tower, model.model.multi_modal_projector
+    return model.model.visual, model.model.visual
+
+
 def install() -> bool:
     """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
     try:

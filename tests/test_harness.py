@@ -17,6 +17,7 @@ import yaml
 from conftest import ROOT
 from otprune import harness, report
 from otprune.measures import prefill_flops, pruned_prefill_flops
+from otprune.timing import timing_line
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
 PAPER = yaml.safe_load((ROOT / "configs" / "paper_results.yaml").read_text())
@@ -89,12 +90,14 @@ def test_prune_log_parsing():
     text = (
         "x\notprune OURS: visual tokens 576->56; selector 12.50 ms; ot 6.25\n"
         "otprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms; ot 1.5, 2\n"
+        "50%|##  | 1/2\r" + timing_line({"generated_tokens": 3, "prefill_ms": 4.5}) + "\n"
     )
     assert harness.parse_prune_log(text) == {
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
         "logged_methods": ["OURS"],
+        "timing": [{"generated_tokens": 3, "prefill_ms": 4.5}],
     }
 
 
@@ -228,6 +231,12 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     assert "| OTPrune 0.098 (--limit 3) | 576 → 56 |" in table and "| DivPrune 0.098 (--limit 3) | 576 → 56 |" in table
     assert "| Original (--limit 3) | 576 → 576* |" in table
     rows = {r["method"]: r for r in csv.DictReader(open(runs_dir / "smoke_ci_limit3" / "table1.csv"))}
+    # Every sample's generate call is timed, the unpruned run's too (its patch is off: timing only).
+    for method in ("Original_1", "OTPrune_0.098", "DivPrune_0.098"):
+        (record,) = [json.loads(p.read_text()) for p in (runs_dir / "smoke_ci_limit3" / "tiny-llava-1.5" / method).glob("otprune_*.json")]
+        assert len(record["timing"]) == sum(record["samples"].values()) == 9, method
+        assert all(t["generated_tokens"] >= 1 and t["prefill_ms"] > 0 for t in record["timing"])
+        assert all((t["selection_ms"] > 0) == (method != "Original_1") for t in record["timing"])
     assert 12 < float(rows["OTPrune"]["tflop_pct"]) < 16
     assert float(rows["Original"]["tflop_pct"]) == pytest.approx(100)
     files = sorted(p.relative_to(runs_dir) for p in runs_dir.glob("smoke_ci_limit3/*/*/**/*") if p.is_file())
