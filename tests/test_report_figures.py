@@ -122,3 +122,14 @@ def test_labels_of_close_columns_do_not_overlap():
     extents = [t.get_window_extent(renderer) for t in ax.texts]
     assert len(extents) == 3
     assert not any(a.overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1:])
+
+
+def test_runs_with_scores_but_no_cost_are_skipped_per_axis(tmp_path):
+    """An unpruned run without recorded token counts has scores but no TFLOP: the TFLOP figure is
+    skipped with the reason, the token figure (whose counts are known) is still written."""
+    rows = [{"model": "m", "method": "Original", "ratio": 1.0, "tflop": None, "visual_tokens_after": 576, "VQA": 60.0}]
+    said = figures.write_pareto_figures(rows, {"VQA": "EM"}, tmp_path)
+    assert said == f"written: {tmp_path / 'pareto_tokens.png'}; skipped pareto_tflop.png (no run has both a score and LLM prefill (TFLOP))"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pareto_tokens.png"]
+    with pytest.raises(ValueError, match="no row has both tflop and a score"):
+        figures.pareto_figure(rows, {"VQA": "EM"}, x="tflop")

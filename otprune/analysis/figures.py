@@ -110,6 +110,11 @@ def separate_labels(figure) -> None:
             placed.append(extent.translated(0, -shift))
 
 
+def plotted_benchmarks(rows: Sequence[dict], units: dict[str, str], x: str) -> list[str]:
+    """The benchmarks of ``units`` for which some row has both a score and a value of ``x``."""
+    return [b for b in units if any(row.get(b) is not None and row.get(x) is not None for row in rows)]
+
+
 def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop"):
     """Score vs cost, one panel per benchmark of ``units`` (benchmark -> unit) that a row has a
     score for; rows are the report's CSV rows (``model``, ``method``, ``ratio``, ``x``, one key per
@@ -119,9 +124,9 @@ def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop")
         raise ValueError(f"x must be one of {', '.join(AXES)}; got {x!r}")
     from matplotlib.figure import Figure
 
-    benchmarks = [b for b in units if any(row.get(b) is not None for row in rows)]
+    benchmarks = plotted_benchmarks(rows, units, x)
     if not benchmarks:
-        raise ValueError("no row has a score for any of the benchmarks " + ", ".join(units))
+        raise ValueError(f"no row has both {x} and a score for any of the benchmarks " + ", ".join(units))
     models = sorted({row["model"] for row in rows})
     methods = list(dict.fromkeys(row["method"] for row in rows))
     columns = min(3, len(benchmarks))
@@ -172,11 +177,13 @@ def write_pareto_figures(rows: Sequence[dict], units: dict[str, str], out_dir: P
         import matplotlib  # noqa: F401
     except ImportError:
         return "skipped pareto_tflop.png, pareto_tokens.png: matplotlib is not installed (pip install 'otprune[analysis]')"
-    if not any(row.get(b) is not None for row in rows for b in units):
-        return "skipped pareto_tflop.png, pareto_tokens.png: no scores to plot"
-    paths = []
+    written, skipped = [], []
     for x, name in (("tflop", "pareto_tflop.png"), ("visual_tokens_after", "pareto_tokens.png")):
+        if not plotted_benchmarks(rows, units, x):
+            skipped.append(f"{name} (no run has both a score and {AXES[x]})")
+            continue
         path = Path(out_dir) / name
         pareto_figure(rows, units, x).savefig(path, dpi=DPI)
-        paths.append(str(path))
-    return "written: " + ", ".join(paths)
+        written.append(str(path))
+    return "; ".join(filter(None, ["written: " + ", ".join(written) if written else "",
+                                   "skipped " + ", ".join(skipped) if skipped else ""]))
