@@ -8,7 +8,7 @@
 - ``llava-1.6``: the same with ``anyres`` + ``spatial_unpad`` (LLaVA-NeXT): tiles, unpadding and
   an ``image_newline`` vector, so an image yields a variable number of tokens.
 - ``synth-llava-1.5``: not built but copied: the checkpoint scripts/train_tiny_llava.py trained on
-  the synthetic benchmark (configs/otprune_synth/model), its tower path made absolute.
+  the synthetic benchmark (configs/otprune_synth/synth-llava-1.5), its tower path made absolute.
 - ``llava-hf`` / ``llava-next-hf``: ``LlavaForConditionalGeneration`` (or
   ``LlavaNextForConditionalGeneration``) with its processor, for transformers' own classes.
 
@@ -27,7 +27,7 @@ import torch
 
 VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf", "llava-next-hf", "synth-llava-1.5")
 # The checkpoint scripts/train_tiny_llava.py trained on the synthetic benchmark (variant synth-llava-1.5).
-SHIPPED_SYNTH = Path(__file__).resolve().parent.parent / "configs" / "otprune_synth" / "model"
+SHIPPED_SYNTH = Path(__file__).resolve().parent.parent / "configs" / "otprune_synth" / "synth-llava-1.5"
 IMAGE_SIZE = 336
 PATCH = 14
 VISION_HIDDEN = 32

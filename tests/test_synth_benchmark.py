@@ -153,11 +153,13 @@ def test_training_repeats_bit_for_bit_and_depends_on_its_seed(train_script, tmp_
 
 def test_training_inputs_are_the_ones_llava_builds(train_script, synth_model):
     """The training loop's own splice of visual tokens gives the logits of LLaVA's forward."""
+    import copy
+
     import torch
     from llava.constants import IMAGE_TOKEN_INDEX
 
     model, tokenizer = synth_model
-    model = model.float()
+    model = copy.deepcopy(model).float()
     scene = bench.scenes(0, 1)[0]
     turns = list(bench.questions(scene, random.Random(0)).values())[:2]
     ids, _ = train_script.conversation(tokenizer, turns)
@@ -167,7 +169,6 @@ def test_training_inputs_are_the_ones_llava_builds(train_script, synth_model):
         llava = model(input_ids=torch.tensor([ids]), images=pixels, image_sizes=[(336, 336)]).logits
     assert IMAGE_TOKEN_INDEX in ids
     torch.testing.assert_close(ours, llava)
-    model.half()
 
 
 def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(train_script, synth_model):
@@ -186,7 +187,7 @@ def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(train_script,
 
 
 def test_shipped_checkpoint_records_its_training(train_script):
-    record = json.loads((ROOT / "configs" / "otprune_synth" / "model" / "training.json").read_text())
+    record = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "training.json").read_text())
     assert (record["steps"], record["batch"], record["seed"]) == (train_script.STEPS, train_script.BATCH, train_script.SEED)
-    size = sum(p.stat().st_size for p in (ROOT / "configs" / "otprune_synth" / "model").rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in (ROOT / "configs" / "otprune_synth" / "synth-llava-1.5").rglob("*") if p.is_file())
     assert size <= 10 * 2**20
