@@ -1,7 +1,7 @@
 """Train a tiny original-LLaVA (LLaVA-1.5 geometry: 336 px, patch 14, 576 visual tokens) on the
 synthetic benchmark (otprune.synthetic_benchmark), deterministically, on CPU.
 
-    python scripts/train_tiny_llava.py OUT_DIR [--steps N] [--batch N] [--seed 0] [--threads 2]
+    python scripts/train_tiny_llava.py OUT_DIR [--steps N] [--batch N] [--seed 0] [--threads 1]
     python scripts/train_tiny_llava.py --check    # retrain the shipped checkpoint, compare its hash
 
 The shipped checkpoint (configs/otprune_synth/synth-llava-1.5) is this script's output with the defaults;
