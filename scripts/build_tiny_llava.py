@@ -7,6 +7,8 @@
   projector, a 4-layer LLaMA of hidden size 64.
 - ``llava-1.6``: the same with ``anyres`` + ``spatial_unpad`` (LLaVA-NeXT): tiles, unpadding and
   an ``image_newline`` vector, so an image yields a variable number of tokens.
+- ``synth-llava-1.5``: not built but copied: the checkpoint scripts/train_tiny_llava.py trained on
+  the synthetic benchmark (configs/otprune_synth/synth-llava-1.5), its tower path made absolute.
 - ``llava-hf`` / ``llava-next-hf``: ``LlavaForConditionalGeneration`` (or
   ``LlavaNextForConditionalGeneration``) with its processor, for transformers' own classes.
 
@@ -18,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import torch
 
-VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf", "llava-next-hf")
+VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf", "llava-next-hf", "synth-llava-1.5")
+# The checkpoint scripts/train_tiny_llava.py trained on the synthetic benchmark (variant synth-llava-1.5).
+SHIPPED_SYNTH = Path(__file__).resolve().parent.parent / "configs" / "otprune_synth" / "synth-llava-1.5"
 IMAGE_SIZE = 336
 PATCH = 14
 VISION_HIDDEN = 32
@@ -46,8 +51,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(path: Path, extra_special_tokens: tuple[str, ...] = ()):
-    """A byte-level BPE tokenizer that adds ``<s>`` like LLaMA's, saved as a fast tokenizer.
+def build_tokenizer(path: Path, corpus: list[str] = CORPUS, extra_special_tokens: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on ``corpus`` that adds ``<s>`` like LLaMA's, saved as a
+    fast tokenizer.
 
     ``extra_special_tokens``: further unsplittable tokens (another family's placeholders)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -59,7 +65,7 @@ def build_tokenizer(path: Path, extra_special_tokens: tuple[str, ...] = ()):
     trainer = trainers.BpeTrainer(
         vocab_size=600, special_tokens=SPECIAL_TOKENS + list(extra_special_tokens), initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    core.train_from_iterator(CORPUS, trainer=trainer)
+    core.train_from_iterator(corpus, trainer=trainer)
     bos = core.token_to_id("<s>")
     core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     tokenizer = PreTrainedTokenizerFast(
@@ -69,17 +75,17 @@ def build_tokenizer(path: Path, extra_special_tokens: tuple[str, ...] = ()):
     return tokenizer
 
 
-def clip_config():
+def clip_config(hidden: int = VISION_HIDDEN, layers: int = 2):
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig(
-        hidden_size=VISION_HIDDEN,
-        intermediate_size=2 * VISION_HIDDEN,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         image_size=IMAGE_SIZE,
         patch_size=PATCH,
-        projection_dim=VISION_HIDDEN,
+        projection_dim=hidden,
     )
 
 
@@ -97,12 +103,12 @@ def build_clip_tower(path: Path, seed: int) -> None:
     clip_processor().save_pretrained(path)
 
 
-def llama_config_fields(vocab_size: int, tokenizer) -> dict:
+def llama_config_fields(vocab_size: int, tokenizer, hidden: int = TEXT_HIDDEN, layers: int = TEXT_LAYERS) -> dict:
     return dict(
         vocab_size=vocab_size,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=TEXT_FFN,
-        num_hidden_layers=TEXT_LAYERS,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=4096,
@@ -112,20 +118,17 @@ def llama_config_fields(vocab_size: int, tokenizer) -> dict:
     )
 
 
-def build_original(path: Path, anyres: bool, seed: int) -> Path:
-    """Original-LLaVA checkpoint: ``LlavaLlamaForCausalLM`` with the CLIP tower in ``path/vision``."""
-    from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
+def original_config(tokenizer, tower: Path, anyres: bool, vision_hidden: int = VISION_HIDDEN, select_layer: int = -2, **llm):
+    """``LlavaConfig`` of an original-LLaVA model whose CLIP tower is saved in ``tower``; ``llm``:
+    ``hidden`` and ``layers`` of the LLaMA (``llama_config_fields``)."""
+    from llava.model.language_model.llava_llama import LlavaConfig
 
-    path.mkdir(parents=True, exist_ok=True)
-    tower = path / "vision"
-    build_clip_tower(tower, seed)
-    tokenizer = build_tokenizer(path)
     config = LlavaConfig(
-        **llama_config_fields(len(tokenizer), tokenizer),
+        **llama_config_fields(len(tokenizer), tokenizer, **llm),
         mm_vision_tower=str(tower.resolve()),
-        mm_hidden_size=VISION_HIDDEN,
+        mm_hidden_size=vision_hidden,
         mm_projector_type="mlp2x_gelu",
-        mm_vision_select_layer=-2,
+        mm_vision_select_layer=select_layer,
         mm_vision_select_feature="patch",
         mm_use_im_start_end=False,
         mm_use_im_patch_token=False,
@@ -135,6 +138,17 @@ def build_original(path: Path, anyres: bool, seed: int) -> Path:
     )
     if anyres:
         config.image_grid_pinpoints = GRID_PINPOINTS
+    return config
+
+
+def build_original(path: Path, anyres: bool, seed: int) -> Path:
+    """Original-LLaVA checkpoint: ``LlavaLlamaForCausalLM`` with the CLIP tower in ``path/vision``."""
+    from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    tower = path / "vision"
+    build_clip_tower(tower, seed)
+    config = original_config(build_tokenizer(path), tower, anyres)
     torch.manual_seed(seed)
     model = LlavaLlamaForCausalLM(config)
     # Random weights are fine; a loud image_newline keeps the newline vectors distinguishable.
@@ -184,14 +198,28 @@ def build_hf(path: Path, next_style: bool, seed: int) -> Path:
     return path
 
 
+def install_trained(source: Path, path: Path) -> Path:
+    """Copy a trained original-LLaVA folder to ``path``, pointing its config at the copied tower
+    (LLaVA's loader reads ``mm_vision_tower`` as a path, so a shipped folder keeps it relative)."""
+    shutil.copytree(source, path, dirs_exist_ok=True)
+    config_file = path / "config.json"
+    config = json.loads(config_file.read_text())
+    config["mm_vision_tower"] = str((path / "vision").resolve())
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
 def build(out_dir: str | Path, variant: str = "llava-1.5", seed: int = 0) -> Path:
-    """Build ``variant`` into ``out_dir`` and return the folder; the name must contain "llava"."""
+    """Build ``variant`` into ``out_dir`` and return the folder; the name must contain "llava".
+    ``synth-llava-1.5`` ignores ``seed``: it is the shipped trained checkpoint."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; allowed: {', '.join(VARIANTS)}")
     path = Path(out_dir)
     if "llava" not in path.name.lower():
         raise ValueError(f"the checkpoint folder name must contain 'llava' (LLaVA's loader checks it); got {path.name!r}")
-    if variant.endswith("-hf"):
+    if variant == "synth-llava-1.5":
+        install_trained(SHIPPED_SYNTH, path)
+    elif variant.endswith("-hf"):
         build_hf(path, next_style=variant == "llava-next-hf", seed=seed)
     else:
         build_original(path, anyres=variant == "llava-1.6", seed=seed)

@@ -71,7 +71,7 @@ def build_qwen(path: Path, variant: str, seed: int) -> None:
     import transformers
     from transformers import Qwen2VLImageProcessorPil
 
-    tokenizer = build_tokenizer(path, QWEN_TOKENS)
+    tokenizer = build_tokenizer(path, extra_special_tokens=QWEN_TOKENS)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
@@ -121,7 +121,7 @@ def build_onevision(path: Path, seed: int) -> None:
         LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig,
     )  # fmt: skip
 
-    tokenizer = build_tokenizer(path, ("<|im_start|>", "<|im_end|>", "<video>"))
+    tokenizer = build_tokenizer(path, extra_special_tokens=("<|im_start|>", "<|im_end|>", "<video>"))
     per_tile = (ONEVISION_TILE // 14) ** 2
     config = LlavaOnevisionConfig(
         vision_config=SiglipVisionConfig(

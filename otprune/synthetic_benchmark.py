@@ -1,0 +1,244 @@
+"""A seeded visual benchmark whose answers are known by construction: coloured shapes on a plain
+background, with presence, attribute, counting, spatial and caption questions.
+
+Everything is a pure function of a seed: ``scenes(seed, n)`` -> ``draw(scene)`` (a 336 px PIL
+image) and ``questions(scene, rng)``. A scene is plain data (JSON-serialisable), so a split is
+shipped as its scenes and questions and the images are drawn when a task reads them.
+
+Design **choices** (for a tiny model that must learn the task in minutes on a CPU):
+
+- Objects sit on a 4 x 4 grid of 84 px cells, one per cell, their boxes aligned to the 14 px
+  patches of a LLaVA-1.5 vision tower, so every patch shows one of a few fixed pieces of a shape.
+- 1-4 objects, no two with the same (colour, shape), so "the red circle" always names one object.
+- Spatial questions only compare objects in different columns (left/right) or rows (above/below).
+- Train and held-out scenes never coincide: a scene belongs to the held-out split when a hash of
+  its objects falls in one eighth of the range, whatever seed drew it.
+- The background is plain: most of the 576 patches carry no information, which is what makes
+  visual-token pruning matter on this benchmark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+
+__all__ = [
+    "BACKGROUND", "CAPTION_PROMPT", "COLOURS", "HELD_OUT_SEED", "IMAGE_SIZE", "KINDS", "PATCH", "SHAPES", "SHORT_ANSWER_PROMPT",
+    "SIZES", "SPLITS", "Shape", "caption", "in_split", "random_scene", "draw", "question_rows", "questions", "scene_from_dict", "scenes", "vocabulary",
+]
+
+IMAGE_SIZE = 336
+PATCH = 14
+GRID = 4
+CELL = IMAGE_SIZE // GRID
+BACKGROUND = (235, 235, 235)
+COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
+SHAPES = ("circle", "square", "triangle")
+# size name -> side in patches
+SIZES = {"small": 2, "large": 4}
+MAX_OBJECTS = 4
+KINDS = ("presence", "attribute", "count", "spatial", "caption")
+SHORT_ANSWER_PROMPT = "\nAnswer the question using a single word or phrase."
+CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
+NUMBERS = ("0", "1", "2", "3", "4")
+SPLITS = ("train", "held_out")
+HELD_OUT_SEED = 1_000_003
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One object: its kind, colour, size name and box corner in patches (column, row)."""
+
+    shape: str
+    colour: str
+    size: str
+    x: int
+    y: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour} {self.shape}"
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """Pixel box ``(x0, y0, x1, y1)``, end exclusive."""
+        side = SIZES[self.size] * PATCH
+        return self.x * PATCH, self.y * PATCH, self.x * PATCH + side, self.y * PATCH + side
+
+    @property
+    def cell(self) -> tuple[int, int]:
+        """``(column, row)`` of the grid cell that holds it."""
+        return self.x * PATCH // CELL, self.y * PATCH // CELL
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r} is not allowed; it must be an integer")
+    return seed
+
+
+def in_split(scene: tuple[Shape, ...]) -> str:
+    """``"held_out"`` for one eighth of all scenes (by a hash of their objects), else ``"train"``."""
+    digest = hashlib.sha256(repr(scene).encode()).digest()
+    return "held_out" if digest[0] % 8 == 0 else "train"
+
+
+def random_scene(rng: random.Random, split: str = "train") -> tuple[Shape, ...]:
+    """A scene of ``split``: 1-4 objects in distinct cells with distinct (colour, shape), sorted in
+    reading order (scenes of the other split are drawn and discarded)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r} is not allowed; allowed: {', '.join(SPLITS)}")
+    while True:
+        scene = _any_scene(rng)
+        if in_split(scene) == split:
+            return scene
+
+
+def _any_scene(rng: random.Random) -> tuple[Shape, ...]:
+    count = rng.randint(1, MAX_OBJECTS)
+    cells = rng.sample([(c, r) for r in range(GRID) for c in range(GRID)], count)
+    kinds = rng.sample([(s, c) for s in SHAPES for c in COLOURS], count)
+    objects = []
+    for (column, row), (shape, colour) in zip(cells, kinds):
+        size = rng.choice(tuple(SIZES))
+        slack = CELL // PATCH - SIZES[size]
+        x = column * CELL // PATCH + rng.randint(0, slack)
+        y = row * CELL // PATCH + rng.randint(0, slack)
+        objects.append(Shape(shape, colour, size, x, y))
+    return tuple(sorted(objects, key=lambda o: (o.cell[1], o.cell[0])))
+
+
+def scenes(seed: int, n: int, split: str = "train") -> list[tuple[Shape, ...]]:
+    """``n`` scenes of ``split`` drawn from ``seed``; the same arguments give the same scenes."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n={n!r} is not allowed; it must be an integer >= 0")
+    rng = random.Random(_check_seed(seed))
+    return [random_scene(rng, split) for _ in range(n)]
+
+
+def scene_from_dict(objects: list[dict]) -> tuple[Shape, ...]:
+    return tuple(Shape(**o) for o in objects)
+
+
+def scene_to_dict(scene: tuple[Shape, ...]) -> list[dict]:
+    return [asdict(o) for o in scene]
+
+
+def draw(scene: tuple[Shape, ...]):
+    """The scene as a 336 x 336 RGB PIL image."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    pen = ImageDraw.Draw(image)
+    for o in scene:
+        x0, y0, x1, y1 = o.box
+        fill = COLOURS[o.colour]
+        if o.shape == "circle":
+            pen.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        elif o.shape == "square":
+            pen.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+        else:
+            pen.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+    return image
+
+
+def caption(scene: tuple[Shape, ...]) -> str:
+    """Every object as "a <size> <colour> <shape>" in reading order, joined by commas and "and"."""
+    parts = [f"a {o.size} {o.colour} {o.shape}" for o in scene]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _presence(scene, rng):
+    present = {(o.colour, o.shape) for o in scene}
+    if rng.random() < 0.5:
+        colour, shape = rng.choice(sorted(present))
+        return f"Is there a {colour} {shape} in the image?", "yes"
+    # POPE's adversarial negatives: an absent pair that shares a colour or a shape with the scene.
+    near = sorted(
+        (c, s) for c in COLOURS for s in SHAPES
+        if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)
+    )
+    colour, shape = rng.choice(near)
+    return f"Is there a {colour} {shape} in the image?", "no"
+
+
+def _attribute(scene, rng):
+    target = rng.choice(scene)
+    asks = ["size"]
+    if sum(o.shape == target.shape for o in scene) == 1:
+        asks.append("colour")
+    if sum(o.colour == target.colour for o in scene) == 1:
+        asks.append("shape")
+    ask = rng.choice(asks)
+    if ask == "colour":
+        return f"What color is the {target.shape}?", target.colour
+    if ask == "shape":
+        return f"What shape is the {target.colour} object?", target.shape
+    return f"What size is the {target.name}?", target.size
+
+
+def _count(scene, rng):
+    if rng.random() < 0.5:
+        return "How many objects are there?", NUMBERS[len(scene)]
+    shape = rng.choice(SHAPES)
+    return f"How many {shape}s are there?", NUMBERS[sum(o.shape == shape for o in scene)]
+
+
+def _spatial(scene, rng):
+    pairs = [(a, b) for a in scene for b in scene if a is not b]
+    if not pairs:
+        return None
+    a, b = rng.choice(pairs)
+    axes = [axis for axis in (0, 1) if a.cell[axis] != b.cell[axis]]
+    if rng.choice(axes) == 0:
+        return f"Is the {a.name} to the left or to the right of the {b.name}?", "left" if a.cell[0] < b.cell[0] else "right"
+    return f"Is the {a.name} above or below the {b.name}?", "above" if a.cell[1] < b.cell[1] else "below"
+
+
+def questions(scene: tuple[Shape, ...], rng: random.Random) -> dict[str, tuple[str, str]]:
+    """One ``(question, answer)`` per kind in ``KINDS`` (no spatial one for a one-object scene).
+
+    The question is the whole prompt text after the image: short-answer questions carry
+    ``SHORT_ANSWER_PROMPT``, the caption question is ``CAPTION_PROMPT``.
+    """
+    asked = {"presence": _presence(scene, rng), "attribute": _attribute(scene, rng), "count": _count(scene, rng)}
+    spatial = _spatial(scene, rng)
+    if spatial is not None:
+        asked["spatial"] = spatial
+    asked = {kind: (q + SHORT_ANSWER_PROMPT, a) for kind, (q, a) in asked.items()}
+    asked["caption"] = (CAPTION_PROMPT, caption(scene))
+    return asked
+
+
+def question_rows(per_kind: int, seed: int = HELD_OUT_SEED, split: str = "held_out") -> dict[str, list[dict]]:
+    """Questions on scenes of ``split``: ``{kind: rows}`` with ``per_kind`` rows per kind, each row
+    ``{question_id, scene, question, answer}``; yes/no rows are balanced (half "yes")."""
+    if isinstance(per_kind, bool) or not isinstance(per_kind, int) or per_kind < 1:
+        raise ValueError(f"per_kind={per_kind!r} is not allowed; it must be an integer >= 1")
+    rng = random.Random(_check_seed(seed))
+    rows = {kind: [] for kind in KINDS}
+    want = {"yes": (per_kind + 1) // 2, "no": per_kind // 2}
+    while any(len(r) < per_kind for r in rows.values()):
+        scene = random_scene(rng, split)
+        for kind, (question, answer) in questions(scene, rng).items():
+            if len(rows[kind]) >= per_kind:
+                continue
+            if kind == "presence":
+                if want[answer] == 0:
+                    continue
+                want[answer] -= 1
+            rows[kind].append(dict(question_id=len(rows[kind]), scene=scene_to_dict(scene), question=question, answer=answer))
+    return rows
+
+
+def vocabulary() -> list[str]:
+    """Sentences that hold every word the benchmark's prompts and answers use (for a tokenizer)."""
+    words = [*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *SIZES, *NUMBERS, "yes", "no", "left", "right", "above", "below"]
+    return [
+        "Is there a in the image? What color is the shape object? What size is the How many objects are there?",
+        "Is the to the left or to the right of the above or below the and , a",
+        SHORT_ANSWER_PROMPT.strip(),
+        CAPTION_PROMPT,
+        " ".join(words),
+    ]

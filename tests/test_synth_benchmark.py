@@ -1,0 +1,200 @@
+"""The synthetic benchmark (otprune.synthetic_benchmark) and the tiny LLaVA trained on it.
+
+Answers are checked against the drawn pixels (objects found by connected components, shapes by
+how much of their box they fill); the shipped checkpoint is scored through LLaVA's own loader and
+generate, with and without its visual tokens; training is checked for bit-for-bit repeatability.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+from conftest import ROOT, load_script
+
+from otprune import synthetic_benchmark as bench
+
+
+def objects_in_pixels(image) -> list[dict]:
+    """Every object of a drawn scene, found in its pixels: colour, shape (by fill of its box), size
+    (by box side) and box centre, sorted top to bottom, then left to right by the 84 px grid."""
+    from scipy import ndimage
+
+    pixels = np.asarray(image)
+    found = []
+    for colour, rgb in bench.COLOURS.items():
+        mask = (pixels == np.array(rgb, dtype=np.uint8)).all(-1)
+        labels, count = ndimage.label(mask)
+        for index, (ys, xs) in enumerate(ndimage.find_objects(labels), 1):
+            height, width = ys.stop - ys.start, xs.stop - xs.start
+            fill = (labels[ys, xs] == index).sum() / (height * width)
+            shape = "square" if fill > 0.95 else "circle" if fill > 0.65 else "triangle"
+            size = {28: "small", 56: "large"}[max(height, width)]
+            found.append(dict(colour=colour, shape=shape, size=size, x=(xs.start + xs.stop) / 2, y=(ys.start + ys.stop) / 2))
+    return sorted(found, key=lambda o: (o["y"] // 84, o["x"] // 84))
+
+
+def answer_from_pixels(objects: list[dict], question: str) -> str:
+    """The answer to ``question`` read off ``objects`` (the test's own parser of the questions)."""
+    def one(colour, shape):
+        (match,) = [o for o in objects if o["colour"] == colour and o["shape"] == shape]
+        return match
+
+    if question.startswith("Provide a one-sentence caption"):
+        parts = [f"a {o['size']} {o['colour']} {o['shape']}" for o in objects]
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    question = question.split("\n")[0]
+    if m := re.fullmatch(r"Is there a (\w+) (\w+) in the image\?", question):
+        return "yes" if any(o["colour"] == m[1] and o["shape"] == m[2] for o in objects) else "no"
+    if m := re.fullmatch(r"What color is the (\w+)\?", question):
+        (match,) = [o for o in objects if o["shape"] == m[1]]
+        return match["colour"]
+    if m := re.fullmatch(r"What shape is the (\w+) object\?", question):
+        (match,) = [o for o in objects if o["colour"] == m[1]]
+        return match["shape"]
+    if m := re.fullmatch(r"What size is the (\w+) (\w+)\?", question):
+        return one(m[1], m[2])["size"]
+    if question == "How many objects are there?":
+        return str(len(objects))
+    if m := re.fullmatch(r"How many (\w+)s are there\?", question):
+        return str(sum(o["shape"] == m[1] for o in objects))
+    if m := re.fullmatch(r"Is the (\w+) (\w+) to the left or to the right of the (\w+) (\w+)\?", question):
+        return "left" if one(m[1], m[2])["x"] < one(m[3], m[4])["x"] else "right"
+    if m := re.fullmatch(r"Is the (\w+) (\w+) above or below the (\w+) (\w+)\?", question):
+        return "above" if one(m[1], m[2])["y"] < one(m[3], m[4])["y"] else "below"
+    raise AssertionError(f"unparsed question {question!r}")
+
+
+def test_scenes_and_questions_are_a_function_of_the_seed():
+    assert bench.scenes(3, 20) == bench.scenes(3, 20)
+    assert bench.scenes(3, 20) != bench.scenes(4, 20)
+    assert bench.question_rows(5, seed=7) == bench.question_rows(5, seed=7)
+    first, again = bench.draw(bench.scenes(3, 1)[0]), bench.draw(bench.scenes(3, 1)[0])
+    assert first.tobytes() == again.tobytes()
+
+
+def test_every_answer_matches_the_drawn_pixels():
+    rows = bench.question_rows(24, seed=11, split="train")
+    checked = 0
+    for kind, items in rows.items():
+        for row in items:
+            scene = bench.scene_from_dict(row["scene"])
+            objects = objects_in_pixels(bench.draw(scene))
+            assert len(objects) == len(scene), row
+            assert answer_from_pixels(objects, row["question"]) == row["answer"], (kind, row)
+            checked += 1
+    assert checked == 5 * 24
+
+
+def test_answers_are_balanced_enough_to_need_the_image():
+    rows = bench.question_rows(200, seed=2)
+    assert [r["answer"] for r in rows["presence"]].count("yes") == 100
+    for kind in ("attribute", "count", "spatial"):
+        answers = [r["answer"] for r in rows[kind]]
+        assert max(answers.count(a) for a in set(answers)) / len(answers) < 0.6, kind
+
+
+def test_train_and_held_out_scenes_never_coincide():
+    held_out = {repr(s) for s in bench.scenes(0, 300, "held_out")}
+    train = {repr(s) for s in bench.scenes(0, 2400, "train")}
+    assert not held_out & train
+    assert all(bench.in_split(bench.scene_from_dict(r["scene"])) == "held_out" for rows in bench.question_rows(20).values() for r in rows)
+
+
+def test_shipped_task_data_is_what_the_generator_writes(tmp_path):
+    make = load_script("make_synth_benchmark")
+    make.write(tmp_path)
+    shipped = ROOT / "configs" / "otprune_synth" / "data"
+    for kind in bench.KINDS:
+        assert (tmp_path / f"{kind}.jsonl").read_text() == (shipped / f"{kind}.jsonl").read_text(), kind
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: bench.scenes(1.5, 3), "seed=1.5"),
+        (lambda: bench.scenes(0, -1), "n=-1"),
+        (lambda: bench.scenes(0, 2, "test"), "split='test'"),
+        (lambda: bench.question_rows(0), "per_kind=0"),
+    ],
+)
+def test_bad_arguments_are_named(call, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        call()
+
+
+# -- the trained checkpoint ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
+    return load_script("train_tiny_llava")
+
+
+@pytest.fixture(scope="module")
+def synth_model(train_script, tmp_path_factory):
+    """The shipped checkpoint, installed and loaded as lmms-eval loads it (LLaVA's builder: float16)."""
+    from llava.model.builder import load_pretrained_model
+
+    folder = load_script("build_tiny_llava").build(tmp_path_factory.mktemp("synth") / "synth-llava-1.5", "synth-llava-1.5")
+    tokenizer, model, _, _ = load_pretrained_model(str(folder), None, folder.name, device_map="cpu", device="cpu")
+    return model.eval(), tokenizer
+
+
+def test_training_repeats_bit_for_bit_and_depends_on_its_seed(train_script, tmp_path):
+    hashes = [train_script.train(tmp_path / f"run{i}-llava", steps=2, batch=2, seed=seed, log_every=0)[2]["weights_sha256"] for i, seed in enumerate((0, 0, 1))]
+    assert hashes[0] == hashes[1]
+    assert hashes[0] != hashes[2]
+
+
+def test_training_inputs_are_the_ones_llava_builds(train_script, synth_model):
+    """The training loop's own splice of visual tokens gives the logits of LLaVA's forward."""
+    import copy
+
+    import torch
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    model, tokenizer = synth_model
+    model = copy.deepcopy(model).float()
+    scene = bench.scenes(0, 1)[0]
+    turns = list(bench.questions(scene, random.Random(0)).values())[:2]
+    ids, _ = train_script.conversation(tokenizer, turns)
+    pixels = train_script.pixel_values([bench.draw(scene)])
+    with torch.no_grad():
+        ours = model(inputs_embeds=train_script.embed(model, [ids], train_script.encode_images(model, pixels))).logits
+        llava = model(input_ids=torch.tensor([ids]), images=pixels, image_sizes=[(336, 336)]).logits
+    assert IMAGE_TOKEN_INDEX in ids
+    torch.testing.assert_close(ours, llava)
+
+
+@pytest.fixture(scope="module")
+def held_out_scores(train_script, synth_model):
+    """Scores on 24 held-out questions per short-answer kind: with the image, without its visual
+    tokens, and always giving the most frequent answer."""
+    model, tokenizer = synth_model
+    rows = bench.question_rows(24)
+    rows.pop("caption")
+    seen = train_script.evaluate(model, tokenizer, rows)
+    blind = train_script.evaluate(model, tokenizer, rows, visual=False)
+    return seen, blind, train_script.chance(rows)
+
+
+def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(held_out_scores):
+    seen, blind, chance = held_out_scores
+    assert seen["attribute_em"] >= chance["attribute_em"] + 0.2, (seen, chance)
+    assert seen["count_em"] >= chance["count_em"] + 0.1, (seen, chance)
+    for key in ("attribute_em", "count_em"):
+        assert seen[key] >= blind[key] + 0.15, (key, seen, blind)
+    for key in ("presence_acc", "attribute_em", "count_em", "spatial_em"):
+        assert blind[key] <= chance[key] + 0.1, (key, blind, chance)
+
+
+def test_shipped_checkpoint_records_its_training(train_script):
+    record = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "training.json").read_text())
+    assert (record["steps"], record["batch"], record["seed"]) == (train_script.STEPS, train_script.BATCH, train_script.SEED)
+    size = sum(p.stat().st_size for p in (ROOT / "configs" / "otprune_synth" / "synth-llava-1.5").rglob("*") if p.is_file())
+    assert size <= 10 * 2**20
