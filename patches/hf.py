@@ -66,19 +66,25 @@ def vision_modules(model) -> tuple:
     return model.model.vision_tower, model.model.multi_modal_projector
 
 
-def install() -> bool:
-    """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
+def wrap_model_classes(names, wrap) -> bool:
+    """Replace ``forward`` and ``generate`` of transformers' classes ``names`` (those this version
+    has) by ``wrap(original, generating)``, once; False without transformers."""
     try:
         import transformers
     except ImportError:
         return False
-    for name in CLASS_NAMES:
+    for name in names:
         cls = getattr(transformers, name, None)
         if cls is None or getattr(cls.forward, "otprune_original", None) is not None:
             continue
-        cls.forward = _wrap(cls.forward, generating=False)
-        cls.generate = _wrap(cls.generate, generating=True)
+        cls.forward = wrap(cls.forward, generating=False)
+        cls.generate = wrap(cls.generate, generating=True)
     return True
+
+
+def install() -> bool:
+    """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
+    return wrap_model_classes(CLASS_NAMES, _wrap)
 
 
 def _as_keywords(signature: inspect.Signature, model, args, kwargs) -> dict:

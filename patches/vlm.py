@@ -36,7 +36,7 @@ import torch
 
 from otprune.prune import select_per_image
 
-from .hf import _as_keywords, _with_full_prompt
+from .hf import _as_keywords, _with_full_prompt, wrap_model_classes
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, question_positions, repad
 
@@ -73,16 +73,10 @@ def vision_modules(model) -> tuple:
 
 def install() -> bool:
     """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
-    try:
-        import transformers
-    except ImportError:
+    if not wrap_model_classes(CLASS_NAMES, _wrap):
         return False
-    for name in CLASS_NAMES:
-        cls = getattr(transformers, name, None)
-        if cls is None or getattr(cls.forward, "otprune_original", None) is not None:
-            continue
-        cls.forward = _wrap(cls.forward, generating=False)
-        cls.generate = _wrap(cls.generate, generating=True)
+    import transformers
+
     text_model = getattr(transformers, "Qwen3VLTextModel", None)
     if text_model is not None and not hasattr(text_model._deepstack_process, "otprune_original"):
         text_model._deepstack_process = _deepstack_at_kept(text_model._deepstack_process)

@@ -227,16 +227,21 @@ def build(out_dir: str | Path, variant: str = "llava-1.5", seed: int = 0) -> Pat
     return path
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def command_line(doc: str, build_variant, variants, default: str, argv=None) -> None:
+    """``OUT_DIR [--variant V] [--seed S]``: build one tiny checkpoint with ``build_variant`` and print its folder."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("out_dir")
-    parser.add_argument("--variant", choices=VARIANTS, default="llava-1.5")
+    parser.add_argument("--variant", choices=variants, default=default)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        print(build(args.out_dir, args.variant, args.seed))
+        print(build_variant(args.out_dir, args.variant, args.seed))
     except ValueError as error:
         parser.error(str(error))
+
+
+def main(argv=None) -> None:
+    command_line(__doc__, build, VARIANTS, "llava-1.5", argv)
 
 
 if __name__ == "__main__":

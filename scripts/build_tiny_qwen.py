@@ -20,13 +20,12 @@ processor's JSON files, which ``AutoProcessor`` loads where torchvision is prese
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS, build_tokenizer
+from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS, build_tokenizer, command_line
 
 VARIANTS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision")
 QWEN_TOKENS = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -200,15 +199,7 @@ def build(out_dir: str | Path, variant: str = "qwen2.5-vl", seed: int = 0) -> Pa
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--variant", choices=VARIANTS, default="qwen2.5-vl")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        print(build(args.out_dir, args.variant, args.seed))
-    except ValueError as error:
-        parser.error(str(error))
+    command_line(__doc__, build, VARIANTS, "qwen2.5-vl", argv)
 
 
 if __name__ == "__main__":
