@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["cider", "exact_match", "normalise", "yes_no_f1", "yes_no_prediction"]
+__all__ = ["cider", "exact_match", "exact_match_results", "normalise", "yes_no_f1", "yes_no_prediction", "yes_no_results"]
 
 
 def normalise(text: str) -> str:
@@ -25,6 +25,16 @@ def yes_no_prediction(text: str) -> str:
     """"yes" or "no" when the answer starts with it, else "other"."""
     words = normalise(text).split()
     return words[0] if words and words[0] in ("yes", "no") else "other"
+
+
+def exact_match_results(doc, results) -> dict:
+    """lmms-eval ``process_results`` hook of a short-answer task whose row holds ``answer``."""
+    return {"exact_match": exact_match(results[0], doc["answer"])}
+
+
+def yes_no_results(doc, results) -> dict:
+    """lmms-eval ``process_results`` hook of a yes/no task: the item ``yes_no_f1`` aggregates."""
+    return {"yes_no_f1": {"prediction": yes_no_prediction(results[0]), "answer": doc["answer"]}}
 
 
 def yes_no_f1(items) -> float:

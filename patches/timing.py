@@ -47,7 +47,9 @@ def _classes() -> list[type]:
 
 
 def _vision_modules(model) -> tuple:
-    if "LlavaMetaForCausalLM" in {cls.__name__ for cls in type(model).__mro__}:
+    from . import _is_original_llava
+
+    if _is_original_llava(model):
         return llava.vision_modules(model)
     if type(model).__name__ in hf.CLASS_NAMES:
         return hf.vision_modules(model)

@@ -36,7 +36,8 @@ import torch
 
 from otprune.prune import select_per_image
 
-from .hf import _as_keywords, _with_full_prompt, wrap_model_classes
+from .hf import _as_keywords, _with_full_prompt, decoder, wrap_model_classes
+from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, question_positions, repad
 
@@ -67,7 +68,7 @@ def vision_modules(model) -> tuple:
     """The modules the image passes first and last before the LLM, for timing: Qwen's vision model
     (its merger is the projector), OneVision's vision tower and projector."""
     if type(model).__name__ == ONEVISION_CLASS:
-        return model.model.vision_tower, model.model.multi_modal_projector
+        return llava_vision_modules(model)
     return model.model.visual, model.model.visual
 
 
@@ -119,7 +120,7 @@ def _wrap(original, generating: bool):
 
 
 def _attach(model, config, state) -> None:
-    language_model = model.model.language_model
+    language_model = decoder(model)
     attach_state(model, config, language_model, state)
     # Not a module attribute: the text model must not hold its parent as a submodule.
     language_model.__dict__["_otprune_prefill_state"] = lambda: getattr(getattr(model, "_otprune_layer_pruner", None), "state", None)
@@ -358,7 +359,7 @@ def _deepstack_injected(model, deepstack):
         yield
         return
     mask, levels = deepstack
-    language_model = model.model.language_model
+    language_model = decoder(model)
 
     def inject(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")

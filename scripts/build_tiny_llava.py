@@ -1,6 +1,6 @@
 """Build tiny, randomly initialised LLaVA checkpoints offline, loadable through the real code paths.
 
-    python scripts/build_tiny_llava.py OUT_DIR [--variant llava-1.5|llava-1.6|llava-hf|llava-next-hf] [--seed 0]
+    python scripts/build_tiny_llava.py OUT_DIR [--variant llava-1.5|llava-1.6|llava-hf|llava-next-hf|synth-llava-1.5] [--seed 0]
 
 - ``llava-1.5``: original-LLaVA layout for ``llava.model.builder.load_pretrained_model``: a CLIP
   tower (336 px, patch 14 -> 576 tokens, hidden 32) saved beside the model, ``mlp2x_gelu``

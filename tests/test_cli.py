@@ -4,7 +4,6 @@ parent of runs folders, and an installation without the checkout's configs or ti
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -86,7 +85,7 @@ def test_an_installed_layout_finds_its_configs_and_runs_in_the_working_folder(tm
     )
     assert done.returncode == 0, done.stderr
     assert "are built by scripts/build_tiny_llava.py, which only a source checkout has" in done.stderr
-    assert f"-> runs/smoke\n" in done.stdout
+    assert "-> runs/smoke\n" in done.stdout
     assert f"--include_path {site / 'otprune' / 'configs' / 'otprune_smoke'}" in done.stdout
 
 

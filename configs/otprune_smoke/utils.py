@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from otprune.benchmark_metrics import cider, exact_match, yes_no_f1, yes_no_prediction  # noqa: F401 (yaml hooks)
+from otprune.benchmark_metrics import cider, exact_match_results, yes_no_f1, yes_no_results  # noqa: F401 (yaml hooks)
 
 DATA = Path(__file__).resolve().parent / "data"
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
@@ -25,14 +25,6 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 def caption_prompt(doc, lmms_eval_specific_kwargs=None):
     return CAPTION_PROMPT
-
-
-def exact_match_results(doc, results):
-    return {"exact_match": exact_match(results[0], doc["answer"])}
-
-
-def yes_no_results(doc, results):
-    return {"yes_no_f1": {"prediction": yes_no_prediction(results[0]), "answer": doc["answer"]}}
 
 
 def caption_results(doc, results):
