@@ -20,8 +20,16 @@ overrunning step does not stop the others and the whole check ends inside ``--bu
    ``--limit``: Original, OURS, DIVPRUNE at K = 0 and OURS, FASTV at K = 2, batch 1 and 4; each
    run passes when its results file is whole and the ``OTPRUNE_LOG`` lines show every sample's
    image pruned from 576 to k tokens (none for Original);
-6. ``accelerate``: the same through ``accelerate launch --num_processes 2`` on the one GPU:
-   both ranks must have pruned (``OTPRUNE_DUMP`` files of two processes) and the results be whole.
+6. ``vlm_lmms_eval``: the real lmms-eval CLI on the Qwen-VL and LLaVA-OneVision families (issue
+   14) through lmms-eval's own ``qwen2_5_vl``, ``qwen3_vl``, ``qwen2_vl`` and ``llava_hf`` models, on
+   tiny random-weight checkpoints built on the spot (``build_tiny_qwen.py``, processor included),
+   the smoke VQA task with ``--limit``: Original, OURS at K = 0 and FASTV at K = 2, ratio 0.25;
+   each run passes as in step 5, except that an image's token count N_i follows its resolution, so
+   each image must show N_i -> budget(0.25, N_i). transformers builds these families' processors
+   only with torchvision: without it the step is skipped with that reason;
+7. ``accelerate``: the same as step 5 through ``accelerate launch --num_processes 2`` on the one
+   GPU: both ranks must have pruned (``OTPRUNE_DUMP`` files of two processes) and the results be
+   whole.
 
 Without a GPU every step that can be reduced runs on the CPU at reduced size (fewer cases,
 ``REDUCED`` models, a subset of the lmms-eval runs), and the report says so; the CUDA tests and the
@@ -56,16 +64,19 @@ SCRIPTS = ROOT / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 sys.path.insert(0, str(ROOT))
 
-STEPS = ("environment", "tests", "selectors", "prefill", "lmms_eval", "accelerate")
-# Seconds per step (GPU, CPU): together inside the device tool's 10-minute command limit. The CPU
-# skips the tests and the two-process run at once.
+STEPS = ("environment", "tests", "selectors", "prefill", "lmms_eval", "vlm_lmms_eval", "accelerate")
+# Seconds per step (GPU, CPU): on the GPU they add up to DEFAULT_BUDGET, inside the device tool's
+# 10-minute command limit. The CPU skips the tests and the two-process run at once. The versions
+# need no more than 10 s, and the selector cases a few seconds each once compiled: their shares
+# went to the Qwen-VL / OneVision runs, which start up all at once on tiny models.
 BUDGETS = {
-    "environment": (20, 20),
+    "environment": (10, 20),
     "tests": (50, 20),
-    "selectors": (60, 60),
+    "selectors": (40, 60),
     "prefill": (120, 90),
     "lmms_eval": (220, 150),
-    "accelerate": (70, 20),
+    "vlm_lmms_eval": (60, 120),
+    "accelerate": (50, 20),
 }
 # Leaves the wheel install and the report inside the 600 s of one device call.
 DEFAULT_BUDGET = 550
@@ -87,6 +98,18 @@ CPU_SUBSET = "not run on the CPU (a subset there: each code path once); the GPU 
 LIMIT = {"cuda": 8, "cpu": 4}
 # On the GPU: six 7B models in float16 (~15 GB each) share its memory; lmms-eval start-up is CPU-bound.
 PARALLEL_RUNS = {"cuda": 6, "cpu": 2}
+# Issue 14's families: each build_tiny_qwen variant and the lmms-eval model that loads it
+# (lmms-eval's llava_onevision runs the LLaVA-NeXT repository's code; llava_hf loads transformers'
+# LlavaOnevisionForConditionalGeneration).
+VLM_FAMILIES = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "llava-onevision": "llava_hf", "qwen2-vl": "qwen2_vl"}
+VLM_RATIO = 0.25
+# Original and OURS at K = 0; FASTV at K = 2 (the tiny LLMs have 4 layers).
+VLM_METHODS = [("ORIG", 0), ("OURS", 0), ("FASTV", 2)]
+# Its images range from 128 x 128 to 400 x 240 pixels, so the Qwen token counts differ per sample.
+VLM_TASK = "otprune_smoke_vqa"
+VLM_LIMIT = {"cuda": 4, "cpu": 2}
+# Tiny models: every run at once on the GPU machine's 16 cores (lmms-eval's start-up is CPU-bound).
+VLM_PARALLEL_RUNS = {"cuda": 12, "cpu": 2}
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 VERSIONED = ("torch", "transformers", "triton", "accelerate", "lmms_eval", "llava-torch", "datasets", "numpy")
 
@@ -275,17 +298,30 @@ class EvalRun:
     layer: int
     batch: int
     processes: int = 1
+    ratio: float = RATIO
+    variant: str = ""  # the build_tiny_qwen checkpoint it runs on; "" for the LLaVA-1.5-7B ones
+
+    @property
+    def checkpoint(self) -> str:
+        """The key of the checkpoint this run loads: one per lmms-eval model, or per tiny variant."""
+        return self.variant or self.model
+
+    @property
+    def visual_tokens(self) -> int | None:
+        """Every image's visual tokens before pruning where the model fixes them; ``None`` where
+        they follow the image's resolution (Qwen-VL) or tiling (OneVision)."""
+        return None if self.variant else VISUAL_TOKENS
 
     @property
     def name(self) -> str:
         procs = f"_{self.processes}proc" if self.processes > 1 else ""
-        return f"{self.model}_{self.baseline}_K{self.layer}_b{self.batch}{procs}"
+        return f"{self.checkpoint}_{self.baseline}_K{self.layer}_b{self.batch}{procs}"
 
     @property
     def env(self) -> dict:
         env = {"BASELINE": self.baseline, "LAYER_INDEX": str(self.layer)}
         if self.baseline != "ORIG":
-            env["SUBSET_RATIO"] = str(RATIO)
+            env["SUBSET_RATIO"] = str(self.ratio)
         return env
 
 
@@ -305,6 +341,20 @@ def planned_runs(device: str) -> tuple[list[EvalRun], list[tuple[EvalRun, str]]]
     return runs, skipped
 
 
+def planned_vlm_runs(device: str) -> tuple[list[EvalRun], list[tuple[EvalRun, str]]]:
+    """``(runs, skipped)``: each family's Original, OURS at K = 0 and FASTV at K = 2, batch 1 (the
+    CPU: OURS at K = 0 alone, each family's adapter once)."""
+    runs, skipped = [], []
+    for variant, model in VLM_FAMILIES.items():
+        for baseline, layer in VLM_METHODS:
+            run = EvalRun(model, baseline, layer, 1, ratio=VLM_RATIO, variant=variant)
+            if device == "cpu" and (baseline, layer) != ("OURS", 0):
+                skipped.append((run, CPU_SUBSET))
+            else:
+                runs.append(run)
+    return runs, skipped
+
+
 def smoke_tasks() -> tuple[list[str], str]:
     """The smoke tasks to run, and a note on any left out."""
     try:
@@ -314,15 +364,24 @@ def smoke_tasks() -> tuple[list[str], str]:
     return [*SMOKE_TASKS, CAPTION_TASK], ""
 
 
-def missing_requirements(model: str) -> str:
-    """Why lmms-eval cannot run ``model`` here, or ``""``."""
-    for module, what in (("lmms_eval", "lmms-eval"), ("llava.model.language_model.llava_llama", "llava-torch"), ("decord", "decord")):
-        if module.startswith("llava.") and model != "llava":
-            continue
+def missing_requirements(run: EvalRun) -> str:
+    """Why lmms-eval cannot run ``run`` here, or ``""``."""
+    carry = "carry it: bash scripts/fetch_gpu_wheels.sh"
+    needed = [("lmms_eval", "lmms-eval", carry)]
+    if run.model == "llava":
+        needed.append(("llava.model.language_model.llava_llama", "llava-torch", carry))
+    if run.variant:
+        # Its CUDA wheels do not load against a CPU torch, so it is not carried: the GPU machine has it.
+        why = "transformers builds the Qwen-VL and LLaVA-OneVision processors only with it (their video processors)"
+        needed.append(("torchvision", "torchvision", why))
+    if run.model.startswith("qwen"):
+        needed.append(("qwen_vl_utils", "qwen-vl-utils", carry))
+    needed.append(("decord", "decord", carry))
+    for module, what, remedy in needed:
         try:
             __import__(module)
         except Exception as error:  # a missing dependency of theirs shows as any import-time error
-            return f"{what} cannot be imported ({type(error).__name__}: {error}); carry it: bash scripts/fetch_gpu_wheels.sh"
+            return f"{what} cannot be imported ({type(error).__name__}: {error}); {remedy}"
     if not any(e.name == "otprune" for e in importlib.metadata.entry_points(group="lmms_eval.models")):
         return "otprune's lmms_eval.models entry point is not registered: pip install --no-deps -e ."
     return ""
@@ -358,18 +417,26 @@ def check_results(folder: Path, tasks: list[str], limit: int) -> tuple[list[str]
 
 
 def check_tokens(run: EvalRun, visual_tokens: list[list[int]], samples: int) -> list[str]:
-    """Every sample's image pruned from 576 to k tokens once (Original: nothing logged)."""
+    """Every sample's image pruned once, from its N tokens to ``budget(ratio, N)``: N = 576 for
+    LLaVA-1.5, N_i of the image's own resolution for the Qwen-VL and OneVision families (Original:
+    nothing logged)."""
     from otprune.selectors import budget
 
     if run.baseline == "ORIG":
         return [f"{len(visual_tokens)} pruned images logged without pruning"] if visual_tokens else []
-    kept = budget(RATIO, VISUAL_TOKENS)
     problems = []
     if len(visual_tokens) != samples:
         problems.append(f"{len(visual_tokens)} pruned images logged for {samples} samples")
-    wrong = [pair for pair in visual_tokens if pair != [VISUAL_TOKENS, kept]]
+
+    def expected(before: int) -> list[int]:
+        tokens = run.visual_tokens or max(before, 1)
+        return [tokens, budget(run.ratio, tokens)]
+
+    wrong = [pair for pair in visual_tokens if pair != expected(pair[0])]
     if wrong:
-        problems.append(f"{len(wrong)} images not {VISUAL_TOKENS}->{kept}, e.g. {wrong[0][0]}->{wrong[0][1]}")
+        before, after = wrong[0]
+        tokens, kept = expected(before)
+        problems.append(f"{len(wrong)} images not pruned to budget({run.ratio:g}, N), e.g. {before}->{after} (expected {tokens}->{kept})")
     return problems
 
 
@@ -396,25 +463,56 @@ def logged_errors(text: str) -> dict[str, int]:
     return errors
 
 
-def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device: str, work: Path, timeout: float) -> dict:
+@dataclass(frozen=True)
+class Suite:
+    """What one step's lmms-eval runs share."""
+
+    checkpoints: str  # what they run on, for the report
+    tasks: list[str]
+    note: str  # tasks left out, and why
+    limit: int  # --limit
+    parallel: int  # runs at a time
+    tokens: str  # the pruning every image must show, for the report
+
+
+def model_args(run: EvalRun, device: str) -> str:
+    """lmms-eval's ``--model_args`` besides ``pretrained``: the check's device (and llava_hf's dtype;
+    lmms-eval's Qwen models load bfloat16 whatever they are given)."""
+    if device == "cuda":
+        args = "device=cuda:0,device_map=cuda:0"
+    else:
+        # lmms-eval's Qwen models send their inputs to "cuda" under device_map=auto.
+        args = "device=cpu,device_map=cpu" if run.variant else "device=cpu,device_map=auto"
+    if run.model == "llava_hf":
+        args += ",dtype=float16" if device == "cuda" else ",dtype=float32"
+    return args
+
+
+def eval_command(run: EvalRun, checkpoint: Path, suite: Suite, device: str, folder: Path) -> tuple[list[str], dict]:
+    """``(command, environment)`` of one lmms-eval run: the harness's command line and child
+    environment (``OTPRUNE_LOG=1``, the run's pruning variables and nobody else's)."""
+    from otprune import harness
+
+    config = harness.Config(
+        "gpu_check", run.model, model_args(run, device), {}, {}, suite.tasks, batch_size=run.batch, catalogue=harness.load_catalogue()
+    )
+    plan = harness.Run(run.model, run.baseline, run.ratio, run.env, tuple(suite.tasks), folder)
+    command = harness.command(config, plan, str(checkpoint), run.processes, suite.limit, folder)
+    if command[:2] == ["accelerate", "launch"] and shutil.which("accelerate") is None:
+        # The launcher's console script may be off PATH where the package is installed.
+        command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
+    return command, harness.child_env(plan, suite.parallel)
+
+
+def execute(run: EvalRun, checkpoint: Path, suite: Suite, device: str, work: Path, timeout: float) -> dict:
     """One lmms-eval run through the harness's command line and environment, then its checks."""
     from otprune import harness
 
     folder = work / "runs" / run.name
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    model_args = "device=cuda:0,device_map=cuda:0" if device == "cuda" else "device=cpu,device_map=auto"
-    if run.model == "llava_hf":
-        model_args += ",dtype=float16" if device == "cuda" else ",dtype=float32"
-    config = harness.Config(
-        "gpu_check", run.model, model_args, {}, {}, tasks, batch_size=run.batch, catalogue=harness.load_catalogue()
-    )
-    plan = harness.Run(run.model, run.baseline, RATIO, run.env, tuple(tasks), folder)
-    command = harness.command(config, plan, str(checkpoint), run.processes, limit, folder)
-    if command[:2] == ["accelerate", "launch"] and shutil.which("accelerate") is None:
-        # The launcher's console script may be off PATH where the package is installed.
-        command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
-    env = harness.child_env(plan, PARALLEL_RUNS[device])
+    tasks, limit = suite.tasks, suite.limit
+    command, env = eval_command(run, checkpoint, suite, device, folder)
     if run.processes > 1:
         env["OTPRUNE_DUMP"] = str(folder / "dump")
     log = folder / "lmms_eval.log"
@@ -448,7 +546,7 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
     record.update(
         samples=samples,
         images=len(logged["visual_tokens"]),
-        kept=sorted({after for _, after in logged["visual_tokens"]}),
+        pruned=[f"{before}->{after}" for before, after in sorted({tuple(pair) for pair in logged["visual_tokens"]})],
         selector_ms=round(statistics.median(logged["selector_ms"]), 3) if logged["selector_ms"] else None,
         problems=problems + [f"lmms-eval logged {count} x: {message}" for message, count in errors.items()],
         status=PASS if not problems and not errors else FAIL,
@@ -458,17 +556,26 @@ def execute(run: EvalRun, checkpoint: Path, tasks: list[str], limit: int, device
     return record
 
 
-def build_checkpoints(device: str, work: Path, models: set[str]) -> dict[str, Path]:
+def build_checkpoints(device: str, work: Path, keys: set[str]) -> dict[str, Path]:
+    """``{run.checkpoint: folder}``: random-weight LLaVA-1.5-7B per lmms-eval model, a tiny
+    checkpoint per Qwen-VL / OneVision variant."""
     import build_llava_7b
+    import build_tiny_qwen
 
     size = "full" if device == "cuda" else "reduced"
-    return {model: build_llava_7b.build(work / f"{LMMS_MODELS[model]}-7b-{size}", LMMS_MODELS[model], size, device) for model in models}
+    folders = {}
+    for key in keys:
+        if key in VLM_FAMILIES:
+            folders[key] = build_tiny_qwen.build(work / f"tiny-{key}", key)
+        else:
+            folders[key] = build_llava_7b.build(work / f"{LMMS_MODELS[key]}-7b-{size}", LMMS_MODELS[key], size, device)
+    return folders
 
 
 def run_table(records: list[dict], skipped: list[tuple[EvalRun, str]]) -> str:
-    lines = ["| run | status | samples | images logged | kept per image | selector ms (median) | wall s | problems |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | status | samples | images logged | tokens per image | selector ms (median) | wall s | problems |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        kept = ",".join(map(str, r.get("kept", []))) or "-"
+        kept = ", ".join(r.get("pruned", [])) or "-"
         lines.append(
             f"| {r['run']} | {r['status']} | {r.get('samples', '-')} | {r.get('images', '-')} | {kept} | "
             f"{r.get('selector_ms') or '-'} | {r['wall_s'] if r['wall_s'] is not None else '-'} | {'; '.join(r['problems']) or '-'} |"
@@ -486,54 +593,70 @@ def run_table(records: list[dict], skipped: list[tuple[EvalRun, str]]) -> str:
     return text
 
 
-def lmms_step(device: str, deadline: float, runs: list[EvalRun], skipped: list[tuple[EvalRun, str]], what: str) -> StepResult:
-    from otprune.selectors import budget
-
+def lmms_step(device: str, deadline: float, runs: list[EvalRun], skipped: list[tuple[EvalRun, str]], what: str, suite: Suite) -> StepResult:
     work = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/otprune_gpu_check"))
-    models = {run.model for run in runs}
-    reasons = {model: missing_requirements(model) for model in models}
-    skipped = skipped + [(run, reasons[run.model]) for run in runs if reasons[run.model]]
-    runs = [run for run in runs if not reasons[run.model]]
+    reasons = {key: missing_requirements(next(run for run in runs if run.checkpoint == key)) for key in {run.checkpoint for run in runs}}
+    skipped = skipped + [(run, reasons[run.checkpoint]) for run in runs if reasons[run.checkpoint]]
+    runs = [run for run in runs if not reasons[run.checkpoint]]
     if not runs:
-        why = "; ".join(sorted({why for _, why in skipped}))
+        why = "; ".join(sorted({why for _, why in skipped if why != CPU_SUBSET}))
         return StepResult(SKIP, why, run_table([], skipped))
-    tasks, note = smoke_tasks()
-    limit = LIMIT[device]
     start = time.time()
-    checkpoints = build_checkpoints(device, work, {run.model for run in runs})
+    checkpoints = build_checkpoints(device, work, {run.checkpoint for run in runs})
     built_s = time.time() - start
 
     def one(run: EvalRun) -> dict:
         left = deadline - time.time() - 5
         if left < 20:
             return {"run": run.name, "status": FAIL, "wall_s": None, "problems": ["not started: the step's time budget ran out"]}
-        return execute(run, checkpoints[run.model], tasks, limit, device, work, left)
+        return execute(run, checkpoints[run.checkpoint], suite, device, work, left)
 
-    with ThreadPoolExecutor(max_workers=PARALLEL_RUNS[device]) as pool:
+    with ThreadPoolExecutor(max_workers=suite.parallel) as pool:
         records = list(pool.map(one, runs))
     failed = [r for r in records if r["status"] != PASS]
-    size = "full-size random-weight LLaVA-1.5-7B, float16" if device == "cuda" else "REDUCED-size random-weight LLaVA-1.5 (CPU, float32)"
     head = (
-        f"{what} on {size}; tasks {', '.join(tasks)}, `--limit {limit}`, ratio {RATIO} "
-        f"({VISUAL_TOKENS} -> {budget(RATIO, VISUAL_TOKENS)} visual tokens per image); "
-        f"checkpoints ready in {built_s:.0f} s; {PARALLEL_RUNS[device]} runs at a time."
+        f"{what} on {suite.checkpoints}; tasks {', '.join(suite.tasks)}, `--limit {suite.limit}`, {suite.tokens}; "
+        f"checkpoints ready in {built_s:.0f} s; {suite.parallel} runs at a time."
     )
-    if note:
-        head += f"\n\n{note}."
+    if suite.note:
+        head += f"\n\n{suite.note}."
     summary = f"{len(records) - len(failed)}/{len(records)} runs passed, {len(skipped)} skipped"
-    return StepResult(FAIL if failed else PASS, summary, head + "\n\n" + run_table(records, skipped), {"runs": records, "tasks": tasks, "limit": limit})
+    figures = {"runs": records, "tasks": suite.tasks, "limit": suite.limit}
+    return StepResult(FAIL if failed else PASS, summary, head + "\n\n" + run_table(records, skipped), figures)
+
+
+def llava_suite(device: str) -> Suite:
+    from otprune.selectors import budget
+
+    tasks, note = smoke_tasks()
+    size = "full-size random-weight LLaVA-1.5-7B, float16" if device == "cuda" else "REDUCED-size random-weight LLaVA-1.5 (CPU, float32)"
+    tokens = f"ratio {RATIO} ({VISUAL_TOKENS} -> {budget(RATIO, VISUAL_TOKENS)} visual tokens per image)"
+    return Suite(size, tasks, note, LIMIT[device], PARALLEL_RUNS[device], tokens)
 
 
 def step_lmms_eval(device: str, deadline: float) -> StepResult:
     runs, skipped = planned_runs(device)
-    return lmms_step(device, deadline, runs, skipped, "The lmms-eval CLI")
+    return lmms_step(device, deadline, runs, skipped, "The lmms-eval CLI", llava_suite(device))
+
+
+def vlm_suite(device: str) -> Suite:
+    models = ", ".join(f"{variant} (`--model {model}`)" for variant, model in VLM_FAMILIES.items())
+    checkpoints = f"tiny random-weight checkpoints (build_tiny_qwen.py, processors included): {models}"
+    tokens = f"ratio {VLM_RATIO} (every image N_i -> budget({VLM_RATIO}, N_i) visual tokens, N_i following its resolution)"
+    return Suite(checkpoints, [VLM_TASK], "", VLM_LIMIT[device], VLM_PARALLEL_RUNS[device], tokens)
+
+
+def step_vlm_lmms_eval(device: str, deadline: float) -> StepResult:
+    runs, skipped = planned_vlm_runs(device)
+    return lmms_step(device, deadline, runs, skipped, "The lmms-eval CLI with lmms-eval's own Qwen-VL and OneVision models", vlm_suite(device))
 
 
 def step_accelerate(device: str, deadline: float) -> StepResult:
     if device != "cuda":
         return StepResult(SKIP, "no CUDA device: lmms-eval's llava runs several processes only as multi-GPU, FSDP or DeepSpeed, not on CPUs")
     run = EvalRun("llava", "OURS", 0, 1, processes=2)
-    return lmms_step(device, deadline, [run], [], "`accelerate launch --num_processes 2` (two processes on the one GPU)")
+    what = "`accelerate launch --num_processes 2` (two processes on the one GPU)"
+    return lmms_step(device, deadline, [run], [], what, llava_suite(device))
 
 
 STEP_FUNCTIONS = {
@@ -542,6 +665,7 @@ STEP_FUNCTIONS = {
     "selectors": step_selectors,
     "prefill": step_prefill,
     "lmms_eval": step_lmms_eval,
+    "vlm_lmms_eval": step_vlm_lmms_eval,
     "accelerate": step_accelerate,
 }
 
