@@ -5,15 +5,18 @@ the figures the step computed and returned.
 """
 
 import json
+import logging
+import sys
+import time
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import ROOT, load_script
 
 from otprune.bench import prefill as bench_prefill
 from otprune.bench import selectors as bench_selectors
 from otprune.config import PruneConfig
-from otprune.prune import select_per_image
+from otprune.prune import log_selection, select_per_image
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,8 @@ def test_token_check_wants_every_sample_pruned_576_to_56(check):
     ours = check.EvalRun("llava", "OURS", 0, 4)
     assert check.check_tokens(ours, [[576, 56]] * 8, 8) == []
     assert check.check_tokens(ours, [[576, 56]] * 7, 8) == ["7 pruned images logged for 8 samples"]
-    assert check.check_tokens(ours, [[576, 56]] * 7 + [[576, 141]], 8) == ["1 images not 576->56, e.g. 576->141"]
+    assert check.check_tokens(ours, [[576, 56]] * 7 + [[576, 141]], 8) == ["1 images not pruned to budget(0.098, N), e.g. 576->141 (expected 576->56)"]
+    assert check.check_tokens(ours, [[576, 56]] * 7 + [[600, 59]], 8) == ["1 images not pruned to budget(0.098, N), e.g. 600->59 (expected 576->56)"]
     original = check.EvalRun("llava", "ORIG", 0, 1)
     assert check.check_tokens(original, [], 8) == []
     assert check.check_tokens(original, [[576, 56]], 8) == ["1 pruned images logged without pruning"]
@@ -77,6 +81,124 @@ def test_rank_check_wants_two_processes_that_dumped_every_image(check, tmp_path)
     assert check.check_ranks(tmp_path, 4) == ["3 dumped images for 4 logged"]
     (tmp_path / "tokens_202_000000.pt").unlink()
     assert check.check_ranks(tmp_path, 2) == ["pruned tokens were dumped by 1 process(es), not 2"]
+
+
+# -- step vlm_lmms_eval (issue 14): lmms-eval's own Qwen-VL and OneVision models ---------------
+
+VLM_MODELS = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "llava-onevision": "llava_hf", "qwen2-vl": "qwen2_vl"}
+
+
+def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2(check):
+    runs, skipped = check.planned_vlm_runs("cuda")
+    assert not skipped
+    assert {(run.variant, run.model, run.baseline, run.layer, run.batch) for run in runs} == {
+        (variant, model, baseline, layer, 1) for variant, model in VLM_MODELS.items() for baseline, layer in (("ORIG", 0), ("OURS", 0), ("FASTV", 2))
+    }
+    assert len({run.name for run in runs}) == 12
+    fastv = next(run for run in runs if run.variant == "qwen3-vl" and run.baseline == "FASTV")
+    assert fastv.env == {"BASELINE": "FASTV", "LAYER_INDEX": "2", "SUBSET_RATIO": "0.25"}
+    cpu_runs, cpu_skipped = check.planned_vlm_runs("cpu")
+    assert {(run.variant, run.baseline, run.layer) for run in cpu_runs} == {(variant, "OURS", 0) for variant in VLM_MODELS}
+    assert len(cpu_skipped) == 8 and all(why == check.CPU_SUBSET for _, why in cpu_skipped)
+
+
+@pytest.mark.parametrize("variant", VLM_MODELS)
+def test_vlm_command_is_the_unchanged_lmms_eval_cli_with_the_pruning_variables(check, tmp_path, variant):
+    run = check.EvalRun(VLM_MODELS[variant], "FASTV", 2, 1, ratio=0.25, variant=variant)
+    suite = check.vlm_suite("cuda")
+    command, env = check.eval_command(run, tmp_path / "ckpt", suite, "cuda", tmp_path / "out")
+    model_args = f"pretrained={tmp_path / 'ckpt'},device=cuda:0,device_map=cuda:0" + (",dtype=float16" if variant == "llava-onevision" else "")
+    assert command == [
+        sys.executable, "-m", "lmms_eval", "--model", VLM_MODELS[variant], "--model_args", model_args,
+        "--tasks", "otprune_smoke_vqa", "--batch_size", "1", "--output_path", str((tmp_path / "out").resolve()), "--log_samples",
+        "--include_path", str(ROOT / "configs" / "otprune_smoke"), "--limit", "4",
+    ]  # fmt: skip
+    assert (env["BASELINE"], env["SUBSET_RATIO"], env["LAYER_INDEX"], env["OTPRUNE_LOG"]) == ("FASTV", "0.25", "2", "1")
+    cpu_command, _ = check.eval_command(run, tmp_path / "ckpt", check.vlm_suite("cpu"), "cpu", tmp_path / "out")
+    # lmms-eval's Qwen models move their inputs to "cuda" under device_map=auto.
+    assert "device=cpu,device_map=cpu" in cpu_command[cpu_command.index("--model_args") + 1]
+
+
+def test_lmms_eval_knows_the_vlm_model_names():
+    """lmms-eval 0.7.3 registers each name, and its llava_hf loads a transformers OneVision checkpoint."""
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("decord")
+    from lmms_eval.models import AVAILABLE_MODELS
+    from lmms_eval.models.simple.llava_hf import model_map
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    assert set(VLM_MODELS.values()) <= set(AVAILABLE_MODELS)
+    assert model_map["llava_onevision"] is LlavaOnevisionForConditionalGeneration
+
+
+def test_vlm_token_check_wants_each_image_at_the_budget_of_its_own_count(check):
+    """Qwen's N_i follows the image: each is held to round-half-up(0.25 N_i), worked out by hand."""
+    ours = check.EvalRun("qwen2_5_vl", "OURS", 0, 1, ratio=0.25, variant="qwen2.5-vl")
+    by_hand = [[256, 64], [270, 68], [25, 6], [90, 23]]  # 67.5 -> 68 and 22.5 -> 23: half up, not to even
+    assert check.check_tokens(ours, by_hand, 4) == []
+    assert check.check_tokens(ours, by_hand[:3] + [[90, 22]], 4) == ["1 images not pruned to budget(0.25, N), e.g. 90->22 (expected 90->23)"]
+    assert check.check_tokens(ours, by_hand + [[16, 4]], 4) == ["5 pruned images logged for 4 samples"]
+    original = check.EvalRun("qwen2_5_vl", "ORIG", 0, 1, ratio=0.25, variant="qwen2.5-vl")
+    assert check.check_tokens(original, [], 4) == []
+
+
+def selection_log(caplog, method: str, pairs: list[tuple[int, int]]) -> str:
+    """What the patch logs with OTPRUNE_LOG=1 for images of ``pairs`` (before, after) tokens."""
+    config = PruneConfig(method=method, ratio=0.25, layer_index=2 if method == "FASTV" else 0, log=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="otprune"):
+        for before, after in pairs:
+            log_selection(config, [torch.zeros(before, 2)], [torch.arange(after)], time.perf_counter())
+    return "\n".join(record.getMessage() for record in caplog.records) + "\n"
+
+
+@pytest.mark.parametrize(
+    "pairs, problems",
+    [
+        ([(256, 64), (270, 68), (25, 6), (90, 23)], []),
+        ([(256, 64), (270, 67), (25, 6), (90, 23)], ["1 images not pruned to budget(0.25, N), e.g. 270->67 (expected 270->68)"]),
+        ([(256, 64), (270, 68), (25, 6)], ["3 pruned images logged for 4 samples"]),
+    ],
+)
+def test_a_vlm_run_is_judged_by_its_results_and_its_selection_log(check, tmp_path, monkeypatch, caplog, pairs, problems):
+    """``execute`` end to end with a stand-in for lmms-eval that leaves canned results and prints the
+    patch's own log lines: the verdict follows the logged counts against the hand-worked budgets."""
+    tasks = [check.VLM_TASK]
+    canned = tmp_path / "canned"
+    write_run(canned, tasks, [4], [4])
+    log = tmp_path / "selection.log"
+    log.write_text(selection_log(caplog, "FASTV", pairs))
+    run = check.EvalRun("qwen2_5_vl", "FASTV", 2, 1, ratio=0.25, variant="qwen2.5-vl")
+    work = tmp_path / "work"
+    folder = work / "runs" / run.name
+
+    def stand_in(run, checkpoint, suite, device, out):
+        assert out == folder
+        return ["sh", "-c", f'cp -r "{canned}/." "{out}" && cat "{log}"'], {"PATH": "/usr/bin:/bin"}
+
+    monkeypatch.setattr(check, "eval_command", stand_in)
+    record = check.execute(run, tmp_path / "ckpt", check.Suite("tiny checkpoints", tasks, "", 4, 1, ""), "cpu", work, 30)
+    assert record["problems"] == problems
+    assert record["status"] == ("FAIL" if problems else "PASS")
+    assert record["samples"] == 4 and record["images"] == len(pairs)
+
+
+def test_vlm_step_is_skipped_without_torchvision_and_the_report_lists_it(check, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision raises ImportError
+
+    def no_build(*args):
+        raise AssertionError("nothing is built when every run is skipped")
+
+    monkeypatch.setattr(check, "build_checkpoints", no_build)
+    result = check.step_vlm_lmms_eval("cuda", time.time() + 60)
+    assert result.status == "SKIP"
+    assert result.summary.startswith("torchvision cannot be imported") and "processors only with it" in result.summary
+    assert result.body.count("| SKIP |") == 12
+    assert check.STEPS.index("lmms_eval") < check.STEPS.index("vlm_lmms_eval") < check.STEPS.index("accelerate")
+    assert "vlm_lmms_eval" in check.parse_args([]).steps
+    report = check.format_report("cpu", {"vlm_lmms_eval": result}, 1.0)
+    assert f"| 6 | vlm_lmms_eval | SKIP | 0 | {result.summary} |" in report
+    assert "## 6. vlm_lmms_eval: SKIP" in report
 
 
 def test_lmms_eval_errors_are_found_through_its_colours(check):
