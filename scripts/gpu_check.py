@@ -7,7 +7,7 @@ Steps, each in its own process under its own time budget, so that one failing, c
 overrunning step does not stop the others and the whole check ends inside ``--budget``:
 
 1. ``environment``: GPU, driver, Python, torch (and its CUDA), transformers, triton, accelerate,
-   lmms-eval, llava-torch versions;
+   lmms-eval, llava-torch, torchvision, qwen-vl-utils versions;
 2. ``tests``: the CUDA variants of the test suite (tests whose id names ``cuda``, and the Triton
    greedy's tests, which run compiled on a GPU) through pytest;
 3. ``selectors``: ``bench_selectors`` cases N = 576, k = 64 at batch 1 and 16 and N = 2880,
@@ -112,7 +112,7 @@ VLM_LIMIT = {"cuda": 4, "cpu": 2}
 # Tiny models: every run at once on the GPU machine's 16 cores (lmms-eval's start-up is CPU-bound).
 VLM_PARALLEL_RUNS = {"cuda": 12, "cpu": 2}
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
-VERSIONED = ("torch", "transformers", "triton", "accelerate", "lmms_eval", "llava-torch", "datasets", "numpy")
+VERSIONED = ("torch", "transformers", "triton", "accelerate", "lmms_eval", "llava-torch", "torchvision", "qwen-vl-utils", "datasets", "numpy")
 
 
 @dataclass
@@ -430,6 +430,7 @@ def check_tokens(run: EvalRun, visual_tokens: list[list[int]], samples: int) -> 
         problems.append(f"{len(visual_tokens)} pruned images logged for {samples} samples")
 
     def expected(before: int) -> list[int]:
+        # A logged count below 1 is wrong in any case; budget() refuses it.
         tokens = run.visual_tokens or max(before, 1)
         return [tokens, budget(run.ratio, tokens)]
 
@@ -596,7 +597,8 @@ def run_table(records: list[dict], skipped: list[tuple[EvalRun, str]]) -> str:
 
 def lmms_step(device: str, deadline: float, runs: list[EvalRun], skipped: list[tuple[EvalRun, str]], what: str, suite: Suite) -> StepResult:
     work = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/otprune_gpu_check"))
-    reasons = {key: missing_requirements(next(run for run in runs if run.checkpoint == key)) for key in {run.checkpoint for run in runs}}
+    # What a run needs follows from its checkpoint (its lmms-eval model and tiny variant).
+    reasons = {key: missing_requirements(run) for key, run in {run.checkpoint: run for run in runs}.items()}
     skipped = skipped + [(run, reasons[run.checkpoint]) for run in runs if reasons[run.checkpoint]]
     runs = [run for run in runs if not reasons[run.checkpoint]]
     if not runs:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (issue 12): environment, CUDA tests, both benchmarks, lmms-eval and accelerate on a
-# full-size random-weight LLaVA, as one Markdown report ($OUT/gpu_check.md, else runs/gpu_check.md).
+# full-size random-weight LLaVA, lmms-eval on tiny Qwen-VL and OneVision checkpoints (issue 14), as
+# one Markdown report ($OUT/gpu_check.md, else runs/gpu_check.md).
 # Without a GPU it runs the reduced CPU mode (what CI runs). Options: see scripts/gpu_check.py.
 #   bash scripts/gpu_check.sh [--budget SECONDS] [--steps NAME,...] [--out FILE]
 # Offline GPU machine: run bash scripts/fetch_gpu_wheels.sh where pip works, carry .whl/ along; the
