@@ -645,7 +645,8 @@ def pruning_problem(env: dict, log: dict, samples: int) -> str | None:
     for before, after in log["visual_tokens"]:
         expected = 0 if config.method == "VTW" else budget(config.ratio, before)
         if after != expected:
-            return f"an image kept {after} of {before} visual tokens; {config.method} at ratio {config.ratio:g} keeps {expected}"
+            rule = "keeps none" if config.method == "VTW" else f"at ratio {config.ratio:g} keeps {expected}"
+            return f"an image kept {after} of {before} visual tokens; {config.method} {rule}"
     if len(log["visual_tokens"]) < samples:
         return f"{samples} samples evaluated but only {len(log['visual_tokens'])} images' selections logged"
     return None

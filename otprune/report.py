@@ -323,6 +323,8 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
                 "tflop_pct": pct,
                 "paper_tflop": paper_row.get("tflop") if paper_row else None,
             }
+            if tiny:
+                csv_row["tiny_llm_mflop"] = tiny_flops / 1e6 if tiny_flops else None
             for task in block_tasks:
                 value = run["scores"].get(task)
                 bench = catalogue[task]["benchmark"]
