@@ -1062,6 +1062,18 @@ class Session:
 _TOKENIZER_LOCK = threading.Lock()
 
 
+class _TokenizerOnly(logging.Filter):
+    """Drops transformers' warning that a checkpoint's model type (``llava_llama``, which only LLaVA's
+    own code registers) is read into a generic config: loading just the tokenizer reads the config,
+    but no model is built from it here, so there is nothing to check."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type ``" not in record.getMessage()
+
+
+_TOKENIZER_ONLY = _TokenizerOnly()
+
+
 def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, float]:
     """Mean text tokens of each task's prompts (the samples' ``input``) under the model's tokenizer."""
     if not sample_files:
@@ -1071,7 +1083,12 @@ def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, flo
         with _TOKENIZER_LOCK:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            config_logger = logging.getLogger("transformers.configuration_utils")
+            config_logger.addFilter(_TOKENIZER_ONLY)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            finally:
+                config_logger.removeFilter(_TOKENIZER_ONLY)
     except (OSError, ValueError, ImportError):
         return {}
     means = {}

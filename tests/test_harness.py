@@ -98,6 +98,19 @@ def test_a_retrained_checkpoint_is_copied_again_and_changes_the_runs_setting(tmp
     assert harness.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)["hash"] != before["hash"]
 
 
+def test_prompt_lengths_under_a_llava_checkpoints_tokenizer_come_without_a_model_type_warning(tmp_path, capfd):
+    from tokenizers import Tokenizer
+
+    prompt = "How many circles are there?\nAnswer the question using a single word or phrase."
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"input": prompt}) + "\n")
+    folder = harness.checkpoint("synth-llava-1.5", tmp_path / "runs")
+    expected = len(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids)
+    capfd.readouterr()
+    assert harness.text_tokens(folder, {"otprune_synth_count": samples}) == {"otprune_synth_count": expected}
+    assert "to instantiate a model of type" not in capfd.readouterr().err
+
+
 def test_paper_config_plans_every_model_method_task():
     config = harness.load_config("paper_table1")
     runs = harness.plan_runs(config, Path("runs"))
