@@ -255,8 +255,14 @@ def score_digits(unit: str) -> int:
 
 
 def label(run: dict) -> str:
-    """A row's name: method and ratio, and the limit when lmms-eval's results say one was used."""
-    name = f"{run['method']} {run['ratio']:g}" if run["method"] != "Original" else "Original"
+    """A row's name: method and ratio (VTW, which keeps no visual token: its K; K = 0 is the
+    no-image control), and the limit when lmms-eval's results say one was used."""
+    if run["method"] == "Original":
+        name = "Original"
+    elif run["method"] == "VTW":
+        name = f"VTW K={run['layer_index']}" + (" (no visual tokens)" if run["layer_index"] == 0 else "")
+    else:
+        name = f"{run['method']} {run['ratio']:g}"
     return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "")
 
 
