@@ -2,9 +2,10 @@
 
     otprune run [CONFIG] [--num-processes N] [--jobs N] [--limit N] [--runs-dir DIR] [--dry-run] [--no-report]
 
-CONFIG is a name in configs/ (``synth``, ``smoke``, ``paper_table1``) or a path to a YAML file; without it,
-``paper_table1`` runs when a GPU and the Hugging Face hub (or a local cache) are there, else
-``synth`` (the tiny LLaVA trained on the synthetic benchmark, on CPU). The runs folder is a small database with one writer:
+CONFIG is a name in configs/ (``synth``, ``smoke``, ``paper_table1``) or a path to a YAML file;
+without it, ``paper_table1`` runs when a GPU and the Hugging Face hub (or a local cache) are there,
+else ``synth`` (the tiny LLaVA trained on the synthetic benchmark, on CPU). The runs folder is a
+small database with one writer:
 
 - ``RUNS/<config>[_limitN]/.lock``: held by the one harness writing there; a second invocation on
   the same folder is refused.

@@ -282,7 +282,7 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
         avg = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned})
         one_shot = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned if r["method"] in ONE_SHOT})
         shape = MODELS[flops_model]
-        own_shape = tiny_shape(tiny, block[0]["llm_shape"]) if tiny else None
+        own_shape = tiny_shape(tiny, next((r["llm_shape"] for r in block if r["llm_shape"]), None)) if tiny else None
         title = f"## {model}"
         if tiny:
             what = (
