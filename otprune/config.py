@@ -7,7 +7,7 @@ Variables (names as in the reference code; values case-insensitive):
 - ``SUBSET_RATIO``: kept fraction of each image's visual tokens, in (0, 1]; required with every
   method except ``VTW`` (which keeps none).
 - ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``,
-  4 for ``VTW``).
+  4 for ``VTW``). ``VTW`` at K = 0 withdraws every visual token before the LLM: the no-image control.
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
   ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
   selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
@@ -101,11 +101,6 @@ class PruneConfig:
             raise ValueError(
                 f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE=FASTV: it ranks tokens by "
                 "the attention of layer K-1, so K must be >= 1"
-            )
-        if method == "VTW" and self.layer_index < 1:
-            raise ValueError(
-                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE=VTW: it withdraws the visual tokens "
-                f"after layers 0 .. K-1 have read them, so K must be >= 1 (default {DEFAULT_LAYERS['VTW']})"
             )
         if method in SELECTORS:
             # TRIM's text is the prompt itself, supplied by the adapter, not a setting.

@@ -2,9 +2,10 @@
 
     otprune run [CONFIG] [--num-processes N] [--jobs N] [--limit N] [--runs-dir DIR] [--dry-run] [--no-report]
 
-CONFIG is a name in configs/ (``smoke``, ``paper_table1``) or a path to a YAML file; without it,
-``paper_table1`` runs when a GPU and the Hugging Face hub (or a local cache) are there, else
-``smoke``. The runs folder is a small database with one writer:
+CONFIG is a name in configs/ (``synth``, ``smoke``, ``paper_table1``) or a path to a YAML file;
+without it, ``paper_table1`` runs when a GPU and the Hugging Face hub (or a local cache) are there,
+else ``synth`` (the tiny LLaVA trained on the synthetic benchmark, on CPU). The runs folder is a
+small database with one writer:
 
 - ``RUNS/<config>[_limitN]/.lock``: held by the one harness writing there; a second invocation on
   the same folder is refused.
@@ -57,7 +58,7 @@ from pathlib import Path
 
 import yaml
 
-from otprune.config import config_from_env
+from otprune.config import config_from_env, default_layer_index
 from otprune.selectors import budget
 from otprune.timing import TIMING_PREFIX
 
@@ -69,6 +70,7 @@ CHECKOUT = PACKAGE.parent if (PACKAGE.parent / "pyproject.toml").is_file() else 
 ROOT = PACKAGE if (PACKAGE / "configs").is_dir() else CHECKOUT or PACKAGE
 CONFIGS = ROOT / "configs"
 TINY_BUILDER = "scripts/build_tiny_llava.py"
+WEIGHTS = "model.safetensors"
 DEFAULT_RUNS = CHECKOUT / "runs" if CHECKOUT else Path("runs")
 
 # Display name (the paper's) -> BASELINE value of the patch.
@@ -80,20 +82,24 @@ METHODS = {
     "VTW": "VTW",
     "DPP": "DPP",
     "Random": "RANDOM",
+    "Uniform": "UNIFORM",
     "TrimTokenator": "TRIM",
     "STP": "STP",
 }
-# Methods that keep no ratio: the full model, and VTW (drops every visual token at layer K).
+# Methods that keep no ratio: the full model, and VTW (drops every visual token at layer K; at K = 0
+# the LLM reads the text alone, the no-image control).
 RATIO_FREE = {"Original": 1.0, "VTW": 0.0}
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     """``flops_model``: the real LLM shape (otprune.measures.MODELS) of the TFLOP column;
-    ``tiny``: the build_tiny_llava.py variant when the checkpoint is built here."""
+    ``tiny``: the build_tiny_llava.py variant when the checkpoint is built here; ``trained``: its
+    weights were trained (on the synthetic benchmark), so its scores mean something."""
 
     flops_model: str
     tiny: str | None = None
+    trained: bool = False
 
 
 MODELS = {
@@ -105,6 +111,7 @@ MODELS = {
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": ModelSpec("llava-onevision-7b"),
     "tiny-llava-1.5": ModelSpec("llava-1.5-7b", tiny="llava-1.5"),
     "tiny-llava-1.6": ModelSpec("llava-1.6-7b", tiny="llava-1.6"),
+    "synth-llava-1.5": ModelSpec("llava-1.5-7b", tiny="synth-llava-1.5", trained=True),
 }
 CONFIG_KEYS = {"lmms_model", "model_args", "models", "methods", "tasks", "batch_size", "num_processes", "group_tasks"}
 METHOD_KEYS = {"ratios", "layer_index", "env"}
@@ -442,6 +449,8 @@ def run_setting(config: Config, model: str, method: str, ratio: float, env: dict
         "env": dict(sorted(env.items())),
         "limit": limit,
     }
+    if MODELS[model].trained:
+        setting["weights_sha256"] = trained_weights_sha256(model)
     return {**setting, "hash": hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]}
 
 
@@ -637,7 +646,8 @@ def pruning_problem(env: dict, log: dict, samples: int) -> str | None:
     for before, after in log["visual_tokens"]:
         expected = 0 if config.method == "VTW" else budget(config.ratio, before)
         if after != expected:
-            return f"an image kept {after} of {before} visual tokens; {config.method} at ratio {config.ratio:g} keeps {expected}"
+            rule = "keeps none" if config.method == "VTW" else f"at ratio {config.ratio:g} keeps {expected}"
+            return f"an image kept {after} of {before} visual tokens; {config.method} {rule}"
     if len(log["visual_tokens"]) < samples:
         return f"{samples} samples evaluated but only {len(log['visual_tokens'])} images' selections logged"
     return None
@@ -677,6 +687,8 @@ def prerequisites(config: Config, num_processes: int) -> tuple[list[str], list[s
     tiny = [m for m in config.models if MODELS[m].tiny is not None]
     if tiny and (CHECKOUT is None or not (CHECKOUT / TINY_BUILDER).is_file()):
         missing.append(f"{', '.join(tiny)} are built by {TINY_BUILDER}, which only a source checkout has (pip install -e CLONE)")
+    elif tiny:
+        missing += layer_problems(config, tiny)
     real = [m for m in config.models if MODELS[m].tiny is None]
     if real:
         gpus = gpu_count()
@@ -703,13 +715,30 @@ def prerequisites(config: Config, num_processes: int) -> tuple[list[str], list[s
     return missing, warnings
 
 
+def layer_problems(config: Config, tiny: list[str]) -> list[str]:
+    """Methods whose K is beyond a tiny checkpoint's LLM (its shape is known before it is built):
+    the patch would refuse them at the first sample of every run."""
+    problems = []
+    for model in tiny:
+        layers = tiny_llm_shape(MODELS[model].tiny)["layers"]
+        for method, spec in config.methods.items():
+            k = config.models[model].get(method, {}).get("layer_index", spec.get("layer_index", default_layer_index(METHODS[method])))
+            if k >= layers:
+                problems.append(
+                    f"{method}'s layer_index {k} is beyond {model}'s LLM, which has {layers} layers (0 .. {layers - 1}); "
+                    f"give it a smaller layer_index for this model (models: {{{model}: {{{method}: {{layer_index: K}}}}}})"
+                )
+    return problems
+
+
 def default_config() -> tuple[str, str]:
-    """``paper_table1`` with a GPU and the hub (or a cache), else ``smoke``; and why."""
+    """``paper_table1`` with a GPU and the hub (or a cache), else ``synth`` (the tiny LLaVA trained
+    on the synthetic benchmark); and why."""
     gpus = gpu_count()
     if gpus == 0:
-        return "smoke", "no GPU"
+        return "synth", "no GPU"
     if not hub_reachable() and not all(cached_model(m) for m in MODELS if MODELS[m].tiny is None):
-        return "smoke", "no hub access and no local cache of the models"
+        return "synth", "no hub access and no local cache of the models"
     return "paper_table1", f"{gpus} GPU(s) and the models available"
 
 
@@ -782,7 +811,8 @@ def stale_children(runs_label_dir: Path) -> list[dict]:
 
 def checkpoint(model: str, runs_root: Path) -> str:
     """What lmms-eval loads: the hub id, or the tiny checkpoint built once under RUNS/checkpoints
-    (under a lock: harnesses of other configs share it)."""
+    (under a lock: harnesses of other configs share it). A trained checkpoint is copied again when
+    the shipped weights changed (a retraining) since the copy was made."""
     spec = MODELS[model]
     if spec.tiny is None:
         return model
@@ -790,9 +820,41 @@ def checkpoint(model: str, runs_root: Path) -> str:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (folder / "otprune_tiny.json").exists():
+        stale = spec.trained and (
+            not (folder / WEIGHTS).is_file() or sha256(folder / WEIGHTS) != trained_weights_sha256(model)
+        )
+        if stale or not (folder / "otprune_tiny.json").exists():
             tiny_builder().build(folder, spec.tiny)
     return str(folder.resolve())
+
+
+def trained_weights_sha256(model: str) -> str:
+    """The SHA-256 of a trained model's shipped weights: part of its runs' setting, so that results
+    of an earlier training never pass for the current checkpoint's."""
+    return sha256(tiny_builder().TRAINED[MODELS[model].tiny] / WEIGHTS)
+
+
+def tiny_llm_shape(variant: str) -> dict:
+    """``{layers, hidden, ffn}`` of the LLM build_tiny_llava.py gives ``variant``: a trained variant's
+    shipped config.json, the random variants' fixed shape."""
+    builder = tiny_builder()
+    if variant in builder.TRAINED:
+        shape = llm_shape(builder.TRAINED[variant])
+        if shape is None:
+            raise MissingResource(f"{builder.TRAINED[variant] / 'config.json'} is missing or names no LLM shape")
+        return shape
+    return {"layers": builder.TEXT_LAYERS, "hidden": builder.TEXT_HIDDEN, "ffn": builder.TEXT_FFN}
+
+
+def llm_shape(folder: Path) -> dict | None:
+    """``{layers, hidden, ffn}`` of the LLM in a checkpoint folder's config.json (its
+    ``text_config`` where it has one); ``None`` when there is no readable config."""
+    config = read_results(Path(folder) / "config.json")
+    text = config.get("text_config") or config
+    try:
+        return {"layers": int(text["num_hidden_layers"]), "hidden": int(text["hidden_size"]), "ffn": int(text["intermediate_size"])}
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 class _TorchvisionHint(logging.Filter):
@@ -1001,6 +1063,18 @@ class Session:
 _TOKENIZER_LOCK = threading.Lock()
 
 
+class _TokenizerOnly(logging.Filter):
+    """Drops transformers' warning that a checkpoint's model type (``llava_llama``, which only LLaVA's
+    own code registers) is read into a generic config: loading just the tokenizer reads the config,
+    but no model is built from it here, so there is nothing to check."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "to instantiate a model of type ``" not in record.getMessage()
+
+
+_TOKENIZER_ONLY = _TokenizerOnly()
+
+
 def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, float]:
     """Mean text tokens of each task's prompts (the samples' ``input``) under the model's tokenizer."""
     if not sample_files:
@@ -1010,7 +1084,12 @@ def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, flo
         with _TOKENIZER_LOCK:
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            config_logger = logging.getLogger("transformers.configuration_utils")
+            config_logger.addFilter(_TOKENIZER_ONLY)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(pretrained)
+            finally:
+                config_logger.removeFilter(_TOKENIZER_ONLY)
     except (OSError, ValueError, ImportError):
         return {}
     means = {}
@@ -1086,6 +1165,9 @@ def execute(config: Config, run: Run, pretrained: str, session: Session) -> dict
         "model": run.model,
         "flops_model": MODELS[run.model].flops_model,
         "tiny": MODELS[run.model].tiny,
+        "trained": MODELS[run.model].trained,
+        # The LLM that ran, for the report's FLOPs of the tiny checkpoint itself.
+        "llm_shape": llm_shape(Path(pretrained)) if MODELS[run.model].tiny else None,
         "method": run.method,
         "ratio": run.ratio,
         "env": run.env,

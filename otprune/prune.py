@@ -40,7 +40,8 @@ def select_per_image(
     images: Sequence[torch.Tensor],
     texts: Sequence[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
-    """Kept indices for each image's ``(N_i, d)`` tokens under ``config`` (a feature selector).
+    """Kept indices for each image's ``(N_i, d)`` tokens under ``config`` (a feature selector, or
+    ``VTW`` at ``LAYER_INDEX = 0``, which keeps none: the prompt's text alone reaches the LLM).
 
     Images with the same ``N`` (all of LLaVA-1.5's) go through the selector as one ``(B, N, d)``
     batch; each is still pruned to its own budget ``budget(config.ratio, N_i)``. ``texts`` gives,
@@ -55,8 +56,12 @@ def select_per_image(
 
 
 def _select(config: PruneConfig, images: Sequence[torch.Tensor], texts) -> list[torch.Tensor]:
-    selector = get_selector(config.method)
     start = selection_clock(config, images)
+    if config.method == "VTW":
+        kept = [torch.empty(0, dtype=torch.long, device=tokens.device) for tokens in images]
+        log_selection(config, images, kept, start)
+        return kept
+    selector = get_selector(config.method)
     groups: dict[int, list[int]] = defaultdict(list)
     for i, tokens in enumerate(images):
         groups[tokens.shape[0]].append(i)

@@ -36,7 +36,7 @@ from scipy.stats import rankdata, wilcoxon
 from otprune.analysis.figures import write_pareto_figures
 from otprune.harness import METHODS as METHOD_NAMES
 from otprune.harness import MODELS as MODEL_SPECS
-from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_builder
+from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_llm_shape
 from otprune.measures import MODELS, ModelShape, prefill_flops
 from otprune.selectors import budget
 from otprune.timing import spread
@@ -56,10 +56,11 @@ def load_yaml(name: str) -> dict:
     return yaml.safe_load(config_file(name).read_text())
 
 
-def tiny_shape() -> ModelShape:
-    """The LLM of scripts/build_tiny_llava.py, for the FLOPs of what actually ran."""
-    builder = tiny_builder()
-    return ModelShape(hidden=builder.TEXT_HIDDEN, ffn=builder.TEXT_FFN, layers=builder.TEXT_LAYERS)
+def tiny_shape(variant: str, recorded: dict | None = None) -> ModelShape:
+    """The LLM of a tiny checkpoint, for the FLOPs of what actually ran: the shape its runs recorded
+    (the checkpoint's config.json), else what scripts/build_tiny_llava.py gives ``variant`` now."""
+    shape = recorded or tiny_llm_shape(variant)
+    return ModelShape(hidden=shape["hidden"], ffn=shape["ffn"], layers=shape["layers"])
 
 
 # -- pure statistics ------------------------------------------------------------------------
@@ -168,6 +169,8 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         "model_id": setting["model"],
         "flops_model": model.flops_model,
         "tiny": model.tiny,
+        "trained": model.trained,
+        "llm_shape": next((r["llm_shape"] for r in done if _is_shape(r.get("llm_shape"))), None),
         "method": setting["method"],
         "ratio": float(setting["ratio"]),
         "limit": max((v for v in limits if v is not None), default=None),
@@ -183,6 +186,10 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
     }
 
 
+def _is_shape(value) -> bool:
+    return isinstance(value, dict) and all(isinstance(value.get(k), int) and value[k] > 0 for k in ("layers", "hidden", "ffn"))
+
+
 TIMING_FIELDS = ("prefill_ms", "vision_ms", "selection_ms", "llm_prefill_ms", "decode_ms_per_token", "generated_tokens")
 
 
@@ -195,8 +202,8 @@ def latency_summary(timing: list[dict]) -> dict:
 
 
 def row_order(run: dict) -> tuple:
-    """Table 1's order of a model's rows: Original, the one-shot methods, DPP, Random, the rest; by ratio."""
-    order = ["Original", *ONE_SHOT, "DPP", "Random"]
+    """Table 1's order of a model's rows: Original, the one-shot methods, DPP, Random, Uniform, the rest; by ratio."""
+    order = ["Original", *ONE_SHOT, "DPP", "Random", "Uniform"]
     return (order.index(run["method"]) if run["method"] in order else len(order), run["ratio"])
 
 
@@ -248,8 +255,14 @@ def score_digits(unit: str) -> int:
 
 
 def label(run: dict) -> str:
-    """A row's name: method and ratio, and the limit when lmms-eval's results say one was used."""
-    name = f"{run['method']} {run['ratio']:g}" if run["method"] != "Original" else "Original"
+    """A row's name: method and ratio (VTW, which keeps no visual token: its K; K = 0 is the
+    no-image control), and the limit when lmms-eval's results say one was used."""
+    if run["method"] == "Original":
+        name = "Original"
+    elif run["method"] == "VTW":
+        name = f"VTW K={run['layer_index']}" + (" (no visual tokens)" if run["layer_index"] == 0 else "")
+    else:
+        name = f"{run['method']} {run['ratio']:g}"
     return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "")
 
 
@@ -269,9 +282,18 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
         avg = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned})
         one_shot = average_ranks({label(r): [r["scores"].get(t) for t in block_tasks] for r in pruned if r["method"] in ONE_SHOT})
         shape = MODELS[flops_model]
+        own_shape = tiny_shape(tiny, next((r["llm_shape"] for r in block if r["llm_shape"]), None)) if tiny else None
         title = f"## {model}"
         if tiny:
-            title += f" (tiny random-weight stand-in for {flops_model}: TFLOP is for {flops_model}'s LLM at these token counts)"
+            what = (
+                f"tiny model of {flops_model}'s visual geometry trained on the synthetic benchmark (configs/otprune_synth)"
+                if block[0]["trained"]
+                else f"tiny random-weight stand-in for {flops_model}"
+            )
+            title += (
+                f" ({what}: TFLOP is for {flops_model}'s LLM at these token counts; Tiny LLM MFLOP for this checkpoint's "
+                f"own LLM, {own_shape.layers} layers of width {own_shape.hidden}, FFN {own_shape.ffn})"
+            )
         lines += [title, ""]
         header = ["Method", "Visual tokens / image", "TFLOP (%)"]
         if tiny:
@@ -293,7 +315,7 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
                 tflop += f" [{flops / 1e12 - paper_row['tflop']:+.3f}]"
             cells = [label(run), tokens, tflop]
             if tiny:
-                tiny_flops = flops_of(run, before, after, block_tasks, catalogue, tiny_shape())
+                tiny_flops = flops_of(run, before, after, block_tasks, catalogue, own_shape)
                 cells.append(fmt(tiny_flops / 1e6 if tiny_flops else None, 1))
             csv_row = {
                 "model": model,
@@ -307,6 +329,8 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
                 "tflop_pct": pct,
                 "paper_tflop": paper_row.get("tflop") if paper_row else None,
             }
+            if tiny:
+                csv_row["tiny_llm_mflop"] = tiny_flops / 1e6 if tiny_flops else None
             for task in block_tasks:
                 value = run["scores"].get(task)
                 bench = catalogue[task]["benchmark"]
@@ -446,7 +470,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         if run is not None:
             runs.append(run)
     lines = [f"# Table 1: {runs_dir.name}", ""]
-    if any(r["tiny"] for r in runs):
+    if any(r["tiny"] and not r["trained"] for r in runs):
         lines += [RANDOM_WEIGHTS_NOTE, ""]
     if any(r["limit"] is not None for r in runs):
         lines += [LIMIT_NOTE, ""]

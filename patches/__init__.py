@@ -37,7 +37,7 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
 
     ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
     ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before (default
-    0; 2 for FASTV, 4 for VTW);
+    0; 2 for FASTV, 4 for VTW; VTW at 0 gives the LLM the text alone);
     ``options``: selector options (``gamma=``, ``seed=``, ``alpha=``, ``keep_ratio=``).
     """
     if layer_index is None:

@@ -8,9 +8,9 @@ its own token embeddings with each row's image features scattered into that row'
 No version-specific argument is used (``mm_encoder_outputs`` exists only from transformers 5.23
 on), so every transformers in ``SUPPORTED_TRANSFORMERS`` behaves the same.
 
-- ``LAYER_INDEX = 0``: each image's features are cut to the selector's picks and the unkept
-  placeholders removed from ``input_ids`` (and the attention mask, labels and position ids), so
-  the LLM sees a shorter prompt. ``generate`` returns the caller's full ``input_ids`` followed by
+- ``LAYER_INDEX = 0``: each image's features are cut to the selector's picks (VTW: none) and
+  the unkept placeholders removed from ``input_ids`` (and the attention mask, labels and position
+  ids), so the LLM sees a shorter prompt. ``generate`` returns the caller's full ``input_ids`` followed by
   the new tokens, as unpruned; ``forward`` returns logits for the shortened sequence.
 - ``K > 0``: the features go in whole and the layer hooks of ``layers.py`` prune inside the LLM.
 

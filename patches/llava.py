@@ -7,10 +7,11 @@ position's index: the output then holds, per position, the input token it came f
 ``IGNORE_INDEX`` where a visual token (or padding) sits. The caller's labels are mapped back
 through those indices afterwards.
 
-``LAYER_INDEX = 0``: the visual tokens not kept are removed from the sequence here; the kept
-ones keep their order, the sequence is re-padded on the model's padding side and positions are
-renumbered, as LLaVA numbers any sequence. ``K > 0``: the sequence is left whole and the
-positions of its visual tokens are handed to the layer hooks (``layers.py``).
+``LAYER_INDEX = 0``: the visual tokens not kept are removed from the sequence here (VTW keeps
+none: the LLM gets the prompt without its image); the kept ones keep their order, the sequence
+is re-padded on the model's padding side and positions are renumbered, as LLaVA numbers any
+sequence. ``K > 0``: the sequence is left whole and the positions of its visual tokens are
+handed to the layer hooks (``layers.py``).
 """
 
 from __future__ import annotations

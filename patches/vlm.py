@@ -9,8 +9,8 @@ into their placeholders, and the positions of every token (Qwen: the 3-D (time, 
 rotary positions of the model's own ``get_rope_index``, text after an image continuing from the
 grid's largest position; OneVision: the 1-D positions the unpruned call would use). Then:
 
-- ``LAYER_INDEX = 0``: each selection unit keeps ``budget(ratio, N)`` of its ``N`` tokens; the
-  LLM gets ``inputs_embeds`` and ``position_ids`` cut to the kept tokens (and re-padded), so each
+- ``LAYER_INDEX = 0``: each selection unit keeps ``budget(ratio, N)`` of its ``N`` tokens
+  (VTW: none); the LLM gets ``inputs_embeds`` and ``position_ids`` cut to the kept tokens (and re-padded), so each
   kept token keeps the position the unpruned model gives it: **choice**: positions are gathered,
   never renumbered, as renumbering would scramble the image grid's spatial layout. Decoding goes
   on from the last prompt token's position, which is the unpruned model's next position (prompts

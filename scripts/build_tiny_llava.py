@@ -28,6 +28,8 @@ import torch
 VARIANTS = ("llava-1.5", "llava-1.6", "llava-hf", "llava-next-hf", "synth-llava-1.5")
 # The checkpoint scripts/train_tiny_llava.py trained on the synthetic benchmark (variant synth-llava-1.5).
 SHIPPED_SYNTH = Path(__file__).resolve().parent.parent / "configs" / "otprune_synth" / "synth-llava-1.5"
+# Variants copied from a trained folder rather than built: variant -> that folder.
+TRAINED = {"synth-llava-1.5": SHIPPED_SYNTH}
 IMAGE_SIZE = 336
 PATCH = 14
 VISION_HIDDEN = 32
@@ -217,8 +219,8 @@ def build(out_dir: str | Path, variant: str = "llava-1.5", seed: int = 0) -> Pat
     path = Path(out_dir)
     if "llava" not in path.name.lower():
         raise ValueError(f"the checkpoint folder name must contain 'llava' (LLaVA's loader checks it); got {path.name!r}")
-    if variant == "synth-llava-1.5":
-        install_trained(SHIPPED_SYNTH, path)
+    if variant in TRAINED:
+        install_trained(TRAINED[variant], path)
     elif variant.endswith("-hf"):
         build_hf(path, next_style=variant == "llava-next-hf", seed=seed)
     else:

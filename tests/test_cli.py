@@ -65,7 +65,7 @@ def test_without_a_checkout_tiny_models_name_their_builder(monkeypatch):
     monkeypatch.setattr(harness, "CHECKOUT", None)
     harness.tiny_builder.cache_clear()
     missing, _ = harness.prerequisites(harness.load_config("smoke"), 1)
-    assert any("tiny-llava-1.5, tiny-llava-1.6 are built by scripts/build_tiny_llava.py" in m for m in missing)
+    assert any("tiny-llava-1.6 are built by scripts/build_tiny_llava.py" in m for m in missing)
     with pytest.raises(harness.MissingResource, match="build_tiny_llava.py"):
         harness.tiny_builder()
 

@@ -25,6 +25,8 @@ def test_defaults_and_method_specific_options():
     assert config_from_env({"BASELINE": "FASTV", "SUBSET_RATIO": "0.25"}).layer_index == 2
     assert config_from_env({"BASELINE": "VTW"}).layer_index == 4
     assert config_from_env({"BASELINE": "VTW", "LAYER_INDEX": "2"}).ratio is None
+    # K = 0 withdraws every visual token before the LLM: the no-image control.
+    assert config_from_env({"BASELINE": "VTW", "LAYER_INDEX": "0"}) == PruneConfig("VTW", None, 0)
     # An option for another method is ignored, so one environment can drive a sweep.
     assert config_from_env({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "1"}).options == {}
     assert config_from_env({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "4"}).options == {"seed": 4}
@@ -42,7 +44,6 @@ def test_defaults_and_method_specific_options():
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "-1"}, r"LAYER_INDEX=-1 is not allowed; it must be an integer >= 0"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "two"}, r"LAYER_INDEX='two' is not allowed; it must be an integer"),
         ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=FASTV"),
-        ({"BASELINE": "VTW", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=VTW: .* K must be >= 1 \(default 4\)"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "0"}, r"OTPRUNE_GAMMA \(gamma\) must be a number in \[2.94e-39, 8.51e\+37\]"),
         ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),

@@ -16,7 +16,7 @@ import yaml
 
 from conftest import ROOT
 from otprune import harness, report
-from otprune.measures import prefill_flops, pruned_prefill_flops
+from otprune.measures import ModelShape, prefill_flops, pruned_prefill_flops
 from otprune.timing import timing_line
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
@@ -44,13 +44,71 @@ def write_config(path: Path, **changes) -> Path:
 # -- configs --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["smoke", "paper_table1"])
+@pytest.mark.parametrize("name", ["synth", "smoke", "paper_table1"])
 def test_shipped_configs_load(name):
     config = harness.load_config(name)
     runs = harness.plan_runs(config, Path("runs"))
     assert {r.method for r in runs} >= {"Original", "OTPrune", "DivPrune", "FastV", "VTW"}
     fastv = next(r for r in runs if r.method == "FastV")
     assert fastv.env == {"BASELINE": "FASTV", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "2"}
+
+
+def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_control():
+    config = harness.load_config("synth")
+    runs = harness.plan_runs(config, Path("runs"))
+    assert config.models == {"synth-llava-1.5": {}} and config.group_tasks and config.batch_size == 1
+    assert config.tasks == [f"otprune_synth_{kind}" for kind in ("yesno", "attribute", "count", "spatial", "caption")]
+    assert sorted((r.method, r.ratio) for r in runs) == sorted(
+        [("Original", 1.0), ("VTW", 0.0)]
+        + [(m, r) for m in ("OTPrune", "DivPrune", "DPP", "Random", "Uniform", "FastV") for r in (0.098, 0.25)]
+    )
+    assert next(r for r in runs if r.method == "VTW").env == {"BASELINE": "VTW", "LAYER_INDEX": "0"}
+    assert next(r for r in runs if r.method == "Uniform").env == {"BASELINE": "UNIFORM", "SUBSET_RATIO": "0.098"}
+
+
+def test_without_a_gpu_the_default_config_is_synth(monkeypatch):
+    monkeypatch.setattr(harness, "gpu_count", lambda: 0)
+    assert harness.default_config() == ("synth", "no GPU")
+
+
+def test_a_layer_index_beyond_the_trained_checkpoints_llm_is_missing_before_any_run(tmp_path):
+    layers = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "config.json").read_text())["num_hidden_layers"]
+    path = write_config(tmp_path / "deep.yaml", models={"synth-llava-1.5": {}}, methods={"FastV": {"ratios": [0.5], "layer_index": layers}, "VTW": {"layer_index": 0}})
+    missing, _ = harness.prerequisites(harness.load_config(str(path)), 1)
+    assert [m for m in missing if "layer_index" in m] == [
+        f"FastV's layer_index {layers} is beyond synth-llava-1.5's LLM, which has {layers} layers (0 .. {layers - 1}); "
+        "give it a smaller layer_index for this model (models: {synth-llava-1.5: {FastV: {layer_index: K}}})"
+    ]
+
+
+def test_a_retrained_checkpoint_is_copied_again_and_changes_the_runs_setting(tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    builder = harness.tiny_builder()
+    shutil.copytree(builder.TRAINED["synth-llava-1.5"], shipped)
+    monkeypatch.setitem(builder.TRAINED, "synth-llava-1.5", shipped)
+    config = harness.load_config("synth")
+    env = {"BASELINE": "VTW", "LAYER_INDEX": "0"}
+    before = harness.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)
+    copy = Path(harness.checkpoint("synth-llava-1.5", tmp_path / "runs"))
+    assert (copy / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    with open(shipped / "model.safetensors", "ab") as weights:
+        weights.write(b"retrained")
+    assert Path(harness.checkpoint("synth-llava-1.5", tmp_path / "runs")) == copy
+    assert (copy / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    assert harness.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)["hash"] != before["hash"]
+
+
+def test_prompt_lengths_under_a_llava_checkpoints_tokenizer_come_without_a_model_type_warning(tmp_path, capfd):
+    from tokenizers import Tokenizer
+
+    prompt = "How many circles are there?\nAnswer the question using a single word or phrase."
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"input": prompt}) + "\n")
+    folder = harness.checkpoint("synth-llava-1.5", tmp_path / "runs")
+    expected = len(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids)
+    capfd.readouterr()
+    assert harness.text_tokens(folder, {"otprune_synth_count": samples}) == {"otprune_synth_count": expected}
+    assert "to instantiate a model of type" not in capfd.readouterr().err
 
 
 def test_paper_config_plans_every_model_method_task():
@@ -83,7 +141,13 @@ def test_bad_config_fails_before_any_run(tmp_path, capsys, changes, message):
 
 def test_unknown_config_name_lists_the_shipped_ones(capsys):
     assert harness.main(["no_such_config"]) == 2
-    assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, smoke" in capsys.readouterr().err
+    assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, smoke, synth" in capsys.readouterr().err
+
+
+def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
+    path = write_config(tmp_path / "m.yaml", methods={"Uniformly": {"ratios": [0.1]}})
+    with pytest.raises(harness.ConfigError, match="unknown method 'Uniformly'; allowed: DPP, DivPrune, FastV, OTPrune, Original, Random, STP, TrimTokenator, Uniform, VTW"):
+        harness.load_config(str(path))
 
 
 def test_prune_log_parsing():
@@ -154,6 +218,25 @@ def write_run(folder: Path, model: str, method: str, ratio: float, method_spec: 
               "samples": {}, "eval_s": None, "peak_rss_mb": 0, "wall_s": 0, "visual_tokens": [], "selector_ms": [], "text_tokens": {}, **record}
     (folder / "otprune_a.json").write_text(json.dumps(record))
     return results_file
+
+
+def test_report_of_the_trained_model_uses_its_own_llm_shape_and_calls_its_scores_meaningful(tmp_path):
+    shape = {"layers": 3, "hidden": 48, "ffn": 96}
+    results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}}}
+    runs = tmp_path / "synth" / "synth-llava-1.5"
+    for method, ratio, spec, after in (("Original", 1.0, {}, 576), ("Uniform", 0.25, {}, 144), ("VTW", 0.0, {"layer_index": 0}, 0)):
+        write_run(runs / f"{method}_{ratio:g}", "synth-llava-1.5", method, ratio, spec, results,
+                  visual_tokens=[[576, after]] if method != "Original" else [], text_tokens={"otprune_synth_count": 20}, llm_shape=shape)
+    _, csv_path, markdown = report.write_report(tmp_path / "synth", tmp_path)
+    assert "random weights" not in markdown
+    assert "trained on the synthetic benchmark" in markdown and "3 layers of width 48, FFN 96" in markdown
+    rows = [r for r in csv.DictReader(open(csv_path))]
+    assert [r["method"] for r in rows] == ["Original", "VTW", "Uniform"]
+    assert "| VTW K=0 (no visual tokens) | 576 → 0 |" in markdown
+    own = ModelShape(hidden=48, ffn=96, layers=3)
+    for row, kept in zip(rows, (576, 0, 144)):
+        assert float(row["tiny_llm_mflop"]) == pytest.approx(prefill_flops(20 + kept, own) / 1e6)
+        assert float(row["tflop"]) == pytest.approx(prefill_flops(20 + kept) / 1e12)
 
 
 def paper_runs(root: Path, model: str, model_id: str) -> Path:

@@ -186,6 +186,11 @@ def test_a_pruning_run_without_the_entry_point_fails(tmp_path):
         ({"BASELINE": "VTW", "LAYER_INDEX": "2"}, "otprune VTW: visual tokens 576->0, 576->0; selector 0.1 ms", 2, None),
         ({"BASELINE": "VTW", "LAYER_INDEX": "2"}, "otprune VTW: visual tokens 576->0; selector 0.1 ms", 2,
          "2 samples evaluated but only 1 images' selections logged"),
+        # K = 0: the no-image control keeps no visual token, before the LLM as inside it.
+        ({"BASELINE": "VTW", "LAYER_INDEX": "0"}, "otprune VTW: visual tokens 576->0; selector 0.0 ms", 1, None),
+        ({"BASELINE": "VTW", "LAYER_INDEX": "0"}, "otprune VTW: visual tokens 576->56; selector 0.0 ms", 1,
+         "an image kept 56 of 576 visual tokens; VTW keeps none"),
+        ({"BASELINE": "UNIFORM", "SUBSET_RATIO": "0.25"}, "otprune UNIFORM: visual tokens 576->144; selector 0.1 ms", 1, None),
         ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.25"}, "otprune FASTV: visual tokens 2144->536; selector 0.1 ms", 1, None),
         ({"BASELINE": "DPP", "SUBSET_RATIO": "0.25"}, "otprune OURS: visual tokens 576->144; selector 0.1 ms", 1,
          "the log shows a selection by OURS, not DPP"),

@@ -284,6 +284,41 @@ def test_vtw_leaves_no_visual_token(models):
     assert kept.numel() == ids.numel() - 1
 
 
+def without_image(ids):
+    """The prompt with its image placeholder removed: what a text-only model is asked."""
+    return ids[ids != -200]
+
+
+@pytest.mark.parametrize("variant", ["llava-1.5", "llava-1.6"])
+def test_vtw_at_k0_is_the_prompt_without_its_image(models, variant):
+    _, model, _ = models[variant]
+    ids, pixel, sizes = encode(models, variant, PROMPT, [make_image(500, 300, 13)])
+    text = without_image(ids)
+    expected_embeds = model.get_model().embed_tokens(text)[None]
+    expected = generate(model, text, None, None)
+    patches.prune(model, "VTW", None, layer_index=0)
+    embeds, mask, _ = spliced(model, ids, pixel, sizes)
+    assert embeds.shape[1] == text.numel()
+    assert torch.equal(embeds, expected_embeds) and bool(mask.all())
+    assert torch.equal(generate(model, ids, pixel, sizes), expected)
+
+
+def test_vtw_at_k0_batch_with_padding_generates_each_prompt_without_its_image(models):
+    _, model, _ = models["llava-1.5"]
+    prompts = [PROMPT, "USER: <image>\nIs there a red car in the picture? Please answer yes or no. ASSISTANT:"]
+    encoded = [encode(models, "llava-1.5", p, [make_image(500, 300, 14 + i)]) for i, p in enumerate(prompts)]
+    alone = [generate(model, without_image(ids), None, None)[0] for ids, _, _ in encoded]
+    patches.prune(model, "VTW", None, layer_index=0)
+    model.config.tokenizer_padding_side = "left"
+    try:
+        ids, mask = pad_batch([e[0] for e in encoded], "left")
+        together = generate(model, ids, torch.cat([e[1] for e in encoded]), [e[2][0] for e in encoded], mask)
+    finally:
+        model.config.tokenizer_padding_side = "right"
+    for row, expected in enumerate(alone):
+        assert together[row].tolist() == expected.tolist()
+
+
 def test_layer_index_beyond_the_model_is_refused_before_anything_runs(models, monkeypatch):
     _, model, _ = models["llava-1.5"]
     ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 12)])

@@ -309,6 +309,27 @@ def test_layer_k_prunes_the_kv_cache(models, variant, method):
     assert generated.shape[1] == length + 5
 
 
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_vtw_at_k0_gives_the_llm_only_the_text_at_its_unpruned_positions(models, variant):
+    """No visual token reaches the LLM; each text token keeps its hidden state and rotary position
+    of the unpruned call (positions are gathered, not renumbered: the module's **choice**)."""
+    processor, model = models[variant]
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    inputs = inputs_for(processor, questions, [[make_image(500, 300, 19)], [make_image(320, 320, 20)]])
+    text = [mask.bool() & (ids != model.config.image_token_id) for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+    full = first_layer_inputs(model, inputs)[0]
+    patches.prune(model, "VTW", None, layer_index=0)
+    pruned = first_layer_inputs(model, inputs)[0]
+    length = max(int(t.sum()) for t in text)
+    assert pruned[0].shape[1] == length
+    for row, keep in enumerate(text):
+        n = int(keep.sum())
+        for got, expected in zip(pruned, full):
+            assert torch.equal(got[row, length - n :], expected[row, keep])
+    generated = generate(model, inputs)
+    assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+
+
 @pytest.mark.parametrize("layer_index", [0, 1])
 def test_qwen3_deepstack_features_are_added_at_the_kept_visual_tokens(models, layer_index):
     """After decoder layer i Qwen3-VL adds DeepStack level i at visual tokens: with pruning at
