@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 
 __all__ = [
     "BACKGROUND", "CAPTION_PROMPT", "COLOURS", "HELD_OUT_SEED", "IMAGE_SIZE", "KINDS", "PATCH", "SHAPES", "SHORT_ANSWER_PROMPT",
-    "SIZES", "SPLITS", "Shape", "caption", "in_split", "random_scene", "draw", "question_rows", "questions", "scene_from_dict", "scenes", "vocabulary",
+    "SIZES", "SPLITS", "Shape", "blind_chance", "caption", "in_split", "random_scene", "draw", "question_rows", "question_template", "questions", "scene_from_dict", "scenes", "vocabulary",
 ]
 
 IMAGE_SIZE = 336
@@ -242,3 +242,31 @@ def vocabulary() -> list[str]:
         CAPTION_PROMPT,
         " ".join(words),
     ]
+
+
+def question_template(question: str) -> str:
+    """``question`` with its object words (colours, shapes, sizes) blanked: what a model that
+    cannot see the image knows of it."""
+    words = {*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *SIZES}
+    return " ".join("_" if w.strip("?") in words else w for w in question.split())
+
+
+def blind_chance(rows: dict[str, list[dict]]) -> dict[str, float]:
+    """The best score a model blind to the image can reach on ``rows`` (``question_rows``' form):
+    per kind, every question template answered with its most frequent answer (``<kind>_em``);
+    for presence, that accuracy (``presence_acc``) and the F1 of always answering "yes"
+    (``presence_f1``). Answers compare as ``otprune.benchmark_metrics.normalise`` leaves them."""
+    from otprune.benchmark_metrics import normalise, yes_no_f1
+
+    scores = {}
+    for kind, items in rows.items():
+        by_template: dict[str, list[str]] = {}
+        for r in items:
+            by_template.setdefault(question_template(r["question"]), []).append(normalise(r["answer"]))
+        best = sum(max(answers.count(a) for a in set(answers)) for answers in by_template.values()) / len(items)
+        if kind == "presence":
+            scores["presence_f1"] = yes_no_f1([{"prediction": "yes", "answer": normalise(r["answer"])} for r in items])
+            scores["presence_acc"] = best
+        else:
+            scores[f"{kind}_em"] = best
+    return scores

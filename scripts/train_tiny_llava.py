@@ -8,18 +8,25 @@ The shipped checkpoint (configs/otprune_synth/synth-llava-1.5) is this script's 
 its ``training.json`` records the weights' hash, the times and the held-out scores. The same
 thread count and torch build give the same weights bit for bit.
 
-Design **choices**, for learning in minutes on two cores: a byte-level BPE trained on the
-benchmark's own words (every word one token); a one-layer CLIP tower of width 64 whose last
-layer feeds the projector (so the tower trains too); a two-layer LLaMA of width 64; all
-trained end to end with AdamW. Each training image carries all its questions as one multi-turn
-vicuna_v1 conversation (the template lmms-eval's ``llava`` model uses), in random order, so the
-576 visual tokens are paid for once per image; every answer weighs the same in the loss
-whatever its length.
+Design **choices**, for learning in minutes on two cores:
+
+- a byte-level BPE trained on the benchmark's own words (every word one token); a two-layer CLIP
+  tower of width 64 whose last layer feeds the projector (so the tower trains too); a four-layer
+  LLaMA of width 64; all trained end to end with AdamW;
+- every training image is asked ``DRAWS`` questions of each kind (the caption once), each as the
+  single-turn vicuna_v1 prompt that lmms-eval's ``llava`` model sends (``packed_inputs``: the
+  prompts share one copy of the image's 576 visual tokens, and a block mask and per-prompt
+  positions give each prompt exactly the logits it has alone, so no answer can be read off
+  another prompt's text); every answer weighs the same in the loss whatever its length;
+- an auxiliary loss on the tower's features (``patch_labels``: each patch's object colour, shape,
+  size, colour-shape pair, box corner, and grid cell), through a linear head that is thrown away
+  after training: it makes the visual tokens informative long before the LLM learns to read them.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -35,17 +42,21 @@ import torch
 
 from build_tiny_llava import SHIPPED_SYNTH, build_tokenizer, clip_config, clip_processor, original_config
 from otprune import synthetic_benchmark as bench
-from otprune.benchmark_metrics import exact_match, normalise, yes_no_f1, yes_no_prediction
+from otprune.benchmark_metrics import exact_match, yes_no_f1, yes_no_prediction
 
 VISION_HIDDEN = 64
-VISION_LAYERS = 1
+VISION_LAYERS = 2
 TEXT_HIDDEN = 64
-TEXT_LAYERS = 2
-STEPS = 1500
-BATCH = 12
+TEXT_LAYERS = 4
+STEPS = 2000
+BATCH = 8
+# Questions of each kind asked of every training image (the caption once).
+DRAWS = 2
 LEARNING_RATE = 3e-3
 WARMUP = 40
 SEED = 0
+# The auxiliary per-patch loss's weight against the answers' loss.
+AUXILIARY_WEIGHT = 1.0
 # One thread: on shared cores two OpenMP threads spin-wait on each other (measured: 5x slower per
 # step than one thread while other jobs ran); the weights depend on the thread count.
 THREADS = 1
@@ -115,80 +126,130 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer_image_token(text, tokenizer)
 
 
-def conversation(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[int], list[float]]:
-    """Token ids of the whole conversation (the image as IMAGE_TOKEN_INDEX) and each token's loss
-    weight: 1 / (answer length) on answer tokens (their ``</s>`` included), 0 elsewhere."""
-    ids = tokenize(tokenizer, prompt(turns))
-    weights = [0.0] * len(ids)
-    for i in range(len(turns)):
-        start = len(tokenize(tokenizer, prompt(turns[:i] + [(turns[i][0], None)])))
-        end = len(tokenize(tokenizer, prompt(turns[: i + 1])))
-        # The prompt must tokenize the same alone as inside the longer conversation.
-        if tokenize(tokenizer, prompt(turns[: i + 1])) != ids[:end]:
-            raise RuntimeError(f"conversation tokens are not prefix-stable at turn {i}: {turns[i]!r}")
-        for position in range(start, end):
-            weights[position] = 1.0 / (end - start)
-    return ids, weights
+def turn_tokens(tokenizer, question: str, answer: str) -> tuple[list[int], list[int], list[float]]:
+    """The single-turn prompt ``question`` -> ``answer`` as (ids before the image placeholder, ids
+    after it, each of those ids' loss weight: 1 / (answer length) on the answer's tokens, its
+    ``</s>`` included, 0 elsewhere)."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    ids = tokenize(tokenizer, prompt([(question, answer)]))
+    asked = tokenize(tokenizer, prompt([(question, None)]))
+    if ids[: len(asked)] != asked:
+        raise RuntimeError(f"the prompt of {question!r} does not tokenize the same with its answer {answer!r}")
+    at = ids.index(IMAGE_TOKEN_INDEX)
+    turn = ids[at + 1 :]
+    weights = [0.0] * (len(asked) - at - 1) + [1.0 / (len(ids) - len(asked))] * (len(ids) - len(asked))
+    return ids[:at], turn, weights
 
 
 def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
-    """Projected visual tokens with gradients (LLaVA's own tower forward runs under no_grad)."""
+    """The tower's selected features (with gradients: LLaVA's own tower forward runs under no_grad)."""
     tower = model.get_vision_tower()
-    features = tower.feature_select(tower.vision_tower(pixels, output_hidden_states=True))
-    return model.get_model().mm_projector(features)
+    return tower.feature_select(tower.vision_tower(pixels, output_hidden_states=True))
 
 
-def embed(model, sequences: list[list[int]], visual: torch.Tensor | None) -> torch.Tensor:
-    """Right-padded input embeddings: each sequence's IMAGE_TOKEN_INDEX replaced by its visual
-    tokens (or removed when ``visual`` is None), as LLaVA's prepare_inputs_labels_for_multimodal does."""
-    from llava.constants import IMAGE_TOKEN_INDEX
+def packed_inputs(model, samples: list[tuple[list[int], list[tuple[list[int], list[float]]]]], visual: torch.Tensor):
+    """One row per image holding all its single-turn prompts, each seeing only the shared prefix
+    (text before the image and the visual tokens) and itself, at the positions it has alone.
 
+    ``samples``: per image, (ids before the image, [(turn ids after the image, their weights)]);
+    ``visual``: (B, N, D) projected visual tokens. Returns right-padded ``inputs_embeds`` (B, L, H),
+    ``position_ids`` (B, L), an additive 4-D mask (B, 1, L, L), next-token targets and their
+    weights (B, L), the target of position p being the token at p + 1 of the same prompt.
+    """
     table = model.get_model().embed_tokens
-    rows = []
-    for b, ids in enumerate(sequences):
-        at = ids.index(IMAGE_TOKEN_INDEX)
-        parts = [table(torch.tensor(ids[:at])), table(torch.tensor(ids[at + 1 :]))]
-        if visual is not None:
-            parts.insert(1, visual[b])
-        rows.append(torch.cat(parts))
-    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
-
-
-def training_batch(rng: random.Random, tokenizer, size: int):
-    scenes = [bench.random_scene(rng) for _ in range(size)]
-    sequences, weights = [], []
-    for scene in scenes:
-        turns = list(bench.questions(scene, rng).values())
-        rng.shuffle(turns)
-        ids, w = conversation(tokenizer, turns)
-        sequences.append(ids)
-        weights.append(w)
-    return pixel_values([bench.draw(s) for s in scenes]), sequences, weights
-
-
-def loss_of(model, pixels, sequences, weights) -> torch.Tensor:
-    """Mean over answers of each answer's mean next-token cross-entropy."""
-    from llava.constants import IMAGE_TOKEN_INDEX
-
-    visual = encode_images(model, pixels)
-    inputs = embed(model, sequences, visual)
     n_visual = visual.shape[1]
-    targets = torch.zeros(inputs.shape[:2], dtype=torch.long)
-    token_weights = torch.zeros(inputs.shape[:2])
-    for b, (ids, w) in enumerate(zip(sequences, weights)):
-        # Positions after the image shift by the visual tokens minus the placeholder.
-        at = ids.index(IMAGE_TOKEN_INDEX)
-        shifted = [p if p < at else p + n_visual - 1 for p in range(len(ids))]
-        for p, (token, weight) in zip(shifted, zip(ids, w)):
-            if weight:
-                targets[b, p] = token
-                token_weights[b, p] = weight
-    # Logits only where an answer token is predicted (the position before it): the LM head over
-    # every visual token would cost more than the rest of the loss.
-    predicting = token_weights[:, 1:] > 0
-    hidden = model.get_model()(inputs_embeds=inputs).last_hidden_state[:, :-1][predicting]
-    losses = torch.nn.functional.cross_entropy(model.lm_head(hidden), targets[:, 1:][predicting], reduction="none")
-    return (losses * token_weights[:, 1:][predicting]).sum() / token_weights.sum()
+    rows, positions, segments, targets, weights = [], [], [], [], []
+    for b, (prefix, turns) in enumerate(samples):
+        shared = len(prefix) + n_visual
+        parts, pos, seg, tgt, wgt = [table(torch.tensor(prefix)), visual[b]], [torch.arange(shared)], [torch.zeros(shared, dtype=torch.long)], [], []
+        tgt.append(torch.zeros(shared, dtype=torch.long))
+        wgt.append(torch.zeros(shared))
+        for t, (ids, w) in enumerate(turns, start=1):
+            parts.append(table(torch.tensor(ids)))
+            pos.append(shared + torch.arange(len(ids)))
+            seg.append(torch.full((len(ids),), t))
+            # Each turn's first token is predicted by the shared prefix's last one, which every
+            # turn shares, so it carries no weight (it is never part of an answer).
+            tgt.append(torch.tensor(ids[1:] + [0]))
+            wgt.append(torch.tensor(w[1:] + [0.0]))
+        rows.append(torch.cat(parts))
+        positions.append(torch.cat(pos))
+        segments.append(torch.cat(seg))
+        targets.append(torch.cat(tgt))
+        weights.append(torch.cat(wgt))
+    pad = torch.nn.utils.rnn.pad_sequence
+    segment = pad(segments, batch_first=True, padding_value=-1)
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    same = (segment[:, :, None] == segment[:, None, :]) | (segment[:, None, :] == 0)
+    allowed = causal & same & (segment[:, None, :] >= 0)
+    # Padding rows see themselves, so that no softmax row is empty.
+    allowed |= torch.eye(length, dtype=torch.bool)
+    dtype = visual.dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+    return (
+        pad(rows, batch_first=True),
+        pad(positions, batch_first=True),
+        mask,
+        pad(targets, batch_first=True),
+        pad(weights, batch_first=True),
+    )
+
+
+def patch_labels(scene) -> torch.Tensor:
+    """(576, 7) labels of each patch for the auxiliary loss: the colour, shape, size and
+    (colour, shape) pair index of the object covering at least a sixth of it (0: none), 1 on the
+    top-left patch of each object's box, and the column and row of the grid cell holding the patch."""
+    image = np.asarray(bench.draw(scene), dtype=np.int16)
+    side = bench.IMAGE_SIZE // bench.PATCH
+    covered = (np.abs(image - np.asarray(bench.BACKGROUND)).sum(-1) > 0).reshape(side, bench.PATCH, side, bench.PATCH).sum((1, 3))
+    labels = np.zeros((side, side, 7), dtype=np.int64)
+    cell = np.arange(side) * bench.PATCH // (bench.IMAGE_SIZE // bench.GRID)
+    labels[..., 5], labels[..., 6] = cell[None, :], cell[:, None]
+    for o in scene:
+        span = bench.SIZES[o.size]
+        box = (slice(o.y, o.y + span), slice(o.x, o.x + span))
+        mine = covered[box] * 6 >= bench.PATCH**2
+        pair = (COLOUR_IDS[o.colour] - 1) * len(SHAPE_IDS) + SHAPE_IDS[o.shape]
+        for channel, value in enumerate((COLOUR_IDS[o.colour], SHAPE_IDS[o.shape], SIZE_IDS[o.size], pair)):
+            labels[box + (channel,)] = np.where(mine, value, 0)
+        labels[o.y, o.x, 4] = 1
+    return torch.from_numpy(labels.reshape(side * side, 7))
+
+
+COLOUR_IDS = {c: i + 1 for i, c in enumerate(bench.COLOURS)}
+SHAPE_IDS = {s: i + 1 for i, s in enumerate(bench.SHAPES)}
+SIZE_IDS = {s: i + 1 for i, s in enumerate(bench.SIZES)}
+# Classes per channel of patch_labels (0 included).
+LABEL_CLASSES = (len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(SIZE_IDS) + 1, len(COLOUR_IDS) * len(SHAPE_IDS) + 1, 2, bench.GRID, bench.GRID)
+
+
+def training_batch(rng: random.Random, tokens, size: int):
+    """``size`` training scenes: pixels, packed samples (``tokens``: question, answer -> turn_tokens)
+    and patch labels."""
+    scenes = [bench.random_scene(rng) for _ in range(size)]
+    samples = []
+    for scene in scenes:
+        asked = dict.fromkeys(qa for _ in range(DRAWS) for qa in bench.questions(scene, rng).values())
+        turns = [tokens(q, a) for q, a in asked]
+        samples.append((turns[0][0], [(ids, w) for _, ids, w in turns]))
+    return pixel_values([bench.draw(s) for s in scenes]), samples, torch.stack([patch_labels(s) for s in scenes])
+
+
+def loss_of(model, patch_head, pixels, samples, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over answers of each answer's mean next-token cross-entropy, the auxiliary loss: mean
+    cross-entropy of ``patch_head``'s per-patch labels from the tower's features)."""
+    features = encode_images(model, pixels)
+    logits = patch_head(features).split(LABEL_CLASSES, dim=-1)
+    auxiliary = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), labels[..., c].flatten()) for c, l in enumerate(logits)) / len(logits)
+    inputs, positions, mask, targets, weights = packed_inputs(model, samples, model.get_model().mm_projector(features))
+    # Logits only where an answer token is predicted: the LM head over every visual token would
+    # cost more than the rest of the loss.
+    predicting = weights > 0
+    hidden = model.get_model()(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).last_hidden_state[predicting]
+    losses = torch.nn.functional.cross_entropy(model.lm_head(hidden), targets[predicting], reduction="none")
+    return (losses * weights[predicting]).sum() / weights.sum(), auxiliary
 
 
 def weights_hash(model) -> str:
@@ -206,23 +267,28 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
     set_determinism(seed, threads)
     model, tokenizer = build_untrained(path, seed)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
+    torch.manual_seed(seed)
+    patch_head = torch.nn.Linear(VISION_HIDDEN, sum(LABEL_CLASSES))
+    parameters = [*model.parameters(), *patch_head.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
     rng = random.Random(seed)
+    tokens = functools.cache(functools.partial(turn_tokens, tokenizer))
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     recent = []
     for step in range(steps):
-        loss = loss_of(model, *training_batch(rng, tokenizer, batch))
+        answers, auxiliary = loss_of(model, patch_head, *training_batch(rng, tokens, batch))
         optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        (answers + AUXILIARY_WEIGHT * auxiliary).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
-        recent.append(loss.item())
+        recent.append((answers.item(), auxiliary.item()))
         if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1}/{steps}: loss {sum(recent) / len(recent):.4f} ({time.perf_counter() - wall_start:.0f} s)", flush=True)
+            mean = np.mean(recent, axis=0)
+            print(f"step {step + 1}/{steps}: answer loss {mean[0]:.4f}, patch loss {mean[1]:.4f} ({time.perf_counter() - wall_start:.0f} s)", flush=True)
             recent = []
     stats = {
         "steps": steps,
@@ -283,20 +349,6 @@ def evaluate(model, tokenizer, rows: dict[str, list[dict]], visual: bool = True)
     return scores
 
 
-def chance(rows: dict[str, list[dict]]) -> dict[str, float]:
-    """What always giving each kind's most frequent answer scores (F1 of always "yes" for yes/no)."""
-    scores = {}
-    for kind, items in rows.items():
-        answers = [normalise(r["answer"]) for r in items]
-        top = max(answers.count(a) for a in set(answers)) / len(answers)
-        if kind == "presence":
-            scores["presence_f1"] = yes_no_f1([{"prediction": "yes", "answer": a} for a in answers])
-            scores["presence_acc"] = top
-        else:
-            scores[f"{kind}_em"] = top
-    return scores
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", help="where to write the checkpoint (folder name must contain 'llava')")
@@ -326,7 +378,7 @@ def main(argv=None) -> int:
     stats["held_out_per_kind"] = args.eval_per_kind
     stats["held_out"] = {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows).items()}
     stats["held_out_no_visual"] = {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows, visual=False).items()}
-    stats["held_out_chance"] = {k: round(v, 4) for k, v in chance(rows).items()}
+    stats["held_out_chance"] = {k: round(v, 4) for k, v in bench.blind_chance(rows).items()}
     (path / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(json.dumps(stats, indent=1))
     return 0

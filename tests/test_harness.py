@@ -111,6 +111,25 @@ def test_prompt_lengths_under_a_llava_checkpoints_tokenizer_come_without_a_model
     assert "to instantiate a model of type" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "model, caller, config_env, jobs, expected",
+    [
+        ("synth-llava-1.5", None, {}, 1, "1"),  # a tiny model: one thread
+        ("synth-llava-1.5", "2", {}, 1, "2"),  # the caller's setting wins
+        ("synth-llava-1.5", None, {"OMP_NUM_THREADS": "2"}, 1, "2"),  # and so does the config's
+        ("liuhaotian/llava-v1.5-7b", None, {}, 1, None),  # a real model: torch's own default
+        ("liuhaotian/llava-v1.5-7b", None, {}, 2, str(max(1, (os.cpu_count() or 1) // 2))),  # the cores shared by the jobs
+    ],
+)
+def test_child_threads(monkeypatch, model, caller, config_env, jobs, expected):
+    if caller is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", caller)
+    run = harness.Run(model, "Original", 1.0, {"BASELINE": "ORIG", **config_env}, ("otprune_synth_yesno",), Path("unused"))
+    assert harness.child_env(run, jobs).get("OMP_NUM_THREADS") == expected
+
+
 def test_paper_config_plans_every_model_method_task():
     config = harness.load_config("paper_table1")
     runs = harness.plan_runs(config, Path("runs"))

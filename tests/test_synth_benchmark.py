@@ -151,24 +151,56 @@ def test_training_repeats_bit_for_bit_and_depends_on_its_seed(train_script, tmp_
     assert hashes[0] != hashes[2]
 
 
-def test_training_inputs_are_the_ones_llava_builds(train_script, synth_model):
-    """The training loop's own splice of visual tokens gives the logits of LLaVA's forward."""
+def test_packed_training_prompts_give_the_logits_of_each_prompt_alone(train_script, synth_model):
+    """Every single-turn prompt packed beside an image's other prompts gets, at each of its tokens,
+    the logits of LLaVA's own forward of that prompt alone; targets are the prompt's next tokens."""
     import copy
 
     import torch
-    from llava.constants import IMAGE_TOKEN_INDEX
 
     model, tokenizer = synth_model
     model = copy.deepcopy(model).float()
-    scene = bench.scenes(0, 1)[0]
-    turns = list(bench.questions(scene, random.Random(0)).values())[:2]
-    ids, _ = train_script.conversation(tokenizer, turns)
-    pixels = train_script.pixel_values([bench.draw(scene)])
+    rng = random.Random(0)
+    scenes = bench.scenes(0, 2)
+    asked = [list(bench.questions(scene, rng).values()) for scene in scenes]
+    asked[1] = asked[1][:2]  # rows of different lengths: right padding
+    samples = []
+    for turns in asked:
+        tokens = [train_script.turn_tokens(tokenizer, q, a) for q, a in turns]
+        samples.append((tokens[0][0], [(ids, w) for _, ids, w in tokens]))
+    pixels = train_script.pixel_values([bench.draw(s) for s in scenes])
     with torch.no_grad():
-        ours = model(inputs_embeds=train_script.embed(model, [ids], train_script.encode_images(model, pixels))).logits
-        llava = model(input_ids=torch.tensor([ids]), images=pixels, image_sizes=[(336, 336)]).logits
-    assert IMAGE_TOKEN_INDEX in ids
-    torch.testing.assert_close(ours, llava)
+        visual = model.get_model().mm_projector(train_script.encode_images(model, pixels))
+        inputs, positions, mask, targets, weights = train_script.packed_inputs(model, samples, visual)
+        packed = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).logits
+        for b, turns in enumerate(asked):
+            at = len(samples[b][0]) + visual.shape[1]
+            for (question, answer), (ids, w) in zip(turns, samples[b][1]):
+                alone = train_script.tokenize(tokenizer, train_script.prompt([(question, answer)]))
+                logits = model(input_ids=torch.tensor([alone]), images=pixels[b : b + 1], image_sizes=[(336, 336)]).logits[0]
+                torch.testing.assert_close(packed[b, at : at + len(ids)], logits[-len(ids) :], rtol=1e-4, atol=1e-4)
+                assert targets[b, at : at + len(ids) - 1].tolist() == alone[-len(ids) + 1 :]
+                # The answer's tokens (its </s> included) weigh 1 in all.
+                assert abs(weights[b, at : at + len(ids)].sum().item() - 1) < 1e-6
+                assert tokenizer.decode(alone[len(alone) - sum(x > 0 for x in w) :], skip_special_tokens=True).strip() == answer
+                at += len(ids)
+
+
+def test_patch_labels_name_the_object_drawn_on_each_patch(train_script):
+    """The auxiliary labels against the drawn pixels: a labelled patch holds its object's colour,
+    an unlabelled one is mostly background."""
+    for scene in bench.scenes(3, 20):
+        labels = train_script.patch_labels(scene).reshape(24, 24, -1).numpy()
+        image = np.asarray(bench.draw(scene)).reshape(24, 14, 24, 14, 3)
+        colours = {i: bench.COLOURS[c] for c, i in train_script.COLOUR_IDS.items()}
+        for row in range(24):
+            for column in range(24):
+                pixels = image[row, :, column].reshape(-1, 3)
+                colour = labels[row, column, 0]
+                share = (pixels == colours[colour]).all(-1).mean() if colour else (pixels != bench.BACKGROUND).any(-1).mean()
+                assert share >= 1 / 6 if colour else share < 1 / 6, (scene, row, column, colour, share)
+        assert labels[..., 4].sum() == len(scene)
+        assert {(r, c) for r, c in zip(*np.nonzero(labels[..., 4]))} == {(o.y, o.x) for o in scene}
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +212,7 @@ def held_out_scores(train_script, synth_model):
     rows.pop("caption")
     seen = train_script.evaluate(model, tokenizer, rows)
     blind = train_script.evaluate(model, tokenizer, rows, visual=False)
-    return seen, blind, train_script.chance(rows)
+    return seen, blind, bench.blind_chance(rows)
 
 
 def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(held_out_scores):
@@ -191,6 +223,35 @@ def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(held_out_scor
         assert seen[key] >= blind[key] + 0.15, (key, seen, blind)
     for key in ("presence_acc", "attribute_em", "count_em", "spatial_em"):
         assert blind[key] <= chance[key] + 0.1, (key, blind, chance)
+
+
+def test_blind_chance_answers_each_question_template_with_its_most_frequent_answer():
+    def row(question, answer):
+        return {"question": question + bench.SHORT_ANSWER_PROMPT, "answer": answer}
+
+    rows = {
+        # "What color is the _": red, red, blue -> 2 right; "What size is the _ _": 1 right.
+        "attribute": [row("What color is the circle?", "red"), row("What color is the square?", "Red"), row("What color is the triangle?", "blue"), row("What size is the red circle?", "small")],
+        "presence": [row("Is there a red circle in the image?", a) for a in ("yes", "no", "no")],
+    }
+    chance = bench.blind_chance(rows)
+    assert chance["attribute_em"] == 3 / 4
+    # always "yes": precision 1/3, recall 1
+    assert chance["presence_f1"] == pytest.approx(0.5)
+    assert chance["presence_acc"] == pytest.approx(2 / 3)
+
+
+def test_shipped_checkpoint_is_what_the_script_trains(train_script, tmp_path):
+    """Retrains with the script's defaults (minutes on one core): the same weights bit for bit,
+    with the torch build the shipped checkpoint records (kernels of another build may round
+    differently)."""
+    import torch
+
+    record = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "training.json").read_text())
+    if record["torch"] != torch.__version__:
+        pytest.skip(f"the checkpoint was trained with torch {record['torch']}, this is {torch.__version__}")
+    _, _, stats = train_script.train(tmp_path / "synth-llava", log_every=0)
+    assert stats["weights_sha256"] == record["weights_sha256"]
 
 
 def test_shipped_checkpoint_records_its_training(train_script):
