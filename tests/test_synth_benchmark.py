@@ -216,11 +216,12 @@ def held_out_scores(train_script, synth_model):
 
 
 def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(held_out_scores):
+    """What the shipped checkpoint reaches (its yes/no and spatial answers are not above chance:
+    see README): attributes and counts read from the image, and without its visual tokens no
+    answer better than a blind model's best."""
     seen, blind, chance = held_out_scores
-    assert seen["attribute_em"] >= chance["attribute_em"] + 0.2, (seen, chance)
-    assert seen["count_em"] >= chance["count_em"] + 0.1, (seen, chance)
     for key in ("attribute_em", "count_em"):
-        assert seen[key] >= blind[key] + 0.15, (key, seen, blind)
+        assert seen[key] >= blind[key] + 0.2, (key, seen, blind)
     for key in ("presence_acc", "attribute_em", "count_em", "spatial_em"):
         assert blind[key] <= chance[key] + 0.1, (key, blind, chance)
 
@@ -241,17 +242,22 @@ def test_blind_chance_answers_each_question_template_with_its_most_frequent_answ
     assert chance["presence_acc"] == pytest.approx(2 / 3)
 
 
-def test_shipped_checkpoint_is_what_the_script_trains(train_script, tmp_path):
-    """Retrains with the script's defaults (minutes on one core): the same weights bit for bit,
-    with the torch build the shipped checkpoint records (kernels of another build may round
-    differently)."""
+def test_shipped_checkpoint_is_what_the_script_trains():
+    """``train_tiny_llava.py --check`` retrains with the defaults (about 20 minutes on one core, in
+    its own process: it sets torch's global determinism and thread count) and compares the weights'
+    hash with the shipped one, with the torch build the checkpoint records (kernels of another build
+    may round differently)."""
+    import subprocess
+    import sys
+
     import torch
 
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
     record = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "training.json").read_text())
     if record["torch"] != torch.__version__:
         pytest.skip(f"the checkpoint was trained with torch {record['torch']}, this is {torch.__version__}")
-    _, _, stats = train_script.train(tmp_path / "synth-llava", log_every=0)
-    assert stats["weights_sha256"] == record["weights_sha256"]
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_llava.py"), "--check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
 
 
 def test_shipped_checkpoint_records_its_training(train_script):
