@@ -260,6 +260,8 @@ def blind_chance(rows: dict[str, list[dict]]) -> dict[str, float]:
 
     scores = {}
     for kind, items in rows.items():
+        if not items:
+            raise ValueError(f"rows[{kind!r}] is empty; every kind needs at least one question")
         by_template: dict[str, list[str]] = {}
         for r in items:
             by_template.setdefault(question_template(r["question"]), []).append(normalise(r["answer"]))

@@ -197,14 +197,22 @@ def packed_inputs(model, samples: list[tuple[list[int], list[tuple[list[int], li
     )
 
 
-def patch_labels(scene) -> torch.Tensor:
+COLOUR_IDS = {c: i + 1 for i, c in enumerate(bench.COLOURS)}
+SHAPE_IDS = {s: i + 1 for i, s in enumerate(bench.SHAPES)}
+SIZE_IDS = {s: i + 1 for i, s in enumerate(bench.SIZES)}
+# Classes per channel of patch_labels (0 included).
+LABEL_CLASSES = (len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(SIZE_IDS) + 1, len(COLOUR_IDS) * len(SHAPE_IDS) + 1, 2, bench.GRID, bench.GRID)
+
+
+def patch_labels(scene, image) -> torch.Tensor:
     """(576, 7) labels of each patch for the auxiliary loss: the colour, shape, size and
     (colour, shape) pair index of the object covering at least a sixth of it (0: none), 1 on the
-    top-left patch of each object's box, and the column and row of the grid cell holding the patch."""
-    image = np.asarray(bench.draw(scene), dtype=np.int16)
+    top-left patch of each object's box, and the column and row of the grid cell holding the patch.
+    ``image``: the scene drawn (``bench.draw``)."""
+    image = np.asarray(image, dtype=np.int16)
     side = bench.IMAGE_SIZE // bench.PATCH
     covered = (np.abs(image - np.asarray(bench.BACKGROUND)).sum(-1) > 0).reshape(side, bench.PATCH, side, bench.PATCH).sum((1, 3))
-    labels = np.zeros((side, side, 7), dtype=np.int64)
+    labels = np.zeros((side, side, len(LABEL_CLASSES)), dtype=np.int64)
     cell = np.arange(side) * bench.PATCH // (bench.IMAGE_SIZE // bench.GRID)
     labels[..., 5], labels[..., 6] = cell[None, :], cell[:, None]
     for o in scene:
@@ -215,14 +223,7 @@ def patch_labels(scene) -> torch.Tensor:
         for channel, value in enumerate((COLOUR_IDS[o.colour], SHAPE_IDS[o.shape], SIZE_IDS[o.size], pair)):
             labels[box + (channel,)] = np.where(mine, value, 0)
         labels[o.y, o.x, 4] = 1
-    return torch.from_numpy(labels.reshape(side * side, 7))
-
-
-COLOUR_IDS = {c: i + 1 for i, c in enumerate(bench.COLOURS)}
-SHAPE_IDS = {s: i + 1 for i, s in enumerate(bench.SHAPES)}
-SIZE_IDS = {s: i + 1 for i, s in enumerate(bench.SIZES)}
-# Classes per channel of patch_labels (0 included).
-LABEL_CLASSES = (len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(SIZE_IDS) + 1, len(COLOUR_IDS) * len(SHAPE_IDS) + 1, 2, bench.GRID, bench.GRID)
+    return torch.from_numpy(labels.reshape(side * side, len(LABEL_CLASSES)))
 
 
 def training_batch(rng: random.Random, tokens, size: int):
@@ -234,7 +235,8 @@ def training_batch(rng: random.Random, tokens, size: int):
         asked = dict.fromkeys(qa for _ in range(DRAWS) for qa in bench.questions(scene, rng).values())
         turns = [tokens(q, a) for q, a in asked]
         samples.append((turns[0][0], [(ids, w) for _, ids, w in turns]))
-    return pixel_values([bench.draw(s) for s in scenes]), samples, torch.stack([patch_labels(s) for s in scenes])
+    images = [bench.draw(s) for s in scenes]
+    return pixel_values(images), samples, torch.stack([patch_labels(s, i) for s, i in zip(scenes, images)])
 
 
 def loss_of(model, patch_head, pixels, samples, labels) -> tuple[torch.Tensor, torch.Tensor]:

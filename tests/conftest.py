@@ -35,3 +35,14 @@ def tiny_hf_checkpoints(tmp_path_factory):
     build = load_script("build_tiny_llava").build
     root = tmp_path_factory.mktemp("hf_checkpoints")
     return {variant: build(root / f"tiny-{variant}", variant) for variant in ("llava-hf", "llava-next-hf")}
+
+
+@pytest.fixture
+def pruning_off(models):
+    """Pruning switched off on every model of the test module's ``models`` fixture
+    (``{variant: (processor or tokenizer, model, ...)}``) before and after each test."""
+    for entry in models.values():
+        entry[1]._otprune_config = None
+    yield
+    for entry in models.values():
+        entry[1]._otprune_config = None

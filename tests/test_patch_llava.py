@@ -11,6 +11,9 @@ from attention_backends import backend  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
+# Each test starts unpruned and leaves the models unpruned (conftest).
+pytestmark = pytest.mark.usefixtures("pruning_off")
+
 RATIO = 0.098
 FEATURE_METHODS = list(SELECTORS)
 
@@ -26,16 +29,6 @@ def models(tiny_checkpoints):
         loaded[variant] = (tokenizer, model, processor)
     patches.llava.install()
     return loaded
-
-
-@pytest.fixture(autouse=True)
-def pruning_off(models):
-    """Each test starts unpruned and leaves the models unpruned."""
-    for _, model, _ in models.values():
-        model._otprune_config = None
-    yield
-    for _, model, _ in models.values():
-        model._otprune_config = None
 
 
 def make_image(width, height, seed):

@@ -12,6 +12,9 @@ from test_patch_hf import llm_inputs as llm_embeds  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
+# Each test starts unpruned and leaves the models unpruned (conftest).
+pytestmark = pytest.mark.usefixtures("pruning_off")
+
 RATIO = 0.25
 FAMILIES = ["qwen2.5-vl", "qwen3-vl", "llava-onevision", "qwen2-vl"]
 
@@ -31,15 +34,6 @@ def models(tmp_path_factory):
         loaded[variant] = (processor, model)
     patches.vlm.install()
     return loaded
-
-
-@pytest.fixture(autouse=True)
-def pruning_off(models):
-    for _, model in models.values():
-        model._otprune_config = None
-    yield
-    for _, model in models.values():
-        model._otprune_config = None
 
 
 def first_layer_inputs(model, inputs, **options):

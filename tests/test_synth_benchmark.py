@@ -119,6 +119,7 @@ def test_shipped_task_data_is_what_the_generator_writes(tmp_path):
         (lambda: bench.scenes(0, -1), "n=-1"),
         (lambda: bench.scenes(0, 2, "test"), "split='test'"),
         (lambda: bench.question_rows(0), "per_kind=0"),
+        (lambda: bench.blind_chance({"count": []}), "rows['count'] is empty"),
     ],
 )
 def test_bad_arguments_are_named(call, message):
@@ -190,7 +191,7 @@ def test_patch_labels_name_the_object_drawn_on_each_patch(train_script):
     """The auxiliary labels against the drawn pixels: a labelled patch holds its object's colour,
     an unlabelled one is mostly background."""
     for scene in bench.scenes(3, 20):
-        labels = train_script.patch_labels(scene).reshape(24, 24, -1).numpy()
+        labels = train_script.patch_labels(scene, bench.draw(scene)).reshape(24, 24, -1).numpy()
         image = np.asarray(bench.draw(scene)).reshape(24, 14, 24, 14, 3)
         colours = {i: bench.COLOURS[c] for c, i in train_script.COLOUR_IDS.items()}
         for row in range(24):
