@@ -296,7 +296,8 @@ def test_vtw_at_k0_is_the_prompt_without_its_image(models, variant):
     assert torch.equal(generate(model, ids, pixel, sizes), expected)
 
 
-def test_vtw_at_k0_batch_with_padding_generates_each_prompt_without_its_image(models):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vtw_at_k0_batch_with_padding_generates_each_prompt_without_its_image(models, attn):
     _, model, _ = models["llava-1.5"]
     prompts = [PROMPT, "USER: <image>\nIs there a red car in the picture? Please answer yes or no. ASSISTANT:"]
     encoded = [encode(models, "llava-1.5", p, [make_image(500, 300, 14 + i)]) for i, p in enumerate(prompts)]
@@ -305,7 +306,8 @@ def test_vtw_at_k0_batch_with_padding_generates_each_prompt_without_its_image(mo
     model.config.tokenizer_padding_side = "left"
     try:
         ids, mask = pad_batch([e[0] for e in encoded], "left")
-        together = generate(model, ids, torch.cat([e[1] for e in encoded]), [e[2][0] for e in encoded], mask)
+        with backend(model, attn):
+            together = generate(model, ids, torch.cat([e[1] for e in encoded]), [e[2][0] for e in encoded], mask)
     finally:
         model.config.tokenizer_padding_side = "right"
     for row, expected in enumerate(alone):
