@@ -857,20 +857,30 @@ def llm_shape(folder: Path) -> dict | None:
         return None
 
 
-class _TorchvisionHint(logging.Filter):
-    """Drops transformers' advice to install torchvision when it falls back to the PIL image processor:
-    scripts/install.sh removes a torchvision that cannot load against the installed torch on purpose,
-    and the PIL processor is the one the tiny checkpoints are built with, so the advice is wrong here."""
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message holds ``fragment``."""
+
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        return self.fragment not in record.getMessage()
+
+
+# transformers' advice to install torchvision when it falls back to the PIL image processor:
+# scripts/install.sh removes a torchvision that cannot load against the installed torch on purpose,
+# and the PIL processor is the one the tiny checkpoints are built with, so the advice is wrong here.
+_TORCHVISION_HINT = _DropMessages("requires torchvision (not installed)")
+# transformers' warning that a checkpoint's model type (``llava_llama``, which only LLaVA's own code
+# registers) is read into a generic config: loading just the tokenizer reads the config, but no
+# model is built from it here, so there is nothing to check.
+_TOKENIZER_ONLY = _DropMessages("to instantiate a model of type ``")
 
 
 def quiet_torchvision_hint() -> None:
     """Silence only that advice, in this process (the tiny builds and tokenizers run here)."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _TorchvisionHint) for f in logger.filters):
-        logger.addFilter(_TorchvisionHint())
+    logging.getLogger("transformers.utils.import_utils").addFilter(_TORCHVISION_HINT)
 
 
 @functools.cache
@@ -1067,18 +1077,6 @@ class Session:
 
 
 _TOKENIZER_LOCK = threading.Lock()
-
-
-class _TokenizerOnly(logging.Filter):
-    """Drops transformers' warning that a checkpoint's model type (``llava_llama``, which only LLaVA's
-    own code registers) is read into a generic config: loading just the tokenizer reads the config,
-    but no model is built from it here, so there is nothing to check."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "to instantiate a model of type ``" not in record.getMessage()
-
-
-_TOKENIZER_ONLY = _TokenizerOnly()
 
 
 def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, float]:
