@@ -929,7 +929,9 @@ def child_env(run: Run, jobs: int) -> dict:
     if CHECKOUT is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p)
     if "OMP_NUM_THREADS" not in env:
-        if MODELS[run.model].tiny is not None:
+        # run.model may also name an lmms-eval model the harness does not list (the GPU check's VLM runs).
+        known = MODELS.get(run.model)
+        if known is not None and known.tiny is not None:
             # A tiny model's matrices are too small for a second thread to pay, and where another
             # process keeps a core busy, OpenMP threads spin-wait on each other: measured on 2 cores
             # with one busy, 1.6 s per sample with two threads.
