@@ -120,8 +120,10 @@ def test_cli_rejects_bad_values(argv, message, capsys):
 
 
 def write_harness_runs(root, rows):
-    """A minimal harness folder: table1.csv plus one otprune_*.json per (model, method, ratio)."""
+    """A minimal harness folder: table1.csv, and per (model, method, ratio) and benchmark a run
+    folder with a results file and the harness record naming its SHA-256."""
     import csv
+    import hashlib
     import json
 
     root.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,14 @@ def write_harness_runs(root, rows):
         for benchmark in ("GQA", "POPE"):
             folder = root / model / f"{method}_{ratio}_{benchmark}"
             folder.mkdir(parents=True)
-            record = {"model": model, "method": method, "ratio": ratio, "status": "done", "benchmarks": [benchmark], "ot_distance": ot}
+            results = folder / "attempt_1" / "results.json"
+            results.parent.mkdir()
+            results.write_text(json.dumps({"results": {benchmark.lower(): {}}}))
+            record = {
+                "model": model, "method": method, "ratio": ratio, "status": "done", "tasks": [benchmark.lower()],
+                "finished_tasks": [benchmark.lower()], "wall_s": 1.0, "benchmarks": [benchmark], "ot_distance": ot,
+                "results": {"attempt_1/results.json": hashlib.sha256(results.read_bytes()).hexdigest()},
+            }  # fmt: skip
             (folder / "otprune_1.json").write_text(json.dumps(record))
 
 
@@ -160,15 +169,38 @@ def test_hypothesis_from_harness_results(tmp_path):
             ("m", "DPP", 0.098, [4.0], 50.0, 70.0),
         ],
     )
-    points = hypothesis.load_points(runs)
+    points, skipped = hypothesis.load_points(runs)
+    assert skipped == []
     gqa = {p.method: p for p in points if p.benchmark == "GQA"}
     assert gqa["OTPrune"].ot_distance == pytest.approx(1.5) and gqa["DivPrune"].images == 1
-    markdown = hypothesis.render(points, runs)
+    markdown = hypothesis.render(points, runs, skipped)
     assert "| m | GQA | 3 | -1.000 |" in markdown  # lower OT, higher GQA score throughout
     assert "| m | POPE | 3 | -0.500 |" in markdown
     out = tmp_path / "out"
     assert cli.main(["hypothesis", str(runs), "--out", str(out)]) == 0
     assert (out / "hypothesis.md").exists() and (out / "hypothesis.png").exists()
+
+
+def test_hypothesis_leaves_out_records_it_cannot_trust_and_says_why(tmp_path):
+    """A results file edited after its run, or a record with a malformed OT field, gives no point;
+    the analysis names each such record and the reason."""
+    import json
+
+    from otprune.analysis import hypothesis
+
+    runs = tmp_path / "runs" / "demo"
+    write_harness_runs(runs, [("m", "OTPrune", 0.098, [1.0], 60.0, 80.0), ("m", "DivPrune", 0.098, [3.0], 55.0, 85.0), ("m", "DPP", 0.098, [4.0], 50.0, 70.0)])
+    (runs / "m" / "DPP_0.098_GQA" / "attempt_1" / "results.json").write_text('{"results": {"gqa": {"exact_match": 99}}}')
+    record_path = runs / "m" / "DivPrune_0.098_POPE" / "otprune_1.json"
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "ot_distance": ["3.0"]}))
+    points, skipped = hypothesis.load_points(runs)
+    assert {(p.method, p.benchmark) for p in points} == {("OTPrune", "GQA"), ("OTPrune", "POPE"), ("DivPrune", "GQA"), ("DPP", "POPE")}
+    reasons = {path.parent.name: reason for path, reason in skipped}
+    assert reasons.keys() == {"DPP_0.098_GQA", "DivPrune_0.098_POPE"}
+    assert "changed since the record was written" in reasons["DPP_0.098_GQA"]
+    assert reasons["DivPrune_0.098_POPE"] == "'ot_distance' is not a list of numbers"
+    markdown = hypothesis.render(points, runs, skipped)
+    assert "- `m/DPP_0.098_GQA/otprune_1.json`: results file" in markdown
 
 
 def test_hypothesis_needs_a_report(tmp_path, capsys):

@@ -349,7 +349,8 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     # The hypothesis analysis (paper Fig. 2) runs on these results end to end.
     from otprune.analysis import hypothesis
 
-    points = hypothesis.load_points(runs_dir / "smoke_ci_limit3")
+    points, skipped = hypothesis.load_points(runs_dir / "smoke_ci_limit3")
+    assert skipped == []
     assert {p.method for p in points} == {"OTPrune", "DivPrune"}
     assert all(p.images == 9 and p.pooled and p.ot_distance > 0 for p in points)  # 3 tasks x 3 samples
 

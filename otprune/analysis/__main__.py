@@ -152,13 +152,13 @@ def _hypothesis(parser, args) -> tuple[str, dict]:
     if not source.is_dir():
         parser.error(f"runs must be a harness run folder (runs/<config>); got {args.runs!r}")
     try:
-        points = hypothesis.load_points(source)
+        points, skipped = hypothesis.load_points(source)
     except ValueError as error:
         parser.error(str(error))
     from otprune.report import load_yaml
 
     units = {spec["benchmark"]: spec["unit"] for group in load_yaml("tasks.yaml").values() for spec in group.values()}
-    return hypothesis.render(points, source), {"hypothesis": hypothesis.figure(points, units)}
+    return hypothesis.render(points, source, skipped), {"hypothesis": hypothesis.figure(points, units)}
 
 
 def _log(message: str) -> None:

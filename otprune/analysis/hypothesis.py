@@ -72,25 +72,37 @@ def _scores(table: Path) -> dict[tuple[str, str, float], dict[str, float]]:
     return scores
 
 
-def load_points(runs_dir: Path) -> list[MethodPoint]:
-    """One point per (model, method, ratio, benchmark) that has both a score and OT distances."""
+def load_points(runs_dir: Path) -> tuple[list[MethodPoint], list[tuple[Path, str]]]:
+    """``(points, skipped)``: one point per (model, method, ratio, benchmark) that has both a score
+    and OT distances, from the harness records that can be trusted (``harness.load_records``: a
+    finished record's results files unchanged since it was written), and every other record with
+    why it was left out."""
+    from otprune.harness import load_records
+
     table = runs_dir / "table1.csv"
     if not table.exists():
         raise ValueError(f"{table} does not exist; run the harness (or otprune report {runs_dir}) first")
     scores = _scores(table)
     distances: dict[tuple, list[float]] = defaultdict(list)
     pooled: dict[tuple, bool] = {}
-    for record_path in sorted(runs_dir.glob("*/*/otprune_*.json")):
-        record = json.loads(record_path.read_text())
-        values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
-        if record.get("status") != "done" or not values or int(record.get("env", {}).get("LAYER_INDEX", 0)) > 0:
-            continue
-        # table1.csv names a model by its run folder (the last part of the hub id), as the harness does.
-        model = record_path.parent.parent.name
-        for benchmark in record.get("benchmarks", []):
-            key = (model, record["method"], float(record["ratio"]), benchmark)
-            distances[key] += values
-            pooled[key] = len(record["benchmarks"]) > 1
+    skipped = []
+    for folder in sorted({path.parent for path in runs_dir.glob("*/*/otprune_*.json")}):
+        records, bad = load_records(folder)
+        skipped += bad
+        for record_path, record in records:
+            problem = _point_problem(record)
+            if problem:
+                skipped.append((record_path, problem))
+                continue
+            values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
+            if record["status"] != "done" or not values or int(record.get("env", {}).get("LAYER_INDEX", 0)) > 0:
+                continue
+            # table1.csv names a model by its run folder (the last part of the hub id), as the harness does.
+            model = folder.parent.name
+            for benchmark in record["benchmarks"]:
+                key = (model, record["method"], float(record["ratio"]), benchmark)
+                distances[key] += values
+                pooled[key] = len(record["benchmarks"]) > 1
     points = []
     for (model, method, ratio, benchmark), values in sorted(distances.items()):
         score = scores.get((model, method, ratio), {}).get(benchmark)
@@ -99,7 +111,20 @@ def load_points(runs_dir: Path) -> list[MethodPoint]:
         points.append(
             MethodPoint(model, method, ratio, benchmark, float(np.mean(values)), score, len(values), pooled[(model, method, ratio, benchmark)])
         )
-    return points
+    return points, skipped
+
+
+def _point_problem(record: dict) -> str | None:
+    if not isinstance(record.get("method"), str):
+        return "no 'method' name"
+    if isinstance(record.get("ratio"), bool) or not isinstance(record.get("ratio"), (int, float)):
+        return f"'ratio' is {record.get('ratio')!r}, not a number"
+    if not isinstance(record.get("benchmarks"), list) or not all(isinstance(b, str) for b in record["benchmarks"]):
+        return "'benchmarks' is not a list of names"
+    distances = record.get("ot_distance", [])
+    if not isinstance(distances, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distances):
+        return "'ot_distance' is not a list of numbers"
+    return None
 
 
 def _groups(points: list[MethodPoint]) -> dict[tuple[str, str], list[MethodPoint]]:
@@ -109,7 +134,7 @@ def _groups(points: list[MethodPoint]) -> dict[tuple[str, str], list[MethodPoint
     return groups
 
 
-def render(points: list[MethodPoint], source: Path) -> str:
+def render(points: list[MethodPoint], source: Path, skipped: list[tuple[Path, str]] = ()) -> str:
     lines = [
         "# Hypothesis: lower OT distance, higher score? (paper Fig. 2)",
         "",
@@ -118,6 +143,10 @@ def render(points: list[MethodPoint], source: Path) -> str:
         "(negative supports the hypothesis; n/a when a side is constant or fewer than 3 methods).",
         "",
     ]
+    if skipped:
+        lines += ["Records left out, and why:", ""]
+        lines += [f"- `{path.relative_to(source) if path.is_relative_to(source) else path}`: {reason}" for path, reason in skipped]
+        lines.append("")
     if not points:
         return "\n".join(lines + ["No run recorded OT distances (set OTPRUNE_OT=1 in the methods' env)."])
     if any("tiny" in p.model for p in points):
