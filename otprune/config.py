@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from otprune.checks import as_int, check_unit_interval
-from otprune.selectors import SELECTORS, accepted_options, check_gamma, check_greedy_path
+from otprune.checks import check_unit_interval
+from otprune.selectors import SELECTORS, accepted_options, check_gamma, check_greedy_path, check_seed
 
 __all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
 
@@ -62,7 +62,7 @@ def _check_greedy_path(value) -> str:
 
 _OPTION_CHECKS = {
     "gamma": lambda v: check_gamma(v, "OTPRUNE_GAMMA (gamma)"),
-    "seed": lambda v: as_int(v, "OTPRUNE_SEED (seed)"),
+    "seed": lambda v: check_seed(v, "OTPRUNE_SEED (seed)"),
     "alpha": lambda v: check_unit_interval(v, "OTPRUNE_STP_ALPHA (alpha)", closed_low=True),
     "keep_ratio": lambda v: check_unit_interval(v, "OTPRUNE_TRIM_KEEP_RATIO (keep_ratio)", closed_low=False),
     "greedy": _check_greedy_path,

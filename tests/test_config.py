@@ -45,6 +45,8 @@ def test_defaults_and_method_specific_options():
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "two"}, r"LAYER_INDEX='two' is not allowed; it must be an integer"),
         ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=FASTV"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "0"}, r"OTPRUNE_GAMMA \(gamma\) must be a number in \[2.94e-39, 8.51e\+37\]"),
+        ({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": str(2**64)}, r"OTPRUNE_SEED \(seed\) must be an int in \[0, 2\*\*64 - 1\]; got 18446744073709551616"),
+        ({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "-1"}, r"OTPRUNE_SEED \(seed\) must be an int in \[0, 2\*\*64 - 1\]; got -1"),
         ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_LOG": "yes"}, r"OTPRUNE_LOG='yes' is not allowed; use 1 \(on\) or 0"),
