@@ -63,7 +63,8 @@ def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_c
         + [(m, r) for m in ("OTPrune", "DivPrune", "DPP", "Random", "Uniform", "FastV") for r in (0.098, 0.25)]
     )
     assert next(r for r in runs if r.method == "VTW").env == {"BASELINE": "VTW", "LAYER_INDEX": "0"}
-    assert next(r for r in runs if r.method == "Uniform").env == {"BASELINE": "UNIFORM", "SUBSET_RATIO": "0.098"}
+    # The K = 0 selectors log each image's OT distance for the hypothesis analysis.
+    assert next(r for r in runs if r.method == "Uniform").env == {"BASELINE": "UNIFORM", "SUBSET_RATIO": "0.098", "OTPRUNE_OT": "1"}
 
 
 def test_without_a_gpu_the_default_config_is_synth(monkeypatch):
