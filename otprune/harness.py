@@ -548,6 +548,10 @@ RECORD_FIELDS = {
     "visual_tokens": (list, False),
     "selector_ms": (list, False),
     "timing": (list, False),
+    "method": (str, False),
+    "ratio": ((int, float), False),
+    "benchmarks": (list, False),
+    "ot_distance": (list, False),
 }
 
 
@@ -566,6 +570,10 @@ def check_record(record) -> None:
         raise ValueError("'visual_tokens' is not a list of [before, after] integer pairs")
     if not all(isinstance(v, (int, float)) for v in record.get("selector_ms", [])):
         raise ValueError("'selector_ms' is not a list of numbers")
+    if not all(isinstance(v, str) for v in record.get("benchmarks", [])):
+        raise ValueError("'benchmarks' is not a list of names")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.get("ot_distance", [])):
+        raise ValueError("'ot_distance' is not a list of numbers")
     if not all(isinstance(v, dict) for v in record.get("timing", [])):
         raise ValueError("'timing' is not a list of per-call timing objects")
     for name in ("samples", "text_tokens"):

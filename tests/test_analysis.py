@@ -198,7 +198,7 @@ def test_hypothesis_leaves_out_records_it_cannot_trust_and_says_why(tmp_path):
     reasons = {path.parent.name: reason for path, reason in skipped}
     assert reasons.keys() == {"DPP_0.098_GQA", "DivPrune_0.098_POPE"}
     assert "changed since the record was written" in reasons["DPP_0.098_GQA"]
-    assert reasons["DivPrune_0.098_POPE"] == "'ot_distance' is not a list of numbers"
+    assert reasons["DivPrune_0.098_POPE"] == "malformed record: 'ot_distance' is not a list of numbers"
     markdown = hypothesis.render(points, runs, skipped)
     assert "- `m/DPP_0.098_GQA/otprune_1.json`: results file" in markdown
 

@@ -90,9 +90,10 @@ def load_points(runs_dir: Path) -> tuple[list[MethodPoint], list[tuple[Path, str
         records, bad = load_records(folder)
         skipped += bad
         for record_path, record in records:
-            problem = _point_problem(record)
-            if problem:
-                skipped.append((record_path, problem))
+            # load_records checked the types of the fields it finds; a point needs these present.
+            missing = [name for name in ("method", "ratio", "benchmarks") if name not in record]
+            if missing:
+                skipped.append((record_path, f"no {', '.join(repr(m) for m in missing)}"))
                 continue
             values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
             if record["status"] != "done" or not values or int(record.get("env", {}).get("LAYER_INDEX", 0)) > 0:
@@ -112,19 +113,6 @@ def load_points(runs_dir: Path) -> tuple[list[MethodPoint], list[tuple[Path, str
             MethodPoint(model, method, ratio, benchmark, float(np.mean(values)), score, len(values), pooled[(model, method, ratio, benchmark)])
         )
     return points, skipped
-
-
-def _point_problem(record: dict) -> str | None:
-    if not isinstance(record.get("method"), str):
-        return "no 'method' name"
-    if isinstance(record.get("ratio"), bool) or not isinstance(record.get("ratio"), (int, float)):
-        return f"'ratio' is {record.get('ratio')!r}, not a number"
-    if not isinstance(record.get("benchmarks"), list) or not all(isinstance(b, str) for b in record["benchmarks"]):
-        return "'benchmarks' is not a list of names"
-    distances = record.get("ot_distance", [])
-    if not isinstance(distances, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distances):
-        return "'ot_distance' is not a list of numbers"
-    return None
 
 
 def _groups(points: list[MethodPoint]) -> dict[tuple[str, str], list[MethodPoint]]:
