@@ -88,8 +88,9 @@ def test_rank_check_wants_two_processes_that_dumped_every_image(check, tmp_path)
 VLM_MODELS = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "llava-onevision": "llava_hf", "qwen2-vl": "qwen2_vl"}
 
 
-def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2(check):
-    runs, skipped = check.planned_vlm_runs("cuda")
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2(check, device):
+    runs, skipped = check.planned_vlm_runs(device)
     assert not skipped
     assert {(run.variant, run.model, run.baseline, run.layer, run.batch) for run in runs} == {
         (variant, model, baseline, layer, 1) for variant, model in VLM_MODELS.items() for baseline, layer in (("ORIG", 0), ("OURS", 0), ("FASTV", 2))
@@ -97,9 +98,6 @@ def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2(check):
     assert len({run.name for run in runs}) == 12
     fastv = next(run for run in runs if run.variant == "qwen3-vl" and run.baseline == "FASTV")
     assert fastv.env == {"BASELINE": "FASTV", "LAYER_INDEX": "2", "SUBSET_RATIO": "0.25"}
-    cpu_runs, cpu_skipped = check.planned_vlm_runs("cpu")
-    assert {(run.variant, run.baseline, run.layer) for run in cpu_runs} == {(variant, "OURS", 0) for variant in VLM_MODELS}
-    assert len(cpu_skipped) == 8 and all(why == check.CPU_SUBSET for _, why in cpu_skipped)
 
 
 @pytest.mark.parametrize("variant", VLM_MODELS)
