@@ -3,6 +3,7 @@ synthetic benchmark (otprune.synthetic_benchmark), deterministically, on CPU.
 
     python scripts/train_tiny_llava.py OUT_DIR [--steps N] [--batch N] [--seed 0] [--threads 1]
     python scripts/train_tiny_llava.py --check    # retrain the shipped checkpoint, compare its hash
+    python scripts/train_tiny_llava.py --by-template 80   # its held-out answers per question template
 
 The shipped checkpoint (configs/otprune_synth/synth-llava-1.5) is this script's output with the defaults;
 its ``training.json`` records the weights' hash, the times and the held-out scores. The same
@@ -351,6 +352,22 @@ def evaluate(model, tokenizer, rows: dict[str, list[dict]], visual: bool = True)
     return scores
 
 
+def correct_by_template(model, tokenizer, rows: dict[str, list[dict]]) -> dict[tuple[str, str, str], tuple[int, int]]:
+    """``{(kind, question template, "one object" or "several"): (correct, asked)}``: which questions
+    the model answers from the image, and which only where one object makes them global."""
+    tally: dict[tuple[str, str, str], list[int]] = {}
+    for kind, items in rows.items():
+        for r in items:
+            scene = bench.scene_from_dict(r["scene"])
+            predicted = answer(model, tokenizer, scene, r["question"])
+            right = yes_no_prediction(predicted) == r["answer"] if kind == "presence" else exact_match(predicted, r["answer"])
+            template = bench.question_template(r["question"].removesuffix(bench.SHORT_ANSWER_PROMPT))
+            counts = tally.setdefault((kind, template, "one object" if len(scene) == 1 else "several"), [0, 0])
+            counts[0] += int(right)
+            counts[1] += 1
+    return {key: (right, asked) for key, (right, asked) in sorted(tally.items())}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", help="where to write the checkpoint (folder name must contain 'llava')")
@@ -360,7 +377,23 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--eval-per-kind", type=int, default=40, help="held-out questions per kind scored at the end")
     parser.add_argument("--check", action="store_true", help="retrain with the defaults; compare to the shipped hash")
+    parser.add_argument("--by-template", type=int, metavar="N", help="score the shipped checkpoint per question template on N held-out questions per kind")
     args = parser.parse_args(argv)
+    if args.by_template is not None:
+        from llava.model.builder import load_pretrained_model
+
+        from build_tiny_llava import build
+
+        if args.by_template < 1:
+            parser.error(f"--by-template {args.by_template}: it must be a count of questions >= 1")
+        rows = {k: v for k, v in bench.question_rows(args.by_template).items() if k != "caption"}
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = build(Path(tmp) / SHIPPED_SYNTH.name, SHIPPED_SYNTH.name)
+            tokenizer, model, _, _ = load_pretrained_model(str(folder), None, folder.name, device_map="cpu", device="cpu")
+        print("| kind | question | scenes | right |\n|---|---|---|---|")
+        for (kind, template, objects), (right, asked) in correct_by_template(model.eval(), tokenizer, rows).items():
+            print(f"| {kind} | {template} | {objects} | {right}/{asked} ({100 * right / asked:.0f} %) |")
+        return 0
     if args.check:
         recorded = json.loads((SHIPPED_SYNTH / "training.json").read_text())["weights_sha256"]
         with tempfile.TemporaryDirectory() as tmp:

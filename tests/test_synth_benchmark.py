@@ -227,6 +227,19 @@ def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(held_out_scor
         assert blind[key] <= chance[key] + 0.1, (key, blind, chance)
 
 
+def test_scores_by_template_add_up_to_each_kinds_score(train_script, synth_model):
+    model, tokenizer = synth_model
+    rows = {k: v for k, v in bench.question_rows(6).items() if k != "caption"}
+    tally = train_script.correct_by_template(model, tokenizer, rows)
+    scores = train_script.evaluate(model, tokenizer, rows)
+    for kind, items in rows.items():
+        right = sum(r for (k, _, _), (r, _) in tally.items() if k == kind)
+        assert sum(n for (k, _, _), (_, n) in tally.items() if k == kind) == len(items)
+        assert right / len(items) == scores["presence_acc" if kind == "presence" else f"{kind}_em"], kind
+    assert {objects for _, _, objects in tally} <= {"one object", "several"}
+    assert ("count", "How many objects are there?", "several") in tally
+
+
 def test_blind_chance_answers_each_question_template_with_its_most_frequent_answer():
     def row(question, answer):
         return {"question": question + bench.SHORT_ANSWER_PROMPT, "answer": answer}
