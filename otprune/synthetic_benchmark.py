@@ -248,7 +248,7 @@ def question_template(question: str) -> str:
     """``question`` with its object words (colours, shapes, sizes) blanked: what a model that
     cannot see the image knows of it."""
     words = {*COLOURS, *SHAPES, *(s + "s" for s in SHAPES), *SIZES}
-    return " ".join("_" if w.strip("?") in words else w for w in question.split())
+    return " ".join("_" + w[len(w.rstrip("?")) :] if w.rstrip("?") in words else w for w in question.split())
 
 
 def blind_chance(rows: dict[str, list[dict]]) -> dict[str, float]:

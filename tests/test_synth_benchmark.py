@@ -238,6 +238,7 @@ def test_scores_by_template_add_up_to_each_kinds_score(train_script, synth_model
         assert right / len(items) == scores["presence_acc" if kind == "presence" else f"{kind}_em"], kind
     assert {objects for _, _, objects in tally} <= {"one object", "several"}
     assert ("count", "How many objects are there?", "several") in tally
+    assert bench.question_template("What color is the circle?") == "What color is the _?"
 
 
 def test_blind_chance_answers_each_question_template_with_its_most_frequent_answer():

@@ -89,10 +89,14 @@ def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
+LABEL_GAP = 2  # pixels between two labels
+
+
 def separate_labels(figure) -> None:
-    """Moves each axes' labels down, top first, until none overlaps another: blocks of nearby
-    columns (two close ratios) would otherwise be drawn over each other. Lays the figure out to
-    measure the labels, so call it once everything is drawn."""
+    """Moves each axes' labels down, top first, until each is ``LABEL_GAP`` pixels clear of the
+    others: blocks of nearby columns (two close ratios) would otherwise be drawn over each other,
+    or touch and read as one. Lays the figure out to measure the labels, so call it once
+    everything is drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     if not isinstance(figure.canvas, FigureCanvasAgg):
@@ -104,8 +108,8 @@ def separate_labels(figure) -> None:
         for text in sorted(ax.texts, key=lambda t: -t.get_window_extent(renderer).y1):
             extent = text.get_window_extent(renderer)
             shift = 0.0
-            while clash := next((p for p in placed if extent.translated(0, -shift).overlaps(p)), None):
-                shift = extent.y1 - clash.y0 + 1
+            while clash := next((p for p in placed if extent.translated(0, -shift).padded(LABEL_GAP).overlaps(p)), None):
+                shift = extent.y1 + LABEL_GAP - clash.y0 + 1
             text.xyann = (text.xyann[0], text.xyann[1] - shift * 72 / figure.dpi)
             placed.append(extent.translated(0, -shift))
 
@@ -183,7 +187,7 @@ def write_pareto_figures(rows: Sequence[dict], units: dict[str, str], out_dir: P
             skipped.append(f"{name} (no run has both a score and {AXES[x]})")
             continue
         path = Path(out_dir) / name
-        pareto_figure(rows, units, x).savefig(path, dpi=DPI)
+        pareto_figure(rows, units, x).savefig(path, dpi=DPI, bbox_inches="tight")
         written.append(str(path))
     return "; ".join(filter(None, ["written: " + ", ".join(written) if written else "",
                                    "skipped " + ", ".join(skipped) if skipped else ""]))
