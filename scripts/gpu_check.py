@@ -343,11 +343,10 @@ def planned_runs(device: str) -> tuple[list[EvalRun], list[tuple[EvalRun, str]]]
     return runs, skipped
 
 
-def planned_vlm_runs(device: str) -> tuple[list[EvalRun], list[tuple[EvalRun, str]]]:
-    """``(runs, skipped)``: each family's Original, OURS at K = 0 and FASTV at K = 2, batch 1, on
-    the CPU too (tiny models: each run is about 9 s of lmms-eval start-up there)."""
-    runs = [EvalRun(model, baseline, layer, 1, ratio=VLM_RATIO, variant=variant) for variant, model in VLM_FAMILIES.items() for baseline, layer in VLM_METHODS]
-    return runs, []
+def planned_vlm_runs() -> list[EvalRun]:
+    """Each family's Original, OURS at K = 0 and FASTV at K = 2, batch 1, on the CPU too (tiny
+    models: each run is about 9 s of lmms-eval start-up there)."""
+    return [EvalRun(model, baseline, layer, 1, ratio=VLM_RATIO, variant=variant) for variant, model in VLM_FAMILIES.items() for baseline, layer in VLM_METHODS]
 
 
 def smoke_tasks() -> tuple[list[str], str]:
@@ -644,8 +643,7 @@ def vlm_suite(device: str) -> Suite:
 
 
 def step_vlm_lmms_eval(device: str, deadline: float) -> StepResult:
-    runs, skipped = planned_vlm_runs(device)
-    return lmms_step(device, deadline, runs, skipped, "The lmms-eval CLI with lmms-eval's own Qwen-VL and OneVision models", vlm_suite(device))
+    return lmms_step(device, deadline, planned_vlm_runs(), [], "The lmms-eval CLI with lmms-eval's own Qwen-VL and OneVision models", vlm_suite(device))
 
 
 def step_accelerate(device: str, deadline: float) -> StepResult:

@@ -338,6 +338,11 @@ def answer(model, tokenizer, scene, question: str, visual: bool = True, max_new_
     return tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
 
 
+def answered_right(kind: str, prediction: str, expected: str) -> bool:
+    """A yes/no answer read as yes or no (``yes_no_prediction``), any other by exact match."""
+    return yes_no_prediction(prediction) == expected if kind == "presence" else bool(exact_match(prediction, expected))
+
+
 def evaluate(model, tokenizer, rows: dict[str, list[dict]], visual: bool = True) -> dict[str, float]:
     """Scores per kind: yes/no F1 and accuracy, exact match of the short answers and of the caption."""
     scores = {}
@@ -346,9 +351,8 @@ def evaluate(model, tokenizer, rows: dict[str, list[dict]], visual: bool = True)
         if kind == "presence":
             marked = [{"prediction": yes_no_prediction(p), "answer": r["answer"]} for p, r in zip(predictions, items)]
             scores["presence_f1"] = yes_no_f1(marked)
-            scores["presence_acc"] = sum(m["prediction"] == m["answer"] for m in marked) / len(marked)
-        else:
-            scores[f"{kind}_em"] = sum(exact_match(p, r["answer"]) for p, r in zip(predictions, items)) / len(items)
+        right = sum(answered_right(kind, p, r["answer"]) for p, r in zip(predictions, items)) / len(items)
+        scores["presence_acc" if kind == "presence" else f"{kind}_em"] = right
     return scores
 
 
@@ -360,7 +364,7 @@ def correct_by_template(model, tokenizer, rows: dict[str, list[dict]]) -> dict[t
         for r in items:
             scene = bench.scene_from_dict(r["scene"])
             predicted = answer(model, tokenizer, scene, r["question"])
-            right = yes_no_prediction(predicted) == r["answer"] if kind == "presence" else exact_match(predicted, r["answer"])
+            right = answered_right(kind, predicted, r["answer"])
             template = bench.question_template(r["question"].removesuffix(bench.SHORT_ANSWER_PROMPT))
             counts = tally.setdefault((kind, template, "one object" if len(scene) == 1 else "several"), [0, 0])
             counts[0] += int(right)
