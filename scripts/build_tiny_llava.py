@@ -105,8 +105,9 @@ def build_clip_tower(path: Path, seed: int) -> None:
     clip_processor().save_pretrained(path)
 
 
-def llama_config_fields(vocab_size: int, tokenizer, hidden: int = TEXT_HIDDEN, layers: int = TEXT_LAYERS) -> dict:
+def llama_config_fields(vocab_size: int, tokenizer, hidden: int = TEXT_HIDDEN, layers: int = TEXT_LAYERS, initializer_range: float = 0.02) -> dict:
     return dict(
+        initializer_range=initializer_range,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -122,7 +123,7 @@ def llama_config_fields(vocab_size: int, tokenizer, hidden: int = TEXT_HIDDEN, l
 
 def original_config(tokenizer, tower: Path, anyres: bool, vision_hidden: int = VISION_HIDDEN, select_layer: int = -2, **llm):
     """``LlavaConfig`` of an original-LLaVA model whose CLIP tower is saved in ``tower``; ``llm``:
-    ``hidden`` and ``layers`` of the LLaMA (``llama_config_fields``)."""
+    ``hidden``, ``layers`` and ``initializer_range`` of the LLaMA (``llama_config_fields``)."""
     from llava.model.language_model.llava_llama import LlavaConfig
 
     config = LlavaConfig(

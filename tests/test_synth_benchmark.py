@@ -187,6 +187,64 @@ def test_packed_training_prompts_give_the_logits_of_each_prompt_alone(train_scri
                 at += len(ids)
 
 
+def test_packed_prompts_over_a_subset_of_visual_tokens_give_the_logits_of_that_prompt_alone(train_script, synth_model):
+    """The background curriculum's packing: images seeing different subsets of their visual tokens
+    (different lengths) get, per prompt, the logits of the plain forward of the prompt's text around
+    that subset, at positions 0, 1, 2, ... (as a pruned prompt has them)."""
+    import copy
+
+    import torch
+
+    model, tokenizer = synth_model
+    model = copy.deepcopy(model).float()
+    rng = random.Random(1)
+    scenes = bench.scenes(1, 2)
+    asked = [list(bench.questions(scene, rng).values())[:3] for scene in scenes]
+    samples = []
+    for turns in asked:
+        tokens = [train_script.turn_tokens(tokenizer, q, a) for q, a in turns]
+        samples.append((tokens[0][0], [(ids, w) for _, ids, w in tokens]))
+    pixels = train_script.pixel_values([bench.draw(s) for s in scenes])
+    table = model.get_model().embed_tokens
+    with torch.no_grad():
+        visual = model.get_model().mm_projector(train_script.encode_images(model, pixels))
+        subsets = [visual[0, ::3], visual[1, 100:107]]
+        inputs, positions, mask, _, _ = train_script.packed_inputs(model, samples, subsets)
+        packed = model(inputs_embeds=inputs, attention_mask=mask, position_ids=positions).logits
+        for b, (prefix, turns) in enumerate(samples):
+            at = len(prefix) + len(subsets[b])
+            for ids, _ in turns:
+                alone = torch.cat([table(torch.tensor(prefix)), subsets[b], table(torch.tensor(ids))])[None]
+                logits = model(inputs_embeds=alone).logits[0]
+                torch.testing.assert_close(packed[b, at : at + len(ids)], logits[-len(ids) :], rtol=1e-4, atol=1e-4)
+                at += len(ids)
+
+
+def test_background_curriculum_always_shows_the_objects(train_script):
+    """``training_batch``'s visible tokens: every patch an object is drawn on, and of the background
+    none at share 0, all at share 1, about half at share 0.5."""
+    tokens = lambda q, a: ([1], [2, 3], [0.0, 1.0])
+    assert [train_script.background_share(s, (10, 20)) for s in (0, 10, 15, 20, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
+    for share in (0.0, 0.5, 1.0):
+        rng = random.Random(7)
+        _, _, labels, seen = train_script.training_batch(rng, tokens, 6, share)
+        rng = random.Random(7)
+        scenes = [bench.random_scene(rng) for _ in range(6)]
+        for scene, image_labels, image_seen in zip(scenes, labels, seen.reshape(6, 24, 24)):
+            assert image_seen.reshape(-1)[image_labels[:, 0] > 0].all()
+            inside = np.zeros((24, 24), dtype=bool)
+            for o in scene:
+                side = bench.SIZES[o.size]
+                inside[o.y : o.y + side, o.x : o.x + side] = True
+            background = ~inside
+            if share == 0.0:
+                assert not image_seen.numpy()[background].any()
+            elif share == 1.0:
+                assert image_seen.all()
+            else:
+                assert 0.4 < image_seen.numpy()[background].mean() < 0.6
+
+
 def test_patch_labels_name_the_object_drawn_on_each_patch(train_script):
     """The auxiliary labels against the drawn pixels: a labelled patch holds its object's colour,
     an unlabelled one is mostly background."""
@@ -217,12 +275,14 @@ def held_out_scores(train_script, synth_model):
 
 
 def test_checkpoint_reads_the_image_and_falls_to_chance_without_it(held_out_scores):
-    """What the shipped checkpoint reaches (its yes/no and spatial answers are not above chance:
-    see README): attributes and counts read from the image, and without its visual tokens no
-    answer better than a blind model's best."""
+    """What the shipped checkpoint reaches (its spatial answers are not above chance: see README):
+    the issue's bars, yes/no F1 >= 0.9 and attribute EM >= 0.7; yes/no, attributes and counts read
+    from the image; and without its visual tokens no answer better than a blind model's best."""
     seen, blind, chance = held_out_scores
-    for key in ("attribute_em", "count_em"):
-        assert seen[key] >= blind[key] + 0.2, (key, seen, blind)
+    assert seen["presence_f1"] >= 0.9, seen
+    assert seen["attribute_em"] >= 0.7, seen
+    for key, margin in (("presence_acc", 0.3), ("attribute_em", 0.3), ("count_em", 0.2)):
+        assert seen[key] >= blind[key] + margin, (key, seen, blind)
     for key in ("presence_acc", "attribute_em", "count_em", "spatial_em"):
         assert blind[key] <= chance[key] + 0.1, (key, blind, chance)
 
@@ -258,7 +318,7 @@ def test_blind_chance_answers_each_question_template_with_its_most_frequent_answ
 
 
 def test_shipped_checkpoint_is_what_the_script_trains():
-    """``train_tiny_llava.py --check`` retrains with the defaults (about 20 minutes on one core, in
+    """``train_tiny_llava.py --check`` retrains with the defaults (about 13 minutes on one core, in
     its own process: it sets torch's global determinism and thread count) and compares the weights'
     hash with the shipped one, with the torch build the checkpoint records (kernels of another build
     may round differently)."""

@@ -15,11 +15,12 @@ from otprune import synthetic_benchmark as bench
 DATA = ROOT / "configs" / "otprune_synth" / "data"
 # Short-answer tasks scored by exact match: (report column, data file).
 SHORT_ANSWER = {"SynAttr": "attribute", "SynCount": "count", "SynSpatial": "spatial"}
-# What the shipped checkpoint reaches through the harness (the bar, yes/no F1 >= 0.9 and
-# attribute EM >= 0.7, is not reached: see README): with the image it answers attributes and counts
-# well above its own no-image run, and counts well above a blind model's best.
-ORIGINAL_MIN_MARGIN_OVER_NO_IMAGE = {"SynAttr": 0.2, "SynCount": 0.25}
-ORIGINAL_MIN_MARGIN_OVER_CHANCE = {"SynCount": 0.25}
+# What the shipped checkpoint reaches through the harness: the bars (yes/no F1 >= 0.9,
+# attribute EM >= 0.7), and yes/no, attributes and counts well above its own no-image run and a
+# blind model's best. Its spatial answers are at chance (see README): no claim on them.
+ORIGINAL_MIN = {"SynYesNo": 0.9, "SynAttr": 0.7}
+ORIGINAL_MIN_MARGIN_OVER_NO_IMAGE = {"SynYesNo": 0.5, "SynAttr": 0.3, "SynCount": 0.3}
+ORIGINAL_MIN_MARGIN_OVER_CHANCE = {"SynYesNo": 0.2, "SynAttr": 0.3, "SynCount": 0.3}
 # Without visual tokens the model can only answer from the question: at most this far above a blind
 # model's best (it may be below, answering a constant that is not the most frequent one).
 VTW_MAX_ABOVE_CHANCE = 0.1
@@ -58,10 +59,12 @@ def test_original_reads_the_image_and_vtw_at_k0_is_at_chance(tmp_path):
 
     scores = {m: {c: score(rows[m], c) for c in ("SynYesNo", *SHORT_ANSWER)} for m in rows}
     chance = bench.blind_chance(task_rows())
-    assert scores["VTW"]["SynYesNo"] <= chance["presence_f1"] + VTW_MAX_ABOVE_CHANCE, scores
-    for column, kind in SHORT_ANSWER.items():
-        assert scores["VTW"][column] <= chance[f"{kind}_em"] + VTW_MAX_ABOVE_CHANCE, (column, scores)
+    chance_of = {"SynYesNo": chance["presence_f1"], **{column: chance[f"{kind}_em"] for column, kind in SHORT_ANSWER.items()}}
+    for column, level in chance_of.items():
+        assert scores["VTW"][column] <= level + VTW_MAX_ABOVE_CHANCE, (column, scores)
     for column, margin in ORIGINAL_MIN_MARGIN_OVER_NO_IMAGE.items():
         assert scores["Original"][column] >= scores["VTW"][column] + margin, (column, scores)
+    for column, least in ORIGINAL_MIN.items():
+        assert scores["Original"][column] >= least, (column, scores)
     for column, margin in ORIGINAL_MIN_MARGIN_OVER_CHANCE.items():
-        assert scores["Original"][column] >= chance[f"{SHORT_ANSWER[column]}_em"] + margin, (column, scores)
+        assert scores["Original"][column] >= chance_of[column] + margin, (column, scores)
