@@ -57,7 +57,24 @@ def test_figure_plots_the_rows_and_their_front():
     assert scatter_points(ax) == [(0.4, 50.0), (0.4, 55.0), (0.9, 54.0), (3.0, 60.0)]
     (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
     assert sorted(set(zip(front.get_xdata(), front.get_ydata()))) == [(0.4, 55.0), (3.0, 60.0)]
-    assert {t.get_text() for t in ax.texts} == {"Original", "OTPrune 0.098\nDivPrune 0.098", "OTPrune 0.25"}
+    assert {t.get_text() for t in ax.texts} == {"Original", "OTPrune 0.098", "DivPrune 0.098", "OTPrune 0.25"}
+
+
+def test_labels_sit_level_with_their_points_where_there_is_room():
+    """Points of one cost far apart in score (methods at one ratio that keep or lose the image):
+    each label is drawn beside its own point, not in a block by the highest."""
+    rows = [
+        {"model": "m", "method": method, "ratio": 0.098, "tflop": 0.4, "visual_tokens_after": 56, "VQA": score}
+        for method, score in [("DivPrune", 90.0), ("Random", 46.0), ("OTPrune", 16.0)]
+    ]
+    figure = figures.pareto_figure(rows, {"VQA": "EM"})
+    renderer = figure.canvas.get_renderer()
+    (ax,) = [a for a in figure.axes if a.get_visible()]
+    for text in ax.texts:
+        (score,) = [r["VQA"] for r in rows if f"{r['method']} 0.098" == text.get_text()]
+        extent = text.get_window_extent(renderer)
+        point_y = ax.transData.transform((0.4, score))[1]
+        assert extent.y0 < point_y < extent.y1, (text.get_text(), extent, point_y)
 
 
 def test_figure_refuses_an_unknown_axis():
@@ -120,7 +137,7 @@ def test_labels_of_close_columns_do_not_overlap():
     renderer = figure.canvas.get_renderer()
     (ax,) = [a for a in figure.axes if a.get_visible()]
     extents = [t.get_window_extent(renderer) for t in ax.texts]
-    assert len(extents) == 3
+    assert len(extents) == len(rows)
     # Not even touching: a pixel apart at least.
     assert not any(a.padded(1).overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1:])
 

@@ -74,18 +74,14 @@ def point_label(row: dict) -> str:
 
 
 def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
-    """Writes the labels of points sharing an x (the methods at one ratio share their cost) as one
-    block beside the highest of them, a line per y from the top down (names at one place joined),
-    so that no two labels are drawn over each other there."""
-    columns = defaultdict(lambda: defaultdict(list))
-    for (x, y), text in labelled:
-        columns[x][y].append(text)
-    for x, by_y in columns.items():
-        top = max(by_y)
-        lines = [", ".join(by_y[y]) for y in sorted(by_y, reverse=True)]
-        # On a white box above the lines: the Pareto front's dashes would cross the text otherwise.
-        ax.annotate("\n".join(lines), (x, top), xytext=(6, 4), textcoords="offset points", fontsize=8,
-                    va="top" if len(lines) > 1 else "bottom", zorder=10,
+    """Writes each point's label beside it, level with it (the names of points at one place joined
+    on one line); ``separate_labels`` then moves apart the labels of nearby points."""
+    names = defaultdict(list)
+    for point, text in labelled:
+        names[point].append(text)
+    for point, texts in names.items():
+        # On a white box: the Pareto front's dashes would cross the text otherwise.
+        ax.annotate(", ".join(texts), point, xytext=(6, 0), textcoords="offset points", fontsize=8, va="center", zorder=10,
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 
