@@ -11,9 +11,9 @@ thread count and torch build give the same weights bit for bit.
 
 Design **choices**, for learning in minutes on two cores:
 
-- a byte-level BPE trained on the benchmark's own words (every word one token); a two-layer CLIP
-  tower of width 64 whose last layer feeds the projector (so the tower trains too); a four-layer
-  LLaMA of width 64; all trained end to end with AdamW;
+- a byte-level BPE trained on the benchmark's own words (each one token after a space, but " red":
+  "Ġ" + "red"); a two-layer CLIP tower of width 64 whose last layer feeds the projector (so the
+  tower trains too); a four-layer LLaMA of width 64; all trained end to end with AdamW;
 - every training image is asked ``DRAWS`` questions of each kind (the caption once), each as the
   single-turn vicuna_v1 prompt that lmms-eval's ``llava`` model sends (``packed_inputs``: the
   prompts share one copy of the image's 576 visual tokens, and a block mask and per-prompt
