@@ -80,8 +80,9 @@ def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
     for point, text in labelled:
         names[point].append(text)
     for point, texts in names.items():
-        # On a white box: the Pareto front's dashes would cross the text otherwise.
-        ax.annotate(", ".join(texts), point, xytext=(6, 0), textcoords="offset points", fontsize=8, va="center", zorder=10,
+        # On a white box, so that the Pareto front's dashes do not cross the text; under the points
+        # (zorder 3 and up), so that a label moved down by separate_labels never hides one.
+        ax.annotate(", ".join(texts), point, xytext=(6, 0), textcoords="offset points", fontsize=8, va="center", zorder=2.5,
                     bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
 
 

@@ -157,7 +157,7 @@ def figure(points: list[MethodPoint], units: dict[str, str] | None = None):
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4.2), squeeze=False, layout="constrained")
     for ax, ((model, benchmark), group) in zip(axes[0], sorted(groups.items())):
         for point in group:
-            ax.scatter(point.ot_distance, point.score, s=40)
+            ax.scatter(point.ot_distance, point.score, s=40, zorder=3)
         annotate(ax, [((p.ot_distance, p.score), point_label({"method": p.method, "ratio": p.ratio})) for p in group])
         ax.margins(x=0.25, y=0.15)
         ax.set_title(f"{model}: {benchmark}")
