@@ -25,7 +25,7 @@ Design **choices**, for learning in minutes on two cores:
 - a background curriculum: the LLM first sees only the visual tokens of patches an object is drawn
   on (in their order, at consecutive positions, as a pruned prompt has them), then each background
   patch with a probability that grows linearly to one over ``BACKGROUND_RAMP``, and all 576 tokens
-  after it. Among 576 tokens, 98 % of them background, matching the question's words against an
+  after it. Among 576 tokens, about 96 % of them background, matching the question's words against an
   object gets too little gradient for a model from random weights to find; among the object tokens
   alone it is found in a few hundred steps, and the ramp carries it over to the whole image;
 - the LLM and projector initialised with std ``INIT_STD`` = 0.1 rather than transformers' 0.02,
@@ -167,8 +167,8 @@ def packed_inputs(model, samples: list[tuple[list[int], list[tuple[list[int], li
     (text before the image and the visual tokens) and itself, at the positions it has alone.
 
     ``samples``: per image, (ids before the image, [(turn ids after the image, their weights)]);
-    ``visual``: per image, its (N_b, D) projected visual tokens (a (B, N, D) tensor or a list). Returns right-padded ``inputs_embeds`` (B, L, H),
-    ``position_ids`` (B, L), an additive 4-D mask (B, 1, L, L), next-token targets and their
+    ``visual``: per image, its (N_b, D) projected visual tokens (a (B, N, D) tensor or a list).
+    Returns right-padded ``inputs_embeds`` (B, L, H), ``position_ids`` (B, L), an additive 4-D mask (B, 1, L, L), next-token targets and their
     weights (B, L), the target of position p being the token at p + 1 of the same prompt.
     """
     table = model.get_model().embed_tokens
@@ -225,13 +225,12 @@ def covered_pixels(image) -> np.ndarray:
     return (np.abs(image - np.asarray(bench.BACKGROUND)).sum(-1) > 0).reshape(side, bench.PATCH, side, bench.PATCH).sum((1, 3))
 
 
-def patch_labels(scene, image) -> torch.Tensor:
+def patch_labels(scene, covered: np.ndarray) -> torch.Tensor:
     """(576, 7) labels of each patch for the auxiliary loss: the colour, shape, size and
     (colour, shape) pair index of the object covering at least a sixth of it (0: none), 1 on the
     top-left patch of each object's box, and the column and row of the grid cell holding the patch.
-    ``image``: the scene drawn (``bench.draw``)."""
+    ``covered``: the scene's ``covered_pixels``."""
     side = bench.IMAGE_SIZE // bench.PATCH
-    covered = covered_pixels(image)
     labels = np.zeros((side, side, len(LABEL_CLASSES)), dtype=np.int64)
     cell = np.arange(side) * bench.PATCH // (bench.IMAGE_SIZE // bench.GRID)
     labels[..., 5], labels[..., 6] = cell[None, :], cell[:, None]
@@ -264,9 +263,10 @@ def training_batch(rng: random.Random, tokens, size: int, share: float = 1.0):
         turns = [tokens(q, a) for q, a in asked]
         samples.append((turns[0][0], [(ids, w) for _, ids, w in turns]))
     images = [bench.draw(s) for s in scenes]
-    objects = torch.from_numpy(np.stack([covered_pixels(i).reshape(-1) > 0 for i in images]))
+    covered = [covered_pixels(i) for i in images]
+    objects = torch.from_numpy(np.stack([c.reshape(-1) > 0 for c in covered]))
     background = torch.tensor([[rng.random() < share for _ in range(objects.shape[1])] for _ in scenes])
-    return pixel_values(images), samples, torch.stack([patch_labels(s, i) for s, i in zip(scenes, images)]), objects | background
+    return pixel_values(images), samples, torch.stack([patch_labels(s, c) for s, c in zip(scenes, covered)]), objects | background
 
 
 def loss_of(model, patch_head, pixels, samples, labels, seen) -> tuple[torch.Tensor, torch.Tensor]:

@@ -249,7 +249,7 @@ def test_patch_labels_name_the_object_drawn_on_each_patch(train_script):
     """The auxiliary labels against the drawn pixels: a labelled patch holds its object's colour,
     an unlabelled one is mostly background."""
     for scene in bench.scenes(3, 20):
-        labels = train_script.patch_labels(scene, bench.draw(scene)).reshape(24, 24, -1).numpy()
+        labels = train_script.patch_labels(scene, train_script.covered_pixels(bench.draw(scene))).reshape(24, 24, -1).numpy()
         image = np.asarray(bench.draw(scene)).reshape(24, 14, 24, 14, 3)
         colours = {i: bench.COLOURS[c] for c, i in train_script.COLOUR_IDS.items()}
         for row in range(24):
