@@ -162,14 +162,15 @@ def encode_images(model, pixels: torch.Tensor) -> torch.Tensor:
     return tower.feature_select(tower.vision_tower(pixels, output_hidden_states=True))
 
 
-def packed_inputs(model, samples: list[tuple[list[int], list[tuple[list[int], list[float]]]]], visual: torch.Tensor):
+def packed_inputs(model, samples: list[tuple[list[int], list[tuple[list[int], list[float]]]]], visual: torch.Tensor | list[torch.Tensor]):
     """One row per image holding all its single-turn prompts, each seeing only the shared prefix
     (text before the image and the visual tokens) and itself, at the positions it has alone.
 
     ``samples``: per image, (ids before the image, [(turn ids after the image, their weights)]);
     ``visual``: per image, its (N_b, D) projected visual tokens (a (B, N, D) tensor or a list).
-    Returns right-padded ``inputs_embeds`` (B, L, H), ``position_ids`` (B, L), an additive 4-D mask (B, 1, L, L), next-token targets and their
-    weights (B, L), the target of position p being the token at p + 1 of the same prompt.
+    Returns right-padded ``inputs_embeds`` (B, L, H), ``position_ids`` (B, L), an additive 4-D mask
+    (B, 1, L, L), next-token targets and their weights (B, L), the target of position p being the
+    token at p + 1 of the same prompt.
     """
     table = model.get_model().embed_tokens
     rows, positions, segments, targets, weights = [], [], [], [], []
