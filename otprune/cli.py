@@ -4,6 +4,7 @@
     otprune report RUNS/<config>       # Table 1 from a runs folder
     otprune analysis COMMAND [...]     # the paper's analyses (python -m otprune.analysis)
     otprune bench selectors|prefill    # the benchmarks of the selectors and of the prefill
+    otprune doctor                     # the installed stack against the lock and the known breaks
 
 Each subcommand's module is imported only when it runs, so a missing optional dependency of one
 (lmms-eval's stack for ``run``, scipy for ``report``) is named instead of breaking the others.
@@ -20,6 +21,7 @@ SUBCOMMANDS = {
     "report": ("otprune.report", "write Table 1 (Markdown and CSV) from a runs folder"),
     "analysis": ("otprune.analysis.__main__", "the paper's analyses: subset enumeration, Table 2, Fig. 2"),
     "bench": ("otprune.bench", "the benchmarks: selectors (the selectors alone), prefill (LLaVA-shaped end to end)"),
+    "doctor": ("otprune.doctor", "the installed stack against the lock, the tested range and the known breaks"),
 }
 EXTRAS = "pip install 'otprune[llava]' (or bash scripts/install.sh --llava in a checkout)"
 

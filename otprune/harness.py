@@ -58,6 +58,7 @@ from pathlib import Path
 
 import yaml
 
+from otprune import stack
 from otprune.config import config_from_env, default_layer_index
 from otprune.selectors import budget
 from otprune.timing import TIMING_PREFIX
@@ -688,7 +689,8 @@ def cached_model(model_id: str) -> bool:
 
 def prerequisites(config: Config, num_processes: int) -> tuple[list[str], list[str]]:
     """``(missing, warnings)``: what stops the config from running, and what only degrades it."""
-    missing, warnings = [], []
+    missing = [f"a known break: {b}" for b in stack.known_breaks()]
+    warnings = []
     for module, what in (("lmms_eval", "lmms-eval"), ("llava", "llava-torch (pip install --no-deps llava-torch==1.2.2.post1)")):
         if importlib.util.find_spec(module) is None:
             missing.append(f"{what} is not installed (bash scripts/install.sh --llava)")
@@ -1249,6 +1251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
     quiet_torchvision_hint()
+    print(stack.summary(stack.inspect()))
 
     name = args.config
     if name is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from otprune import stack
 from otprune.config import PruneConfig, check_runnable_here, config_from_env, default_layer_index
 
 from . import hf, llava, timing, vlm
@@ -81,6 +82,8 @@ def activate_from_env(environ=None) -> PruneConfig:
     """Read the pruning variables and, if pruning is on, patch every supported model class."""
     global _env_config
     config = config_from_env(environ)
+    # Every original-LLaVA run needs this on transformers >= 5.24, pruned or not.
+    llava.install_cache_keyword()
     if config.enabled:
         hf.check_transformers_version()
         check_runnable_here(config)
@@ -118,8 +121,12 @@ def lmms_eval_plugin() -> list:
     """Entry point of the ``lmms_eval.models`` group: activates pruning, registers no model.
 
     lmms-eval catches ``Exception`` from entry points and only warns, so a bad variable exits
-    through ``SystemExit`` instead, before any model is loaded.
+    through ``SystemExit`` instead, before any model is loaded; so does a known break of the
+    installed stack (``otprune.stack.KNOWN_BREAKS``), with its fix, instead of a run that fails.
     """
+    breaks = stack.known_breaks()
+    if breaks:
+        raise SystemExit("otprune: a known break of the installed packages stops this run: " + "; ".join(breaks))
     try:
         activate_from_env()
     except ValueError as error:

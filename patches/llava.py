@@ -17,6 +17,7 @@ handed to the layer hooks (``layers.py``).
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 
@@ -28,6 +29,52 @@ from .splice import IGNORE_INDEX, question_positions, repad
 
 IMAGE_TOKEN_INDEX = -200
 
+# The modules of llava-torch 1.2.2 that define a causal LM (imported one by one: the package's
+# own __init__ swallows import errors).
+_LANGUAGE_MODELS = {
+    "llava.model.language_model.llava_llama": "LlavaLlamaForCausalLM",
+    "llava.model.language_model.llava_mistral": "LlavaMistralForCausalLM",
+    "llava.model.language_model.llava_mpt": "LlavaMptForCausalLM",
+}
+
+
+def install_cache_keyword() -> list[str]:
+    """Let the original LLaVA's causal LMs take transformers 5.24's ``cache=``; the classes patched.
+
+    transformers 5.24 renamed the key-value cache argument ``past_key_values`` to ``cache``, and
+    its ``generate`` passes ``cache=`` to ``forward``. llava-torch's ``forward`` names only
+    ``past_key_values`` (and ends in a ``TypeError``), so every original-LLaVA run, unpruned
+    included, broke. The wrapper hands ``cache`` on under the old name, which LLaVA's own
+    ``prepare_inputs_labels_for_multimodal`` also reads (a cache means a decode step) and which
+    transformers still accepts, deprecated, from LLaVA's call of its parent. Older transformers
+    never pass ``cache``, so there the wrapper changes nothing.
+    """
+    patched = []
+    for module_name, class_name in _LANGUAGE_MODELS.items():
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            continue
+        if getattr(cls.forward, "otprune_cache_keyword", False):
+            patched.append(class_name)
+            continue
+        cls.forward = _forward_taking_cache(cls.forward)
+        patched.append(class_name)
+    return patched
+
+
+def _forward_taking_cache(forward):
+    @functools.wraps(forward)
+    def wrapper(self, *args, cache=None, **kwargs):
+        if cache is not None:
+            if kwargs.get("past_key_values") is not None:
+                raise TypeError("both cache= and past_key_values= given; pass one")
+            kwargs["past_key_values"] = cache
+        return forward(self, *args, **kwargs)
+
+    wrapper.otprune_cache_keyword = True
+    return wrapper
+
 
 def install() -> bool:
     """Replace ``LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal``; False if no LLaVA."""
@@ -35,6 +82,7 @@ def install() -> bool:
         from llava.model.llava_arch import LlavaMetaForCausalLM
     except ImportError:
         return False
+    install_cache_keyword()
     original = LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal
     if getattr(original, "otprune_original", None) is not None:
         return True

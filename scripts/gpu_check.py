@@ -164,6 +164,8 @@ def version_of(distribution: str) -> str:
 def step_environment(device: str, deadline: float) -> StepResult:
     import torch
 
+    from otprune import stack
+
     figures = {"python": platform.python_version(), "device": device}
     figures.update({name: version_of(name) for name in VERSIONED})
     figures["torch_cuda"] = torch.version.cuda or "none (CPU build)"
@@ -179,6 +181,7 @@ def step_environment(device: str, deadline: float) -> StepResult:
     else:
         figures["gpu"] = "none: CPU mode, reduced sizes"
         figures["cpu_threads"] = torch.get_num_threads()
+    figures["stack"] = stack.summary(stack.inspect())
     figures["otprune_entry_point"] = any(e.name == "otprune" for e in importlib.metadata.entry_points(group="lmms_eval.models"))
     body = "| what | value |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in figures.items())
     summary = f"{figures['gpu']}; torch {figures['torch']} (CUDA {figures['torch_cuda']}), transformers {figures['transformers']}, triton {figures['triton']}"

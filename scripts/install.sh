@@ -1,47 +1,94 @@
 #!/usr/bin/env bash
-# Install otprune and what it runs with: torch, then (with --llava or --test) transformers 5,
-# lmms-eval 0.7.3 and the original LLaVA. Safe to re-run. Installs into $PYTHON (default python3).
+# Install otprune and what it runs with into $PYTHON (default python3), by default from the lock:
+# every package at the exact version locks/<environment>.txt names (bash scripts/lock.sh makes
+# them), so that every machine, on every day, gets the stack CI tested. Safe to re-run.
 #
-#   bash scripts/install.sh           # the library: torch, numpy, POT
-#   bash scripts/install.sh --llava   # + transformers, lmms-eval, llava-torch (the patch, the harness)
-#   bash scripts/install.sh --test    # + the above and pytest
-#   bash scripts/install.sh --vlm     # --llava + torchvision, qwen-vl-utils (lmms-eval's Qwen-VL and
-#                                     #   OneVision models; on a CPU torch with the torchvision hook)
+#   bash scripts/install.sh           # the library: torch, numpy, POT              (locks/base.txt)
+#   bash scripts/install.sh --llava   # + transformers, lmms-eval, llava-torch and
+#                                     #   matplotlib: the patch, the harness, its figures (locks/llava.txt)
+#   bash scripts/install.sh --test    # + pytest, triton: the tests                 (locks/test.txt)
+#   bash scripts/install.sh --vlm     # --llava + torchvision, qwen-vl-utils for lmms-eval's
+#                                     #   Qwen-VL and OneVision models              (locks/vlm.txt)
+#   ... --latest                      # no lock: the newest releases pyproject's bounds allow (pip)
+#
+# An installed torch is kept (a CUDA build on a GPU machine); otherwise the lock's torch version is
+# installed with pip. The lock is installed with uv (INSTALLER=pip for pip), every line --no-deps:
+# the lock is the whole dependency tree.
 set -euo pipefail
 export PIP_ROOT_USER_ACTION=ignore
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-extras=""
-case "${1:-}" in
-  "") ;;
-  --llava) extras="[llava]" ;;
-  --test) extras="[llava,test]" ;;
-  --vlm) extras="[llava,vlm]" ;;
-  *) echo "install.sh: unknown option '$1'; allowed: --llava, --test, --vlm" >&2; exit 2 ;;
-esac
+INSTALLER=${INSTALLER:-uv}
+UV_VERSION=0.13.9
+environment=base latest=0
+for option in "$@"; do
+  case "$option" in
+    --llava | --test | --vlm) environment=${option#--} ;;
+    --latest) latest=1 ;;
+    *) echo "install.sh: unknown option '$option'; allowed: --llava, --test, --vlm, --latest" >&2; exit 2 ;;
+  esac
+done
+case "$INSTALLER" in uv | pip) ;; *) echo "install.sh: INSTALLER=$INSTALLER; allowed: uv, pip" >&2; exit 2 ;; esac
+lock=locks/$environment.txt
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 # pip 23's resolver crashes on lmms-eval's dependency tree; 24+ resolves it.
 "${PIP[@]}" "pip>=24"
-# Keep whatever torch is installed (a CUDA build on a GPU machine); otherwise take 2.13.0.
-torch_version=$("$PY" -c "import torch; print(torch.__version__.split('+')[0])" 2>/dev/null || true)
+
+locked_torch=$(grep -o '^torch==[^ ]*' "$lock" | cut -d= -f3)
+torch_version=$("$PY" -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
 if [ -z "$torch_version" ]; then
-  "${PIP[@]}" torch==2.13.0
-  torch_version=2.13.0
+  # The version without its local part: pip takes the CPU build where one lies on disk (this
+  # workplace), else PyPI's build of the same release.
+  "${PIP[@]}" "torch==${locked_torch%%+*}"
+  torch_version=$("$PY" -c "from importlib.metadata import version; print(version('torch'))")
 fi
-constraints=$(mktemp)
-trap 'rm -f "$constraints"' EXIT
-echo "torch==$torch_version" >"$constraints"
-"${PIP[@]}" -c "$constraints" -e ".$extras"
-if [ -n "$extras" ]; then
-  # LLaVA's own pins (torch 2.0, transformers 4.36) are years old: install it without them.
-  "${PIP[@]}" --no-deps llava-torch==1.2.2.post1
-  # lmms-eval pulls torchvision; a wheel built for another torch breaks imports
-  # ("operator torchvision::nms does not exist"). Only --vlm needs it: elsewhere drop a broken one.
-  if [ "$extras" != "[llava,vlm]" ] && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
-    "$PY" -m pip uninstall -q -y torchvision >/dev/null 2>&1 || true
+
+if [ "$latest" = 1 ]; then
+  constraints=$(mktemp)
+  trap 'rm -f "$constraints"' EXIT
+  echo "torch==$torch_version" >"$constraints"
+  # The lock's first line names the extras of its environment (scripts/lock.sh chooses them).
+  extras=$(sed -n '1s/^# extras: *//p' "$lock")
+  "${PIP[@]}" --upgrade --upgrade-strategy eager -c "$constraints" -e ".${extras:+[$extras]}"
+  if [ "$environment" != base ]; then
+    "${PIP[@]}" --no-deps llava-torch==1.2.2.post1
   fi
+else
+  # The lock less torch; where the kept torch is not the lock's (a CUDA build), less what that
+  # torch requires too (its CUDA libraries, its triton), which its own install chose.
+  requirements=$(mktemp)
+  trap 'rm -f "$requirements"' EXIT
+  "$PY" - "$lock" "$torch_version" "$locked_torch" >"$requirements" <<'EOF'
+import re
+import sys
+from importlib.metadata import requires
+
+lock, installed, locked = sys.argv[1:]
+skip = {"torch"}
+if installed != locked:
+    skip |= {re.split(r"[\s\[<>=!~;(]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requires("torch") or []}
+    print(f"install.sh: keeping torch {installed} (the lock has {locked}) and the packages it requires", file=sys.stderr)
+for line in open(lock):
+    name = line.split("==")[0].strip().lower().replace("_", "-")
+    if line[:1].isalnum() and name not in skip:
+        print(line.strip())
+EOF
+  if [ "$INSTALLER" = uv ]; then
+    "$PY" -m uv --version >/dev/null 2>&1 || "${PIP[@]}" "uv==$UV_VERSION"
+    UV=("$PY" -m uv pip install -q --python "$PY" --no-deps)
+  else
+    UV=("${PIP[@]}" --no-deps)
+  fi
+  "${UV[@]}" -r "$requirements"
+  "${UV[@]}" -e .
 fi
-if [ "$extras" = "[llava,vlm]" ] && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
+
+if [ "$environment" != base ] && [ "$environment" != vlm ] && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
+  # lmms-eval pulls torchvision (--latest, or left from an earlier install); a wheel built for
+  # another torch breaks imports ("operator torchvision::nms does not exist"). Only --vlm needs it.
+  "$PY" -m pip uninstall -q -y torchvision >/dev/null 2>&1 || true
+fi
+if [ "$environment" = vlm ] && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
   # PyPI's torchvision is a CUDA build: on a CPU torch its operators cannot load and its import
   # fails; the hook lets it import (what transformers uses of it is pure Python). See the hook.
   if [ "$("$PY" -c "import torch; print(torch.version.cuda is None and torch.version.hip is None)")" != True ]; then
@@ -54,4 +101,4 @@ if [ "$extras" = "[llava,vlm]" ] && ! "$PY" -c "import torchvision" >/dev/null 2
   "$PY" -c "import torchvision" || { echo "install.sh: torchvision does not import even with the hook" >&2; exit 1; }
   echo "install.sh: torchvision $("$PY" -c "import torchvision; print(torchvision.__version__)") imports on this CPU torch through $site/_otprune_cpu_torchvision.pth"
 fi
-"$PY" -c "import otprune, torch; print(f'otprune {otprune.__version__} with torch {torch.__version__}')"
+"$PY" -m otprune doctor --summary --lock "$environment"

@@ -345,6 +345,20 @@ def greedy_by_recompute(model, ids, pixel, sizes, tokens=6):
     return new
 
 
+@pytest.mark.parametrize("method", [None, "OURS"])
+def test_cached_decoding_matches_a_full_recompute_whatever_transformers_calls_the_cache(models, method):
+    """transformers >= 5.24 hands LLaVA's forward the cache as ``cache=`` (older releases as
+    ``past_key_values=``): either way, unpruned and pruned at K = 0, the cached generation is the
+    slow full recompute's, and the cache argument reaches LLaVA under the name it reads."""
+    import inspect
+
+    _, model, _ = models["llava-1.5"]
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 17)])
+    patches.prune(model, method, RATIO if method else None)
+    assert "past_key_values" in inspect.signature(type(model).forward.__wrapped__).parameters
+    assert generate(model, ids, pixel, sizes).tolist() == greedy_by_recompute(model, ids, pixel, sizes).tolist()
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("method", ["OURS", "VTW"])
 def test_layer_k_cached_decoding_matches_a_full_recompute(models, attn, method):
