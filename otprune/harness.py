@@ -1251,7 +1251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     args = parser.parse_args(argv)
     quiet_torchvision_hint()
-    print(stack.summary(stack.inspect()))
+    print(stack.summary_here())
 
     name = args.config
     if name is None:

@@ -223,6 +223,15 @@ def inspect(environment: str | None = None, installed: dict[str, str] | None = N
     return Stack(environment, bool(locked), rows, len(others) - len(differing), differing, known_breaks(installed))
 
 
+def summary_here() -> str:
+    """:func:`summary` of this interpreter's stack, or why it cannot be had (a diagnostic line
+    must not stop a run: an edited lock or a version string packaging cannot read)."""
+    try:
+        return summary(inspect())
+    except (ValueError, OSError) as error:
+        return f"stack: unknown ({error})"
+
+
 def summary(stack: Stack) -> str:
     """One line: lock agreement, untested versions, known breaks."""
     if stack.lock_found:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 
 import torch
 
@@ -68,10 +69,14 @@ def _forward_taking_cache(forward):
     def wrapper(self, *args, cache=None, **kwargs):
         if cache is not None:
             if kwargs.get("past_key_values") is not None:
-                raise TypeError("both cache= and past_key_values= given; pass one")
+                raise TypeError("LLaVA's forward got both cache= and past_key_values=; pass one of them")
             kwargs["past_key_values"] = cache
         return forward(self, *args, **kwargs)
 
+    # What transformers reads of forward's signature must show ``cache`` too (wraps copies the old one).
+    signature = inspect.signature(forward)
+    cache = inspect.Parameter("cache", inspect.Parameter.KEYWORD_ONLY, default=None)
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), cache])
     wrapper.otprune_cache_keyword = True
     return wrapper
 

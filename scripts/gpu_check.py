@@ -181,7 +181,7 @@ def step_environment(device: str, deadline: float) -> StepResult:
     else:
         figures["gpu"] = "none: CPU mode, reduced sizes"
         figures["cpu_threads"] = torch.get_num_threads()
-    figures["stack"] = stack.summary(stack.inspect())
+    figures["stack"] = stack.summary_here()
     figures["otprune_entry_point"] = any(e.name == "otprune" for e in importlib.metadata.entry_points(group="lmms_eval.models"))
     body = "| what | value |\n|---|---|\n" + "\n".join(f"| {key} | {value} |" for key, value in figures.items())
     summary = f"{figures['gpu']}; torch {figures['torch']} (CUDA {figures['torch_cuda']}), transformers {figures['transformers']}, triton {figures['triton']}"

@@ -23,16 +23,22 @@ UV_VERSION=0.13.9
 environment=base latest=0
 for option in "$@"; do
   case "$option" in
-    --llava | --test | --vlm) environment=${option#--} ;;
+    --llava | --test | --vlm)
+      if [ "$environment" != base ]; then
+        echo "install.sh: $option after --$environment; give one of --llava, --test, --vlm" >&2
+        exit 2
+      fi
+      environment=${option#--} ;;
     --latest) latest=1 ;;
     *) echo "install.sh: unknown option '$option'; allowed: --llava, --test, --vlm, --latest" >&2; exit 2 ;;
   esac
 done
 case "$INSTALLER" in uv | pip) ;; *) echo "install.sh: INSTALLER=$INSTALLER; allowed: uv, pip" >&2; exit 2 ;; esac
 lock=locks/$environment.txt
+[ -f "$lock" ] || { echo "install.sh: $lock is missing; bash scripts/lock.sh makes locks/{base,llava,test,vlm}.txt" >&2; exit 1; }
 PIP=("$PY" -m pip install -q --disable-pip-version-check)
 # pip 23's resolver crashes on lmms-eval's dependency tree; 24+ resolves it.
-"${PIP[@]}" "pip>=24"
+"$PY" -c "import pip, sys; sys.exit(int(pip.__version__.split('.')[0]) < 24)" || "${PIP[@]}" "pip>=24"
 
 locked_torch=$(grep -o '^torch==[^ ]*' "$lock" | cut -d= -f3)
 torch_version=$("$PY" -c "from importlib.metadata import version; print(version('torch'))" 2>/dev/null || true)
@@ -51,11 +57,11 @@ if [ "$latest" = 1 ]; then
   extras=$(sed -n '1s/^# extras: *//p' "$lock")
   "${PIP[@]}" --upgrade --upgrade-strategy eager -c "$constraints" -e ".${extras:+[$extras]}"
   if [ "$environment" != base ]; then
-    "${PIP[@]}" --no-deps llava-torch==1.2.2.post1
+    "${PIP[@]}" --no-deps "$(grep '^llava-torch==' "$lock")"
   fi
 else
-  # The lock less torch; where the kept torch is not the lock's (a CUDA build), less what that
-  # torch requires too (its CUDA libraries, its triton), which its own install chose.
+  # The lock less torch. A kept torch (a CUDA build) keeps what it requires where the lock's pin
+  # does not satisfy it (its exact triton, say): its own install chose those.
   requirements=$(mktemp)
   trap 'rm -f "$requirements"' EXIT
   "$PY" - "$lock" "$torch_version" "$locked_torch" >"$requirements" <<'EOF'
@@ -63,15 +69,32 @@ import re
 import sys
 from importlib.metadata import requires
 
+from pip._vendor.packaging.requirements import Requirement
+
 lock, installed, locked = sys.argv[1:]
-skip = {"torch"}
+
+
+def normalise(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 if installed != locked:
-    skip |= {re.split(r"[\s\[<>=!~;(]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requires("torch") or []}
-    print(f"install.sh: keeping torch {installed} (the lock has {locked}) and the packages it requires", file=sys.stderr)
+    print(f"install.sh: keeping torch {installed} (the lock has {locked})", file=sys.stderr)
+needs = {}
+for text in requires("torch") or []:
+    requirement = Requirement(text)
+    if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+        needs[normalise(requirement.name)] = requirement.specifier
 for line in open(lock):
-    name = line.split("==")[0].strip().lower().replace("_", "-")
-    if line[:1].isalnum() and name not in skip:
-        print(line.strip())
+    if not line[:1].isalnum():
+        continue
+    name, version = line.split("==")[0].strip(), line.split("==")[1].split()[0]
+    if normalise(name) == "torch":
+        continue
+    if normalise(name) in needs and not needs[normalise(name)].contains(version, prereleases=True):
+        print(f"install.sh: keeping torch's own {name} (the lock's {version} is not {needs[normalise(name)]})", file=sys.stderr)
+        continue
+    print(line.strip())
 EOF
   if [ "$INSTALLER" = uv ]; then
     "$PY" -m uv --version >/dev/null 2>&1 || "${PIP[@]}" "uv==$UV_VERSION"
@@ -91,7 +114,7 @@ fi
 if [ "$environment" = vlm ] && ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
   # PyPI's torchvision is a CUDA build: on a CPU torch its operators cannot load and its import
   # fails; the hook lets it import (what transformers uses of it is pure Python). See the hook.
-  if [ "$("$PY" -c "import torch; print(torch.version.cuda is None and torch.version.hip is None)")" != True ]; then
+  if [ "$("$PY" -c "import torch; print(torch.version.cuda is None and torch.version.hip is None)")" = False ]; then
     echo "install.sh: torchvision does not import against this GPU build of torch; install the matching torchvision" >&2
     exit 1
   fi

@@ -349,14 +349,35 @@ def greedy_by_recompute(model, ids, pixel, sizes, tokens=6):
 def test_cached_decoding_matches_a_full_recompute_whatever_transformers_calls_the_cache(models, method):
     """transformers >= 5.24 hands LLaVA's forward the cache as ``cache=`` (older releases as
     ``past_key_values=``): either way, unpruned and pruned at K = 0, the cached generation is the
-    slow full recompute's, and the cache argument reaches LLaVA under the name it reads."""
-    import inspect
-
+    slow full recompute's."""
     _, model, _ = models["llava-1.5"]
     ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 17)])
     patches.prune(model, method, RATIO if method else None)
-    assert "past_key_values" in inspect.signature(type(model).forward.__wrapped__).parameters
     assert generate(model, ids, pixel, sizes).tolist() == greedy_by_recompute(model, ids, pixel, sizes).tolist()
+
+
+def test_llava_forward_takes_the_cache_under_either_name(models):
+    """A decoding step given its prefix's cache as ``cache=`` gives the logits it gives with
+    ``past_key_values=``, which equal the last row of a full recompute; both at once is refused."""
+    import copy
+    import inspect
+
+    _, model, _ = models["llava-1.5"]
+    assert patches.llava.install_cache_keyword() == patches.llava.install_cache_keyword()  # wraps once
+    assert not getattr(type(model).forward.__wrapped__, "otprune_cache_keyword", False)
+    assert "cache" in inspect.signature(type(model).forward).parameters
+    ids, pixel, sizes = encode(models, "llava-1.5", PROMPT, [make_image(500, 300, 19)])
+    step = torch.tensor([[5]])
+    with torch.no_grad():
+        prefix = model(input_ids=ids[None], images=pixel, image_sizes=sizes, use_cache=True)
+        cache = getattr(prefix, "cache", None) or prefix.past_key_values
+        by_new_name = model(input_ids=step, cache=copy.deepcopy(cache), use_cache=True).logits[:, -1]
+        by_old_name = model(input_ids=step, past_key_values=copy.deepcopy(cache), use_cache=True).logits[:, -1]
+        full = model(input_ids=torch.cat([ids[None], step], 1), images=pixel, image_sizes=sizes, use_cache=False).logits[:, -1]
+        with pytest.raises(TypeError, match="both cache= and past_key_values="):
+            model(input_ids=step, cache=copy.deepcopy(cache), past_key_values=copy.deepcopy(cache))
+    assert torch.equal(by_new_name, by_old_name)
+    assert torch.allclose(by_new_name, full, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])

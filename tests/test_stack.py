@@ -1,5 +1,6 @@
 """The installed stack against the lock, the bounds and the known breaks (``otprune doctor``)."""
 
+import os
 import subprocess
 import sys
 
@@ -18,19 +19,31 @@ def test_filelock_4_3_under_lmms_eval_0_7_3_is_a_known_break_with_its_fix():
     assert stack.known_breaks({"lmms-eval": "0.7.4", "filelock": "4.3.1"}) == []
 
 
+def pyproject_bounds(extras) -> dict:
+    """pyproject.toml's own requirements for ``extras`` (read from the file, not from metadata)."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((stack.LOCKS.parent / "pyproject.toml").read_text())["project"]
+    texts = project["dependencies"] + [t for e in extras for t in project["optional-dependencies"][e]]
+    return {stack.normalise(Requirement(t).name): Requirement(t).specifier for t in texts}
+
+
 def test_every_lock_is_complete_exact_and_consistent_with_pyproject():
-    """Each lock pins every package once, exactly, and its pins satisfy otprune's own bounds."""
+    """Each lock pins every package once, exactly, and its pins satisfy pyproject's bounds."""
     for environment in stack.ENVIRONMENTS:
         path = stack.lock_path(environment)
-        bounds = stack.declared_bounds(stack.lock_extras(path))
+        bounds = pyproject_bounds(stack.lock_extras(path))
+        assert set(bounds) - {"triton"} <= set(stack.read_lock(path)), f"{path} lacks a requirement"
         lines = [line for line in path.read_text().splitlines() if line[:1].isalnum()]
         assert all(line.count("==") == 1 for line in lines), path
         pins = stack.read_lock(path)
         assert len(pins) == len(lines), f"{path}: a package pinned twice"
         assert pins["torch"].endswith("+cpu")
         for name, version in pins.items():
-            if bounds.get(name):
-                assert stack._within(version.split("+")[0], bounds[name]), f"{path}: {name}=={version} outside {bounds[name]}"
+            if name in bounds:
+                assert bounds[name].contains(version.split("+")[0], prereleases=True), f"{path}: {name}=={version} outside {bounds[name]}"
         assert stack.known_breaks(pins) == [], path
     assert "torchvision" not in stack.read_lock(stack.lock_path("llava"))  # a CUDA wheel beside CPU torch
     assert {"torchvision", "qwen-vl-utils", "llava-torch"} <= set(stack.read_lock(stack.lock_path("vlm")))
@@ -71,19 +84,36 @@ def test_lmms_eval_entry_point_stops_on_a_known_break_before_any_model(monkeypat
         patches.lmms_eval_plugin()
 
 
-def test_doctor_runs_and_its_exit_status_follows_the_problems():
-    """In the test environment (installed from the lock by .ci/run): every row, the entry point and
-    the device, exit 0 exactly when the summary names no problem."""
-    out = subprocess.run([sys.executable, "-m", "otprune", "doctor"], capture_output=True, text=True)
-    assert "| transformers |" in out.stdout and "lmms-eval entry point: ok" in out.stdout, out.stdout + out.stderr
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("stack: ")
-    assert out.returncode == (0 if "no known break, all in the tested range" in last else 1), out.stdout
+def test_doctor_passes_the_locked_test_environment_and_fails_a_known_break(tmp_path):
+    """The tests run where install.sh --test installed the lock (.ci/run): doctor finds it whole
+    (exit 0). The same interpreter with a filelock 4.3 shadowing the installed one: exit 1, the fix named."""
+    out = subprocess.run([sys.executable, "-m", "otprune", "doctor", "--lock", "test"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| transformers |" in out.stdout and "lmms-eval entry point: ok" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("stack: ")
+    shadow = tmp_path / "filelock-4.3.1.dist-info"
+    shadow.mkdir()
+    (shadow / "METADATA").write_text("Metadata-Version: 2.1\nName: filelock\nVersion: 4.3.1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    broken = subprocess.run([sys.executable, "-m", "otprune", "doctor", "--summary"], capture_output=True, text=True, env=env)
+    assert broken.returncode == 1
+    assert "filelock 4.3.1 with lmms-eval 0.7.3" in broken.stdout and "pip install 'filelock<4.3'" in broken.stdout
 
 
 def test_the_gpu_machines_wheels_are_named_by_the_vlm_lock():
     """fetch_gpu_wheels.sh downloads each wheel at locks/vlm.txt's version: each must be there."""
     names = [line.strip() for line in (stack.LOCKS.parent / "scripts" / "gpu_wheels.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    assert len(names) == 24
     assert not [n for n in names if stack.normalise(n) not in stack.read_lock(stack.lock_path("vlm"))]
+
+
+def test_harness_refuses_a_known_break_before_any_run(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("lmms_eval")
+    from otprune import harness
+
+    monkeypatch.setattr(stack, "KNOWN_BREAKS", (stack.KnownBreak("packaging", ">=0", "torch", ">=0", "a test break", "pip install nothing"),))
+    assert harness.main(["synth", "--runs-dir", str(tmp_path / "runs")]) == 2
+    out = capsys.readouterr()
+    assert out.out.startswith("stack: ") and "a test break" in out.out.splitlines()[0]
+    assert "a known break: packaging" in out.err and "fix: pip install nothing" in out.err
+    assert not (tmp_path / "runs").exists()
