@@ -98,7 +98,10 @@ for line in open(lock):
 EOF
   if [ "$INSTALLER" = uv ]; then
     "$PY" -m uv --version >/dev/null 2>&1 || "${PIP[@]}" "uv==$UV_VERSION"
-    UV=("$PY" -m uv pip install -q --python "$PY" --no-deps)
+    # Byte-compiled as pip does: where PYTHONDONTWRITEBYTECODE is set (this workplace) nothing
+    # else writes .pyc files, and every lmms-eval process would compile its imports again
+    # (measured: 27-30 s per tiny-model run instead of 14-18 s).
+    UV=("$PY" -m uv pip install -q --python "$PY" --no-deps --compile-bytecode)
   else
     UV=("${PIP[@]}" --no-deps)
   fi
