@@ -29,7 +29,7 @@ import torch
 from otprune.prune import select_per_image
 
 from .layers import PrefillState, attach_state
-from .splice import IGNORE_INDEX, question_positions, repad
+from .splice import IGNORE_INDEX, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_FEATURE_KWARGS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
@@ -122,7 +122,9 @@ def _wrap(original, generating: bool):
                 "show where each image's tokens go); inputs_embeds or mm_encoder_outputs would go in unpruned"
             )
         if kwargs.get("pixel_values") is not None:
-            kwargs, images = _prepare(self, config, kwargs)
+            if generating and kwargs.get("attention_mask") is None:
+                kwargs["attention_mask"] = generation_padding(self, kwargs).long()
+            kwargs, images = _prepare(self, config, kwargs, generating)
         elif not generating:
             images = getattr(self, "_otprune_images", None)
         if not generating:
@@ -132,10 +134,12 @@ def _wrap(original, generating: bool):
         if images is None:
             return original(self, **kwargs)
         self._otprune_images = images
+        # generate may hand forward a 4-D mask (a static cache does); the layer hooks need padding.
+        self._otprune_padding = padding_mask(kwargs["input_ids"], kwargs.get("attention_mask"))
         try:
             output = original(self, **kwargs)
         finally:
-            del self._otprune_images
+            del self._otprune_images, self._otprune_padding
         if config.layer_index > 0:
             return output
         return _with_full_prompt(output, input_ids, kwargs["input_ids"].shape[1])
@@ -161,16 +165,28 @@ def _with_image_embeddings(model, config, kwargs: dict, images: list[list[torch.
     if rows % len(images):
         raise ValueError(f"{rows} prompt rows cannot repeat the {len(images)} prompts whose images were encoded")
     images = [row for row in images for _ in range(rows // len(images))]
-    counts = [[f.shape[0] for f in row] for row in images]
-    spans = _image_spans(input_ids, model.config.image_token_id, counts)
-    embeds = model.get_input_embeddings()(input_ids)
     placeholders = input_ids == model.config.image_token_id
+    spans = spans_by_row(visual_spans(placeholders, [f.shape[0] for row in images for f in row]), rows)
+    embeds = model.get_input_embeddings()(input_ids)
     features = torch.cat([f for row in images for f in row]).to(embeds.device, embeds.dtype)
     kwargs["inputs_embeds"] = embeds.masked_scatter(placeholders[..., None].to(embeds.device), features)
     if config.layer_index > 0:
-        valid, questions = _layout(input_ids, kwargs.get("attention_mask"), spans)
-        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=questions))
+        valid = _prefill_padding(model, input_ids, kwargs.get("attention_mask"))
+        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=_questions(valid, spans)))
     return kwargs
+
+
+def _prefill_padding(model, input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
+    """``(B, L)`` non-padding positions of a prefill: from its 2-D mask, else from the mask of the
+    ``generate`` call it belongs to (repeated like its rows, for beams)."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return padding_mask(input_ids, attention_mask)
+    call = getattr(model, "_otprune_padding", None)
+    if call is None:
+        raise ValueError(
+            f"with LAYER_INDEX > 0, give forward a 2-D (batch, length) attention mask; got one of shape {tuple(attention_mask.shape)}"
+        )
+    return call.repeat_interleave(input_ids.shape[0] // call.shape[0], dim=0).to(input_ids.device)
 
 
 def _attach(model, config, state) -> None:
@@ -189,57 +205,30 @@ def _with_full_prompt(output, input_ids: torch.Tensor, pruned_length: int):
     return output
 
 
-def _image_spans(input_ids: torch.Tensor, image_token_id: int, counts: list[list[int]]) -> list[list[tuple[int, int]]]:
-    """Each image's placeholder run per row; ``counts[b]``: row b's images' token counts, in order."""
-    spans: list[list[tuple[int, int]]] = []
-    for b, row in enumerate(input_ids):
-        positions = (row == image_token_id).nonzero().flatten().tolist()
-        if len(positions) != sum(counts[b]):
-            raise ValueError(
-                f"prompt row {b} holds {len(positions)} image placeholders but its images have {sum(counts[b])} features"
-            )
-        row_spans, cursor = [], 0
-        for image, n in enumerate(counts[b]):
-            start = positions[cursor]
-            if positions[cursor : cursor + n] != list(range(start, start + n)):
-                raise ValueError(f"image {image} of row {b} needs {n} consecutive placeholder tokens at position {start}")
-            row_spans.append((start, start + n))
-            cursor += n
-        spans.append(row_spans)
-    return spans
+def generation_padding(model, kwargs: dict) -> torch.Tensor:
+    """``(B, L)`` non-padding positions of a ``generate`` call: the caller's mask, else where
+    ``generate`` itself would find padding (its pad token, given or from the generation config).
+
+    The wrappers hand this mask on explicitly: once pruning has cut and re-padded the prompt,
+    ``generate`` could no longer infer it.
+    """
+    config = kwargs.get("generation_config") or model.generation_config
+    pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
+    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return padding_mask(kwargs["input_ids"], kwargs.get("attention_mask"), pad, eos)
 
 
-def _layout(input_ids: torch.Tensor, attention_mask, spans) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-    """Non-padding positions ``(B, L)`` and, per image, the text positions of its question."""
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool().to(input_ids.device)
+def _questions(valid: torch.Tensor, spans) -> list[list[torch.Tensor]]:
+    """Per row, per image, the text positions of its question."""
     visual = torch.zeros_like(valid)
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
             visual[b, start:end] = True
-    return valid, [question_positions(row_spans, valid[b] & ~visual[b]) for b, row_spans in enumerate(spans)]
+    return [question_positions(row_spans, valid[b] & ~visual[b]) for b, row_spans in enumerate(spans)]
 
 
-def _rows_of_images(input_ids: torch.Tensor, image_token_id: int, features: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """The images' features (in order across the batch) dealt to the rows whose placeholders they fill."""
-    rows, image = [], 0
-    for b, row in enumerate(input_ids):
-        remaining = int((row == image_token_id).sum())
-        mine = []
-        while remaining > 0:
-            if image >= len(features):
-                raise ValueError(f"the prompts hold more image placeholders than the {len(features)} images' features")
-            mine.append(features[image])
-            remaining -= features[image].shape[0]
-            image += 1
-        if remaining < 0:
-            raise ValueError(f"prompt row {b}'s image placeholders do not match its images' feature counts")
-        rows.append(mine)
-    if image != len(features):
-        raise ValueError(f"{len(features)} images' features but placeholders for only {image}")
-    return rows
-
-
-def _prepare(model, config, kwargs: dict) -> tuple[dict, list[list[torch.Tensor]]]:
+def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[list[torch.Tensor]]]:
     """Encode the images; at K = 0 also prune them and cut their placeholders from the prompt.
 
     Returns the model's arguments without ``pixel_values`` and, per row, the features of its
@@ -252,12 +241,17 @@ def _prepare(model, config, kwargs: dict) -> tuple[dict, list[list[torch.Tensor]
     for name in IMAGE_FEATURE_KWARGS:
         kwargs.pop(name, None)
     features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **feature_kwargs).pooler_output
-    images = _rows_of_images(input_ids, model.config.image_token_id, list(features))
+    features = list(features)
+    located = visual_spans(input_ids == model.config.image_token_id, [f.shape[0] for f in features])
+    images: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
+    for (row, _, _), f in zip(located, features):
+        images[row].append(f)
     if config.layer_index > 0:
         return kwargs, images
-    spans = _image_spans(input_ids, model.config.image_token_id, [[f.shape[0] for f in row] for row in images])
+    spans = spans_by_row(located, input_ids.shape[0])
     attention_mask = kwargs.get("attention_mask")
-    valid, questions = _layout(input_ids, attention_mask, spans)
+    valid = padding_mask(input_ids, attention_mask)
+    questions = _questions(valid, spans)
     embed = model.get_input_embeddings()
     texts = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]] if config.method == "TRIM" else None
     flat = [f for row in images for f in row]
@@ -273,13 +267,13 @@ def _prepare(model, config, kwargs: dict) -> tuple[dict, list[list[torch.Tensor]
     if isinstance(kwargs.get("labels"), torch.Tensor):
         columns.append((kwargs["labels"], IGNORE_INDEX))
         names.append("labels")
-    side = "left" if bool((~valid[:, 0]).any()) else "right"
-    new_mask, *cut = repad(keep, side, *columns)
+    new_mask, *cut = repad(keep, padding_side(valid, default="left" if generating else "right"), *columns)
     kwargs.update(zip(names, cut))
     if isinstance(kwargs.get("position_ids"), torch.Tensor):
         # Renumbered over the kept tokens, as the original LLaVA numbers its spliced sequence.
         kwargs["position_ids"] = (new_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~new_mask, 0)
-    if attention_mask is not None:
-        kwargs["attention_mask"] = new_mask.to(attention_mask.dtype)
+    if attention_mask is not None or not bool(new_mask.all()):
+        # Without a mask the model would attend to the padding that pruning added or kept.
+        kwargs["attention_mask"] = new_mask.to(attention_mask.dtype if attention_mask is not None else torch.long)
     picks = iter(kept)
     return kwargs, [[f[next(picks).to(f.device)] for f in row] for row in images]

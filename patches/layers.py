@@ -130,15 +130,15 @@ class LayerPruner:
         hidden, *rest = args
         kept = state.kept
         mask = kwargs.get("attention_mask")
+        fixed = _fixed_length_cache(module, kwargs)
         if state.decoding:
             if isinstance(mask, torch.Tensor):
-                new = torch.arange(state.length, mask.shape[-1], device=kept.device).expand(kept.shape[0], -1)
-                kwargs["attention_mask"] = take(mask, torch.cat([kept, new], dim=1), dim=mask.dim() - 1)
+                kwargs["attention_mask"] = cut_key_columns(mask, kept, state.length, fixed)
             return (hidden, *rest), kwargs
         if hidden.shape[1] == state.length:
             hidden = take(hidden, kept, dim=1)
-        if isinstance(mask, torch.Tensor) and mask.shape[-1] == state.length:
-            kwargs["attention_mask"] = cut_mask(mask, kept)
+        if isinstance(mask, torch.Tensor) and mask.shape[-1] >= state.length:
+            kwargs["attention_mask"] = cut_mask(mask, kept, state.length, fixed)
         cos_sin = kwargs.get("position_embeddings")
         if cos_sin is not None and cos_sin[0].shape[-2] == state.length:
             kwargs["position_embeddings"] = tuple(take_positions(t, kept, dim=-2) for t in cos_sin)
@@ -253,12 +253,40 @@ def take_positions(t: torch.Tensor, kept: torch.Tensor, dim: int) -> torch.Tenso
     return take(t, kept, dim)
 
 
-def cut_mask(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """The prefill mask for the kept positions: a 2-D ``(B, L)`` padding mask keeps its columns,
-    a 4-D ``(B, 1, L, L)`` mask its rows and columns."""
-    if mask.dim() == 2:
-        return take(mask, kept, dim=1)
-    return take(take(mask, kept, dim=2), kept, dim=3)
+def cut_mask(mask: torch.Tensor, kept: torch.Tensor, length: int, fixed: bool = False) -> torch.Tensor:
+    """The prefill mask for the kept positions: a 2-D ``(B, kv)`` padding mask its key columns, a
+    4-D ``(B, 1, L, kv)`` mask also its query rows (see :func:`cut_key_columns`)."""
+    if mask.dim() == 4 and mask.shape[2] == length:
+        mask = take(mask, kept, dim=2)
+    return cut_key_columns(mask, kept, length, fixed)
+
+
+def cut_key_columns(mask: torch.Tensor, kept: torch.Tensor, length: int, fixed: bool) -> torch.Tensor:
+    """A mask's key columns for a layer whose cache holds only the kept prompt tokens.
+
+    The layer's keys are the kept prompt positions ``kept`` ``(B, L')`` of the ``length`` ones,
+    then whatever follows the prompt (decoded tokens; a fixed-size cache's unused slots).
+    A fixed-size cache (``StaticCache``) stays ``kv`` wide: its last ``length - L'`` slots are
+    never written for this layer and are masked out.
+    """
+    dim = mask.dim() - 1
+    after = torch.arange(length, mask.shape[-1], device=kept.device).expand(kept.shape[0], -1)
+    cut = take(mask, torch.cat([kept, after], dim=1), dim=dim)
+    if not fixed or cut.shape[-1] == mask.shape[-1]:
+        return cut
+    masked = False if mask.dtype == torch.bool else 0 if mask.dim() == 2 else torch.finfo(mask.dtype).min
+    filler = cut.new_full((*cut.shape[:-1], mask.shape[-1] - cut.shape[-1]), masked)
+    return torch.cat([cut, filler], dim=dim)
+
+
+def _fixed_length_cache(layer, kwargs) -> bool:
+    """Whether ``layer``'s key-value cache is preallocated (static), not grown per token."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    index = getattr(getattr(layer, "self_attn", None), "layer_idx", None)
+    layers = getattr(cache, "layers", None)
+    if not layers or index is None or index >= len(layers):
+        return False
+    return bool(getattr(layers[index], "is_compileable", False))
 
 
 def check_layer_index(config: PruneConfig, n_layers: int) -> None:

@@ -26,7 +26,7 @@ from otprune.config import PruneConfig
 from otprune.prune import select_per_image
 
 from .layers import PrefillState, attach_state
-from .splice import IGNORE_INDEX, question_positions, repad
+from .splice import IGNORE_INDEX, padding_mask, question_positions, repad, spans_by_row, visual_spans
 
 IMAGE_TOKEN_INDEX = -200
 
@@ -130,46 +130,89 @@ def _set_state(model, config: PruneConfig, state: PrefillState | None) -> None:
     attach_state(model, config, decoder(model), state)
 
 
-def _visual_spans(visual: torch.Tensor, sources: torch.Tensor, input_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """Each image's ``(start, end)`` in one output row; adjacent images share a run, split evenly."""
-    positions = visual.nonzero().flatten().tolist()
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and runs[-1][1] == p:
-            runs[-1][1] = p + 1
-        else:
-            runs.append([p, p + 1])
-    spans = []
-    for start, end in runs:
-        before = int(sources[start - 1]) if start > 0 and sources[start - 1] >= 0 else -1
-        after = int(sources[end]) if end < len(sources) and sources[end] >= 0 else len(input_ids)
-        n_images = max(1, int((input_ids[before + 1 : after] == IMAGE_TOKEN_INDEX).sum()))
-        if (end - start) % n_images:
-            raise ValueError(
-                f"{n_images} adjacent images share {end - start} visual tokens that do not split evenly; "
-                "put text (e.g. a newline) between <image> placeholders"
-            )
-        size = (end - start) // n_images
-        spans += [(s, s + size) for s in range(start, end, size)]
-    return spans
+# Marks, in the labels handed through LLaVA's splice, the token put after each image placeholder.
+_END_OF_IMAGE = -1
+
+
+def _with_image_ends(input_ids: torch.Tensor, mask: torch.Tensor):
+    """The prompts with a token after every image placeholder, and each position's source index.
+
+    LLaVA's splice labels every visual token ``IGNORE_INDEX``, so adjacent images would run
+    together; the token put after each image (its source ``_END_OF_IMAGE``) ends that image's
+    run, which gives each image's own feature count. Returns ``(ids, mask, sources)``, each
+    ``(B, L + most images in a row)``, padded on the right (LLaVA drops padding by the mask).
+    """
+    rows = []
+    for b in range(input_ids.shape[0]):
+        ids, sources = [], []
+        for i, token in enumerate(input_ids[b].tolist()):
+            ids.append(token)
+            sources.append(i if mask[b, i] else IGNORE_INDEX)
+            if token == IMAGE_TOKEN_INDEX and mask[b, i]:
+                ids.append(0)
+                sources.append(_END_OF_IMAGE)
+        rows.append((ids, sources))
+    length = max(len(ids) for ids, _ in rows)
+    device = input_ids.device
+    new_ids = torch.tensor([ids + [0] * (length - len(ids)) for ids, _ in rows], dtype=input_ids.dtype, device=device)
+    sources = torch.tensor([src + [IGNORE_INDEX] * (length - len(src)) for _, src in rows], dtype=torch.long, device=device)
+    return new_ids, sources != IGNORE_INDEX, sources
+
+
+def _image_token_counts(visual: torch.Tensor, ends: torch.Tensor) -> list[int]:
+    """Each image's visual-token count, in batch order: the run of visual positions before its end token."""
+    counts = []
+    for b in range(visual.shape[0]):
+        boundaries = (~visual[b]).nonzero().flatten()
+        for end in ends[b].nonzero().flatten().tolist():
+            before = boundaries[boundaries < end]
+            counts.append(end - (int(before[-1]) + 1 if before.numel() else 0))
+    return counts
+
+
+def _padding(model, input_ids: torch.Tensor, attention_mask, labels) -> torch.Tensor:
+    """``(B, L)`` non-padding positions: the caller's mask; without one, where the pad token is, as
+    transformers' ``generate`` decides (LLaVA's own ``generate`` passes no mask of its own), except
+    for a call with labels (training), whose every position counts, as in transformers' ``forward``."""
+    if attention_mask is not None or labels is not None:
+        return padding_mask(input_ids, attention_mask)
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return padding_mask(input_ids, None, getattr(config, "pad_token_id", None), eos)
 
 
 def _prepare_pruned(
     original, model, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
 ):
-    batch, length = input_ids.shape
-    mask_in = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    markers = torch.arange(length, device=input_ids.device).expand(batch, length).clone()
-    _, positions, mask_out, past_key_values, embeds, sources = original(
-        model, input_ids, position_ids, mask_in, past_key_values, markers, images, image_sizes
-    )
-    valid = mask_out.bool()
+    ids, mask_in, markers = _with_image_ends(input_ids, _padding(model, input_ids, attention_mask, labels))
+    limit = getattr(model.config, "tokenizer_model_max_length", None)
+    added = ids.shape[1] - input_ids.shape[1]
+    try:
+        if limit is not None:
+            # LLaVA cuts each spliced prompt to this length; the end tokens must not count.
+            model.config.tokenizer_model_max_length = limit + added
+        _, _, mask_out, past_key_values, embeds, sources = original(
+            model, ids, position_ids, mask_in, past_key_values, markers, images, image_sizes
+        )
+    finally:
+        if limit is not None:
+            model.config.tokenizer_model_max_length = limit
+    visual = mask_out.bool() & (sources == IGNORE_INDEX)
+    ends = sources == _END_OF_IMAGE
+    counts = _image_token_counts(visual, ends)
+    keep = mask_out.bool() & ~ends
+    if limit is not None and int(keep.sum(1).max()) > limit:
+        raise ValueError(
+            f"a prompt of {int(keep.sum(1).max())} tokens with its images is longer than the model's "
+            f"tokenizer_model_max_length={limit}; LLaVA would cut it, and pruning needs every image whole"
+        )
+    side = getattr(model.config, "tokenizer_padding_side", "right")
+    valid, embeds, sources = repad(keep, side, (embeds, 0), (sources, IGNORE_INDEX))
     visual = valid & (sources == IGNORE_INDEX)
-    spans, text_after = [], []
-    for b in range(batch):
-        row_spans = _visual_spans(visual[b], sources[b], input_ids[b])
-        spans.append(row_spans)
-        text_after.append(question_positions(row_spans, valid[b] & ~visual[b]))
+    batch = input_ids.shape[0]
+    spans = spans_by_row(visual_spans(visual, counts), batch)
+    text_after = [question_positions(spans[b], valid[b] & ~visual[b]) for b in range(batch)]
 
     def restore_labels(kept_sources: torch.Tensor) -> torch.Tensor | None:
         if labels is None:
@@ -178,11 +221,18 @@ def _prepare_pruned(
         return mapped.masked_fill(kept_sources < 0, IGNORE_INDEX)
 
     def caller_mask(mask: torch.Tensor):
-        return None if attention_mask is None else mask.to(attention_mask.dtype)
+        if attention_mask is None and bool(mask.all()):
+            return None
+        return mask.to(attention_mask.dtype if attention_mask is not None else torch.long)
+
+    def renumbered(mask: torch.Tensor):
+        if position_ids is None and bool(mask.all()):
+            return None
+        return (mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~mask, 0)
 
     if config.layer_index > 0:
         _set_state(model, config, PrefillState(spans=spans, valid=valid, text_after=text_after))
-        return None, (None if position_ids is None else positions), caller_mask(mask_out), past_key_values, embeds, restore_labels(sources)
+        return None, renumbered(valid), caller_mask(valid), past_key_values, embeds, restore_labels(sources)
 
     images_tokens = [embeds[b, s:e] for b in range(batch) for s, e in spans[b]]
     questions = [embeds[b, idx] for b in range(batch) for idx in text_after[b]] if config.method == "TRIM" else None
@@ -191,9 +241,5 @@ def _prepare_pruned(
     for b in range(batch):
         for start, _ in spans[b]:
             keep[b, start + next(chosen)] = True
-    side = getattr(model.config, "tokenizer_padding_side", "right")
     new_mask, new_embeds, new_sources = repad(keep, side, (embeds, 0), (sources, IGNORE_INDEX))
-    new_positions = None
-    if position_ids is not None:
-        new_positions = (new_mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~new_mask, 0).to(positions.dtype)
-    return None, new_positions, caller_mask(new_mask), past_key_values, new_embeds, restore_labels(new_sources)
+    return None, renumbered(new_mask), caller_mask(new_mask), past_key_values, new_embeds, restore_labels(new_sources)

@@ -1,10 +1,95 @@
-"""Sequence surgery shared by the adapters: which text an image's question is, and re-padding."""
+"""Sequence surgery shared by the adapters: where each image's tokens are, which positions are
+padding, which text an image's question is, and re-padding.
+
+Every family finds its images' spans the same way (:func:`visual_spans`): from the visual
+positions of each row and each image's feature count, in order. Every family finds its padding
+the same way (:func:`padding_mask`, :func:`padding_side`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+def visual_spans(visual: torch.Tensor, counts: Sequence[int]) -> list[tuple[int, int, int]]:
+    """Each image's ``(row, start, end)`` in a ``(B, L)`` batch, from its feature count.
+
+    ``visual``: ``(B, L)`` bool, the positions that hold visual tokens (placeholders); ``counts``:
+    each image's number of visual tokens, images in batch order (row by row, left to right). The
+    images take the visual positions in that order, ``counts[i]`` each, so adjacent images (no
+    text between their placeholders), images at either end and several per row are one case.
+    Raises ``ValueError`` where the positions and the counts disagree: a different total, or an
+    image whose positions are not one consecutive run within one row.
+    """
+    rows, columns = visual.nonzero(as_tuple=True)
+    total = sum(int(n) for n in counts)
+    if rows.numel() != total:
+        raise ValueError(f"the prompts hold {rows.numel()} visual positions but the images have {total} visual tokens ({list(counts)})")
+    rows, columns = rows.tolist(), columns.tolist()
+    spans, offset = [], 0
+    for image, n in enumerate(counts):
+        n = int(n)
+        if n == 0:
+            raise ValueError(f"image {image} has no visual tokens")
+        row, start = rows[offset], columns[offset]
+        if rows[offset + n - 1] != row or columns[offset + n - 1] != start + n - 1:
+            raise ValueError(f"image {image} needs {n} consecutive visual positions in one row from row {row}, position {start}")
+        spans.append((row, start, start + n))
+        offset += n
+    return spans
+
+
+def spans_by_row(spans: Iterable[tuple[int, int, int]], batch: int) -> list[list[tuple[int, int]]]:
+    """``(row, start, end)`` spans as ``spans[b]``: row b's ``(start, end)``, in order."""
+    result: list[list[tuple[int, int]]] = [[] for _ in range(batch)]
+    for row, start, end in sorted(spans):
+        result[row].append((start, end))
+    return result
+
+
+def padding_mask(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pad_token_id: int | None = None,
+    eos_token_ids: Iterable[int] = (),
+) -> torch.Tensor:
+    """``(B, L)`` bool, True where a token is not padding.
+
+    The caller's ``attention_mask`` where there is one. Without one, the rule of transformers'
+    ``generate``: positions holding ``pad_token_id`` are padding, unless no pad token is set,
+    none is in the input, or the pad token is also an end-of-sequence token (then nothing is).
+    ``generate`` callers pass the pad token; ``forward`` callers pass none (the model attends to
+    every position of a mask-less input, so it has no padding).
+    """
+    if attention_mask is not None:
+        return attention_mask.to(input_ids.device).bool()
+    every = torch.ones_like(input_ids, dtype=torch.bool)
+    if pad_token_id is None or int(pad_token_id) in {int(e) for e in eos_token_ids}:
+        return every
+    pads = input_ids == int(pad_token_id)
+    return ~pads if bool(pads.any()) else every
+
+
+def padding_side(valid: torch.Tensor, default: str = "right") -> str:
+    """Which side a ``(B, L)`` non-padding mask pads on: ``"left"``, ``"right"``, or ``default``
+    where no row is padded. Raises ``ValueError`` on a mask that pads both sides or has holes
+    (a row whose valid positions are not one run against one end)."""
+    if bool(valid.all()):
+        return default
+    lengths = valid.sum(1, keepdim=True)
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    if bool((valid == (positions >= valid.shape[1] - lengths)).all()):
+        return "left"
+    if bool((valid == (positions < lengths)).all()):
+        return "right"
+    raise ValueError(
+        "the attention mask (or the pad tokens) puts padding on both sides of the batch or inside a prompt; "
+        "pad every prompt on one side, left or right"
+    )
 
 
 def question_positions(spans: list[tuple[int, int]], text: torch.Tensor) -> list[torch.Tensor]:
@@ -37,5 +122,5 @@ def repad(keep: torch.Tensor, side: str, *columns: tuple[torch.Tensor, object]):
         target = slice(length - idx.numel(), length) if side == "left" else slice(0, idx.numel())
         mask[b, target] = True
         for out, (t, _) in zip(outputs, columns):
-            out[b, target] = t[b, idx]
+            out[b, target] = t[b, idx.to(t.device)]
     return (mask, *outputs)

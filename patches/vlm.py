@@ -36,10 +36,10 @@ import torch
 
 from otprune.prune import select_per_image
 
-from .hf import _as_keywords, _with_full_prompt, decoder, wrap_model_classes
+from .hf import _as_keywords, _with_full_prompt, decoder, generation_padding, wrap_model_classes
 from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
-from .splice import IGNORE_INDEX, question_positions, repad
+from .splice import IGNORE_INDEX, padding_mask, padding_side, question_positions, repad, visual_spans
 
 QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 ONEVISION_CLASS = "LlavaOnevisionForConditionalGeneration"
@@ -103,6 +103,8 @@ def _wrap(original, generating: bool):
             if input_ids is not None and input_ids.shape[1] > 1:
                 _attach(self, config, None)
             return original(self, **kwargs)
+        if generating and kwargs.get("attention_mask") is None:
+            kwargs["attention_mask"] = generation_padding(self, kwargs).long()
         full = _unpruned_inputs(self, kwargs, generating)
         if config.layer_index > 0:
             _attach(self, config, _prefill_state(full))
@@ -218,18 +220,9 @@ def _positions(model, kwargs: dict, valid: torch.Tensor, generating: bool) -> to
 
 def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Tensor, bool]]:
     """Each unit's ``(row, positions, selectable)``, consuming placeholders in batch order."""
-    rows, columns = (input_ids == visual.token_id).nonzero(as_tuple=True)
-    total = sum(n for n, _ in visual.units)
-    if rows.numel() != total:
-        raise ValueError(f"the prompts hold {rows.numel()} placeholder tokens {visual.token_id} but the inputs give {total} visual tokens")
-    result, offset = [], 0
-    for n, selectable in visual.units:
-        row = rows[offset : offset + n]
-        if bool((row != row[0]).any()):
-            raise ValueError(f"a unit of {n} visual tokens at placeholder {offset} spans two prompts of the batch")
-        result.append((int(row[0]), columns[offset : offset + n], selectable))
-        offset += n
-    return result
+    spans = visual_spans(input_ids == visual.token_id, [n for n, _ in visual.units])
+    device = input_ids.device
+    return [(row, torch.arange(start, end, device=device), selectable) for (row, start, end), (_, selectable) in zip(spans, visual.units)]
 
 
 def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
@@ -272,7 +265,7 @@ class UnprunedInputs:
 def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
     input_ids = kwargs["input_ids"]
     attention_mask = kwargs.get("attention_mask")
-    valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    valid = padding_mask(input_ids, attention_mask)
     positions = _positions(model, kwargs, valid, generating)
     embeds = model.get_input_embeddings()(input_ids)
     visual_mask = torch.zeros_like(valid)
@@ -326,7 +319,7 @@ def _llm_call(model, kwargs: dict, full: UnprunedInputs, keep: torch.Tensor | No
     if keep is None:
         new_mask, cut = full.valid, [t for t, _ in columns]
     else:
-        new_mask, *cut = repad(keep, "left" if bool((~full.valid[:, 0]).any()) else "right", *columns)
+        new_mask, *cut = repad(keep, padding_side(full.valid, default="left" if generating else "right"), *columns)
     prepared = {k: v for k, v in kwargs.items() if k not in VISUAL_INPUTS}
     prepared.update(zip(names, cut))
     kept_visual = prepared.pop("visual_mask")
@@ -340,6 +333,9 @@ def _llm_call(model, kwargs: dict, full: UnprunedInputs, keep: torch.Tensor | No
         model.model.rope_deltas = (next_position - new_mask.sum(1))[:, None]
     if kwargs.get("attention_mask") is not None:
         prepared["attention_mask"] = new_mask.to(kwargs["attention_mask"].dtype)
+    elif not bool(new_mask.all()):
+        # Without a mask the model would attend to the padding that pruning added.
+        prepared["attention_mask"] = new_mask.long()
     if not generating:
         prepared["input_ids"] = None
     injected = None

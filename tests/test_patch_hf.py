@@ -125,6 +125,38 @@ def test_batch_of_two_prompts_generates_as_each_alone(models, variant):
         assert together[row, -5:].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
+def test_a_left_padded_batch_without_a_mask_generates_as_each_alone(models, variant):
+    # Without a mask, padding is where the pad token is, as generate itself decides; the pruned
+    # rows are re-padded on the same side and the mask handed on. (Right-padded prompts do not
+    # generate as each alone even unpatched: new tokens follow the padding.)
+    processor, model = models[variant]
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    images = [[make_image(500, 300, 4)], [make_image(300, 700, 5)]]
+    patches.prune(model, "OURS", RATIO)
+    alone = [generate(model, inputs_for(processor, [q], [im]))[0, -5:] for q, im in zip(questions, images)]
+    inputs = inputs_for(processor, questions, images)
+    del inputs["attention_mask"]
+    together = generate(model, inputs)
+    for row, expected in enumerate(alone):
+        assert together[row, -5:].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
+def test_a_static_cache_generates_what_a_full_recompute_does(models, variant, layer_index, cache):
+    processor, model = models[variant]
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    images = [[make_image(400, 300, 8)], [make_image(400, 300, 9)]]
+    inputs = inputs_for(processor, questions, images)
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    expected = greedy_by_recompute(model, inputs, tokens=4)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation=cache)
+    assert out[:, -4:].tolist() == expected.tolist()
+
+
 @pytest.mark.parametrize("method", ["OURS", "FASTV", "VTW"])
 def test_layer_k_prunes_the_kv_cache(models, method):
     processor, model = models["llava-hf"]

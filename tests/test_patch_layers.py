@@ -18,12 +18,28 @@ def slow_take(t, index, dim):
 def test_masks_of_every_convention_keep_the_kept_rows_and_columns():
     two_d = torch.rand(2, 5) > 0.3
     four_d = torch.rand(2, 1, 5, 5)
-    assert torch.equal(cut_mask(two_d, KEPT), slow_take(two_d, KEPT, 1))
-    assert torch.equal(cut_mask(four_d, KEPT), slow_take(slow_take(four_d, KEPT, 2), KEPT, 3))
+    assert torch.equal(cut_mask(two_d, KEPT, 5), slow_take(two_d, KEPT, 1))
+    assert torch.equal(cut_mask(four_d, KEPT, 5), slow_take(slow_take(four_d, KEPT, 2), KEPT, 3))
     # A decode step's mask: one query row, kv columns kept + the new one.
     decode = torch.rand(2, 1, 1, 6)
     columns = torch.cat([KEPT, torch.full((2, 1), 5)], 1)
     assert torch.equal(take(decode, columns, dim=3), slow_take(decode, columns, 3))
+
+
+def test_a_fixed_size_cache_keeps_its_width_and_masks_the_slots_never_written():
+    # A static cache of 8 slots after a 5-token prompt: the pruned layers hold the 3 kept tokens
+    # in slots 0-2, then the slots of what follows the prompt (positions 5-7), then 2 unused slots.
+    prefill = torch.rand(2, 1, 5, 8)
+    cut = cut_mask(prefill, KEPT, 5, fixed=True)
+    columns = torch.cat([KEPT, torch.tensor([[5, 6, 7]] * 2)], 1)
+    expected = slow_take(slow_take(prefill, KEPT, 2), columns, 3)
+    assert cut.shape == (2, 1, 3, 8)
+    assert torch.equal(cut[..., :6], expected)
+    assert bool((cut[..., 6:] == torch.finfo(prefill.dtype).min).all())
+    flash = torch.ones(2, 8, dtype=torch.bool)
+    assert cut_mask(flash, KEPT, 5, fixed=True)[:, 6:].any().item() is False
+    # Without a fixed-size cache the layer's keys are exactly the kept ones and what follows.
+    assert cut_mask(prefill, KEPT, 5).shape == (2, 1, 3, 6)
 
 
 def test_positions_are_gathered_by_kept_index_whatever_their_layout():

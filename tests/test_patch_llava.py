@@ -146,6 +146,31 @@ def test_two_image_prompt_prunes_each_image_to_its_budget(models, variant):
         assert n_first != n_second  # anyres: different aspect ratios give different counts
 
 
+def image_features_alone(models, variant, image):
+    """One image's visual tokens as the unpruned splice of a one-image prompt gives them."""
+    _, model, _ = models[variant]
+    ids, pixel, sizes = encode(models, variant, PROMPT, [image])
+    embeds, _, labels = spliced(model, ids, pixel, sizes)
+    return embeds[0, labels[0] == -100]
+
+
+@pytest.mark.parametrize("variant", ["llava-1.5", "llava-1.6"])
+def test_adjacent_images_each_keep_their_own_selectors_picks(models, variant):
+    # Two placeholders with no text between them: LLaVA splices one run of visual tokens, which
+    # only each image's own feature count can split (1.6: 1560 and 1976 tokens here).
+    _, model, _ = models[variant]
+    images = [make_image(500, 300, 2), make_image(300, 700, 3)]
+    ids, pixel, sizes = encode(models, variant, "USER: <image><image>\nWhich differs? ASSISTANT:", images)
+    alone = [image_features_alone(models, variant, im) for im in images]
+    expected = [f[SELECTORS["OURS"](f, budget(RATIO, f.shape[0]))] for f in alone]
+    patches.prune(model, "OURS", RATIO)
+    pruned, _, labels = spliced(model, ids, list(pixel) if not isinstance(pixel, list) else pixel, sizes)
+    assert pruned.shape[1] == ids.numel() - 2 + sum(e.shape[0] for e in expected)
+    assert torch.allclose(pruned[0, labels[0] == -100], torch.cat(expected), atol=1e-6)
+    if variant == "llava-1.6":
+        assert alone[0].shape[0] != alone[1].shape[0]
+
+
 def pad_batch(id_list, side, pad_id=0):
     length = max(len(i) for i in id_list)
     ids = torch.full((len(id_list), length), pad_id, dtype=torch.long)
