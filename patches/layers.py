@@ -169,6 +169,7 @@ class LayerPruner:
     def _kept_positions(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
         """``(B, L')`` sorted positions kept from layer K on: all but the dropped visual tokens."""
         hidden = hidden.detach()
+        _check_prompts_end_with_text(state, self.config.layer_index)
         keep = torch.ones_like(state.valid, device=hidden.device)
         images, texts, where = [], [], []
         for b, spans in enumerate(state.spans):
@@ -201,6 +202,20 @@ class LayerPruner:
                 f"tokens; got {counts.tolist()} (samples with different image counts or sizes): use batch size 1"
             )
         return keep.nonzero()[:, 1].view(keep.shape[0], -1)
+
+
+def _check_prompts_end_with_text(state: PrefillState, layer_index: int) -> None:
+    """Refuse a prompt whose last token is visual: the next token is predicted at the prompt's last
+    position, and above layer K a dropped token has no hidden state to predict from."""
+    positions = torch.arange(state.length, device=state.valid.device)
+    last = (state.valid.long() * positions).argmax(1).tolist()
+    for b, spans in enumerate(state.spans):
+        if any(start <= last[b] < end for start, end in spans):
+            raise ValueError(
+                f"LAYER_INDEX={layer_index} cannot prune prompt {b}: it ends with an image, and the next token is "
+                "predicted at its last position, which pruning inside the LLM may drop; end the prompt with text "
+                "(a chat template's assistant turn does) or use LAYER_INDEX=0"
+            )
 
 
 def last_token_attention(attention, hidden, position_embeddings, valid) -> torch.Tensor:
