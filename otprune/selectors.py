@@ -187,11 +187,48 @@ def _selector(
 def _unit_norm(x: torch.Tensor, dim: int) -> torch.Tensor:
     """``x`` scaled to unit L2 norm along ``dim`` (all-zero vectors stay zero), for any finite ``x``.
 
-    Each vector is first divided by its largest magnitude, so its squares lie in [0, 1] and its
-    norm in [1, sqrt(length)]: no float32 overflow (tokens of 1e20) or underflow (tokens of
-    1e-20) whatever the input's scale, and the result does not depend on that scale. A non-finite
-    entry makes its whole vector NaN, which the kernel's finiteness check catches.
+    ``x``: ``(..., N, m)`` float; ``dim``: -1 (rows) or -2 (columns); returns a new tensor of
+    ``x``'s shape and dtype. The result does not depend on the input's scale: no float32 overflow
+    (tokens of 1e20) or underflow (tokens of 1e-20), and inputs scaled by a power of two give
+    bit-identical results. A non-finite entry makes its vector non-finite, which the kernel's
+    finiteness check catches.
+
+    Notes: columns (``dim=-2``, OTPrune's ``X_hat``) on a CPU, where reading a value back costs
+    nothing, take a faster way than per-vector peaks, whose strided reductions cost more than the
+    rest of the normalisation: one contiguous reduction finds the tensor's largest magnitude; where squaring could overflow or underflow, ``x`` is first scaled by
+    a power of two (exact, so the result is the same). Only where a vector's sum of squares is tiny
+    next to that largest magnitude (its own squares may have lost digits) is the tensor redone
+    vector by vector (:func:`_unit_norm_by_vector_peak`). Rows, whose per-vector reductions are
+    contiguous and cheap, and every tensor on a GPU (deciding would wait for the device) take the
+    vector-by-vector form.
     """
+    if x.device.type != "cpu" or x.numel() == 0 or dim % x.dim() != x.dim() - 2:
+        return _unit_norm_by_vector_peak(x, dim)
+    low, high = torch.aminmax(x)
+    exponent = math.frexp(max(float(high), -float(low)))[1]
+    if not _SAFE_PEAK_EXPONENTS[0] <= exponent <= _SAFE_PEAK_EXPONENTS[1]:
+        # In two factors: 2**-exponent itself need not be a finite float32 (tokens of 1e-40).
+        half = -exponent // 2
+        x = x * math.ldexp(1.0, half) * math.ldexp(1.0, -exponent - half)
+        exponent = 0
+    squares = torch.mul(x, x)
+    norm = squares.sum(dim, keepdim=True)
+    if bool((norm < math.ldexp(1.0, 2 * exponent + _SMALLEST_RELATIVE_SQUARED_NORM_EXPONENT)).any()):
+        return _unit_norm_by_vector_peak(x, dim)
+    return torch.div(x, norm.sqrt_(), out=squares)
+
+
+# The largest magnitudes (as 2**e, e = frexp's exponent) whose squares, summed over a few thousand
+# entries, neither overflow nor lose the digits of the vectors that matter in float32; and the sum
+# of squares, relative to the largest square, below which a vector is redone by its own peak
+# (above it, entries whose squares underflow are below 2**-20 of the vector's norm).
+_SAFE_PEAK_EXPONENTS = (-20, 50)
+_SMALLEST_RELATIVE_SQUARED_NORM_EXPONENT = -40
+
+
+def _unit_norm_by_vector_peak(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`_unit_norm` with each vector divided by its own largest magnitude first: its squares
+    lie in [0, 1] and its norm in [1, sqrt(length)] whatever the scales of the other vectors."""
     # amax and amin rather than aminmax: 50x faster for the strided column reduction on a CPU.
     peak = torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
     peak.clamp_min_(torch.finfo(x.dtype).smallest_normal)
