@@ -20,7 +20,7 @@ small database with one writer:
   only thing that marks a task finished (``status: done``). It carries the results files' SHA-256,
   the limit, the child's full environment (secrets redacted), which otprune copy the child imports,
   and what the report needs (tokens before/after per image, selector time, each generate call's
-  timing line from otprune.timing, wall time, peak memory).
+  timing line from otprune.sample_timer, wall time, peak memory).
 
 After a pruning run the harness checks the child's OTPRUNE_LOG lines: every image must show the
 method's selection with ``budget(ratio, N)`` kept (VTW: none); otherwise the attempt is FAILED with
@@ -59,9 +59,9 @@ from pathlib import Path
 import yaml
 
 from otprune import stack
-from otprune.config import config_from_env, default_layer_index
+from otprune.prune_config import config_from_env, default_layer_index
 from otprune.selectors import budget
-from otprune.timing import TIMING_PREFIX
+from otprune.sample_timer import TIMING_PREFIX
 
 PACKAGE = Path(__file__).resolve().parent
 # The source checkout otprune runs from (an editable install), or None for an installed wheel.
@@ -625,7 +625,7 @@ def finished_tasks(folder: Path) -> set[str]:
 def parse_prune_log(text: str) -> dict:
     """Per-image ``[before, after]`` visual tokens, per-call selector ms and, where OTPRUNE_OT=1
     recorded them, per-image OT distances (kept vs full set) from OTPRUNE_LOG lines; ``timing``:
-    each ``generate`` call's record (``otprune.timing``) from its timing line."""
+    each ``generate`` call's record (``otprune.sample_timer``) from its timing line."""
     tokens, selector_ms, ot, methods = [], [], [], []
     timing = [json.loads(match.group(1)) for match in TIMING_LINE.finditer(text)]
     for match in LOG_LINE.finditer(text):

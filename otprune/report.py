@@ -13,7 +13,7 @@ harness's ``otprune_*.json``) and writes ``table1.md`` and ``table1.csv``:
   ties share the average rank;
 - the one-sided Wilcoxon signed-rank test that OTPrune's per-benchmark relative improvement over
   DivPrune is > 0 (scipy), beside the paper's p;
-- each run's latency per ``generate`` call (OTPRUNE_LOG's timing lines, otprune.timing): median
+- each run's latency per ``generate`` call (OTPRUNE_LOG's timing lines, otprune.sample_timer): median
   time to first token with its p25–p75, its vision / selection / LLM-prefill parts, median decode
   time per generated token, and peak memory (the process tree's RSS; the GPU's allocated memory
   on a GPU), in Table 1's row order;
@@ -39,7 +39,7 @@ from otprune.harness import MODELS as MODEL_SPECS
 from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_llm_shape
 from otprune.measures import MODELS, ModelShape, prefill_flops
 from otprune.selectors import budget
-from otprune.timing import spread
+from otprune.sample_timer import spread
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
 LIMIT_NOTE = (

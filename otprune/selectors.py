@@ -146,17 +146,18 @@ def _selector(
 ) -> Callable:
     """Wraps a core ``(x: (B, N, d) float, k, **options) -> (B, k)`` into the public contract.
 
-    On a CPU the core runs image by image: a whole batch's float32 working copy (150 MB for 16
-    images of 576 x 4096) is a fresh allocation whose every page faults in on first touch, and
-    every pass over it misses the caches; an image's 9 MB copy is reused from call to call. At
-    N = 576, d = 4096 a batch of 16 OTPrune selections took 22x one image's time as one batch and
-    takes 15x image by image (2 cores, ``bench_selectors``).
-    Cores with batch-shaped tensor options (TRIM's ``text``) opt out. On a GPU the batch runs as
-    one. ``select.__wrapped__`` is the core itself, for tests of the batched path on a CPU.
-
-    Cores that build a kernel (``checks_own_kernel``) check its finiteness themselves with
-    ``_check_finite(x, kernel)``; the others' tokens are checked here. Selection runs without
+    ``image_by_image_on_cpu``: on a CPU, run the core on one image at a time (cores with
+    batch-shaped tensor options, TRIM's ``text``, opt out); on a GPU the batch runs as one.
+    ``checks_own_kernel``: the core checks its kernel's finiteness itself with
+    ``_check_finite(x, kernel)``; otherwise the tokens are checked here. Selection runs without
     autograd: indices have no gradient, and tokens that require one are read like detached ones.
+    ``select.__wrapped__`` is the core itself, for tests of the batched path on a CPU.
+
+    Notes: why image by image on a CPU: a whole batch's float32 working copy (150 MB for 16 images
+    of 576 x 4096) is a fresh allocation whose every page faults in on first touch, and every pass
+    over it misses the caches; an image's 9 MB copy is reused from call to call. At N = 576,
+    d = 4096 a batch of 16 OTPrune selections took 22x one image's time as one batch and takes 15x
+    image by image (2 cores, ``otprune bench selectors``).
     """
     if core is None:
         return functools.partial(_selector, image_by_image_on_cpu=image_by_image_on_cpu, checks_own_kernel=checks_own_kernel)
@@ -253,10 +254,11 @@ def _cosine_similarity(x: torch.Tensor) -> torch.Tensor:
 def _gram(x: torch.Tensor) -> torch.Tensor:
     """``x @ x^T`` for ``x`` of shape ``(..., N, m)``; returns ``(..., N, N)``.
 
-    On a CPU a large product multiplies only the upper triangle, one panel of ``GRAM_PANEL_ROWS``
-    rows at a time (rows ``i..i+p`` against rows ``i..N``), and mirrors it: up to half the flops;
-    on 2 cores 25-35 % less time for m = 4096 at N = 576 and 2880, 35 % for ``A A^T`` at N = 2880.
-    On a GPU one product is faster than several smaller ones, so the BLAS gets it whole.
+    Notes: on a CPU a large product multiplies only the upper triangle, one panel of
+    ``GRAM_PANEL_ROWS`` rows at a time (rows ``i..i+p`` against rows ``i..N``), and mirrors it: up
+    to half the flops; on 2 cores 25-35 % less time for m = 4096 at N = 576 and 2880, 35 % for
+    ``A A^T`` at N = 2880. On a GPU one product is faster than several smaller ones, so the BLAS
+    gets it whole.
     """
     n, m = x.shape[-2:]
     if x.device.type != "cpu" or n <= GRAM_PANEL_ROWS or n * m < GRAM_PANEL_MIN_SIZE:

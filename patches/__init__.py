@@ -13,9 +13,9 @@ from __future__ import annotations
 import logging
 
 from otprune import stack
-from otprune.config import PruneConfig, check_runnable_here, config_from_env, default_layer_index
+from otprune.prune_config import PruneConfig, check_runnable_here, config_from_env, default_layer_index
 
-from . import hf, llava, timing, vlm
+from . import generate_timing, hf, llava, vlm
 from .layers import check_layer_index
 
 __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
@@ -59,7 +59,7 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     hf.install()
     vlm.install()
     if log:
-        timing.install()
+        generate_timing.install()
     model._otprune_config = config
     return model
 
@@ -92,7 +92,7 @@ def activate_from_env(environ=None) -> PruneConfig:
         vlm.install()
     if config.log:
         # Unpruned runs are timed too: only the timing wrapper goes in, which leaves outputs as they are.
-        timing.install()
+        generate_timing.install()
         _enable_logging()
     _env_config = config
     return config

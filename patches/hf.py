@@ -26,7 +26,7 @@ import inspect
 
 import torch
 
-from otprune.prune import select_per_image
+from otprune.selection import select_per_image
 
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from otprune.config import PruneConfig
-from otprune.prune import log_selection, select_per_image, select_top_scores, selection_clock
+from otprune.prune_config import PruneConfig
+from otprune.selection import log_selection, select_per_image, select_top_scores, selection_clock
 from otprune.selectors import budget
 
 

@@ -4,8 +4,12 @@ LLaVA's own method still builds the spliced sequence, so every model variant it 
 1.6 anyres with unpadding and newline vectors, any padding side) is handled the same way here.
 To learn where each image's tokens landed, the call passes, in place of the labels, each input
 position's index: the output then holds, per position, the input token it came from, or
-``IGNORE_INDEX`` where a visual token (or padding) sits. The caller's labels are mapped back
-through those indices afterwards.
+``IGNORE_INDEX`` where a visual token (or padding) sits. A token put after every image
+placeholder (and removed again) ends each image's run, which gives each image's own feature
+count, so adjacent placeholders (``<image><image>``) split where their images do; the spans then
+come from ``splice.visual_spans``, as for every family. The caller's labels are mapped back
+through those indices afterwards. Padding: the caller's mask; without one, the pad token as
+``generate`` would find it (``splice.padding_mask``), except in a call with labels.
 
 ``LAYER_INDEX = 0``: the visual tokens not kept are removed from the sequence here (VTW keeps
 none: the LLM gets the prompt without its image); the kept ones keep their order, the sequence
@@ -22,8 +26,8 @@ import inspect
 
 import torch
 
-from otprune.config import PruneConfig
-from otprune.prune import select_per_image
+from otprune.prune_config import PruneConfig
+from otprune.selection import select_per_image
 
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, padding_mask, question_positions, repad, spans_by_row, visual_spans

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from otprune.prune import select_per_image
+from otprune.selection import select_per_image
 
 from .hf import _as_keywords, _with_full_prompt, decoder, generation_padding, wrap_model_classes
 from .hf import vision_modules as llava_vision_modules

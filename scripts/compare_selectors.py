@@ -17,7 +17,7 @@ import torch
 
 from otprune.measures import empirical_ot_distance, gaussian_w2, logdet_objective
 from otprune.selectors import SELECTORS, budget
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -10,7 +10,7 @@ from otprune.bench import prefill as bench_prefill
 from otprune.bench import selectors as bench_selectors
 from otprune.bench.per_step_reference import per_step_otprune
 from otprune.selectors import select_otprune
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from otprune.config import PruneConfig, check_runnable_here, config_from_env
+from otprune.prune_config import PruneConfig, check_runnable_here, config_from_env
 
 
 def test_unset_and_orig_mean_no_pruning():
@@ -67,7 +67,7 @@ def test_explicit_config_checks_options():
 
 
 def test_triton_greedy_is_refused_where_triton_cannot_run(monkeypatch):
-    import otprune.config as config_module
+    import otprune.prune_config as config_module
 
     config = config_from_env({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "triton"})
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -15,8 +15,8 @@ from conftest import ROOT, load_script
 
 from otprune.bench import prefill as bench_prefill
 from otprune.bench import selectors as bench_selectors
-from otprune.config import PruneConfig
-from otprune.prune import log_selection, select_per_image
+from otprune.prune_config import PruneConfig
+from otprune.selection import log_selection, select_per_image
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from otprune.selectors import (  # noqa: E402
     select_dpp,
     select_otprune,
 )
-from otprune.synthetic import clustered_tokens  # noqa: E402
+from otprune.synthetic_tokens import clustered_tokens  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

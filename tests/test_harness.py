@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT
 from otprune import harness, report
 from otprune.measures import ModelShape, prefill_flops, pruned_prefill_flops
-from otprune.timing import timing_line
+from otprune.sample_timer import timing_line
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
 PAPER = yaml.safe_load((ROOT / "configs" / "paper_results.yaml").read_text())

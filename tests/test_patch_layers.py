@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from otprune.config import PruneConfig
+from otprune.prune_config import PruneConfig
 from otprune.patches.layers import LayerPruner, PrefillState, cut_mask, take, take_positions
 
 KEPT = torch.tensor([[0, 2, 3], [1, 3, 4]])

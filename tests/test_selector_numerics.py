@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from otprune.config import config_from_env
+from otprune.prune_config import config_from_env
 from otprune.measures import column_normalise, logdet_objective
 from otprune.selectors import (
     GAMMA_RANGE,
@@ -22,7 +22,7 @@ from otprune.selectors import (
     select_stp,
     select_trim,
 )
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 SCALE_INVARIANT = {"OURS": select_otprune, "DPP": select_dpp, "DIVPRUNE": select_divprune}
 

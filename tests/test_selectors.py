@@ -16,7 +16,7 @@ from otprune.selectors import (
     select_stp,
     select_trim,
 )
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 D = 16
 TEXT = torch.randn(5, D, generator=torch.Generator().manual_seed(7))

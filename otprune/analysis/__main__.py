@@ -131,7 +131,7 @@ def _ot_vs_ratio(parser, args) -> tuple[str, dict]:
         n = _int(parser, args.n, "--n", 2) if args.n is not None else preset["n"]
         d = _int(parser, args.d, "--d", 1) if args.d is not None else preset["d"]
         images = ot_vs_ratio.synthetic_images(count, n, d)
-        source = f"synthetic clustered tokens (otprune.synthetic.clustered_tokens), N={n}, d={d}"
+        source = f"synthetic clustered tokens (otprune.synthetic_tokens.clustered_tokens), N={n}, d={d}"
     start = time.perf_counter()
     records = ot_vs_ratio.run_ot_vs_ratio(images, ratios, selectors, log=_log)
     markdown = ot_vs_ratio.render(records, source=source, seconds=time.perf_counter() - start)

@@ -31,7 +31,7 @@ import torch
 from otprune.analysis.report import markdown_table, plt
 from otprune.measures import empirical_ot_distance, gaussian_w2, logdet_objective, w2_trace_term
 from otprune.selectors import otprune_kernel, select_divprune, select_otprune, select_random, select_uniform
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 __all__ = ["DEFAULT_GAMMAS", "GammaRow", "Shape", "figure", "jaccard", "make_tokens", "render", "run_gamma", "timed_run"]
 

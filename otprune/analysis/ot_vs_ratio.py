@@ -28,7 +28,7 @@ from otprune.analysis.figures import display_name
 from otprune.analysis.report import markdown_table, plt
 from otprune.measures import empirical_ot_distance, gaussian_w2, logdet_objective
 from otprune.selectors import SELECTORS, budget
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 __all__ = [
     "DEFAULT_RATIOS",

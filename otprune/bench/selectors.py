@@ -36,7 +36,7 @@ import torch
 
 from otprune.bench.per_step_reference import per_step_otprune
 from otprune.selectors import otprune_kernel, select_divprune, select_otprune
-from otprune.synthetic import clustered_tokens
+from otprune.synthetic_tokens import clustered_tokens
 
 D = 4096
 FULL_SHAPES = [(576, k) for k in (56, 64, 128, 192)] + [(2880, 320)]

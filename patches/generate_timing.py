@@ -1,5 +1,5 @@
 """Times every ``generate`` of the supported classes while ``OTPRUNE_LOG=1``: one log line per call
-(``otprune.timing``'s record: time to first token split into vision, selection and LLM prefill,
+(``otprune.sample_timer``'s record: time to first token split into vision, selection and LLM prefill,
 generated tokens, decode time per token, and the GPU's peak allocated memory on a GPU).
 
 Installed after the pruning wrappers, so the selection falls inside the timed call. Nothing here
@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from otprune.timing import SampleTimer, active_timer, running, timing_line
+from otprune.sample_timer import SampleTimer, active_timer, running, timing_line
 
 from . import hf, llava, vlm
 

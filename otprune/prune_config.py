@@ -11,7 +11,7 @@ Variables (names as in the reference code; values case-insensitive):
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
   ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
   selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
-  and each generate call's timing (``otprune.timing``), with pruning on or off;
+  and each generate call's timing (``otprune.sample_timer``), with pruning on or off;
   ``OTPRUNE_OT=1`` adds each image's empirical OT distance (kept vs full set) to that line;
   ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
 """
@@ -140,7 +140,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     raw_method = env.get("BASELINE", "").strip()
     method = raw_method.upper() or None
     if method in (None, "ORIG"):
-        # The log stays on without pruning: unpruned runs are timed too (patches/timing.py).
+        # The log stays on without pruning: unpruned runs are timed too (patches/generate_timing.py).
         return PruneConfig(log=_log_flags(env)[0])
     if method not in METHODS:
         raise ValueError(f"BASELINE={raw_method!r} is not a method; allowed: ORIG, {', '.join(METHODS)} (or unset)")

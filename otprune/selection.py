@@ -16,10 +16,10 @@ from typing import Sequence
 
 import torch
 
-from otprune.config import PruneConfig
+from otprune.prune_config import PruneConfig
 from otprune.measures import empirical_ot_distance
 from otprune.selectors import budget, get_selector
-from otprune.timing import phase
+from otprune.sample_timer import phase
 
 __all__ = ["log_selection", "select_per_image", "select_top_scores", "selection_clock"]
 

@@ -1,4 +1,4 @@
-"""Per-call latency records (otprune.timing, patches/timing.py) and their aggregation in the report.
+"""Per-call latency records (otprune.sample_timer, patches/generate_timing.py) and their aggregation in the report.
 
 No assertion on how long anything took: the records are checked against what is known
 independently (new tokens in the output, the arithmetic of their definitions, numpy's percentiles).
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import otprune.patches as patches
-from otprune import harness, report, timing
+from otprune import harness, report
+from otprune import sample_timer as timing
 
 RATIO = 0.098
 TOKENS = 5
@@ -135,7 +136,7 @@ def test_a_class_wrapped_again_after_timing_still_logs_once(hf_model, caplog, mo
     cls = type(model)
     patches.prune(model, None, log=True)
     monkeypatch.setattr(cls, "generate", patches.hf._wrap(cls.generate, generating=True))
-    patches.timing.install()
+    patches.generate_timing.install()
     _, records = timed_generate(model, inputs, caplog)
     assert len(records) == 1
 
