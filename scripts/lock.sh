@@ -35,6 +35,8 @@ lock() {  # NAME EXTRAS [uv options]
     --custom-compile-command "bash scripts/lock.sh" -o "locks/$name.txt"
   # The extras, for install.sh --latest and otprune doctor: this script is where they are chosen.
   sed -i "1i # extras: $extras" "locks/$name.txt"
+  # The constraint file's name is a fresh temporary one each run: name what it holds instead.
+  sed -i "s|-c $constraints|-c torch==$TORCH (scripts/lock.sh)|" "locks/$name.txt"
   if [ -n "$extras" ]; then
     # Installed with --no-deps like every line here: its own pins (torch 2.0, transformers 4.36)
     # are years old and otprune uses only its model code.
