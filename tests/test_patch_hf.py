@@ -157,6 +157,24 @@ def test_a_static_cache_generates_what_a_full_recompute_does(models, variant, la
     assert out[:, -4:].tolist() == expected.tolist()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the offloaded caches need CUDA (the GPU check runs this)")
+@pytest.mark.parametrize("cache", ["static", "offloaded", "offloaded_static"])
+@pytest.mark.parametrize("layer_index", [0, 2])
+def test_every_cache_of_generate_decodes_as_the_dynamic_one_on_cuda(models, layer_index, cache):
+    import copy
+
+    processor, model = models["llava-hf"]
+    model = copy.deepcopy(model).cuda()
+    questions = ["What is in the image?", "Is there a red car in the picture? Please answer yes or no."]
+    images = [[make_image(400, 300, 10)], [make_image(400, 300, 11)]]
+    inputs = {k: v.cuda() for k, v in inputs_for(processor, questions, images).items()}
+    patches.prune(model, "OURS", RATIO, layer_index=layer_index)
+    with torch.no_grad():
+        dynamic = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        other = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation=cache)
+    assert other.tolist() == dynamic.tolist()
+
+
 @pytest.mark.parametrize("method", ["OURS", "FASTV", "VTW"])
 def test_layer_k_prunes_the_kv_cache(models, method):
     processor, model = models["llava-hf"]
