@@ -2,6 +2,7 @@
 
     otprune run [CONFIG] [options]     # an experiment config through lmms-eval, then its Table 1
     otprune report RUNS/<config>       # Table 1 from a runs folder
+    otprune status RUNS/<config>       # each run: done, failed, queued, running, not started
     otprune analysis COMMAND [...]     # the paper's analyses (python -m otprune.analysis)
     otprune bench selectors|prefill    # the benchmarks of the selectors and of the prefill
     otprune doctor                     # the installed stack against the lock and the known breaks
@@ -17,11 +18,12 @@ import sys
 
 # name -> (module with main(argv) -> int, what it does)
 SUBCOMMANDS = {
-    "run": ("otprune.harness", "run an experiment config through lmms-eval, resumably, then print its Table 1"),
+    "run": ("otprune.harness.cli", "run an experiment config through lmms-eval, resumably (locally or on Slurm), then print its Table 1"),
     "report": ("otprune.report", "write Table 1 (Markdown and CSV) from a runs folder"),
     "analysis": ("otprune.analysis.__main__", "the paper's analyses: subset enumeration, Table 2, Fig. 2"),
     "bench": ("otprune.bench", "the benchmarks: selectors (the selectors alone), prefill (LLaVA-shaped end to end)"),
     "doctor": ("otprune.doctor", "the installed stack against the lock, the tested range and the known breaks"),
+    "status": ("otprune.harness.status", "each run's state in a runs folder: done, failed, queued, running, not started"),
 }
 EXTRAS = "pip install 'otprune[llava]' (or bash scripts/install.sh --llava in a checkout)"
 

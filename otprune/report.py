@@ -34,9 +34,13 @@ import yaml
 from scipy.stats import rankdata, wilcoxon
 
 from otprune.analysis.figures import write_pareto_figures
-from otprune.harness import METHODS as METHOD_NAMES
-from otprune.harness import MODELS as MODEL_SPECS
-from otprune.harness import MissingResource, config_file, load_records, read_results, recorded_limit, tiny_llm_shape
+from otprune.harness.catalogue import METHODS as METHOD_NAMES
+from otprune.harness.catalogue import MODELS as MODEL_SPECS
+from otprune.harness.checkpoints import tiny_llm_shape
+from otprune.harness.errors import MissingResource
+from otprune.harness.files import read_results
+from otprune.harness.records import load_records, recorded_limit
+from otprune.harness.resources import config_file
 from otprune.measures import MODELS, ModelShape, prefill_flops
 from otprune.selectors import budget
 from otprune.sample_timer import spread

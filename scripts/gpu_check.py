@@ -47,7 +47,6 @@ import io
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -112,7 +111,6 @@ VLM_TASK = "otprune_smoke_vqa"
 VLM_LIMIT = {"cuda": 4, "cpu": 2}
 # Tiny models: every run at once on the GPU machine's 16 cores (lmms-eval's start-up is CPU-bound).
 VLM_PARALLEL_RUNS = {"cuda": 12, "cpu": 2}
-ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 VERSIONED = ("torch", "transformers", "triton", "accelerate", "lmms_eval", "llava-torch", "torchvision", "qwen-vl-utils", "datasets", "numpy")
 
 
@@ -392,7 +390,7 @@ def check_results(folder: Path, tasks: list[str], limit: int) -> tuple[list[str]
     """``(problems, samples)``: whether the run's results file is whole: one readable results file
     listing every task, each with ``limit`` samples (or the whole task if smaller), and a samples
     file with as many lines."""
-    from otprune.harness import read_results
+    from otprune.harness.files import read_results
 
     files = sorted(folder.glob("**/*_results.json"))
     if len(files) != 1:
@@ -450,17 +448,6 @@ def check_ranks(dump: Path, images: int) -> list[str]:
     return problems
 
 
-def logged_errors(text: str) -> dict[str, int]:
-    """lmms-eval's ERROR lines, which it logs instead of failing (a sample that raised while
-    generating gets an empty answer): ``{message: times}``."""
-    errors: dict[str, int] = {}
-    for line in ANSI_COLOUR.sub("", text).splitlines():
-        if "| ERROR" in line:
-            message = line.rsplit(" - ", 1)[-1].strip()[:200]
-            errors[message] = errors.get(message, 0) + 1
-    return errors
-
-
 @dataclass(frozen=True)
 class Suite:
     """What one step's lmms-eval runs share."""
@@ -489,22 +476,27 @@ def model_args(run: EvalRun, device: str) -> str:
 def eval_command(run: EvalRun, checkpoint: Path, suite: Suite, device: str, folder: Path) -> tuple[list[str], dict]:
     """``(command, environment)`` of one lmms-eval run: the harness's command line and child
     environment (``OTPRUNE_LOG=1``, the run's pruning variables and nobody else's)."""
-    from otprune import harness
+    from otprune.harness.plan import child_env
 
-    config = harness.Config(
-        "gpu_check", run.model, model_args(run, device), {}, {}, suite.tasks, batch_size=run.batch, catalogue=harness.load_catalogue()
-    )
-    plan = harness.Run(run.model, run.baseline, run.ratio, run.env, tuple(suite.tasks), folder)
-    command = harness.command(config, plan, str(checkpoint), run.processes, suite.limit, folder)
+    from otprune.harness.config import Config
+    from otprune.harness.plan import Run, command as harness_command
+    from otprune.harness.resources import load_catalogue
+
+    config = Config("gpu_check", run.model, model_args(run, device), {}, {}, suite.tasks, batch_size=run.batch, catalogue=load_catalogue())
+    plan = Run(run.model, run.baseline, run.ratio, run.env, tuple(suite.tasks), folder)
+    command = harness_command(config, plan, str(checkpoint), run.processes, suite.limit, folder)
     if command[:2] == ["accelerate", "launch"] and shutil.which("accelerate") is None:
         # The launcher's console script may be off PATH where the package is installed.
         command[:2] = [sys.executable, "-m", "accelerate.commands.launch"]
-    return command, harness.child_env(plan, suite.parallel)
+    return command, child_env(plan, suite.parallel)
 
 
 def execute(run: EvalRun, checkpoint: Path, suite: Suite, device: str, work: Path, timeout: float) -> dict:
-    """One lmms-eval run through the harness's command line and environment, then its checks."""
-    from otprune import harness
+    """One lmms-eval run through the harness's command line and environment, then its checks: the
+    harness's own (otprune.harness.run_check) and this check's stricter ones."""
+    from otprune.harness.files import read_results
+    from otprune.harness.records import recorded_limit
+    from otprune.harness.run_check import attempt_problems, parse_prune_log
 
     folder = work / "runs" / run.name
     shutil.rmtree(folder, ignore_errors=True)
@@ -528,26 +520,31 @@ def execute(run: EvalRun, checkpoint: Path, suite: Suite, device: str, work: Pat
             returncode = None
     record["wall_s"] = round(time.time() - start, 1)
     text = log.read_text(errors="replace")
-    logged = harness.parse_prune_log(text)
+    logged = parse_prune_log(text)
     problems, samples = check_results(folder, tasks, limit)
     if returncode is None:
         problems.insert(0, f"timed out after {record['wall_s']} s")
     elif returncode != 0:
         problems.insert(0, f"exit code {returncode}")
+    results = [read_results(path) for path in folder.glob("**/*_results.json")]
+    done = {task for data in results if isinstance(data.get("results"), dict) for task in data["results"]}
+    problems += attempt_problems(
+        returncode=returncode, tasks=tasks, done=done, limits={recorded_limit(data) for data in results}, limit=limit,
+        env=run.env, log_text=text, samples=samples, check_pruning=False,  # check_tokens is stricter: N itself
+    )
     if samples:
         problems += check_tokens(run, logged["visual_tokens"], samples)
     if run.processes > 1:
         problems += check_ranks(folder / "dump", len(logged["visual_tokens"]))
         if "invalid device ordinal" in text:
             problems.append("a rank asked for a GPU that is not there: accelerate and lmms-eval's llava put rank r on cuda:r")
-    errors = logged_errors(text)
     record.update(
         samples=samples,
         images=len(logged["visual_tokens"]),
         pruned=[f"{before}->{after}" for before, after in sorted({tuple(pair) for pair in logged["visual_tokens"]})],
         selector_ms=round(statistics.median(logged["selector_ms"]), 3) if logged["selector_ms"] else None,
-        problems=problems + [f"lmms-eval logged {count} x: {message}" for message, count in errors.items()],
-        status=PASS if not problems and not errors else FAIL,
+        problems=list(dict.fromkeys(problems)),
+        status=PASS if not problems else FAIL,
     )
     if record["status"] == FAIL:
         record["log_tail"] = tail(text, 15)

@@ -8,7 +8,13 @@ import sys
 import pytest
 
 from conftest import ROOT
-from otprune import cli, harness, report
+from otprune import cli, report
+from otprune.harness import checkpoints as harness_checkpoints
+from otprune.harness import cli as harness_cli
+from otprune.harness import config as harness_config
+from otprune.harness import errors as harness_errors
+from otprune.harness import prerequisites as harness_prerequisites
+from otprune.harness import resources as harness_resources
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
 
@@ -56,18 +62,18 @@ def test_a_runs_folder_of_one_config_is_reported_not_listed(tmp_path):
 
 
 def test_without_configs_the_harness_names_the_missing_file(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(harness, "CONFIGS", tmp_path / "configs")
-    assert harness.main(["smoke", "--dry-run"]) == 2
+    monkeypatch.setattr(harness_resources, "CONFIGS", tmp_path / "configs")
+    assert harness_cli.main(["smoke", "--dry-run"]) == 2
     assert f"{tmp_path / 'configs' / 'tasks.yaml'} is missing" in capsys.readouterr().err
 
 
 def test_without_a_checkout_tiny_models_name_their_builder(monkeypatch):
-    monkeypatch.setattr(harness, "CHECKOUT", None)
-    harness.tiny_builder.cache_clear()
-    missing, _ = harness.prerequisites(harness.load_config("smoke"), 1)
+    monkeypatch.setattr(harness_resources, "CHECKOUT", None)
+    harness_checkpoints.tiny_builder.cache_clear()
+    missing, _ = harness_prerequisites.prerequisites(harness_config.load_config("smoke"), 1)
     assert any("tiny-llava-1.6 are built by scripts/build_tiny_llava.py" in m for m in missing)
-    with pytest.raises(harness.MissingResource, match="build_tiny_llava.py"):
-        harness.tiny_builder()
+    with pytest.raises(harness_errors.MissingResource, match="build_tiny_llava.py"):
+        harness_checkpoints.tiny_builder()
 
 
 def test_an_installed_layout_finds_its_configs_and_runs_in_the_working_folder(tmp_path):
@@ -92,10 +98,15 @@ def test_an_installed_layout_finds_its_configs_and_runs_in_the_working_folder(tm
 BUILD_WITHOUT_TORCHVISION = """
 import sys
 sys.modules["torchvision"] = None  # as after scripts/install.sh removed a torchvision that cannot load
-from otprune import harness
+from otprune.harness import checkpoints as harness_checkpoints
+from otprune.harness import cli as harness_cli
+from otprune.harness import config as harness_config
+from otprune.harness import errors as harness_errors
+from otprune.harness import prerequisites as harness_prerequisites
+from otprune.harness import resources as harness_resources
 if sys.argv[2] == "quiet":
-    harness.quiet_torchvision_hint()
-harness.tiny_builder().build(sys.argv[1], "llava-1.5")
+    harness_checkpoints.quiet_torchvision_hint()
+harness_checkpoints.tiny_builder().build(sys.argv[1], "llava-1.5")
 print("built")
 """
 

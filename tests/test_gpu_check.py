@@ -54,7 +54,7 @@ def test_token_check_wants_every_sample_pruned_576_to_56(check):
 
 def write_run(folder, tasks, effective, sample_lines):
     folder.mkdir(parents=True)
-    results = {"results": {t: {} for t in tasks}, "n-samples": {t: {"effective": n} for t, n in zip(tasks, effective)}}
+    results = {"results": {t: {} for t in tasks}, "n-samples": {t: {"effective": n} for t, n in zip(tasks, effective)}, "config": {"limit": 4}}
     (folder / "20260101_results.json").write_text(json.dumps(results))
     for task, lines in zip(tasks, sample_lines):
         (folder / f"20260101_samples_{task}.jsonl").write_text("{}\n" * lines)
@@ -199,10 +199,12 @@ def test_vlm_step_is_skipped_without_torchvision_and_the_report_lists_it(check, 
     assert "## 6. vlm_lmms_eval: SKIP" in report
 
 
-def test_lmms_eval_errors_are_found_through_its_colours(check):
+def test_lmms_eval_errors_are_found_through_its_colours():
+    from otprune.harness.run_check import logged_errors
+
     line = "\x1b[32m2026-11-21 20:51:41\x1b[0m | \x1b[31m\x1b[1mERROR   \x1b[0m | \x1b[36mlmms_eval.models.chat.llava_hf\x1b[0m:generate_until:108 - \x1b[31m\x1b[1mError boom in generating\x1b[0m"
     info = "\x1b[32m2026-11-21\x1b[0m | \x1b[1mINFO    \x1b[0m | lmms_eval - fine"
-    assert check.logged_errors(f"{line}\n{info}\n{line}") == {"Error boom in generating": 2}
+    assert logged_errors(f"{line}\n{info}\n{line}") == {"Error boom in generating": 2}
 
 
 def test_junit_counts_and_failing_ids(check, tmp_path):

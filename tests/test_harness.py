@@ -15,13 +15,23 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from otprune import harness, report
+from otprune.harness import attempt as harness_attempt
+from otprune.harness import catalogue as harness_catalogue
+from otprune.harness import checkpoints as harness_checkpoints
+from otprune.harness import cli as harness_cli
+from otprune.harness import config as harness_config
+from otprune.harness import errors as harness_errors
+from otprune.harness import plan as harness_plan
+from otprune.harness import prerequisites as harness_prerequisites
+from otprune.harness import resources as harness_resources
+from otprune.harness import run_check as harness_run_check
+from otprune import report
 from otprune.measures import ModelShape, prefill_flops, pruned_prefill_flops
 from otprune.sample_timer import timing_line
 
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
 PAPER = yaml.safe_load((ROOT / "configs" / "paper_results.yaml").read_text())
-CATALOGUE = harness.load_catalogue()
+CATALOGUE = harness_resources.load_catalogue()
 
 
 def write_config(path: Path, **changes) -> Path:
@@ -46,16 +56,16 @@ def write_config(path: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("name", ["synth", "smoke", "paper_table1"])
 def test_shipped_configs_load(name):
-    config = harness.load_config(name)
-    runs = harness.plan_runs(config, Path("runs"))
+    config = harness_config.load_config(name)
+    runs = harness_plan.plan_runs(config, Path("runs"))
     assert {r.method for r in runs} >= {"Original", "OTPrune", "DivPrune", "FastV", "VTW"}
     fastv = next(r for r in runs if r.method == "FastV")
     assert fastv.env == {"BASELINE": "FASTV", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "2"}
 
 
 def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_control():
-    config = harness.load_config("synth")
-    runs = harness.plan_runs(config, Path("runs"))
+    config = harness_config.load_config("synth")
+    runs = harness_plan.plan_runs(config, Path("runs"))
     assert config.models == {"synth-llava-1.5": {}} and config.group_tasks and config.batch_size == 1
     assert config.tasks == [f"otprune_synth_{kind}" for kind in ("yesno", "attribute", "count", "spatial", "caption")]
     assert sorted((r.method, r.ratio) for r in runs) == sorted(
@@ -68,14 +78,14 @@ def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_c
 
 
 def test_without_a_gpu_the_default_config_is_synth(monkeypatch):
-    monkeypatch.setattr(harness, "gpu_count", lambda: 0)
-    assert harness.default_config() == ("synth", "no GPU")
+    monkeypatch.setattr(harness_prerequisites, "gpu_count", lambda: 0)
+    assert harness_prerequisites.default_config() == ("synth", "no GPU")
 
 
 def test_a_layer_index_beyond_the_trained_checkpoints_llm_is_missing_before_any_run(tmp_path):
     layers = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "config.json").read_text())["num_hidden_layers"]
     path = write_config(tmp_path / "deep.yaml", models={"synth-llava-1.5": {}}, methods={"FastV": {"ratios": [0.5], "layer_index": layers}, "VTW": {"layer_index": 0}})
-    missing, _ = harness.prerequisites(harness.load_config(str(path)), 1)
+    missing, _ = harness_prerequisites.prerequisites(harness_config.load_config(str(path)), 1)
     assert [m for m in missing if "layer_index" in m] == [
         f"FastV's layer_index {layers} is beyond synth-llava-1.5's LLM, which has {layers} layers (0 .. {layers - 1}); "
         "give it a smaller layer_index for this model (models: {synth-llava-1.5: {FastV: {layer_index: K}}})"
@@ -84,19 +94,19 @@ def test_a_layer_index_beyond_the_trained_checkpoints_llm_is_missing_before_any_
 
 def test_a_retrained_checkpoint_is_copied_again_and_changes_the_runs_setting(tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
-    builder = harness.tiny_builder()
+    builder = harness_checkpoints.tiny_builder()
     shutil.copytree(builder.TRAINED["synth-llava-1.5"], shipped)
     monkeypatch.setitem(builder.TRAINED, "synth-llava-1.5", shipped)
-    config = harness.load_config("synth")
+    config = harness_config.load_config("synth")
     env = {"BASELINE": "VTW", "LAYER_INDEX": "0"}
-    before = harness.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)
-    copy = Path(harness.checkpoint("synth-llava-1.5", tmp_path / "runs"))
+    before = harness_plan.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)
+    copy = Path(harness_checkpoints.checkpoint("synth-llava-1.5", tmp_path / "runs"))
     assert (copy / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
     with open(shipped / "model.safetensors", "ab") as weights:
         weights.write(b"retrained")
-    assert Path(harness.checkpoint("synth-llava-1.5", tmp_path / "runs")) == copy
+    assert Path(harness_checkpoints.checkpoint("synth-llava-1.5", tmp_path / "runs")) == copy
     assert (copy / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
-    assert harness.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)["hash"] != before["hash"]
+    assert harness_plan.run_setting(config, "synth-llava-1.5", "VTW", 0.0, env, None)["hash"] != before["hash"]
 
 
 def test_prompt_lengths_under_a_llava_checkpoints_tokenizer_come_without_a_model_type_warning(tmp_path, capfd):
@@ -105,10 +115,10 @@ def test_prompt_lengths_under_a_llava_checkpoints_tokenizer_come_without_a_model
     prompt = "How many circles are there?\nAnswer the question using a single word or phrase."
     samples = tmp_path / "samples.jsonl"
     samples.write_text(json.dumps({"input": prompt}) + "\n")
-    folder = harness.checkpoint("synth-llava-1.5", tmp_path / "runs")
+    folder = harness_checkpoints.checkpoint("synth-llava-1.5", tmp_path / "runs")
     expected = len(Tokenizer.from_file(str(Path(folder) / "tokenizer.json")).encode(prompt, add_special_tokens=False).ids)
     capfd.readouterr()
-    assert harness.text_tokens(folder, {"otprune_synth_count": samples}) == {"otprune_synth_count": expected}
+    assert harness_attempt.text_tokens(folder, {"otprune_synth_count": samples}) == {"otprune_synth_count": expected}
     assert "to instantiate a model of type" not in capfd.readouterr().err
 
 
@@ -127,13 +137,13 @@ def test_child_threads(monkeypatch, model, caller, config_env, jobs, expected):
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", caller)
-    run = harness.Run(model, "Original", 1.0, {"BASELINE": "ORIG", **config_env}, ("otprune_synth_yesno",), Path("unused"))
-    assert harness.child_env(run, jobs).get("OMP_NUM_THREADS") == expected
+    run = harness_plan.Run(model, "Original", 1.0, {"BASELINE": "ORIG", **config_env}, ("otprune_synth_yesno",), Path("unused"))
+    assert harness_plan.child_env(run, jobs).get("OMP_NUM_THREADS") == expected
 
 
 def test_paper_config_plans_every_model_method_task():
-    config = harness.load_config("paper_table1")
-    runs = harness.plan_runs(config, Path("runs"))
+    config = harness_config.load_config("paper_table1")
+    runs = harness_plan.plan_runs(config, Path("runs"))
     assert len(runs) == 3 * 5 * 11
     vtw = {r.model: r.env["LAYER_INDEX"] for r in runs if r.method == "VTW"}
     assert vtw == {"liuhaotian/llava-v1.5-7b": "4", "liuhaotian/llava-v1.5-13b": "4", "liuhaotian/llava-v1.6-vicuna-7b": "3"}
@@ -153,21 +163,21 @@ def test_paper_config_plans_every_model_method_task():
 def test_bad_config_fails_before_any_run(tmp_path, capsys, changes, message):
     path = write_config(tmp_path / "bad.yaml", **changes)
     runs_dir = tmp_path / "runs"
-    assert harness.main([str(path), "--runs-dir", str(runs_dir)]) == 2
+    assert harness_cli.main([str(path), "--runs-dir", str(runs_dir)]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert not runs_dir.exists()
 
 
 def test_unknown_config_name_lists_the_shipped_ones(capsys):
-    assert harness.main(["no_such_config"]) == 2
+    assert harness_cli.main(["no_such_config"]) == 2
     assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, smoke, synth" in capsys.readouterr().err
 
 
 def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
     path = write_config(tmp_path / "m.yaml", methods={"Uniformly": {"ratios": [0.1]}})
-    with pytest.raises(harness.ConfigError, match="unknown method 'Uniformly'; allowed: DPP, DivPrune, FastV, OTPrune, Original, Random, STP, TrimTokenator, Uniform, VTW"):
-        harness.load_config(str(path))
+    with pytest.raises(harness_errors.ConfigError, match="unknown method 'Uniformly'; allowed: DPP, DivPrune, FastV, OTPrune, Original, Random, STP, TrimTokenator, Uniform, VTW"):
+        harness_config.load_config(str(path))
 
 
 def test_prune_log_parsing():
@@ -176,7 +186,7 @@ def test_prune_log_parsing():
         "otprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms; ot 1.5, 2\n"
         "50%|##  | 1/2\r" + timing_line({"generated_tokens": 3, "prefill_ms": 4.5}) + "\n"
     )
-    assert harness.parse_prune_log(text) == {
+    assert harness_run_check.parse_prune_log(text) == {
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
@@ -225,9 +235,9 @@ def test_report_skips_a_file_a_crash_cut_short(tmp_path, capsys):
 def write_run(folder: Path, model: str, method: str, ratio: float, method_spec: dict, results: dict, **record) -> Path:
     """A run folder as the harness leaves it: setting.json, one attempt's results file, and a done
     record naming that file's SHA-256. Returns the results file."""
-    config = harness.Config("t", "llava", "", {}, {}, [])
-    env = harness.run_env(method, ratio, method_spec, {})  # as the harness records it, BASELINE included
-    setting = harness.run_setting(config, model, method, ratio, env, None)
+    config = harness_config.Config("t", "llava", "", {}, {}, [])
+    env = harness_config.run_env(method, ratio, method_spec, {})  # as the harness records it, BASELINE included
+    setting = harness_plan.run_setting(config, model, method, ratio, env, None)
     results_file = folder / "attempts" / "a" / "model" / "20250101_000000_results.json"
     results_file.parent.mkdir(parents=True)
     results_file.write_text(json.dumps(results))
@@ -262,7 +272,7 @@ def test_report_of_the_trained_model_uses_its_own_llm_shape_and_calls_its_scores
 def paper_runs(root: Path, model: str, model_id: str) -> Path:
     """Results files holding the paper's numbers, one run folder per method, as the harness writes them."""
     bench = {spec["benchmark"]: (task, spec) for task, spec in CATALOGUE.items()}
-    folder = root / "paper" / harness.model_label(model_id)
+    folder = root / "paper" / harness_catalogue.model_label(model_id)
     settings = {"Original": (1, {}), "VTW": (0, {"layer_index": 4}), "FastV": (0.098, {"layer_index": 2}), "DivPrune": (0.098, {}), "OTPrune": (0.098, {})}
     for method, (ratio, env) in settings.items():
         run = folder / f"{method}_{ratio:g}"
@@ -359,5 +369,5 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
 @pytest.mark.parametrize("ratios", [0.1, ["0.1"], [0], [1.5]])
 def test_bad_ratios_fail_before_any_run(tmp_path, ratios):
     path = write_config(tmp_path / "bad.yaml", methods={"OTPrune": {"ratios": ratios}})
-    with pytest.raises(harness.ConfigError, match=r"method 'OTPrune' ratios=.*allowed: a list of numbers in \(0, 1\]"):
-        harness.load_config(str(path))
+    with pytest.raises(harness_errors.ConfigError, match=r"method 'OTPrune' ratios=.*allowed: a list of numbers in \(0, 1\]"):
+        harness_config.load_config(str(path))

@@ -18,7 +18,12 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from otprune import harness, report
+from otprune.harness import cli as harness_cli
+from otprune.harness import config as harness_config
+from otprune.harness import plan as harness_plan
+from otprune.harness import records as harness_records
+from otprune.harness import run_check as harness_run_check
+from otprune import report
 
 FAKE = ROOT / "tests" / "fixtures" / "fake_lmms_eval"
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
@@ -100,7 +105,7 @@ def test_a_second_harness_is_refused_and_a_signal_stops_the_child(tmp_path, sign
     (record,) = (runs / "c" / "tiny-llava-1.5" / "Original_1").glob("otprune_*.json")
     record = json.loads(record.read_text())
     assert record["status"] == "failed" and record["reason"] == f"stopped with the harness ({name} to the harness)"
-    assert harness.finished_tasks(runs / "c" / "tiny-llava-1.5" / "Original_1") == set()
+    assert harness_records.finished_tasks(runs / "c" / "tiny-llava-1.5" / "Original_1") == set()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
@@ -154,7 +159,7 @@ def test_jobs_finishing_in_the_same_second_keep_every_result(tmp_path):
     done = subprocess.run(harness_cmd(config, runs, "--jobs", "3"), env=fake_env(HF_TOKEN="hf_secret"), capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     folder = runs / "c" / "tiny-llava-1.5" / "Original_1"
-    assert harness.finished_tasks(folder) == set(tasks)
+    assert harness_records.finished_tasks(folder) == set(tasks)
     records = [json.loads(p.read_text()) for p in folder.glob("otprune_*.json")]
     assert sorted(r["finished_tasks"][0] for r in records) == sorted(tasks)
     for record in records:
@@ -176,8 +181,8 @@ def test_a_pruning_run_without_the_entry_point_fails(tmp_path):
     config = write_config(tmp_path / "c.yaml", methods={"OTPrune": {"ratios": [0.098]}})
     result = subprocess.run(harness_cmd(config, runs, "--limit", "2"), env=fake_env(FAKE_LMMS="no-plugins"), capture_output=True, text=True, timeout=180)
     assert result.returncode == 1
-    assert "FAILED after" in result.stdout and f"({harness.NO_SELECTION})" in result.stdout, result.stdout + result.stderr
-    assert harness.finished_tasks(runs / "c_limit2" / "tiny-llava-1.5" / "OTPrune_0.098") == set()
+    assert "FAILED after" in result.stdout and f"({harness_run_check.NO_SELECTION})" in result.stdout, result.stdout + result.stderr
+    assert harness_records.finished_tasks(runs / "c_limit2" / "tiny-llava-1.5" / "OTPrune_0.098") == set()
 
 
 @pytest.mark.parametrize(
@@ -200,11 +205,11 @@ def test_a_pruning_run_without_the_entry_point_fails(tmp_path):
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "otprune OURS: visual tokens 576->56; selector 0.1 ms; ot 0.5", 1, None),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "otprune OURS: visual tokens 576->576; selector 0.1 ms", 1,
          "an image kept 576 of 576 visual tokens; OURS at ratio 0.098 keeps 56"),
-        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "loading model\nevaluating", 1, harness.NO_SELECTION),
+        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "loading model\nevaluating", 1, harness_run_check.NO_SELECTION),
     ],
 )
 def test_pruning_problem(env, log, samples, problem):
-    assert harness.pruning_problem(env, harness.parse_prune_log(log), samples) == problem
+    assert harness_run_check.pruning_problem(env, harness_run_check.parse_prune_log(log), samples) == problem
 
 
 # -- run identity -----------------------------------------------------------------------------
@@ -214,18 +219,18 @@ def test_an_edited_config_never_reuses_another_settings_results(tmp_path, monkey
     monkeypatch.setenv("PYTHONPATH", str(FAKE))
     runs = runs_folder(tmp_path)
     config = write_config(tmp_path / "c.yaml")
-    assert harness.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 0
-    assert harness.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 0
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 0
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 0
     assert "1 finished before, 0 still running elsewhere, 0 to run" in capsys.readouterr().out
     write_config(config, batch_size=2)
-    assert harness.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 2
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 2
     err = capsys.readouterr().err
     assert f"{runs / 'c' / 'tiny-llava-1.5' / 'Original_1'} holds the results of another setting (batch_size: 1 -> 2)" in err
 
 
 def test_the_setting_hash_covers_what_changes_a_result():
-    config = harness.load_config("smoke")
-    base = harness.run_setting(config, "tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None)
+    config = harness_config.load_config("smoke")
+    base = harness_plan.run_setting(config, "tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None)
     variants = [
         ("tiny-llava-1.6", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None),
         ("tiny-llava-1.5", "OTPrune", 0.25, {"BASELINE": "OURS", "SUBSET_RATIO": "0.25"}, None),
@@ -233,16 +238,16 @@ def test_the_setting_hash_covers_what_changes_a_result():
         ("tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098", "OTPRUNE_GAMMA": "0.5"}, None),
         ("tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, 3),
     ]
-    hashes = {harness.run_setting(config, *variant)["hash"] for variant in variants}
+    hashes = {harness_plan.run_setting(config, *variant)["hash"] for variant in variants}
     assert len(hashes | {base["hash"]}) == len(variants) + 1
     config.model_args = "device=cpu"
-    assert harness.run_setting(config, "tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None)["hash"] != base["hash"]
+    assert harness_plan.run_setting(config, "tiny-llava-1.5", "OTPrune", 0.098, {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, None)["hash"] != base["hash"]
 
 
 def test_duplicate_ratios_and_tasks_are_planned_once(tmp_path):
     path = write_config(tmp_path / "d.yaml", methods={"OTPrune": {"ratios": [0.25, 0.250000001, 0.1]}}, tasks=[TASK, "otprune_smoke_pope", TASK])
-    config = harness.load_config(str(path))
-    runs = harness.plan_runs(config, tmp_path / "runs")
+    config = harness_config.load_config(str(path))
+    runs = harness_plan.plan_runs(config, tmp_path / "runs")
     assert sorted((r.ratio, r.tasks) for r in runs) == sorted([(0.1, (TASK,)), (0.1, ("otprune_smoke_pope",)), (0.25, (TASK,)), (0.25, ("otprune_smoke_pope",))])
     assert any("ratios [0.25, 0.250000001, 0.1] run once each as ['0.25', '0.1']" in note for note in config.notes)
 
@@ -250,7 +255,7 @@ def test_duplicate_ratios_and_tasks_are_planned_once(tmp_path):
 def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
     path = write_config(tmp_path / "k.yaml", models={"tiny-llava-1.5": {"VTW": {"layer_index": 3}}, "tiny-llava-1.6": {}},
                         methods={"VTW": {"layer_index": 2}, "FastV": {"ratios": [0.5]}})
-    runs = harness.plan_runs(harness.load_config(str(path)), tmp_path)
+    runs = harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path)
     assert {(r.model, r.method): r.setting["layer_index"] for r in runs} == {
         ("tiny-llava-1.5", "VTW"): 3, ("tiny-llava-1.6", "VTW"): 2, ("tiny-llava-1.5", "FastV"): 2, ("tiny-llava-1.6", "FastV"): 2}
 
@@ -280,7 +285,7 @@ def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
 )
 def test_bad_config_is_a_message_naming_key_value_and_what_is_allowed(tmp_path, capsys, changes, message):
     runs = tmp_path / "runs"
-    assert harness.main([str(write_config(tmp_path / "bad.yaml", **changes)), "--runs-dir", str(runs)]) == 2
+    assert harness_cli.main([str(write_config(tmp_path / "bad.yaml", **changes)), "--runs-dir", str(runs)]) == 2
     assert message in capsys.readouterr().err
     assert not runs.exists()
 
@@ -288,7 +293,7 @@ def test_bad_config_is_a_message_naming_key_value_and_what_is_allowed(tmp_path, 
 def test_a_key_given_twice_is_refused(tmp_path, capsys):
     path = tmp_path / "dup.yaml"
     path.write_text(f"models: [tiny-llava-1.5]\nmethods:\n  OTPrune: {{ratios: [0.1]}}\n  OTPrune: {{ratios: [0.2]}}\ntasks: [{TASK}]\n")
-    assert harness.main([str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert harness_cli.main([str(path), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "key 'OTPrune' is given twice (lines 3 and 4); give it once" in capsys.readouterr().err
 
 
@@ -298,17 +303,17 @@ def test_a_key_given_twice_is_refused(tmp_path, capsys):
 )
 def test_limits_that_are_not_a_sample_count_are_refused(tmp_path, capsys, limit, message):
     runs = tmp_path / "runs"
-    assert harness.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(runs), "--limit", limit]) == 2
+    assert harness_cli.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(runs), "--limit", limit]) == 2
     assert message in capsys.readouterr().err
     assert not runs.exists()
 
 
 def test_paths_that_lmms_eval_would_split_or_that_leave_the_runs_folder_are_refused(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml")
-    assert harness.main([str(config), "--runs-dir", str(tmp_path / "a,b")]) == 2
+    assert harness_cli.main([str(config), "--runs-dir", str(tmp_path / "a,b")]) == 2
     assert "contains a comma, which lmms-eval's --model_args would split" in capsys.readouterr().err
     dots = write_config(tmp_path / "...yaml")
-    assert harness.main([str(dots), "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert harness_cli.main([str(dots), "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "config name '..' is not allowed as a folder name" in capsys.readouterr().err
     assert not (tmp_path / "a,b").exists() and not (tmp_path / "runs").exists()
 
@@ -316,7 +321,7 @@ def test_paths_that_lmms_eval_would_split_or_that_leave_the_runs_folder_are_refu
 def test_an_unwritable_runs_folder_names_the_path_and_the_fix(tmp_path, capsys):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
-    assert harness.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(blocker)]) == 2
+    assert harness_cli.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(blocker)]) == 2
     err = capsys.readouterr().err
     assert f"cannot write to {blocker}" in err and "choose a writable folder with --runs-dir, or fix its permissions" in err
 
@@ -333,10 +338,10 @@ def copy_fixture(tmp_path: Path) -> Path:
 def test_only_a_record_marks_a_run_finished(tmp_path):
     runs = copy_fixture(tmp_path)
     folder = runs / "tiny-llava-1.5" / "OTPrune_0.098"
-    assert harness.finished_tasks(folder) == {"otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"}
+    assert harness_records.finished_tasks(folder) == {"otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"}
     (record,) = folder.glob("otprune_*.json")
     record.unlink()  # a harness killed before writing it: the child's results alone do not count
-    assert list(folder.glob("attempts/*/*/*_results.json")) and harness.finished_tasks(folder) == set()
+    assert list(folder.glob("attempts/*/*/*_results.json")) and harness_records.finished_tasks(folder) == set()
 
 
 def test_a_results_file_changed_after_its_record_is_not_trusted(tmp_path):
@@ -346,7 +351,7 @@ def test_a_results_file_changed_after_its_record_is_not_trusted(tmp_path):
     data = json.loads(results.read_text())
     data["results"]["otprune_smoke_vqa"]["exact_match,none"] = 1.0
     results.write_text(json.dumps(data))
-    assert harness.finished_tasks(folder) == set()
+    assert harness_records.finished_tasks(folder) == set()
     _, csv_path, markdown = report.write_report(runs, tmp_path / "out")
     assert "changed since the record was written (SHA-256 differs)" in markdown
     assert {r["method"] for r in csv.DictReader(open(csv_path))} == {"Original", "OTPrune"}
@@ -361,7 +366,7 @@ def test_the_report_names_malformed_files_and_tables_the_rest(tmp_path, capsys):
     (model / "DPP_0.5").mkdir()
     (model / "DPP_0.5" / "setting.json").write_text(json.dumps({"model": "tiny-llava-1.5", "method": "DPP", "ratio": "abc"}))
     bad_results = model / "Random_0.5"
-    setting = harness.run_setting(harness.load_config("smoke"), "tiny-llava-1.5", "Random", 0.5, {"BASELINE": "RANDOM", "SUBSET_RATIO": "0.5"}, None)
+    setting = harness_plan.run_setting(harness_config.load_config("smoke"), "tiny-llava-1.5", "Random", 0.5, {"BASELINE": "RANDOM", "SUBSET_RATIO": "0.5"}, None)
     results = bad_results / "attempts" / "a" / "m" / "x_results.json"
     results.parent.mkdir(parents=True)
     results.write_text(json.dumps({"results": {TASK: 5}}))

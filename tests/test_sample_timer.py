@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import otprune.patches as patches
-from otprune import harness, report
+from otprune.harness import run_check as harness_run_check
+from otprune import report
 from otprune import sample_timer as timing
 
 RATIO = 0.098
@@ -102,7 +103,7 @@ def timed_generate(model, inputs, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="otprune"), torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-    return output, harness.parse_prune_log(caplog.text)["timing"]
+    return output, harness_run_check.parse_prune_log(caplog.text)["timing"]
 
 
 @pytest.mark.parametrize("method", [None, "OURS"])
@@ -161,7 +162,7 @@ def test_original_llava_records_its_new_tokens(tiny_checkpoints, caplog):
     with caplog.at_level(logging.INFO, logger="otprune"), torch.no_grad():
         output = model.generate(ids, images=pixel, image_sizes=[image.size], attention_mask=torch.ones_like(ids),
                                 max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
-    (record,) = harness.parse_prune_log(caplog.text)["timing"]
+    (record,) = harness_run_check.parse_prune_log(caplog.text)["timing"]
     # llava-torch generates from inputs_embeds: its output holds the new tokens only.
     assert record["generated_tokens"] == output.shape[1] == TOKENS
     assert record["vision_ms"] > 0 and record["selection_ms"] > 0

@@ -109,10 +109,10 @@ def test_the_gpu_machines_wheels_are_named_by_the_vlm_lock():
 
 def test_harness_refuses_a_known_break_before_any_run(monkeypatch, tmp_path, capsys):
     pytest.importorskip("lmms_eval")
-    from otprune import harness
+    from otprune.harness import cli as harness_cli
 
     monkeypatch.setattr(stack, "KNOWN_BREAKS", (stack.KnownBreak("packaging", ">=0", "torch", ">=0", "a test break", "pip install nothing"),))
-    assert harness.main(["synth", "--runs-dir", str(tmp_path / "runs")]) == 2
+    assert harness_cli.main(["synth", "--runs-dir", str(tmp_path / "runs")]) == 2
     out = capsys.readouterr()
     assert out.out.startswith("stack: ") and "a test break" in out.out.splitlines()[0]
     assert "a known break: packaging" in out.err and "fix: pip install nothing" in out.err

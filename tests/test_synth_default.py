@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from otprune import harness
+from otprune.harness import cli as harness_cli
 from otprune import synthetic_benchmark as bench
 
 DATA = ROOT / "configs" / "otprune_synth" / "data"
@@ -49,7 +49,7 @@ def test_original_reads_the_image_and_vtw_at_k0_is_at_chance(tmp_path):
     path = tmp_path / "synth.yaml"
     path.write_text(yaml.safe_dump(config))
     runs = tmp_path / "runs"
-    assert harness.main([str(path), "--runs-dir", str(runs)]) == 0
+    assert harness_cli.main([str(path), "--runs-dir", str(runs)]) == 0
     rows = {row["method"]: row for row in csv.DictReader(open(runs / "synth" / "table1.csv"))}
     vtw = rows["VTW"]
     assert float(vtw["visual_tokens_before"]) == 576 and float(vtw["visual_tokens_after"]) == 0

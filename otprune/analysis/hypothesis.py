@@ -77,7 +77,7 @@ def load_points(runs_dir: Path) -> tuple[list[MethodPoint], list[tuple[Path, str
     and OT distances, from the harness records that can be trusted (``harness.load_records``: a
     finished record's results files unchanged since it was written), and every other record with
     why it was left out."""
-    from otprune.harness import load_records
+    from otprune.harness.records import load_records
 
     table = runs_dir / "table1.csv"
     if not table.exists():

@@ -1,0 +1,59 @@
+"""The methods and models a config may name, and their labels in folder names and tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Display name (the paper's) -> BASELINE value of the patch.
+METHODS = {
+    "Original": "ORIG",
+    "OTPrune": "OURS",
+    "DivPrune": "DIVPRUNE",
+    "FastV": "FASTV",
+    "VTW": "VTW",
+    "DPP": "DPP",
+    "Random": "RANDOM",
+    "Uniform": "UNIFORM",
+    "TrimTokenator": "TRIM",
+    "STP": "STP",
+}
+# Methods that keep no ratio: the full model, and VTW (drops every visual token at layer K; at K = 0
+# the LLM reads the text alone, the no-image control).
+RATIO_FREE = {"Original": 1.0, "VTW": 0.0}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """``flops_model``: the real LLM shape (otprune.measures.MODELS) of the TFLOP column;
+    ``tiny``: the build_tiny_llava.py variant when the checkpoint is built here; ``trained``: its
+    weights were trained (on the synthetic benchmark), so its scores mean something;
+    ``a100_hours``: a rough estimate (not measured) of one full benchmark's run on one A100 at
+    batch 1, for ``--dry-run``'s plan size (None: the tiny models run on a CPU in minutes)."""
+
+    flops_model: str
+    tiny: str | None = None
+    trained: bool = False
+    a100_hours: float | None = None
+
+
+# a100_hours: the README's rough needs (about 10 h per model and method for the 11 benchmarks on
+# LLaVA-1.5-7B, 13B twice that, 1.6-7B and the any-resolution families about 3x), per benchmark.
+MODELS = {
+    "liuhaotian/llava-v1.5-7b": ModelSpec("llava-1.5-7b", a100_hours=0.9),
+    "liuhaotian/llava-v1.5-13b": ModelSpec("llava-1.5-13b", a100_hours=1.8),
+    "liuhaotian/llava-v1.6-vicuna-7b": ModelSpec("llava-1.6-7b", a100_hours=2.7),
+    "Qwen/Qwen2.5-VL-7B-Instruct": ModelSpec("qwen2.5-vl-7b", a100_hours=2.7),
+    "Qwen/Qwen3-VL-8B-Instruct": ModelSpec("qwen3-vl-8b", a100_hours=2.7),
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": ModelSpec("llava-onevision-7b", a100_hours=2.7),
+    "tiny-llava-1.5": ModelSpec("llava-1.5-7b", tiny="llava-1.5"),
+    "tiny-llava-1.6": ModelSpec("llava-1.6-7b", tiny="llava-1.6"),
+    "synth-llava-1.5": ModelSpec("llava-1.5-7b", tiny="synth-llava-1.5", trained=True),
+}
+
+
+def ratio_label(ratio: float) -> str:
+    return f"{ratio:g}"
+
+
+def model_label(model: str) -> str:
+    return model.split("/")[-1]

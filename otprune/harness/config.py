@@ -1,0 +1,312 @@
+"""Read and check an experiment config (``configs/*.yaml``): every error names the config, the key,
+the value and what is allowed, before any run starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from otprune.harness import resources
+from otprune.harness.catalogue import METHODS, MODELS, RATIO_FREE, ratio_label
+from otprune.harness.errors import ConfigError
+from otprune.harness.files import describe_type
+from otprune.harness.resources import config_file, load_catalogue
+from otprune.prune_config import config_from_env
+
+CONFIG_KEYS = {"lmms_model", "model_args", "models", "methods", "tasks", "batch_size", "num_processes", "group_tasks", "executor"}
+# The executor block: where runs happen, and the scheduler's settings (a command-line flag wins).
+EXECUTORS = ("local", "slurm")
+EXECUTOR_KEYS = {
+    "name": "one of " + ", ".join(EXECUTORS),
+    "partition": "a Slurm partition name",
+    "gpus_per_job": "an integer >= 0 (default: the lmms-eval processes of a run, one GPU each)",
+    "time": "minutes, an integer >= 1",
+    "mem": "GB, an integer >= 1",
+    "account": "a Slurm account name",
+    "qos": "a Slurm QOS name",
+    "max_parallel": "an integer >= 1 (jobs of the array running at once)",
+    "setup": "shell lines each job runs before lmms-eval (module load ..., source venv/bin/activate)",
+}
+METHOD_KEYS = {"ratios", "layer_index", "env"}
+OVERRIDE_KEYS = {"layer_index", "env"}
+# Variables the harness derives from the method: a config setting them would run one method under
+# another's label.
+METHOD_OWNED = {
+    "BASELINE": "the method's name",
+    "SUBSET_RATIO": "the method's 'ratios'",
+    "LAYER_INDEX": "the method's 'layer_index' key",
+    "OTPRUNE_LOG": "the harness (always 1: the pruning check reads it)",
+}
+# What a config's env may set: selector options, and variables that change no code the child loads.
+# Anything else (PYTHONPATH, LD_PRELOAD, ...) could run foreign code inside the child.
+OPTION_VARIABLES = ("OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_STP_ALPHA", "OTPRUNE_TRIM_KEEP_RATIO", "OTPRUNE_GREEDY", "OTPRUNE_OT")
+HARMLESS_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "TOKENIZERS_PARALLELISM",
+    "CUDA_VISIBLE_DEVICES",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "CUBLAS_WORKSPACE_CONFIG",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+)
+ALLOWED_ENV = OPTION_VARIABLES + HARMLESS_VARIABLES
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class Config:
+    name: str
+    lmms_model: str
+    model_args: str
+    models: dict
+    methods: dict
+    tasks: list
+    batch_size: int = 1
+    num_processes: int = 1
+    group_tasks: bool = False
+    executor: dict = field(default_factory=dict)
+    catalogue: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+def config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    candidate = resources.CONFIGS / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        # An installation without its configs: name that, rather than an empty list of configs.
+        config_file("tasks.yaml")
+        known = sorted(p.stem for p in resources.CONFIGS.glob("*.yaml") if p.stem not in ("tasks", "paper_results"))
+        raise ConfigError(f"no config {name_or_path!r}; allowed: {', '.join(known)} or a path to a .yaml file")
+    return candidate
+
+
+def _names(values) -> str:
+    return ", ".join(sorted(values))
+
+
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        try:
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {seen[key]} and {line}); give it once")
+        except TypeError:
+            raise _DuplicateKey(f"key {key!r} on line {line} is not a name") from None
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+class _Checker:
+    """Errors that name the config, the key path, the value and what is allowed."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, key: str, value, allowed: str):
+        raise ConfigError(f"config {self.path.name}: {key}={value!r} ({describe_type(value)}) is not allowed; allowed: {allowed}")
+
+    def mapping(self, value, key: str, allowed: str, empty_ok: bool = True) -> dict:
+        """A mapping, or ``{}`` for a missing/empty value when ``empty_ok``."""
+        if value is None and empty_ok:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, value, allowed)
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            self.fail(f"{key} key", bad[0], "names (strings)")
+        return value
+
+    def names(self, value, key: str, allowed: str) -> list[str]:
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            self.fail(key, value, allowed)
+        return value
+
+    def layer_index(self, value, key: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            self.fail(key, value, "an integer >= 0 (the decoder layer K the method prunes before)")
+        return value
+
+    def env(self, value, key: str) -> dict:
+        env = self.mapping(value, key, "a mapping VARIABLE: value")
+        for name, setting in env.items():
+            if name in METHOD_OWNED:
+                raise ConfigError(
+                    f"config {self.path.name}: {key}.{name}={setting!r} is not allowed: {name} is set by {METHOD_OWNED[name]}"
+                )
+            if name not in ALLOWED_ENV:
+                raise ConfigError(
+                    f"config {self.path.name}: {key}.{name} is not allowed: a config's env may set only {', '.join(ALLOWED_ENV)}"
+                )
+            if isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
+                self.fail(f"{key}.{name}", setting, "a string or a number")
+        return {name: str(setting) for name, setting in env.items()}
+
+
+def load_config(name_or_path: str) -> Config:
+    """Read and check a config: every unknown or ill-typed model, method, task, key or variable is a
+    ``ConfigError`` naming it; duplicate ratios (equal as the child sees them) and tasks are merged."""
+    path = config_path(name_or_path)
+    try:
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    check = _Checker(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping with keys: {_names(CONFIG_KEYS)}")
+    unknown = set(data) - CONFIG_KEYS
+    if unknown:
+        raise ConfigError(f"config {path.name}: unknown key(s) {_names(map(str, unknown))}; allowed: {_names(CONFIG_KEYS)}")
+    for key in ("models", "methods", "tasks"):
+        if not data.get(key):
+            raise ConfigError(f"config {path.name}: '{key}' is missing or empty")
+    notes = []
+    catalogue = load_catalogue()
+    models = {}
+    for model, overrides in _as_mapping(data["models"], "models", check).items():
+        if model not in MODELS:
+            raise ConfigError(f"config {path.name}: unknown model {model!r}; allowed: {_names(MODELS)}")
+        per_method = check.mapping(overrides, f"models.{model}", "a mapping method: {layer_index: K, env: {...}}")
+        models[model] = {}
+        for method, spec in per_method.items():
+            if method not in METHODS:
+                raise ConfigError(f"config {path.name}: model {model!r} overrides unknown method {method!r}; allowed: {_names(METHODS)}")
+            spec = check.mapping(spec, f"models.{model}.{method}", f"a mapping with keys {_names(OVERRIDE_KEYS)}")
+            _check_keys(spec, OVERRIDE_KEYS, f"models.{model}.{method}", path)
+            models[model][method] = _method_settings(spec, f"models.{model}.{method}", check)
+    methods = {}
+    for method, spec in _as_mapping(data["methods"], "methods", check).items():
+        if method not in METHODS:
+            raise ConfigError(f"config {path.name}: unknown method {method!r}; allowed: {_names(METHODS)}")
+        spec = check.mapping(spec, f"methods.{method}", f"a mapping with keys {_names(METHOD_KEYS)}")
+        extra = set(spec) - METHOD_KEYS
+        if extra:
+            raise ConfigError(f"config {path.name}: method {method!r} has unknown key(s) {_names(map(str, extra))}; allowed: {_names(METHOD_KEYS)}")
+        if method in RATIO_FREE and "ratios" in spec:
+            raise ConfigError(f"config {path.name}: method {method!r} takes no ratios")
+        ratios = spec.get("ratios", [])
+        if not isinstance(ratios, list) or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
+        ):
+            raise ConfigError(f"config {path.name}: method {method!r} ratios={ratios!r}; allowed: a list of numbers in (0, 1]")
+        if method not in RATIO_FREE and not ratios:
+            raise ConfigError(f"config {path.name}: method {method!r} needs 'ratios', a list of numbers in (0, 1]")
+        merged = list(dict.fromkeys(float(ratio_label(r)) for r in ratios))
+        if len(merged) < len(ratios):
+            notes.append(f"method {method}: ratios {ratios} run once each as {[ratio_label(r) for r in merged]} (the child sees them as equal)")
+        methods[method] = {"ratios": merged, **_method_settings(spec, f"methods.{method}", check)}
+    tasks = check.names(data["tasks"], "tasks", "a list of task names from configs/tasks.yaml")
+    for task in tasks:
+        if task not in catalogue:
+            raise ConfigError(f"config {path.name}: unknown task {task!r}; allowed (configs/tasks.yaml): {_names(catalogue)}")
+    if len(set(tasks)) < len(tasks):
+        notes.append(f"tasks listed more than once run once: {', '.join(dict.fromkeys(t for t in tasks if tasks.count(t) > 1))}")
+    lmms_model = data.get("lmms_model", "llava")
+    if not isinstance(lmms_model, str) or not SAFE_NAME.fullmatch(lmms_model):
+        check.fail("lmms_model", lmms_model, "an lmms-eval model name such as 'llava'")
+    model_args = data.get("model_args", "")
+    if not isinstance(model_args, str) or any("=" not in item for item in model_args.split(",") if item) or "pretrained=" in model_args:
+        check.fail("model_args", model_args, "a string of comma-separated key=value pairs without pretrained= (the harness sets it)")
+    group_tasks = data.get("group_tasks", False)
+    if not isinstance(group_tasks, bool):
+        check.fail("group_tasks", group_tasks, "true or false")
+    config = Config(
+        name=path.stem,
+        lmms_model=lmms_model,
+        model_args=model_args,
+        models=models,
+        methods=methods,
+        tasks=list(dict.fromkeys(tasks)),
+        batch_size=_positive_int(data.get("batch_size", 1), "batch_size", check),
+        num_processes=_positive_int(data.get("num_processes", 1), "num_processes", check),
+        group_tasks=group_tasks,
+        executor=executor_settings(data.get("executor"), check),
+        catalogue=catalogue,
+        notes=notes,
+    )
+    for model, overrides in models.items():
+        for method, spec in methods.items():
+            env = run_env(method, spec["ratios"][0] if spec["ratios"] else RATIO_FREE[method], spec, overrides.get(method, {}))
+            try:
+                config_from_env(env)
+            except ValueError as error:
+                raise ConfigError(f"config {path.name}: {model} {method}: {error}") from None
+    return config
+
+
+def executor_settings(value, check: "_Checker") -> dict:
+    """A config's ``executor:`` block, checked: ``{}`` when absent."""
+    spec = check.mapping(value, "executor", f"a mapping with keys {_names(EXECUTOR_KEYS)}")
+    for key, setting in spec.items():
+        if key not in EXECUTOR_KEYS:
+            raise ConfigError(f"config {check.path.name}: executor has unknown key {key!r}; allowed: {_names(EXECUTOR_KEYS)}")
+        if key == "name":
+            if setting not in EXECUTORS:
+                check.fail("executor.name", setting, EXECUTOR_KEYS[key])
+        elif key in ("gpus_per_job", "time", "mem", "max_parallel"):
+            low = 0 if key == "gpus_per_job" else 1
+            if isinstance(setting, bool) or not isinstance(setting, int) or setting < low:
+                check.fail(f"executor.{key}", setting, EXECUTOR_KEYS[key])
+        elif not isinstance(setting, str) or not setting.strip():
+            check.fail(f"executor.{key}", setting, EXECUTOR_KEYS[key])
+    return dict(spec)
+
+
+def _check_keys(spec: dict, allowed: set, key: str, path: Path) -> None:
+    extra = set(spec) - allowed
+    if extra:
+        raise ConfigError(f"config {path.name}: {key} has unknown key(s) {_names(map(str, extra))}; allowed: {_names(allowed)}")
+
+
+def _method_settings(spec: dict, key: str, check: _Checker) -> dict:
+    settings = {"env": check.env(spec.get("env"), f"{key}.env")}
+    if "layer_index" in spec:
+        settings["layer_index"] = check.layer_index(spec["layer_index"], f"{key}.layer_index")
+    return settings
+
+
+def _as_mapping(value, key: str, check: _Checker) -> dict:
+    if isinstance(value, list):
+        check.names(value, key, "a list of names or a mapping")
+        if len(set(value)) < len(value):
+            check.fail(key, value, "each name once")
+        return {name: {} for name in value}
+    return check.mapping(value, key, "a list of names or a mapping", empty_ok=False)
+
+
+def _positive_int(value, key: str, check: _Checker) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        check.fail(key, value, "an integer >= 1")
+    return value
+
+
+def run_env(method: str, ratio: float, method_spec: dict, model_override: dict) -> dict:
+    """The pruning variables of one run, as strings (the patch reads them in every process): the
+    method's, then the model's override of it."""
+    env = {"BASELINE": METHODS[method]}
+    if method not in RATIO_FREE:
+        env["SUBSET_RATIO"] = ratio_label(ratio)
+    layer_index = model_override.get("layer_index", method_spec.get("layer_index"))
+    if layer_index is not None:
+        env["LAYER_INDEX"] = str(layer_index)
+    env.update({**method_spec.get("env", {}), **model_override.get("env", {})})
+    return env

@@ -1,0 +1,181 @@
+"""The Slurm executor: each attempt is one Slurm job, all of one invocation an array capped at
+``max_parallel`` running at once, submitted with submitit. The job runs the attempt's
+``execute`` on the node (the same command, environment, checks and record as a local run) and
+writes its record beside the run on the shared filesystem; the harness never reads results from
+the scheduler, only whether a job is still queued or running.
+
+Two things submitit does not do here, and why: a job's state comes from ``squeue``, not
+submitit's ``sacct`` watcher, which needs Slurm's accounting database (many clusters have it; a
+single-node cluster without slurmdbd does not) and which would say nothing the record does not;
+and each submission is written to ``job_<tasks>.json`` in the run folder, so that a later
+``otprune run`` or ``otprune status`` from any host knows which job is doing what.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from otprune.harness.attempt import Attempt, execute
+from otprune.harness.errors import ConfigError
+from otprune.harness.executors import Outcome
+from otprune.harness.files import read_results, write_atomically
+from otprune.harness.plan import Run, describe, task_key
+from otprune.harness.processes import Children
+
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT")
+POLL_S = 10.0
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """What the jobs ask of Slurm. ``gpus_per_job``: None = one per lmms-eval process."""
+
+    partition: str | None = None
+    gpus_per_job: int | None = None
+    time: int = 240
+    mem: int | None = None
+    account: str | None = None
+    qos: str | None = None
+    max_parallel: int = 8
+    setup: str | None = None
+
+
+def slurm_parameters(options: SlurmOptions, num_processes: int, job_name: str) -> dict:
+    """submitit.SlurmExecutor parameters of the jobs. Parameters left out are Slurm's defaults
+    (no ``--gpus-per-node=0``: a cluster without GPUs refuses any GPU request)."""
+    gpus = num_processes if options.gpus_per_job is None else options.gpus_per_job
+    if 0 < gpus < num_processes:
+        raise ConfigError(f"--slurm-gpus-per-job {gpus} is fewer than the {num_processes} lmms-eval processes of a run (one GPU each)")
+    parameters = {"job_name": job_name, "time": options.time, "array_parallelism": options.max_parallel, "stderr_to_stdout": True}
+    if gpus:
+        parameters["gpus_per_node"] = gpus
+    for key in ("partition", "account", "qos"):
+        if getattr(options, key):
+            parameters[key] = getattr(options, key)
+    if options.mem:
+        parameters["mem"] = f"{options.mem}GB"
+    if options.setup:
+        parameters["setup"] = [line for line in options.setup.splitlines() if line.strip()]
+    return parameters
+
+
+def job_path(run: Run) -> Path:
+    """The run's last submission: job id, when, the submitit folder."""
+    return run.folder / f"job_{task_key(run.tasks)}.json"
+
+
+class SlurmAttempt:
+    """The callable a job runs. submitit requeues it (the same attempt, a fresh attempt folder)
+    where Slurm preempts it or its time runs out (``checkpoint``), up to submitit's limit."""
+
+    def __init__(self, attempt: Attempt):
+        self.attempt = attempt
+
+    def __call__(self) -> str:
+        record = execute(self.attempt, Children())
+        return record["status"] if record else "not started"
+
+    def checkpoint(self, *args, **kwargs):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(SlurmAttempt(self.attempt))
+
+
+def scheduler_jobs() -> dict[str, dict]:
+    """This user's jobs Slurm still holds: ``{job id: {state, elapsed}}`` (array tasks as ``A_i``)."""
+    if shutil.which("squeue") is None:
+        raise RuntimeError("squeue is not on PATH: the Slurm client is not installed here")
+    done = subprocess.run(
+        ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"squeue failed: {done.stderr.strip() or done.returncode}")
+    jobs = {}
+    for line in done.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            jobs[parts[0]] = {"state": parts[1], "elapsed": parts[2]}
+    return jobs
+
+
+def active_job(run: Run, jobs: dict[str, dict]) -> dict | None:
+    """The run's last submission when Slurm still has it queued or running (with its state)."""
+    submission = read_results(job_path(run))
+    state = jobs.get(str(submission.get("job_id")))
+    if state and state["state"] in ACTIVE:
+        return {**submission, **state}
+    return None
+
+
+def submit(attempts: list[Attempt], options: SlurmOptions, folder: Path) -> dict[str, str]:
+    """Submit ``attempts`` as one array; returns ``{run folder/tasks: job id}``."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable), max_num_timeout=3)
+    executor.update_parameters(**slurm_parameters(options, attempts[0].num_processes, f"otprune-{folder.parent.name}"))
+    with executor.batch():
+        jobs = [executor.submit(SlurmAttempt(attempt)) for attempt in attempts]
+    submitted = {}
+    for attempt, job in zip(attempts, jobs):
+        run = attempt.run
+        write_atomically(job_path(run), json.dumps({
+            "job_id": job.job_id, "executor": "slurm", "tasks": list(run.tasks),
+            "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "submitted_at": time.time(),
+            "slurm_log": str(folder / job.job_id.split("_")[0]), "options": options.__dict__,
+        }) + "\n")
+        submitted[job.job_id] = describe(run)
+    return submitted
+
+
+def job_end(run: Run, job_id: str) -> dict | None:
+    """The newest record job ``job_id`` wrote for ``run`` (a requeued job writes one per start)."""
+    newest = None
+    for path in sorted(run.folder.glob("otprune_*.json")):
+        record = read_results(path)
+        if record.get("slurm_job_id") == job_id and record.get("tasks") == list(run.tasks):
+            newest = record
+    return newest
+
+
+def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait: bool, poll_s: float = POLL_S) -> Outcome:
+    """Submit; print the job ids; with ``wait``, wait until Slurm holds none of them and report
+    how each ended, from the records the jobs wrote."""
+    submitted = submit(attempts, options, folder)
+    for job_id, what in submitted.items():
+        print(f"submitted {job_id}: {what}", flush=True)
+    outcome = Outcome()
+    if not wait:
+        outcome.submitted = submitted
+        print(f"{len(submitted)} job(s) submitted; `otprune status {folder.parent}` shows them, "
+              "`otprune run` again resubmits only what did not finish", flush=True)
+        return outcome
+    last = {}
+    while True:
+        jobs = scheduler_jobs()
+        states = {job_id: jobs[job_id]["state"] for job_id in submitted if job_id in jobs and jobs[job_id]["state"] in ACTIVE}
+        for job_id, state in states.items():
+            if last.get(job_id) != state:
+                print(f"{job_id} {state}: {submitted[job_id]}", flush=True)
+        last = states
+        if not states:
+            break
+        time.sleep(poll_s)
+    for attempt, job_id in zip(attempts, submitted):
+        run = attempt.run
+        record = job_end(run, job_id)
+        if record and record.get("status") == "done":
+            print(f"{job_id} done in {record['wall_s']:.1f} s: {describe(run)}", flush=True)
+            continue
+        reason = record.get("reason") if record else "the job ended without a record (cancelled, timed out, killed or its node failed)"
+        log = run.folder / record["log"] if record and record.get("log") else Path(read_results(job_path(run)).get("slurm_log", folder))
+        print(f"{job_id} FAILED: {describe(run)} ({reason}); log: {log}", flush=True)
+        outcome.failed.append(attempt)
+    return outcome

@@ -1,0 +1,104 @@
+"""One writer per runs folder, also across hosts that share the folder over a network filesystem.
+
+Two locks, because neither holds everywhere: ``.lock`` is a kernel lock (flock), dropped however
+the holder ends, but on some network filesystems local to each host; ``.lease.json`` names the
+holder's host and pid, is created exclusively (atomic on NFS too), and is renewed every
+``RENEW_S`` seconds while the holder lives, so that a host that died without removing it does not
+block the folder for longer than ``LEASE_S``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from otprune.harness.files import read_results, write_atomically
+
+LEASE_S = 120.0
+RENEW_S = 20.0
+
+
+class FolderBusy(RuntimeError):
+    """Another harness holds the runs folder."""
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _holder(lease: dict) -> str:
+    age = time.time() - float(lease.get("renewed", 0))
+    return f"host {lease.get('host')}, pid {lease.get('pid')}, started {lease.get('started')}, renewed {age:.0f} s ago"
+
+
+class FolderLock:
+    """Held from construction to :meth:`release` (or the process's end)."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.lease_path = folder / ".lease.json"
+        self.handle = open(folder / ".lock", "a+")
+        try:
+            fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.handle.seek(0)
+            holder = self.handle.read().strip() or "unknown"
+            self.handle.close()
+            raise FolderBusy(f"another harness is writing to {folder} ({holder}); wait for it to finish or stop it, then run again") from None
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.handle.seek(0)
+        self.handle.truncate()
+        self.handle.write(f"pid {self.me['pid']} on {self.me['host']}, started {self.me['started']}")
+        self.handle.flush()
+        try:
+            self._take_lease(folder)
+        except BaseException:
+            self.handle.close()
+            raise
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, daemon=True)
+        self._renewer.start()
+
+    def _take_lease(self, folder: Path) -> None:
+        lease = read_results(self.lease_path)
+        if lease:
+            fresh = time.time() - float(lease.get("renewed", 0)) < LEASE_S
+            here = lease.get("host") == self.me["host"]
+            if (not here and fresh) or (here and lease.get("pid") != self.me["pid"] and _alive(lease.get("pid"))):
+                raise FolderBusy(f"another harness is writing to {folder} ({_holder(lease)}); wait for it to finish or stop it, then run again")
+            self.lease_path.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.lease_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            raise FolderBusy(f"another harness took {folder} at the same moment ({_holder(read_results(self.lease_path))}); run again later") from None
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({**self.me, "renewed": time.time()}) + "\n")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            if read_results(self.lease_path).get("pid") == self.me["pid"]:
+                write_atomically(self.lease_path, json.dumps({**self.me, "renewed": time.time()}) + "\n")
+
+    def release(self) -> None:
+        self._stop.set()
+        self._renewer.join()
+        lease = read_results(self.lease_path)
+        if lease.get("pid") == self.me["pid"] and lease.get("host") == self.me["host"]:
+            self.lease_path.unlink(missing_ok=True)
+        self.handle.close()
+
+
+def lock_runs_folder(folder: Path) -> FolderLock:
+    """Hold ``folder`` for this harness; raises ``FolderBusy`` naming the holder (host, pid)."""
+    return FolderLock(folder)
