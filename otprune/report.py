@@ -39,13 +39,19 @@ from otprune.harness.catalogue import MODELS as MODEL_SPECS
 from otprune.harness.checkpoints import tiny_llm_shape
 from otprune.harness.errors import MissingResource
 from otprune.harness.files import read_results
-from otprune.harness.records import load_records, recorded_limit
+from otprune.harness.code_identity import current_code
+from otprune.harness.records import load_records, recorded_limit, same_code
 from otprune.harness.resources import config_file
 from otprune.measures import MODELS, ModelShape, prefill_flops
 from otprune.selectors import budget
 from otprune.sample_timer import spread
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
+OTHER_CODE_NOTE = (
+    "Rows marked † hold results finished by other code than this otprune's (its pruning code's hash or the "
+    "torch, transformers, lmms-eval or llava-torch version differ; each record names its own), kept with "
+    "`otprune run --reuse-other-code`. This code: {current}."
+)
 LIMIT_NOTE = (
     "**Rows marked (--limit N) evaluated only N samples per task** (as their results files say): "
     "they are not full benchmarks and not comparable with the paper."
@@ -162,6 +168,14 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
                     continue
                 scores[task] = value * spec["scale"]
     tokens = [pair for r in done for pair in r.get("visual_tokens", [])]
+    by_task = {}
+    for record in done:
+        per_task = record.get("tokens_by_task") or (
+            {record["finished_tasks"][0]: record.get("visual_tokens", [])} if len(record["finished_tasks"]) == 1 else {}
+        )
+        for task in record["finished_tasks"]:
+            # An attempt of several tasks logs their images interleaved: each task gets them all.
+            by_task[task] = per_task.get(task) or record.get("visual_tokens", [])
     samples = sum(sum(r.get("samples", {}).values()) for r in done)
     text = {}
     for record in done:
@@ -181,12 +195,14 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         "layer_index": setting.get("layer_index") or 0,
         "scores": scores,
         "visual_tokens": tokens,
+        "tokens_by_task": {task: pairs for task, pairs in by_task.items() if pairs},
         "text_tokens": text,
         "samples": samples,
         "latency": latency_summary(timing),
         "peak_rss_mb": max((r["peak_rss_mb"] for r in done if "peak_rss_mb" in r), default=None),
         "wall_s": sum(r["wall_s"] for _, r in records),
         "failed_invocations": sum(1 for _, r in records if r["status"] != "done"),
+        "codes": [r["code"] for r in done if r.get("code")],
     }
 
 
@@ -222,30 +238,51 @@ def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int],
     if run["visual_tokens"]:
         return [b for b, _ in run["visual_tokens"]], [a for _, a in run["visual_tokens"]], False
     logged = next((s["visual_tokens"] for s in siblings if s["visual_tokens"]), [])
-    before = [b for b, _ in logged]
+    return *derived_counts(run, [b for b, _ in logged]), True
+
+
+def derived_counts(run: dict, before: list[int]) -> tuple[list[int], list[int]]:
+    """``(before, after)``: what the run's method keeps of images of ``before`` tokens (all for
+    the unpruned model, none for VTW, the budget otherwise)."""
     if run["method"] == "Original":
-        after = before
-    elif run["method"] == "VTW":
-        after = [0] * len(before)
-    else:
-        after = [budget(run["ratio"], n) for n in before]
-    return before, after, True
+        return before, before
+    if run["method"] == "VTW":
+        return before, [0] * len(before)
+    return before, [budget(run["ratio"], n) for n in before]
 
 
-def flops_of(run: dict, before: list[int], after: list[int], tasks: list[str], catalogue: dict, shape: ModelShape) -> float | None:
-    """Mean prefill FLOPs over benchmarks (the paper's TFLOP column) and over each run's images."""
-    if not before:
-        return None
+def task_tokens(run: dict, task: str, siblings: list[dict]) -> tuple[list[int], list[int]]:
+    """One task's visual tokens per image, before and after pruning: the run's own log of that
+    task, else (a run that logs none) derived as :func:`token_counts` does from a sibling's."""
+    own = run.get("tokens_by_task", {}).get(task)
+    if own:
+        return [b for b, _ in own], [a for _, a in own]
+    logged = next((s["tokens_by_task"][task] for s in siblings if s.get("tokens_by_task", {}).get(task)), [])
+    return derived_counts(run, [b for b, _ in logged])
+
+
+def flops_of(run: dict, tasks: list[str], catalogue: dict, shape: ModelShape, siblings: list[dict]) -> float | None:
+    """Mean prefill FLOPs over benchmarks (the paper's TFLOP column), each benchmark's over its own
+    images (their token counts differ: LLaVA-1.6 and the Qwen-VL families follow the resolution)."""
     per_task = []
     for task in tasks:
         n_text = run["text_tokens"].get(task, catalogue[task].get("text_tokens"))
-        if n_text is None:
+        before, after = task_tokens(run, task, siblings)
+        if n_text is None or not before:
             continue
         per_task.append(statistics.mean(prefill(n_text, b, a, run["layer_index"], shape) for b, a in zip(before, after)))
     return statistics.mean(per_task) if per_task else None
 
 
 # -- the tables -----------------------------------------------------------------------------
+
+
+def same_setting(published: dict | None, run: dict) -> bool:
+    """Whether a run was made at the setting of the paper's row of its method: the same ratio, and
+    the same K where the paper states one (``published``: paper_results.yaml's ``settings``)."""
+    if not published or not math.isclose(run["ratio"], published["ratio"]):
+        return False
+    return "layer_index" not in published or run["layer_index"] == published["layer_index"]
 
 
 def fmt(value, digits=2) -> str:
@@ -267,7 +304,7 @@ def label(run: dict) -> str:
         name = f"VTW K={run['layer_index']}" + (" (no visual tokens)" if run["layer_index"] == 0 else "")
     else:
         name = f"{run['method']} {run['ratio']:g}"
-    return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "")
+    return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "") + (" †" if run.get("other_code") else "")
 
 
 def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[str], list[dict]]:
@@ -308,18 +345,18 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
         siblings = [r for r in block if r["visual_tokens"]]
         for run in block:
             before, after, derived = token_counts(run, siblings)
-            flops = flops_of(run, before, after, block_tasks, catalogue, shape)
+            flops = flops_of(run, block_tasks, catalogue, shape, siblings)
             if run["method"] == "Original":
                 full_flops = flops
             pct = 100 * flops / full_flops if flops is not None and full_flops else None
             tokens = f"{statistics.mean(before):.0f} → {statistics.mean(after):.0f}" + ("*" if derived else "") if before else "–"
-            paper_row = paper_rows.get(run["method"]) if run["ratio"] in (0.098, 1.0, 0.0) else None
+            paper_row = paper_rows.get(run["method"]) if same_setting(paper.get("settings", {}).get(run["method"]), run) else None
             tflop = f"{fmt(flops / 1e12 if flops else None, 3)} ({fmt(pct)})"
             if paper_row and paper_row.get("tflop") and flops:
                 tflop += f" [{flops / 1e12 - paper_row['tflop']:+.3f}]"
             cells = [label(run), tokens, tflop]
             if tiny:
-                tiny_flops = flops_of(run, before, after, block_tasks, catalogue, own_shape)
+                tiny_flops = flops_of(run, block_tasks, catalogue, own_shape, siblings)
                 cells.append(fmt(tiny_flops / 1e6 if tiny_flops else None, 1))
             csv_row = {
                 "model": model,
@@ -474,6 +511,11 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         if run is not None:
             runs.append(run)
     lines = [f"# Table 1: {runs_dir.name}", ""]
+    current = current_code()
+    for run in runs:
+        run["other_code"] = current is not None and any(not same_code(code, current) for code in run["codes"])
+    if any(r["other_code"] for r in runs):
+        lines += [OTHER_CODE_NOTE.format(current=current), ""]
     if any(r["tiny"] and not r["trained"] for r in runs):
         lines += [RANDOM_WEIGHTS_NOTE, ""]
     if any(r["limit"] is not None for r in runs):

@@ -14,7 +14,6 @@ layer K measures its distances among layer-K hidden states, another space.
 from __future__ import annotations
 
 import csv
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ code is not taken for a finished run of this one (otprune.harness.records.same_c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -99,3 +100,8 @@ def describe_copy(info: dict) -> list[str]:
         lines.append(f"warning: the child imports otprune.patches from {patches}, not from this otprune ({here})")
     lines.append(f"otprune in the child: {info.get('otprune')} (version {info.get('version')}, checkout {info.get('checkout_commit')})")
     return lines
+
+
+def current_code() -> dict | None:
+    """The code identity of a child this otprune would start now (``None`` when it cannot tell)."""
+    return otprune_copy(resources.checkout_first(dict(os.environ))).get("code")

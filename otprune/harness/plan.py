@@ -138,10 +138,7 @@ def child_env(run: Run, jobs: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in METHOD_OWNED and not k.startswith("OTPRUNE_")}
     env.update(run.env)
     env["OTPRUNE_LOG"] = "1"
-    # From a checkout, the package comes from it whatever is pip-installed; otprune.patches only through
-    # an installed distribution's mapping (patches/ is not inside otprune/): the start-up probe says which.
-    if resources.CHECKOUT is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(resources.CHECKOUT), env.get("PYTHONPATH", "")) if p)
+    env = resources.checkout_first(env)
     if "OMP_NUM_THREADS" not in env:
         # run.model may also name an lmms-eval model the harness does not list (the GPU check's VLM runs).
         known = MODELS.get(run.model)

@@ -9,6 +9,7 @@ checkout's ``runs/``, or ``./runs`` when otprune is installed from a wheel.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -43,3 +44,12 @@ def load_catalogue() -> dict:
     data = yaml.safe_load(config_file("tasks.yaml").read_text())
     return {**data["paper"], **data["local"]}
 
+
+
+def checkout_first(env: dict) -> dict:
+    """``env`` with the checkout first on PYTHONPATH (from a checkout, a child imports its otprune
+    whatever is pip-installed; otprune.patches only through an installed distribution's mapping,
+    patches/ not being inside otprune/)."""
+    if CHECKOUT is None:
+        return env
+    return {**env, "PYTHONPATH": os.pathsep.join(p for p in (str(CHECKOUT), env.get("PYTHONPATH", "")) if p)}
