@@ -143,9 +143,11 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         return None
     records, bad = load_records(folder)
     skipped += bad
-    done = [record for _, record in records if record["status"] == "done"]
     if not records:
         return None
+    # Each task from its newest finished record only (a task run again, after a change of code, has two).
+    newest = {task: id(record) for _, record in records if record["status"] == "done" for task in record["finished_tasks"]}
+    done = [record for _, record in records if id(record) in newest.values()]
     scores, limits = {}, set()
     for record in done:
         for name in record["results"]:
@@ -157,7 +159,7 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
             limits.add(recorded_limit(data))
             for task, values in data["results"].items():
                 spec = catalogue.get(task)
-                if task not in record["finished_tasks"] or spec is None:
+                if newest.get(task) != id(record) or spec is None:
                     continue
                 if not isinstance(values, dict):
                     skipped.append((path, f"results.{task} is {values!r}, not a mapping of metrics"))
@@ -173,7 +175,7 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         per_task = record.get("tokens_by_task") or (
             {record["finished_tasks"][0]: record.get("visual_tokens", [])} if len(record["finished_tasks"]) == 1 else {}
         )
-        for task in record["finished_tasks"]:
+        for task in (t for t in record["finished_tasks"] if newest.get(t) == id(record)):
             # An attempt of several tasks logs their images interleaved: each task gets them all.
             by_task[task] = per_task.get(task) or record.get("visual_tokens", [])
     samples = sum(sum(r.get("samples", {}).values()) for r in done)
@@ -486,8 +488,9 @@ def skipped_lines(skipped: list[tuple[Path, str]], runs_dir: Path) -> list[str]:
 
 
 def run_folders(runs_dir: Path) -> list[Path]:
-    """The ``<model>/<method>_<ratio>/`` folders of ``RUNS/<config>`` (the tiny checkpoints aside)."""
-    return sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and p.parent.name != "checkpoints")
+    """The ``<model>/<method>_<ratio>/`` folders of ``RUNS/<config>`` (the tiny checkpoints and the
+    Slurm jobs' logs aside)."""
+    return sorted(p for p in runs_dir.glob("*/*") if p.is_dir() and p.parent.name not in ("checkpoints", "slurm"))
 
 
 def nested_runs(runs_dir: Path) -> dict[Path, int]:

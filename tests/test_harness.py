@@ -371,3 +371,14 @@ def test_bad_ratios_fail_before_any_run(tmp_path, ratios):
     path = write_config(tmp_path / "bad.yaml", methods={"OTPrune": {"ratios": ratios}})
     with pytest.raises(harness_errors.ConfigError, match=r"method 'OTPrune' ratios=.*allowed: a list of numbers in \(0, 1\]"):
         harness_config.load_config(str(path))
+
+
+def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
+    assert harness_cli.main(["paper_table1", "--dry-run", "--runs-dir", "/nonexistent/runs"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 165 runs (model x method x ratio x task group), 165 to run: 165 lmms-eval invocations, or 165 Slurm jobs" in out
+    # 5 methods x 11 benchmarks per model, at the catalogue's rough hours per benchmark (0.9, 1.8, 2.7).
+    assert "liuhaotian/llava-v1.5-7b: 55 benchmark runs, about 50 A100-hours" in out
+    assert "liuhaotian/llava-v1.5-13b: 55 benchmark runs, about 99 A100-hours" in out
+    assert "liuhaotian/llava-v1.6-vicuna-7b: 55 benchmark runs, about 148 A100-hours" in out
+    assert out.count("] BASELINE=") == 165

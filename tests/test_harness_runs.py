@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -410,3 +411,70 @@ def test_the_report_names_a_folder_it_cannot_write(tmp_path, capsys):
     blocker.write_text("")
     assert report.main([str(runs), "--out", str(blocker / "out")]) == 2
     assert f"error: cannot write {blocker / 'out'}" in capsys.readouterr().err
+
+
+def test_an_error_lmms_eval_logged_fails_the_attempt(tmp_path):
+    """lmms-eval's llava_hf answers "" where generation raised (an out-of-memory, say), logs an ERROR
+    and finishes with exit code 0 and a results file: the attempt must not count."""
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    result = subprocess.run(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="oom"), capture_output=True, text=True, timeout=180)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "lmms-eval logged 1 x ERROR: Error CUDA out of memory. Tried to allocate 2.00 GiB in generating" in result.stdout
+    folder = runs / "c" / "tiny-llava-1.5" / "Original_1"
+    assert harness_records.finished_tasks(folder) == set()
+    assert subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180).returncode == 0
+    assert harness_records.finished_tasks(folder) == {TASK}
+
+
+def test_results_of_other_code_are_run_again_unless_kept(tmp_path):
+    """A record holds the code identity it ran with; one of other code (here its pruning code's hash
+    edited, as after a change to a default) is not a finished run of this code."""
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    first = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180)
+    assert first.returncode == 0, first.stdout + first.stderr
+    folder = runs / "c" / "tiny-llava-1.5" / "Original_1"
+    (path,) = folder.glob("otprune_*.json")
+    record = json.loads(path.read_text())
+    assert set(record["code"]) >= {"otprune", "code_sha256", "torch", "transformers", "lmms_eval"} and record["code"]["code_sha256"]
+    record["code"]["code_sha256"] = "0" * 16
+    path.write_text(json.dumps(record))
+    kept = subprocess.run(harness_cmd(config, runs, "--reuse-other-code"), env=fake_env(), capture_output=True, text=True, timeout=180)
+    assert "1 runs, 1 finished before, 0 still running elsewhere, 0 to run" in kept.stdout, kept.stdout + kept.stderr
+    _, _, markdown = report.write_report(runs / "c", tmp_path / "out")
+    assert "| Original † |" in markdown and "Rows marked † hold results finished by other code" in markdown
+    again = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180)
+    assert "1 runs, 0 finished before, 0 still running elsewhere, 1 to run" in again.stdout, again.stdout + again.stderr
+    assert "finished before with other code" in again.stdout
+    assert len(list(folder.glob("otprune_*.json"))) == 2
+    _, _, markdown = report.write_report(runs / "c", tmp_path / "out2")
+    assert "| Original |" in markdown and "†" not in markdown  # the newest record of the task is tabled, this code's
+
+
+def test_a_runs_folder_held_from_another_host_is_refused_until_its_lease_runs_out(tmp_path):
+    """On a shared filesystem a kernel lock may hold only on one host: the lease names the other
+    host's harness, which renews it while it lives; one not renewed for LEASE_S is taken over."""
+    from otprune.harness.folder_lock import LEASE_S, FolderBusy, lock_runs_folder
+
+    folder = tmp_path / "runs" / "c"
+    folder.mkdir(parents=True)
+    lease = {"host": "node-b", "pid": 4242, "started": "2026-12-03 01:00:00", "renewed": time.time() - 5}
+    (folder / ".lease.json").write_text(json.dumps(lease))
+    with pytest.raises(FolderBusy, match=r"another harness is writing to .* \(host node-b, pid 4242, started 2026-12-03 01:00:00, renewed 5 s ago\)"):
+        lock_runs_folder(folder)
+    (folder / ".lease.json").write_text(json.dumps({**lease, "renewed": time.time() - LEASE_S - 1}))
+    held = lock_runs_folder(folder)
+    assert json.loads((folder / ".lease.json").read_text())["pid"] == os.getpid()
+    held.release()
+    assert not (folder / ".lease.json").exists()
+
+
+def test_a_lease_of_a_dead_harness_on_this_host_is_taken_over(tmp_path):
+    from otprune.harness.folder_lock import lock_runs_folder
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (folder / ".lease.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead), "renewed": time.time()}))
+    lock_runs_folder(folder).release()

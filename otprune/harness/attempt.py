@@ -19,7 +19,7 @@ from otprune.harness.checkpoints import TOKENIZER_ONLY, llm_shape
 from otprune.harness.config import Config
 from otprune.harness.files import read_results, sha256, write_atomically
 from otprune.harness.plan import Run, attempt_name, child_env, command, redacted
-from otprune.harness.processes import Children
+from otprune.harness.processes import Children, slurm_job_id
 from otprune.harness.records import record_path, recorded_limit
 from otprune.harness.run_check import attempt_problems, parse_prune_log
 
@@ -53,13 +53,6 @@ def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, flo
         if counts:
             means[task] = sum(counts) / len(counts)
     return means
-
-
-def slurm_job_id() -> str | None:
-    """The Slurm job this process runs in, as squeue names it (``A_i`` for an array's task)."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 @dataclass(frozen=True)

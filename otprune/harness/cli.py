@@ -39,7 +39,7 @@ from otprune.harness.code_identity import describe_copy, otprune_copy
 from otprune.harness.config import EXECUTORS, Config, load_config
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors.local import run_local
-from otprune.harness.executors.slurm import SlurmOptions, active_job, run_slurm, scheduler_jobs
+from otprune.harness.executors.slurm import SlurmOptions, SubmissionFailed, active_job, run_slurm, scheduler_jobs
 from otprune.harness.files import write_atomically
 from otprune.harness.folder_lock import FolderBusy, lock_runs_folder
 from otprune.harness.plan import Run, check_paths, check_setting, child_env, command, pending_runs, plan_runs
@@ -98,7 +98,8 @@ def slurm_options(config: Config, args) -> SlurmOptions:
 
 def plan_size(runs: list[Run], pending: list[Run], limit: int | None) -> list[str]:
     """The plan's size: runs and jobs, and the rough A100-hours per model (catalogue.ModelSpec)."""
-    lines = [f"plan: {len(runs)} runs (model x method x ratio x task group), {len(pending)} to run as {len(pending)} job(s)"]
+    lines = [f"plan: {len(runs)} runs (model x method x ratio x task group), {len(pending)} to run: "
+             f"{len(pending)} lmms-eval invocations, or {len(pending)} Slurm jobs with --executor slurm"]
     for model in dict.fromkeys(run.model for run in pending):
         tasks = sum(len(run.tasks) for run in pending if run.model == model)
         hours = MODELS[model].a100_hours
@@ -244,7 +245,11 @@ def _run_locked(config: Config, runs: list[Run], label_dir: Path, runs_root: Pat
             print(line)
         attempts = [Attempt(config, run, pretrained[run.model], num_processes, args.jobs, args.limit, copy, executor) for run in pending]
         if executor == "slurm":
-            outcome = run_slurm(attempts, options, label_dir / "slurm", args.wait)
+            try:
+                outcome = run_slurm(attempts, options, label_dir / "slurm", args.wait)
+            except SubmissionFailed as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 2
             if not args.wait:
                 return 0
         else:

@@ -18,6 +18,13 @@ from otprune.harness.files import read_results, write_atomically
 from otprune.harness.records import record_path
 
 
+def slurm_job_id() -> str | None:
+    """The Slurm job this process runs in, as squeue names it (``A_i`` for an array's task)."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
 def _group_alive(child: dict) -> bool:
     """Whether the child's process group still has a process (and its leader, if any, is that child)."""
     try:
@@ -41,8 +48,8 @@ def stale_children(runs_label_dir: Path) -> list[dict]:
         if record_path(run_folder, attempt.name).exists():
             continue
         child = read_results(path)
-        # A child on another host (a Slurm job's) is the scheduler's to report.
-        if child and child.get("host", socket.gethostname()) == socket.gethostname() and _group_alive(child):
+        # A Slurm job's child (on this host or another) is the scheduler's to report.
+        if child and not child.get("slurm_job_id") and child.get("host", socket.gethostname()) == socket.gethostname() and _group_alive(child):
             stale.append({**child, "folder": str(run_folder), "attempt": str(attempt)})
     return stale
 
@@ -76,7 +83,7 @@ class Children:
                 return None
             process = subprocess.Popen(launcher + cmd, cwd=resources.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._groups[process.pid] = process
-        write_atomically(attempt / "child.json", json.dumps({"pid": process.pid, "pgid": process.pid, "host": socket.gethostname(), "tasks": list(tasks), "cmd": cmd}) + "\n")
+        write_atomically(attempt / "child.json", json.dumps({"pid": process.pid, "pgid": process.pid, "host": socket.gethostname(), "slurm_job_id": slurm_job_id(), "tasks": list(tasks), "cmd": cmd}) + "\n")
         return process
 
     def finished(self, process: subprocess.Popen) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otprune.harness.attempt import Attempt, execute
+from otprune.harness.catalogue import MODELS
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors import Outcome
 from otprune.harness.files import read_results, write_atomically
@@ -32,6 +33,10 @@ from otprune.harness.processes import Children
 
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT")
 POLL_S = 10.0
+
+
+class SubmissionFailed(RuntimeError):
+    """Slurm refused the submission (a partition, account, GPU or memory request it cannot meet)."""
 
 
 @dataclass(frozen=True)
@@ -48,10 +53,11 @@ class SlurmOptions:
     setup: str | None = None
 
 
-def slurm_parameters(options: SlurmOptions, num_processes: int, job_name: str) -> dict:
-    """submitit.SlurmExecutor parameters of the jobs. Parameters left out are Slurm's defaults
-    (no ``--gpus-per-node=0``: a cluster without GPUs refuses any GPU request)."""
-    gpus = num_processes if options.gpus_per_job is None else options.gpus_per_job
+def slurm_parameters(options: SlurmOptions, num_processes: int, job_name: str, on_gpus: bool = True) -> dict:
+    """submitit.SlurmExecutor parameters of the jobs. What is left out is the cluster's default
+    (CPUs, and memory when not given). ``on_gpus``: False for the tiny models, which run on CPUs
+    and by default ask for no GPU."""
+    gpus = (num_processes if on_gpus else 0) if options.gpus_per_job is None else options.gpus_per_job
     if 0 < gpus < num_processes:
         raise ConfigError(f"--slurm-gpus-per-job {gpus} is fewer than the {num_processes} lmms-eval processes of a run (one GPU each)")
     parameters = {"job_name": job_name, "time": options.time, "array_parallelism": options.max_parallel, "stderr_to_stdout": True}
@@ -120,9 +126,13 @@ def submit(attempts: list[Attempt], options: SlurmOptions, folder: Path) -> dict
     import submitit
 
     executor = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable), max_num_timeout=3)
-    executor.update_parameters(**slurm_parameters(options, attempts[0].num_processes, f"otprune-{folder.parent.name}"))
-    with executor.batch():
-        jobs = [executor.submit(SlurmAttempt(attempt)) for attempt in attempts]
+    on_gpus = any(MODELS[attempt.run.model].tiny is None for attempt in attempts)
+    executor.update_parameters(**slurm_parameters(options, attempts[0].num_processes, f"otprune-{folder.parent.name}", on_gpus))
+    try:
+        with executor.batch():
+            jobs = [executor.submit(SlurmAttempt(attempt)) for attempt in attempts]
+    except submitit.core.utils.FailedJobError as error:
+        raise SubmissionFailed(f"sbatch refused the jobs: {str(error).strip()}") from None
     submitted = {}
     for attempt, job in zip(attempts, jobs):
         run = attempt.run
