@@ -120,3 +120,47 @@ def test_the_harness_drops_the_advice_to_install_torchvision(tmp_path, quiet):
     )
     assert done.returncode == 0 and "built" in done.stdout, done.stderr
     assert ("Install torchvision" in done.stderr) is not quiet
+
+
+def module_imports() -> dict[str, set[str]]:
+    """``{module: otprune modules it imports}`` from the source, function-level imports included."""
+    import ast
+
+    graph = {}
+    for path in (ROOT / "otprune").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("otprune"):
+                found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}".replace(".", "/") in MODULE_PATHS else node.module for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.startswith("otprune")}
+        graph[name] = found - {name}
+    return graph
+
+
+MODULE_PATHS = {str(p.relative_to(ROOT).with_suffix("")).removesuffix("/__init__") for p in (ROOT / "otprune").rglob("*.py")}
+
+
+def test_the_harness_and_the_report_import_one_way():
+    """No import cycle among otprune's modules, and the report reads records without importing the
+    harness's planning, execution or command line (only the CLI runs the report, at the end)."""
+    graph = module_imports()
+    assert "otprune.report" in graph["otprune.harness.cli"] and "otprune.harness.records" in graph["otprune.report"]
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in graph.get(module, ()):
+            assert state.get(target) != 1, f"import cycle: {' -> '.join(path + [target])}"
+            if target in graph and target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    upstream = {"otprune.harness.cli", "otprune.harness.plan", "otprune.harness.attempt", "otprune.harness.executors",
+                "otprune.harness.executors.local", "otprune.harness.executors.slurm", "otprune.harness.config", "otprune.harness.status"}
+    assert not graph["otprune.report"] & upstream, graph["otprune.report"]

@@ -168,3 +168,21 @@ def test_a_failing_job_is_reported_failed_with_its_log(cluster, tmp_path):
     assert "Traceback" in log.read_text() or "Error" in log.read_text()
     shown = otprune("status", str(runs / "two_limit1"), timeout=120)
     assert shown.stdout.startswith("failed ") and f"log: {log}" in shown.stdout
+
+
+def test_a_requeued_job_runs_its_attempt_again_and_finishes(cluster, tmp_path):
+    """What Slurm does to a preempted job (PreemptMode=REQUEUE), done by hand: the running job is
+    requeued under its id, starts again, and the run finishes once."""
+    config, runs = tiny_runs(tmp_path, ["otprune_smoke_vqa"])
+    label = runs / "two_limit2"
+    env = fake_env(FAKE_LMMS="sleep-once", FAKE_LMMS_MARKER=str(tmp_path / "slept"))
+    submitted = otprune("run", str(config), "--limit", "2", "--executor", "slurm", "--runs-dir", str(runs), env=env)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    wait_for(lambda: (tmp_path / "slept").exists() and set(states(label).values()) == {"running"}, 60, "the job to run")
+    (job,) = [json.loads(p.read_text())["job_id"] for p in label.glob("*/*/job_*.json")]
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+    wait_for(lambda: set(states(label).values()) == {"done"}, 180, "the requeued job to finish")
+    folder = label / "tiny-llava-1.5" / "OTPrune_0.25"
+    records = [json.loads(p.read_text()) for p in folder.glob("otprune_*.json")]
+    done = [r for r in records if r["status"] == "done"]
+    assert len(done) == 1 and done[0]["slurm_job_id"] == job and done[0]["samples"] == {"otprune_smoke_vqa": 2}
