@@ -320,6 +320,38 @@ def test_wilcoxon_from_the_paper_numbers_is_shown_beside_0028():
     assert "| all three models pooled | 33 | 0.0012 | 0.028 |" in lines
 
 
+def test_tflop_takes_each_benchmarks_own_images(tmp_path):
+    """Two benchmarks of a resolution-dependent model, each with its own token counts: the TFLOP
+    column is the mean over benchmarks of each one's own prefill, never one benchmark's text with
+    the other's images."""
+    from otprune.measures import MODELS as SHAPES
+
+    results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}, "otprune_synth_yesno": {"yes_no_f1,none": 0.5}}}
+    tokens = {"otprune_synth_count": [[576, 56]], "otprune_synth_yesno": [[2880, 282]]}
+    text = {"otprune_synth_count": 20, "otprune_synth_yesno": 30}
+    write_run(tmp_path / "r" / "llava-v1.6-vicuna-7b" / "OTPrune_0.098", "liuhaotian/llava-v1.6-vicuna-7b", "OTPrune", 0.098, {}, results,
+              visual_tokens=tokens["otprune_synth_count"] + tokens["otprune_synth_yesno"], tokens_by_task=tokens, text_tokens=text)
+    _, csv_path, _ = report.write_report(tmp_path / "r", tmp_path / "out")
+    (row,) = csv.DictReader(open(csv_path))
+    shape = SHAPES["llava-1.6-7b"]
+    by_hand = (prefill_flops(20 + 56, shape) + prefill_flops(30 + 282, shape)) / 2
+    assert float(row["tflop"]) == pytest.approx(by_hand / 1e12)
+
+
+def test_the_papers_numbers_stand_only_beside_runs_of_its_setting(tmp_path):
+    """OTPrune at 0.25 (or FastV at another ratio) is not the paper's 0.098 row: no difference shown."""
+    model_id = "liuhaotian/llava-v1.5-7b"
+    results = {"results": {"pope": {"pope_f1_score,none": 0.8}}}
+    for ratio in (0.098, 0.25):
+        write_run(tmp_path / "r" / "llava-v1.5-7b" / f"OTPrune_{ratio:g}", model_id, "OTPrune", ratio, {}, results, visual_tokens=[[576, 56]])
+    _, csv_path, markdown = report.write_report(tmp_path / "r", tmp_path / "out")
+    rows = {r["ratio"]: r for r in csv.DictReader(open(csv_path))}
+    published = PAPER["models"]["llava-1.5-7b"]["OTPrune"]["scores"][PAPER["benchmarks"].index("POPE")]
+    assert float(rows["0.098"]["POPE_paper"]) == published and float(rows["0.098"]["POPE_diff"]) == pytest.approx(80 - published)
+    assert rows["0.25"]["POPE_paper"] == "" and rows["0.25"]["POPE_diff"] == "" and rows["0.25"]["paper_tflop"] == ""
+    assert "| OTPrune 0.25 | 576 → 56 |" in markdown
+
+
 # -- end to end -----------------------------------------------------------------------------
 
 

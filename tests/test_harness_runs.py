@@ -478,3 +478,30 @@ def test_a_lease_of_a_dead_harness_on_this_host_is_taken_over(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     (folder / ".lease.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead), "renewed": time.time()}))
     lock_runs_folder(folder).release()
+
+
+def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_done(tmp_path):
+    runs = runs_folder(tmp_path)
+    tasks = ["otprune_smoke_vqa", "otprune_smoke_pope"]
+    config = write_config(tmp_path / "c.yaml", tasks=tasks)
+
+    def status() -> list[str]:
+        shown = subprocess.run([sys.executable, "-m", "otprune", "status", str(runs / "c")], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0, shown.stderr
+        return shown.stdout.splitlines()
+
+    first = subprocess.Popen(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (child,) = wait_for(lambda: child_files(runs), 60, "the harness's child")
+        pid = json.loads(child.read_text())["pid"]
+        lines = status()
+        assert lines[0].startswith("running     tiny-llava-1.5/Original_1 otprune_smoke_vqa") and f"(local pid {pid}, elapsed" in lines[0]
+        assert lines[1] == "not started tiny-llava-1.5/Original_1 otprune_smoke_pope" and lines[2] == "1 not started, 1 running"
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+    lines = status()
+    assert lines[0].startswith("failed      tiny-llava-1.5/Original_1 otprune_smoke_vqa  (stopped with the harness (SIGTERM to the harness); log: ")
+    assert subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180).returncode == 0
+    assert status()[-1] == "2 done"
