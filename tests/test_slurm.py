@@ -3,7 +3,7 @@ starts a single-node one on localhost) the synth default's scores equal to the l
 cancelled job resubmitted and finished with every sample recorded once, a failing job reported with
 its log, and ``otprune status`` following jobs from queued to done.
 
-The cluster tests skip where no Slurm answers, except where OTPRUNE_REQUIRE_SLURM=1 (CI): there
+The cluster tests skip where no Slurm answers, except where REQUIRE_SLURM=1 (CI): there
 they fail."""
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def slurm_answers() -> bool:
 @pytest.fixture(scope="module")
 def cluster():
     if not slurm_answers():
-        if os.environ.get("OTPRUNE_REQUIRE_SLURM") == "1":
+        if os.environ.get("REQUIRE_SLURM") == "1":
             pytest.fail("no Slurm answers: bash scripts/slurm_cluster.sh start")
         pytest.skip("no Slurm answers here (bash scripts/slurm_cluster.sh start, as root, starts one)")
     pytest.importorskip("submitit")
