@@ -205,7 +205,7 @@ def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, boo
                   "runs submitted before are treated as ended", file=sys.stderr)
             jobs = {}
         for run in runs:
-            job = active_job(run, jobs)
+            job = active_job(run.folder, run.tasks, jobs)
             if job:
                 print(f"note: Slurm job {job['job_id']} ({job['state']}, {job['elapsed']}) is doing {run.folder} "
                       f"({', '.join(run.tasks)}); not submitting it again")

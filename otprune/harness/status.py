@@ -19,7 +19,6 @@ from pathlib import Path
 
 from otprune.harness.executors.slurm import active_job, job_path, scheduler_jobs
 from otprune.harness.files import read_results
-from otprune.harness.plan import Run
 from otprune.harness.processes import stale_children
 from otprune.harness.records import load_records
 
@@ -41,7 +40,6 @@ def planned(runs_dir: Path) -> list[dict]:
 
 def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict]) -> tuple[str, str]:
     """``(state, detail)`` of one run's task group."""
-    run = Run("", "", 0.0, {}, tasks, folder)
     records = [record for _, record in load_records(folder)[0] if set(record["tasks"]) & set(tasks)] if folder.exists() else []
     done = {task for record in records if record["status"] == "done" for task in record["finished_tasks"]}
     if set(tasks) <= done:
@@ -49,7 +47,7 @@ def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict]) -> t
         return "done", f"{newest.get('wall_s', 0):.0f} s, {newest.get('executor', 'local')}" + (
             f" job {newest['slurm_job_id']}" if newest.get("slurm_job_id") else ""
         )
-    job = active_job(run, jobs)
+    job = active_job(folder, tasks, jobs)
     if job:
         state = "queued" if job["state"] == "PENDING" else "running"
         return state, f"Slurm job {job['job_id']} {job['state']}, elapsed {job['elapsed']}"
@@ -59,7 +57,7 @@ def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict]) -> t
             elapsed = time.time() - started.stat().st_mtime if started.exists() else 0
             return "running", f"local pid {child['pid']}, elapsed {elapsed:.0f} s"
     failed = [r for r in records if r["status"] != "done"]
-    submission = read_results(job_path(run))
+    submission = read_results(job_path(folder, tasks))
     if submission:
         recorded = [r for r in records if r.get("slurm_job_id") == submission.get("job_id")]
         if not recorded:

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 class Outcome:
     """How the submitted attempts ended, as far as the executor knows when it returns.
 
-    ``failed``: attempts whose record says failed (or that left none); ``submitted``: scheduler job
-    ids of attempts still queued or running (an executor that returned without waiting);
-    ``stopped_by``: the signal that stopped the harness, 0 when none did."""
+    ``failed``: attempts whose record says failed (or that left none); ``stopped_by``: the signal
+    that stopped the harness, 0 when none did."""
 
     failed: list = field(default_factory=list)
-    submitted: dict = field(default_factory=dict)
     stopped_by: int = 0

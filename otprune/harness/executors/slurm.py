@@ -13,6 +13,7 @@ and each submission is written to ``job_<tasks>.json`` in the run folder, so tha
 
 from __future__ import annotations
 
+import dataclasses
 import getpass
 import json
 import shlex
@@ -25,10 +26,11 @@ from pathlib import Path
 
 from otprune.harness.attempt import Attempt, execute
 from otprune.harness.catalogue import MODELS
+from otprune.harness.code_identity import otprune_copy
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors import Outcome
 from otprune.harness.files import read_results, write_atomically
-from otprune.harness.plan import Run, describe, task_key
+from otprune.harness.plan import Run, child_env, describe, task_key
 from otprune.harness.processes import Children
 
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT")
@@ -73,9 +75,9 @@ def slurm_parameters(options: SlurmOptions, num_processes: int, job_name: str, o
     return parameters
 
 
-def job_path(run: Run) -> Path:
-    """The run's last submission: job id, when, the submitit folder."""
-    return run.folder / f"job_{task_key(run.tasks)}.json"
+def job_path(folder: Path, tasks) -> Path:
+    """The last submission of a run folder's ``tasks``: job id, when, the Slurm log folder."""
+    return folder / f"job_{task_key(tasks)}.json"
 
 
 class SlurmAttempt:
@@ -86,7 +88,10 @@ class SlurmAttempt:
         self.attempt = attempt
 
     def __call__(self) -> str:
-        record = execute(self.attempt, Children())
+        # The node's own view of the code (its setup lines may activate another environment).
+        attempt = self.attempt
+        attempt = dataclasses.replace(attempt, otprune=otprune_copy(child_env(attempt.run, attempt.jobs)))
+        record = execute(attempt, Children())
         return record["status"] if record else "not started"
 
     def checkpoint(self, *args, **kwargs):
@@ -112,9 +117,10 @@ def scheduler_jobs() -> dict[str, dict]:
     return jobs
 
 
-def active_job(run: Run, jobs: dict[str, dict]) -> dict | None:
-    """The run's last submission when Slurm still has it queued or running (with its state)."""
-    submission = read_results(job_path(run))
+def active_job(folder: Path, tasks, jobs: dict[str, dict]) -> dict | None:
+    """The last submission of a run folder's ``tasks`` when Slurm still holds it queued or running
+    (``jobs``: :func:`scheduler_jobs`), with its state."""
+    submission = read_results(job_path(folder, tasks))
     state = jobs.get(str(submission.get("job_id")))
     if state and state["state"] in ACTIVE:
         return {**submission, **state}
@@ -136,7 +142,7 @@ def submit(attempts: list[Attempt], options: SlurmOptions, folder: Path) -> dict
     submitted = {}
     for attempt, job in zip(attempts, jobs):
         run = attempt.run
-        write_atomically(job_path(run), json.dumps({
+        write_atomically(job_path(run.folder, run.tasks), json.dumps({
             "job_id": job.job_id, "executor": "slurm", "tasks": list(run.tasks),
             "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "submitted_at": time.time(),
             "slurm_log": str(folder / job.job_id.split("_")[0]), "options": options.__dict__,
@@ -163,7 +169,6 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
         print(f"submitted {job_id}: {what}", flush=True)
     outcome = Outcome()
     if not wait:
-        outcome.submitted = submitted
         print(f"{len(submitted)} job(s) submitted; `otprune status {folder.parent}` shows them, "
               "`otprune run` again resubmits only what did not finish", flush=True)
         return outcome
@@ -185,7 +190,7 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
             print(f"{job_id} done in {record['wall_s']:.1f} s: {describe(run)}", flush=True)
             continue
         reason = record.get("reason") if record else "the job ended without a record (cancelled, timed out, killed or its node failed)"
-        log = run.folder / record["log"] if record and record.get("log") else Path(read_results(job_path(run)).get("slurm_log", folder))
+        log = run.folder / record["log"] if record and record.get("log") else Path(read_results(job_path(run.folder, run.tasks)).get("slurm_log", folder))
         print(f"{job_id} FAILED: {describe(run)} ({reason}); log: {log}", flush=True)
         outcome.failed.append(attempt)
     return outcome
