@@ -51,7 +51,7 @@ def test_a_gpu_run_asks_one_gpu_per_lmms_eval_process_and_caps_the_array(tmp_pat
 def test_a_cpu_run_asks_no_gpu_and_an_explicit_count_wins(tmp_path):
     assert "gpus-per-node" not in sbatch_text(slurm_parameters(SlurmOptions(), 1, "x", on_gpus=False), 2, tmp_path)
     assert "#SBATCH --gpus-per-node=4" in sbatch_text(slurm_parameters(SlurmOptions(gpus_per_job=4), 2, "x"), 2, tmp_path)
-    with pytest.raises(ConfigError, match="--slurm-gpus-per-job 1 is fewer than the 2 lmms-eval processes"):
+    with pytest.raises(ConfigError, match="1 GPUs per job .* is fewer than the 2 lmms-eval processes"):
         slurm_parameters(SlurmOptions(gpus_per_job=1), 2, "x")
 
 
@@ -73,11 +73,21 @@ def test_the_config_block_sets_the_executor_and_a_flag_wins(tmp_path):
         load_config(str(path))
 
 
-def test_bad_slurm_flags_are_refused_before_anything_runs(tmp_path, capsys):
-    assert harness_cli.main(["synth", "--executor", "slurm", "--slurm-time", "0", "--runs-dir", str(tmp_path)]) == 2
-    assert "--slurm-time 0 is not allowed; allowed: an integer >= 1" in capsys.readouterr().err
-    assert harness_cli.main(["synth", "--executor", "slurm", "--jobs", "2", "--runs-dir", str(tmp_path)]) == 2
-    assert "--slurm-max-parallel caps the jobs at once" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--executor", "slurm", "--slurm-time", "0"], "--slurm-time 0 is not allowed; allowed: an integer >= 1"),
+        (["--executor", "slurm", "--slurm-partition", " "], "--slurm-partition ' ' is not allowed; allowed: a non-empty partition"),
+        (["--executor", "slurm", "--jobs", "2"], "--slurm-max-parallel caps the jobs at once"),
+        (["--executor", "slurm", "--slurm-gpus-per-job", "1", "--num-processes", "2"],
+         "1 GPUs per job (--slurm-gpus-per-job, or the config's executor.gpus_per_job) is fewer than the 2 lmms-eval processes"),
+        (["--slurm-partition", "gpu", "--wait"], "--slurm-partition, --wait only apply with --executor slurm (the executor here: local)"),
+    ],
+)
+def test_bad_slurm_flags_are_refused_before_anything_runs(tmp_path, capsys, argv, message):
+    assert harness_cli.main(["synth", *argv, "--runs-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 # -- a real Slurm ------------------------------------------------------------------------------

@@ -68,6 +68,8 @@ class Attempt:
     limit: int | None
     otprune: dict
     executor: str = "local"
+    # The planned run's tasks, of which ``run.tasks`` are those still to do: a job is filed under them.
+    planned_tasks: tuple = ()
 
 
 def execute(attempt: Attempt, children: Children) -> dict | None:

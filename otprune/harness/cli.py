@@ -39,7 +39,7 @@ from otprune.harness.code_identity import describe_copy, otprune_copy
 from otprune.harness.config import EXECUTORS, Config, load_config
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors.local import run_local
-from otprune.harness.executors.slurm import SlurmOptions, SubmissionFailed, active_job, run_slurm, scheduler_jobs
+from otprune.harness.executors.slurm import SlurmOptions, SubmissionFailed, active_job, run_slurm, scheduler_jobs, slurm_parameters
 from otprune.harness.files import write_atomically
 from otprune.harness.folder_lock import FolderBusy, lock_runs_folder
 from otprune.harness.plan import Run, check_paths, check_setting, child_env, command, pending_runs, plan_runs
@@ -93,6 +93,9 @@ def slurm_options(config: Config, args) -> SlurmOptions:
             raise ConfigError(f"--slurm-{key.replace('_', '-')} {settings[key]} is not allowed; allowed: an integer >= 1")
     if settings.get("gpus_per_job", 0) < 0:
         raise ConfigError(f"--slurm-gpus-per-job {settings['gpus_per_job']} is not allowed; allowed: an integer >= 0")
+    for key in ("partition", "account", "qos", "setup"):
+        if key in settings and not settings[key].strip():
+            raise ConfigError(f"--slurm-{key} {settings[key]!r} is not allowed; allowed: a non-empty {key}")
     return SlurmOptions(**settings)
 
 
@@ -131,6 +134,13 @@ def main(argv=None) -> int:
         check_paths(runs_root, label, runs)
         executor = args.executor or config.executor.get("name", "local")
         options = slurm_options(config, args) if executor == "slurm" else None
+        if executor != "slurm":
+            given = [flag for flag, (key, _, _) in SLURM_FLAGS.items() if getattr(args, f"slurm_{key}") is not None] + (["--wait"] if args.wait else [])
+            if given:
+                raise ConfigError(f"{', '.join(given)} only apply with --executor slurm (the executor here: {executor})")
+        else:
+            on_gpus = any(MODELS[run.model].tiny is None for run in runs)
+            slurm_parameters(options, args.num_processes or config.num_processes, "check", on_gpus)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
             return 2
     label_dir = runs_root / label
     if args.dry_run:
-        pending = pending_runs(runs)
+        pending = pending_runs(runs, code=None if args.reuse_other_code else otprune_copy(child_env(runs[0], args.jobs)).get("code"))
         print(f"{label}: {len(runs)} runs, {len(runs) - len(pending)} finished before, {len(pending)} to run -> {label_dir}")
         for line in plan_size(runs, pending, args.limit):
             print(line)
@@ -185,7 +195,8 @@ def main(argv=None) -> int:
 def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, bool]:
     """``(busy, stale)``: the runs a live child of an earlier harness (this host) or a Slurm job
     still queued or running is doing, which are not started again; ``stale``: whether a local child
-    of an earlier harness was found (an error: its harness died)."""
+    of an earlier harness was found (an error: its harness died). Raises ``RuntimeError`` when
+    Slurm jobs were submitted here and ``squeue`` does not answer."""
     stale = stale_children(label_dir)
     for child in stale:
         print(f"error: an lmms-eval child of an earlier harness is still running: pid {child['pid']} on "
@@ -197,13 +208,9 @@ def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, boo
         for child in stale
         if Path(child["folder"]).resolve() == run.folder.resolve() and set(child.get("tasks", [])) & set(run.tasks)
     }
-    if executor == "slurm" or any(run.folder.glob("job_*.json") for run in runs if run.folder.exists()):
-        try:
-            jobs = scheduler_jobs()
-        except RuntimeError as error:
-            print(f"warning: cannot ask Slurm which jobs are still queued or running ({error}); "
-                  "runs submitted before are treated as ended", file=sys.stderr)
-            jobs = {}
+    if executor == "slurm" or any(any(run.folder.glob("job_*.json")) for run in runs):
+        # Without the scheduler's answer a queued run would be submitted twice: stop instead.
+        jobs = scheduler_jobs()
         for run in runs:
             job = active_job(run.folder, run.tasks, jobs)
             if job:
@@ -215,7 +222,12 @@ def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, boo
 
 def _run_locked(config: Config, runs: list[Run], label_dir: Path, runs_root: Path, num_processes: int, executor: str, options, args) -> int:
     label = label_dir.name
-    busy, stale = busy_runs(runs, label_dir, executor)
+    try:
+        busy, stale = busy_runs(runs, label_dir, executor)
+    except RuntimeError as error:
+        print(f"error: cannot ask Slurm which of this folder's jobs are still queued or running ({error}); "
+              "nothing was started, so that none runs twice: run again where squeue answers", file=sys.stderr)
+        return 2
     try:
         for run in runs:
             check_setting(run)
@@ -243,7 +255,11 @@ def _run_locked(config: Config, runs: list[Run], label_dir: Path, runs_root: Pat
         pretrained = {model: checkpoint(model, runs_root) for model in {r.model for r in pending}}
         for line in describe_copy(copy):
             print(line)
-        attempts = [Attempt(config, run, pretrained[run.model], num_processes, args.jobs, args.limit, copy, executor) for run in pending]
+        planned = {(run.folder, task): run.tasks for run in runs for task in run.tasks}
+        attempts = [
+            Attempt(config, run, pretrained[run.model], num_processes, args.jobs, args.limit, copy, executor, planned[run.folder, run.tasks[0]])
+            for run in pending
+        ]
         if executor == "slurm":
             try:
                 outcome = run_slurm(attempts, options, label_dir / "slurm", args.wait)

@@ -1,6 +1,7 @@
 """Which otprune a child imports, and the identity of the code that decides its results: the
-pruning code's content hash, otprune's version and the versions of torch, transformers, lmms-eval
-and llava-torch, all as the child's interpreter sees them. Every record holds it; a record of other
+pruning code's content hash and the versions of torch, transformers, lmms-eval and llava-torch (the
+ones compared, otprune.harness.records.CODE_KEYS), with otprune's version for the reader, all as
+the child's interpreter sees them. Every record holds it; a record of other
 code is not taken for a finished run of this one (otprune.harness.records.same_code)."""
 
 from __future__ import annotations

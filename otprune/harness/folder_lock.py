@@ -4,7 +4,8 @@ Two locks, because neither holds everywhere: ``.lock`` is a kernel lock (flock),
 the holder ends, but on some network filesystems local to each host; ``.lease.json`` names the
 holder's host and pid, is created exclusively (atomic on NFS too), and is renewed every
 ``RENEW_S`` seconds while the holder lives, so that a host that died without removing it does not
-block the folder for longer than ``LEASE_S``.
+block the folder for longer than ``LEASE_S``. (Two hosts taking over the same stale lease within
+the same milliseconds could both succeed: reading, removing and creating it are three steps.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -75,7 +77,9 @@ class FolderLock:
         if lease:
             fresh = time.time() - float(lease.get("renewed", 0)) < LEASE_S
             here = lease.get("host") == self.me["host"]
-            if (not here and fresh) or (here and lease.get("pid") != self.me["pid"] and _alive(lease.get("pid"))):
+            # On this host the kernel lock already answered; a fresh lease of a live pid here is a
+            # filesystem whose locks do not hold, a stale one a dead harness whose pid was reused.
+            if fresh and (not here or (lease.get("pid") != self.me["pid"] and _alive(lease.get("pid")))):
                 raise FolderBusy(f"another harness is writing to {folder} ({_holder(lease)}); wait for it to finish or stop it, then run again")
             self.lease_path.unlink(missing_ok=True)
         try:
@@ -87,8 +91,16 @@ class FolderLock:
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
-            if read_results(self.lease_path).get("pid") == self.me["pid"]:
+            holder = read_results(self.lease_path)
+            if (holder.get("host"), holder.get("pid")) != (self.me["host"], self.me["pid"]):
+                print(f"warning: the lease of {self.lease_path.parent} was taken over ({_holder(holder)}): "
+                      "two harnesses may now write there", file=sys.stderr, flush=True)
+                return
+            try:
                 write_atomically(self.lease_path, json.dumps({**self.me, "renewed": time.time()}) + "\n")
+            except OSError as error:
+                print(f"warning: cannot renew the lease {self.lease_path} ({error.strerror}); trying again in {RENEW_S:.0f} s",
+                      file=sys.stderr, flush=True)
 
     def release(self) -> None:
         self._stop.set()

@@ -49,7 +49,7 @@ def stale_children(runs_label_dir: Path) -> list[dict]:
             continue
         child = read_results(path)
         # A Slurm job's child (on this host or another) is the scheduler's to report.
-        if child and not child.get("slurm_job_id") and child.get("host", socket.gethostname()) == socket.gethostname() and _group_alive(child):
+        if child and child.get("executor") != "slurm" and child.get("host", socket.gethostname()) == socket.gethostname() and _group_alive(child):
             stale.append({**child, "folder": str(run_folder), "attempt": str(attempt)})
     return stale
 
@@ -68,7 +68,8 @@ _EXEC_WITH_PARENT = (
 class Children:
     """The live lmms-eval children of this harness, each the leader of its own process group."""
 
-    def __init__(self):
+    def __init__(self, executor: str = "local"):
+        self.executor = executor
         self._lock = threading.Lock()
         self._groups: dict[int, subprocess.Popen] = {}
         self.stopping = threading.Event()
@@ -83,7 +84,7 @@ class Children:
                 return None
             process = subprocess.Popen(launcher + cmd, cwd=resources.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._groups[process.pid] = process
-        write_atomically(attempt / "child.json", json.dumps({"pid": process.pid, "pgid": process.pid, "host": socket.gethostname(), "slurm_job_id": slurm_job_id(), "tasks": list(tasks), "cmd": cmd}) + "\n")
+        write_atomically(attempt / "child.json", json.dumps({"pid": process.pid, "pgid": process.pid, "host": socket.gethostname(), "executor": self.executor, "slurm_job_id": slurm_job_id(), "tasks": list(tasks), "cmd": cmd}) + "\n")
         return process
 
     def finished(self, process: subprocess.Popen) -> None:

@@ -27,7 +27,7 @@ RECORD_FIELDS = {
     "benchmarks": (list, False),
     "ot_distance": (list, False),
     "tokens_by_task": (dict, False),
-    "code": (dict, False),
+    "code": ((dict, type(None)), False),
 }
 # What makes two records' code the same (otprune.harness.code_identity writes them).
 CODE_KEYS = ("code_sha256", "torch", "transformers", "lmms_eval", "llava")
@@ -108,7 +108,11 @@ def finished_tasks(folder: Path, code: dict | None = None) -> set[str]:
 def same_code(recorded: dict | None, current: dict) -> bool:
     """Whether a record's code identity is ``current``'s: the pruning code's content hash and the
     versions of the libraries that run it (a record without one is from an older harness)."""
-    return isinstance(recorded, dict) and all(recorded.get(key) == current.get(key) for key in CODE_KEYS)
+    return (
+        isinstance(recorded, dict)
+        and recorded.get("code_sha256") is not None
+        and all(recorded.get(key) == current.get(key) for key in CODE_KEYS)
+    )
 
 
 def record_path(run_folder: Path, attempt: str) -> Path:

@@ -58,9 +58,6 @@ def pruning_problem(env: dict, log: dict, samples: int) -> str | None:
     return None
 
 
-# -- prerequisites --------------------------------------------------------------------------
-
-
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 

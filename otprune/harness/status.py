@@ -2,7 +2,8 @@
 
     otprune status runs/synth_limit3
 
-- done: a trusted record holds every task (with the code that made it, when other than the last run's);
+- done: a trusted record holds every task (said when it was other code than this otprune's, which
+  ``otprune run`` runs again);
 - failed: the newest record's reason and log, or a Slurm job that ended without a record;
 - queued / running: a Slurm job Slurm still holds (job id, elapsed), or a local lmms-eval child alive on
   this host (pid, elapsed);
@@ -20,7 +21,8 @@ from pathlib import Path
 from otprune.harness.executors.slurm import active_job, job_path, scheduler_jobs
 from otprune.harness.files import read_results
 from otprune.harness.processes import stale_children
-from otprune.harness.records import load_records
+from otprune.harness.code_identity import current_code
+from otprune.harness.records import finished_tasks, load_records
 
 
 def planned(runs_dir: Path) -> list[dict]:
@@ -38,32 +40,40 @@ def planned(runs_dir: Path) -> list[dict]:
     return [{"folder": folder, "tasks": tasks} for folder, tasks in groups]
 
 
-def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict]) -> tuple[str, str]:
-    """``(state, detail)`` of one run's task group."""
-    records = [record for _, record in load_records(folder)[0] if set(record["tasks"]) & set(tasks)] if folder.exists() else []
-    done = {task for record in records if record["status"] == "done" for task in record["finished_tasks"]}
-    if set(tasks) <= done:
-        newest = [r for r in records if r["status"] == "done"][-1]
-        return "done", f"{newest.get('wall_s', 0):.0f} s, {newest.get('executor', 'local')}" + (
-            f" job {newest['slurm_job_id']}" if newest.get("slurm_job_id") else ""
-        )
+QUEUED = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING")
+
+
+def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict], code: dict | None) -> tuple[str, str]:
+    """``(state, detail)`` of one run's task group; ``code``: this otprune's code identity (a task
+    done by other code is run again by ``otprune run``, and said so here)."""
     job = active_job(folder, tasks, jobs)
     if job:
-        state = "queued" if job["state"] == "PENDING" else "running"
+        state = "queued" if job["state"] in QUEUED else "running"
         return state, f"Slurm job {job['job_id']} {job['state']}, elapsed {job['elapsed']}"
     for child in children:
         if Path(child["folder"]).resolve() == folder.resolve() and set(child.get("tasks", [])) & set(tasks):
             started = Path(child["attempt"]) / "child.json"
             elapsed = time.time() - started.stat().st_mtime if started.exists() else 0
             return "running", f"local pid {child['pid']}, elapsed {elapsed:.0f} s"
-    failed = [r for r in records if r["status"] != "done"]
+    records = [(path, record) for path, record in load_records(folder)[0] if set(record["tasks"]) & set(tasks)] if folder.exists() else []
+    done = [record for _, record in records if record["status"] == "done"]
+    if set(tasks) <= {task for record in done for task in record["finished_tasks"]}:
+        newest = done[-1]
+        detail = f"{newest.get('wall_s', 0):.0f} s, {newest.get('executor', 'local')}" + (
+            f" job {newest['slurm_job_id']}" if newest.get("slurm_job_id") else ""
+        )
+        if code is not None and not set(tasks) <= finished_tasks(folder, code):
+            detail += "; by other code: `otprune run` runs it again (--reuse-other-code keeps it)"
+        return "done", detail
+    failed = [(path, record) for path, record in records if record["status"] != "done"]
     submission = read_results(job_path(folder, tasks))
-    if submission:
-        recorded = [r for r in records if r.get("slurm_job_id") == submission.get("job_id")]
-        if not recorded:
-            return "failed", f"Slurm job {submission.get('job_id')} ended without a record (cancelled, timed out, killed); log: {submission.get('slurm_log')}"
+    newest_failure = failed[-1][0].stat().st_mtime if failed else 0
+    if submission and float(submission.get("submitted_at", 0)) > newest_failure:
+        if not any(r.get("slurm_job_id") == submission.get("job_id") for _, r in records):
+            return "failed", (f"Slurm job {submission.get('job_id')} ended without a record (cancelled, timed out or killed); "
+                              f"log: {submission.get('slurm_log')}")
     if failed:
-        newest = failed[-1]
+        newest = failed[-1][1]
         return "failed", f"{newest.get('reason')}; log: {folder / str(newest.get('log'))}"
     return "not started", ""
 
@@ -86,9 +96,10 @@ def main(argv=None) -> int:
         print(f"warning: {error}; Slurm jobs are shown as ended", file=sys.stderr)
         jobs = {}
     children = stale_children(runs_dir)
+    code = current_code()
     counts: dict[str, int] = {}
     for item in runs:
-        state, detail = run_state(item["folder"], item["tasks"], jobs, children)
+        state, detail = run_state(item["folder"], item["tasks"], jobs, children, code)
         counts[state] = counts.get(state, 0) + 1
         name = f"{item['folder'].relative_to(runs_dir)} {','.join(item['tasks'])}"
         print(f"{state:<11} {name}" + (f"  ({detail})" if detail else ""))

@@ -61,7 +61,10 @@ def slurm_parameters(options: SlurmOptions, num_processes: int, job_name: str, o
     and by default ask for no GPU."""
     gpus = (num_processes if on_gpus else 0) if options.gpus_per_job is None else options.gpus_per_job
     if 0 < gpus < num_processes:
-        raise ConfigError(f"--slurm-gpus-per-job {gpus} is fewer than the {num_processes} lmms-eval processes of a run (one GPU each)")
+        raise ConfigError(
+            f"{gpus} GPUs per job (--slurm-gpus-per-job, or the config's executor.gpus_per_job) is fewer than the "
+            f"{num_processes} lmms-eval processes of a run (--num-processes; one GPU each); allowed: 0 or at least {num_processes}"
+        )
     parameters = {"job_name": job_name, "time": options.time, "array_parallelism": options.max_parallel, "stderr_to_stdout": True}
     if gpus:
         parameters["gpus_per_node"] = gpus
@@ -81,8 +84,9 @@ def job_path(folder: Path, tasks) -> Path:
 
 
 class SlurmAttempt:
-    """The callable a job runs. submitit requeues it (the same attempt, a fresh attempt folder)
-    where Slurm preempts it or its time runs out (``checkpoint``), up to submitit's limit."""
+    """The callable a job runs. submitit requeues it where Slurm preempts it (``checkpoint``: the
+    same attempt in a fresh attempt folder); a job out of time is not requeued, since it would only
+    start from scratch: it ends failed, and the next ``otprune run`` resubmits it."""
 
     def __init__(self, attempt: Attempt):
         self.attempt = attempt
@@ -91,7 +95,7 @@ class SlurmAttempt:
         # The node's own view of the code (its setup lines may activate another environment).
         attempt = self.attempt
         attempt = dataclasses.replace(attempt, otprune=otprune_copy(child_env(attempt.run, attempt.jobs)))
-        record = execute(attempt, Children())
+        record = execute(attempt, Children("slurm"))
         return record["status"] if record else "not started"
 
     def checkpoint(self, *args, **kwargs):
@@ -128,10 +132,12 @@ def active_job(folder: Path, tasks, jobs: dict[str, dict]) -> dict | None:
 
 
 def submit(attempts: list[Attempt], options: SlurmOptions, folder: Path) -> dict[str, str]:
-    """Submit ``attempts`` as one array; returns ``{run folder/tasks: job id}``."""
+    """Submit ``attempts`` as one array; returns ``{job id: what it runs}``."""
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable), max_num_timeout=3)
+    # max_num_timeout=0: a run that outlives --slurm-time would only start from scratch again;
+    # preemption still requeues it (submitit's checkpoint, unlimited).
+    executor = submitit.SlurmExecutor(folder=folder / "%j", python=shlex.quote(sys.executable), max_num_timeout=0)
     on_gpus = any(MODELS[attempt.run.model].tiny is None for attempt in attempts)
     executor.update_parameters(**slurm_parameters(options, attempts[0].num_processes, f"otprune-{folder.parent.name}", on_gpus))
     try:
@@ -142,10 +148,10 @@ def submit(attempts: list[Attempt], options: SlurmOptions, folder: Path) -> dict
     submitted = {}
     for attempt, job in zip(attempts, jobs):
         run = attempt.run
-        write_atomically(job_path(run.folder, run.tasks), json.dumps({
+        write_atomically(job_path(run.folder, attempt.planned_tasks or run.tasks), json.dumps({
             "job_id": job.job_id, "executor": "slurm", "tasks": list(run.tasks),
             "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "submitted_at": time.time(),
-            "slurm_log": str(folder / job.job_id.split("_")[0]), "options": options.__dict__,
+            "slurm_log": str(job.paths.folder), "options": options.__dict__,
         }) + "\n")
         submitted[job.job_id] = describe(run)
     return submitted
@@ -174,7 +180,12 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
         return outcome
     last = {}
     while True:
-        jobs = scheduler_jobs()
+        try:
+            jobs = scheduler_jobs()
+        except RuntimeError as error:
+            print(f"warning: {error}; asking again in {poll_s:.0f} s", file=sys.stderr, flush=True)
+            time.sleep(poll_s)
+            continue
         states = {job_id: jobs[job_id]["state"] for job_id in submitted if job_id in jobs and jobs[job_id]["state"] in ACTIVE}
         for job_id, state in states.items():
             if last.get(job_id) != state:
@@ -190,7 +201,7 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
             print(f"{job_id} done in {record['wall_s']:.1f} s: {describe(run)}", flush=True)
             continue
         reason = record.get("reason") if record else "the job ended without a record (cancelled, timed out, killed or its node failed)"
-        log = run.folder / record["log"] if record and record.get("log") else Path(read_results(job_path(run.folder, run.tasks)).get("slurm_log", folder))
+        log = run.folder / record["log"] if record and record.get("log") else Path(read_results(job_path(run.folder, attempt.planned_tasks or run.tasks)).get("slurm_log", folder))
         print(f"{job_id} FAILED: {describe(run)} ({reason}); log: {log}", flush=True)
         outcome.failed.append(attempt)
     return outcome
