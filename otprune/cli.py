@@ -6,6 +6,7 @@
     otprune analysis COMMAND [...]     # the paper's analyses (python -m otprune.analysis)
     otprune bench selectors|prefill    # the benchmarks of the selectors and of the prefill
     otprune doctor                     # the installed stack against the lock and the known breaks
+    otprune check-selector NAME        # the contract battery on a selector or merger (or module:function)
 
 Each subcommand's module is imported only when it runs, so a missing optional dependency of one
 (lmms-eval's stack for ``run``, scipy for ``report``) is named instead of breaking the others.
@@ -24,6 +25,7 @@ SUBCOMMANDS = {
     "bench": ("otprune.bench", "the benchmarks: selectors (the selectors alone), prefill (LLaVA-shaped end to end)"),
     "doctor": ("otprune.doctor", "the installed stack against the lock, the tested range and the known breaks"),
     "status": ("otprune.harness.status", "each run's state in a runs folder: done, failed, queued, running, not started"),
+    "check-selector": ("otprune.check_selector", "run the selector/merger contract battery on a built-in, a plugin or module:function"),
 }
 EXTRAS = "pip install 'otprune[llava]' (or bash scripts/install.sh --llava in a checkout)"
 

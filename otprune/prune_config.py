@@ -2,15 +2,17 @@
 
 Variables (names as in the reference code; values case-insensitive):
 
-- ``BASELINE``: a ``SELECTORS`` name (``OURS``, ``DIVPRUNE``, ...), ``FASTV`` or ``VTW``; unset or
-  ``ORIG`` means no pruning.
+- ``BASELINE``: a ``SELECTORS`` name (``OURS``, ``DIVPRUNE``, ...), ``FASTV``, ``VTW``, or the
+  name of an installed plugin selector or merger (``otprune.methods``); unset or ``ORIG`` means no
+  pruning.
 - ``SUBSET_RATIO``: kept fraction of each image's visual tokens, in (0, 1]; required with every
   method except ``VTW`` (which keeps none).
 - ``LAYER_INDEX``: prune before decoder layer K >= 0 (default 0: before the LLM; 2 for ``FASTV``,
   4 for ``VTW``). ``VTW`` at K = 0 withdraws every visual token before the LLM: the no-image control.
 - ``OTPRUNE_GAMMA``, ``OTPRUNE_SEED``, ``OTPRUNE_STP_ALPHA``, ``OTPRUNE_TRIM_KEEP_RATIO``,
   ``OTPRUNE_GREEDY`` (``host``, ``batched`` or ``triton``: how OURS and DPP run their greedy):
-  selector options; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
+  selector options; ``OTPRUNE_OPTIONS``: any method's options as a JSON object (``{"gamma": 0.1}``),
+  checked against its signature; ``OTPRUNE_LOG=1`` logs tokens before/after and the selector's time per sample,
   and each generate call's timing (``otprune.sample_timer``), with pruning on or off;
   ``OTPRUNE_OT=1`` adds each image's empirical OT distance (kept vs full set) to that line;
   ``OTPRUNE_DUMP=DIR`` saves each image's visual tokens as ``.pt``.
@@ -18,6 +20,7 @@ Variables (names as in the reference code; values case-insensitive):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -26,13 +29,11 @@ from pathlib import Path
 from typing import Mapping
 
 from otprune.checks import check_unit_interval
-from otprune.selectors import SELECTORS, accepted_options, check_gamma, check_greedy_path, check_seed
+from otprune.methods import Method, get_method, method_names
+from otprune.selectors import check_gamma, check_greedy_path, check_seed
 
-__all__ = ["LAYER_METHODS", "METHODS", "PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
+__all__ = ["PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
 
-# Methods that rank tokens by the LLM's own attention or drop them wholesale: they act inside it.
-LAYER_METHODS = ("FASTV", "VTW")
-METHODS = (*SELECTORS, *LAYER_METHODS)
 # Defaults of K for the methods that only act inside the LLM. VTW's is a **choice**: the K the
 # paper's Table 1 uses for LLaVA-1.5 (configs/paper_table1.yaml), a per-model setting there.
 DEFAULT_LAYERS = {"FASTV": 2, "VTW": 4}
@@ -51,6 +52,7 @@ _OPTION_VARIABLES = {
     "OTPRUNE_GREEDY": ("greedy", str),
 }
 _FLAG_VARIABLES = ("OTPRUNE_LOG", "OTPRUNE_OT", "OTPRUNE_DUMP")
+OPTIONS_VARIABLE = "OTPRUNE_OPTIONS"
 
 
 def _check_greedy_path(value) -> str:
@@ -71,7 +73,11 @@ _OPTION_CHECKS = {
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """One pruning setting. ``method=None`` is the unpruned model."""
+    """One pruning setting. ``method=None`` is the unpruned model.
+
+    ``from_environment``: read from the environment (``config_from_env``), where a fault found while
+    the model runs stops the process (``SystemExit``), since lmms-eval would swallow an exception.
+    """
 
     method: str | None = None
     ratio: float | None = None
@@ -80,16 +86,18 @@ class PruneConfig:
     log: bool = False
     record_ot: bool = False
     dump_dir: str | None = None
+    from_environment: bool = field(default=False, compare=False)
 
     def __post_init__(self):
-        method = self.method.upper() if isinstance(self.method, str) else self.method
+        method = self.method.strip().upper() if isinstance(self.method, str) else self.method
         if method == "ORIG":
             method = None
-        if method is not None and method not in METHODS:
-            raise ValueError(f"BASELINE={self.method!r} is not a method; allowed: ORIG, {', '.join(METHODS)}")
+        if method is not None and not isinstance(method, str):
+            raise ValueError(f"BASELINE={self.method!r} is not a method; allowed: ORIG, {', '.join(method_names())}")
         object.__setattr__(self, "method", method)
         if method is None:
             return
+        spec = get_method(method)
         if method != "VTW":
             if self.ratio is None:
                 raise ValueError(f"BASELINE={method} needs SUBSET_RATIO, a number in (0, 1]; it is not set")
@@ -97,24 +105,17 @@ class PruneConfig:
                 raise ValueError(f"SUBSET_RATIO={self.ratio!r} is not allowed; it must be a number in (0, 1]")
         if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int) or self.layer_index < 0:
             raise ValueError(f"LAYER_INDEX={self.layer_index!r} is not allowed; it must be an integer >= 0")
-        if method == "FASTV" and self.layer_index < 1:
+        if "attention" in spec.context and self.layer_index < 1:
             raise ValueError(
-                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE=FASTV: it ranks tokens by "
+                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method}: it ranks tokens by "
                 "the attention of layer K-1, so K must be >= 1"
             )
-        if method in SELECTORS:
-            # TRIM's text is the prompt itself, supplied by the adapter, not a setting.
-            allowed = tuple(name for name in accepted_options(method) if name != "text")
-            unknown = [name for name in self.options if name not in allowed]
-            if unknown:
-                raise ValueError(
-                    f"option(s) {', '.join(unknown)} do not apply to BASELINE={method}; it takes: {', '.join(allowed) or 'none'}"
-                )
-            for name, value in self.options.items():
-                if name in _OPTION_CHECKS:
-                    _OPTION_CHECKS[name](value)
-        elif self.options:
-            raise ValueError(f"BASELINE={method} takes no selector options; got {', '.join(self.options)}")
+        _check_options(spec, self.options)
+
+    @property
+    def spec(self) -> Method:
+        """The method (``otprune.methods.Method``) of a pruning setting."""
+        return get_method(self.method)
 
     @property
     def enabled(self) -> bool:
@@ -142,22 +143,20 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     if method in (None, "ORIG"):
         # The log stays on without pruning: unpruned runs are timed too (patches/generate_timing.py).
         return PruneConfig(log=_log_flags(env)[0])
-    if method not in METHODS:
-        raise ValueError(f"BASELINE={raw_method!r} is not a method; allowed: ORIG, {', '.join(METHODS)} (or unset)")
+    spec = get_method(method)
     raw_ratio = env.get("SUBSET_RATIO", "").strip()
     ratio = _parse_value("SUBSET_RATIO", raw_ratio, float) if raw_ratio else None
     raw_layer = env.get("LAYER_INDEX", "").strip()
     layer_index = _parse_value("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer_index(method)
-    unknown = sorted(
-        name for name in env if name.startswith("OTPRUNE_") and name not in _OPTION_VARIABLES and name not in _FLAG_VARIABLES
-    )
+    known = (*_OPTION_VARIABLES, *_FLAG_VARIABLES, OPTIONS_VARIABLE)
+    unknown = sorted(name for name in env if name.startswith("OTPRUNE_") and name not in known)
     if unknown:
-        known = ", ".join([*_OPTION_VARIABLES, *_FLAG_VARIABLES])
-        raise ValueError(f"unknown variable(s) {', '.join(unknown)}; the OTPRUNE_ variables are: {known}")
-    allowed = accepted_options(method) if method in SELECTORS else ()
-    options = {}
+        raise ValueError(f"unknown variable(s) {', '.join(unknown)}; the OTPRUNE_ variables are: {', '.join(known)}")
+    options = _options_json(env.get(OPTIONS_VARIABLE, ""))
     for variable, (option, kind) in _OPTION_VARIABLES.items():
-        if variable in env and option in allowed:
+        if variable in env and option in spec.options:
+            if option in options:
+                raise ValueError(f"option {option!r} is given twice, by {variable} and by {OPTIONS_VARIABLE}; give it once")
             options[option] = _parse_value(variable, env[variable].strip(), kind)
     log, record_ot = _log_flags(env)
     return PruneConfig(
@@ -168,7 +167,37 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
         log=log,
         record_ot=record_ot,
         dump_dir=env.get("OTPRUNE_DUMP") or None,
+        from_environment=True,
     )
+
+
+def _options_json(raw: str) -> dict:
+    """``OTPRUNE_OPTIONS``: a JSON object of option values (empty: none)."""
+    if not raw.strip():
+        return {}
+    try:
+        options = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{OPTIONS_VARIABLE}={raw!r} is not allowed: it is not JSON ({error}); give an object such as '{{\"gamma\": 0.1}}'") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_VARIABLE}={raw!r} is not allowed; it must be a JSON object of option: value")
+    return options
+
+
+def _check_options(spec: Method, options: Mapping[str, object]) -> None:
+    """Options against the method's signature (names), and the built-ins' own ranges (values)."""
+    unknown = [name for name in options if name not in spec.options]
+    if unknown:
+        raise ValueError(
+            f"option(s) {', '.join(unknown)} do not apply to BASELINE={spec.name}; it takes: {', '.join(spec.options) or 'none'}"
+        )
+    missing = [name for name in spec.required if name not in options]
+    if missing:
+        raise ValueError(f"BASELINE={spec.name} needs option(s) {', '.join(missing)}; set them in {OPTIONS_VARIABLE} (a JSON object)")
+    if not spec.plugin:
+        for name, value in options.items():
+            if name in _OPTION_CHECKS:
+                _OPTION_CHECKS[name](value)
 
 
 def _log_flags(env: Mapping[str, str]) -> tuple[bool, bool]:

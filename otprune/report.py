@@ -34,7 +34,7 @@ import yaml
 from scipy.stats import rankdata, wilcoxon
 
 from otprune.analysis.figures import write_pareto_figures
-from otprune.harness.catalogue import METHODS as METHOD_NAMES
+from otprune.harness.catalogue import baseline, method_labels
 from otprune.harness.catalogue import MODELS as MODEL_SPECS
 from otprune.harness.checkpoints import tiny_llm_shape
 from otprune.harness.errors import MissingResource
@@ -117,8 +117,8 @@ def setting_problem(setting) -> str | None:
         return "unreadable or empty setting.json"
     if setting.get("model") not in MODEL_SPECS:
         return f"setting.json: model {setting.get('model')!r} is not one of {', '.join(sorted(MODEL_SPECS))}"
-    if setting.get("method") not in METHOD_NAMES:
-        return f"setting.json: method {setting.get('method')!r} is not one of {', '.join(sorted(METHOD_NAMES))}"
+    if not isinstance(setting.get("method"), str) or baseline(setting["method"]) is None:
+        return f"setting.json: method {setting.get('method')!r} is not one of {', '.join(sorted(method_labels()))}"
     ratio = setting.get("ratio")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
         return f"setting.json: ratio {ratio!r} is not a number in [0, 1]"

@@ -1,6 +1,8 @@
 """Selection for many images at once: group by token count, run each group as one batch.
 
-Model-agnostic: takes each image's visual tokens as a tensor and returns kept indices into it.
+Model-agnostic: takes each image's visual tokens (and the context its method asks for) and returns,
+per image, the kept indices into its tokens and, for a merger, the tokens that replace them.
+A plugin's every answer is checked against its contract before the model reads it.
 """
 
 from __future__ import annotations
@@ -12,18 +14,35 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from otprune.prune_config import PruneConfig
+from otprune.contract import CONTEXT, check_grids, kept_indices_fault, merge_fault
 from otprune.measures import empirical_ot_distance
-from otprune.selectors import budget, get_selector
+from otprune.methods import Method
+from otprune.prune_config import PruneConfig
 from otprune.sample_timer import phase
+from otprune.selectors import budget
 
-__all__ = ["log_selection", "select_per_image", "select_top_scores", "selection_clock"]
+__all__ = ["Kept", "PluginFault", "log_selection", "select_per_image", "select_top_scores", "selection_clock"]
 
 logger = logging.getLogger("otprune")
+# Context that differs from image to image: a method asking for any of it is called image by image.
+PER_IMAGE_CONTEXT = ("text", "attention", "grid")
+
+
+class Kept(NamedTuple):
+    """One image's outcome: ``indices`` ``(k,)`` sorted positions kept in its tokens; ``tokens``
+    ``(k, d)`` a merger's tokens that take those positions (``None``: the image's own tokens)."""
+
+    indices: torch.Tensor
+    tokens: torch.Tensor | None = None
+
+
+class PluginFault(RuntimeError):
+    """A plugin broke its contract while the model ran (a setting given in code; from the
+    environment the process stops instead, see ``PruneConfig.from_environment``)."""
 
 
 def select_top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,46 +57,99 @@ def select_top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
 def select_per_image(
     config: PruneConfig,
     images: Sequence[torch.Tensor],
-    texts: Sequence[torch.Tensor | None] | None = None,
-) -> list[torch.Tensor]:
-    """Kept indices for each image's ``(N_i, d)`` tokens under ``config`` (a feature selector, or
+    context: Mapping[str, Sequence] | None = None,
+) -> list[Kept]:
+    """What to keep of each image's ``(N_i, d)`` tokens under ``config`` (a selector or merger, or
     ``VTW`` at ``LAYER_INDEX = 0``, which keeps none: the prompt's text alone reaches the LLM).
 
-    Images with the same ``N`` (all of LLaVA-1.5's) go through the selector as one ``(B, N, d)``
-    batch; each is still pruned to its own budget ``budget(config.ratio, N_i)``. ``texts`` gives,
-    per image, the text-token embeddings TRIM scores against. Runs without autograd: a choice of
-    indices has no gradient, and the caller's indexing of its own tensors keeps theirs.
+    ``context``: per image, the context the method asks for (``config.spec.context``): ``text``,
+    ``attention`` and ``grid`` as lists with one entry per image (``None`` where the adapter cannot
+    tell it); ``layer_index`` comes from ``config``. Images with the same ``N`` (all of LLaVA-1.5's)
+    go through a batching selector that asks for no per-image context as one ``(B, N, d)`` batch;
+    each is still pruned to its own budget ``budget(config.ratio, N_i)``. Runs without autograd: a
+    choice of indices has no gradient, and the caller's indexing of its own tensors keeps theirs.
     """
     with phase("selection"):
-        kept = _select(config, images, texts)
+        kept = _select(config, images, context or {})
     if config.dump_dir:
         _dump(config.dump_dir, images)
     return kept
 
 
-def _select(config: PruneConfig, images: Sequence[torch.Tensor], texts) -> list[torch.Tensor]:
+def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mapping[str, Sequence]) -> list[Kept]:
     start = selection_clock(config, images)
     if config.method == "VTW":
-        kept = [torch.empty(0, dtype=torch.long, device=tokens.device) for tokens in images]
+        kept = [Kept(torch.empty(0, dtype=torch.long, device=tokens.device)) for tokens in images]
         log_selection(config, images, kept, start)
         return kept
-    selector = get_selector(config.method)
+    spec = config.spec
     groups: dict[int, list[int]] = defaultdict(list)
     for i, tokens in enumerate(images):
         groups[tokens.shape[0]].append(i)
-    kept: list[torch.Tensor | None] = [None] * len(images)
+    kept: list[Kept | None] = [None] * len(images)
+    one_by_one = spec.kind != "selector" or not spec.accepts_batches or any(name in PER_IMAGE_CONTEXT for name in spec.context)
     for n, members in groups.items():
         k = budget(config.ratio, n)
-        if config.method == "TRIM":
-            # Each image scores against its own question, whose length varies: one call each.
+        if one_by_one:
             for i in members:
-                kept[i] = selector(images[i], k, text=_text_for(texts, i), **config.options)
+                kept[i] = _call(config, spec, images[i], k, _context_for(config, spec, context, i, n))
             continue
         batch = torch.stack([images[i] for i in members])
-        for i, indices in zip(members, selector(batch, k, **config.options)):
-            kept[i] = indices
+        answer = _call(config, spec, batch, k, _context_for(config, spec, context, None, n))
+        for i, indices in zip(members, answer.indices):
+            kept[i] = Kept(indices)
     log_selection(config, images, kept, start)
     return kept
+
+
+def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequence], i: int | None, n: int) -> dict:
+    """The keyword arguments of the context ``spec`` asks for, for image ``i`` of ``n`` tokens."""
+    given = {}
+    for name in spec.context:
+        if name == "layer_index":
+            given[name] = config.layer_index
+            continue
+        values = context.get(name)
+        value = None if values is None or i is None else values[i]
+        if value is None or (name == "text" and value.shape[0] == 0):
+            raise ValueError(
+                f"BASELINE={spec.name} asks for {name} ({CONTEXT[name]}), which this model and prompt do not give "
+                f"for an image of {n} tokens"
+            )
+        if name == "grid":
+            check_grids(value, n)
+        given[name] = value
+    return given
+
+
+def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, context: dict) -> Kept:
+    """One image ``(N, d)`` (or a selector's batch ``(B, N, d)``) through ``spec``; a plugin's
+    answer is checked before anything uses it."""
+    if not spec.plugin:
+        return Kept(spec.function(tokens, k, **context, **config.options))
+    label = f"{spec.kind} plugin {spec.name} ({spec.origin})"
+    try:
+        answer = spec.function(tokens, k, **context, **config.options)
+    except Exception as error:
+        _fault(config, f"{label} raised {type(error).__name__}: {error}")
+    n = tokens.shape[-2]
+    if spec.kind == "merger":
+        fault = merge_fault(answer, n, k, tokens)
+        if fault is None:
+            return Kept(answer[1], answer[0])
+    else:
+        fault = kept_indices_fault(answer, n, k, tokens.device, batch=tokens.shape[0] if tokens.dim() == 3 else None)
+        if fault is None:
+            return Kept(answer)
+    _fault(config, f"{label} {fault} (N = {n} tokens, k = {k})")
+
+
+def _fault(config: PruneConfig, message: str):
+    message += "; the run stops rather than prune with it"
+    if config.from_environment:
+        # lmms-eval catches exceptions and reports success: only leaving the process is heard.
+        raise SystemExit(f"otprune: {message}")
+    raise PluginFault(message)
 
 
 def selection_clock(config: PruneConfig, images: Sequence[torch.Tensor]) -> float:
@@ -88,26 +160,23 @@ def selection_clock(config: PruneConfig, images: Sequence[torch.Tensor]) -> floa
     return time.perf_counter()
 
 
-def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Sequence[torch.Tensor], start: float) -> None:
+def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Sequence[Kept], start: float) -> None:
     """With ``OTPRUNE_LOG=1``: one line per forward, each image's tokens before -> after and the
     selection's wall time since ``start`` (``time.perf_counter()``). With ``OTPRUNE_OT=1`` also each
     image's exact empirical OT distance between its kept and full token sets (``nan`` when none is
-    kept), measured after the timing."""
+    kept, and for a merger, whose tokens are no subset: not measured), measured after the timing."""
     if not config.log:
         return
     seconds = selection_clock(config, images) - start
-    pairs = ", ".join(f"{t.shape[0]}->{k.numel()}" for t, k in zip(images, kept))
+    pairs = ", ".join(f"{t.shape[0]}->{k.indices.numel()}" for t, k in zip(images, kept))
     line = f"otprune {config.method}: visual tokens {pairs}; selector {seconds * 1e3:.2f} ms"
     if config.record_ot:
-        distances = [empirical_ot_distance(t, k) if k.numel() else math.nan for t, k in zip(images, kept)]
+        distances = [
+            empirical_ot_distance(t, k.indices) if k.indices.numel() and k.tokens is None else math.nan
+            for t, k in zip(images, kept)
+        ]
         line += "; ot " + ", ".join(f"{v:.6g}" for v in distances)
     logger.info(line)
-
-
-def _text_for(texts, i: int) -> torch.Tensor:
-    if texts is None or texts[i] is None or texts[i].shape[0] == 0:
-        raise ValueError("BASELINE=TRIM needs the prompt's text tokens, but an image's prompt has none")
-    return texts[i]
 
 
 _dumped = itertools.count()

@@ -28,6 +28,7 @@ import torch
 
 from otprune.selection import select_per_image
 
+from .grids import image_grids
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
 
@@ -172,8 +173,15 @@ def _with_image_embeddings(model, config, kwargs: dict, images: list[list[torch.
     kwargs["inputs_embeds"] = embeds.masked_scatter(placeholders[..., None].to(embeds.device), features)
     if config.layer_index > 0:
         valid = _prefill_padding(model, input_ids, kwargs.get("attention_mask"))
-        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=_questions(valid, spans)))
+        grids = [[_grids(model, f) for f in row] for row in images] if "grid" in config.spec.context else None
+        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=_questions(valid, spans), grids=grids))
     return kwargs
+
+
+def _grids(model, features: torch.Tensor):
+    """One image's patch grids (``grids.image_grids``): the vision tower's side, NeXT's newline vector."""
+    vision = model.config.vision_config
+    return image_grids(features, vision.image_size // vision.patch_size, getattr(model.model, "image_newline", None))
 
 
 def _prefill_padding(model, input_ids: torch.Tensor, attention_mask) -> torch.Tensor:
@@ -253,15 +261,19 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
     valid = padding_mask(input_ids, attention_mask)
     questions = _questions(valid, spans)
     embed = model.get_input_embeddings()
-    texts = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]] if config.method == "TRIM" else None
     flat = [f for row in images for f in row]
-    kept = select_per_image(config, flat, texts)
+    context = {}
+    if "text" in config.spec.context:
+        context["text"] = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]]
+    if "grid" in config.spec.context:
+        context["grid"] = [_grids(model, f) for f in flat]
+    kept = select_per_image(config, flat, context)
     keep = valid.clone()
     chosen = iter(kept)
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
             keep[b, start:end] = False
-            keep[b, start + next(chosen).to(keep.device)] = True
+            keep[b, start + next(chosen).indices.to(keep.device)] = True
     columns = [(input_ids, model.config.text_config.pad_token_id or 0)]
     names = ["input_ids"]
     if isinstance(kwargs.get("labels"), torch.Tensor):
@@ -276,4 +288,9 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
         # Without a mask the model would attend to the padding that pruning added or kept.
         kwargs["attention_mask"] = new_mask.to(attention_mask.dtype if attention_mask is not None else torch.long)
     picks = iter(kept)
-    return kwargs, [[f[next(picks).to(f.device)] for f in row] for row in images]
+    return kwargs, [[_kept_features(f, next(picks)) for f in row] for row in images]
+
+
+def _kept_features(features: torch.Tensor, kept) -> torch.Tensor:
+    """An image's features at its kept placeholders: its own, or a merger's tokens."""
+    return features[kept.indices.to(features.device)] if kept.tokens is None else kept.tokens.to(features.device)

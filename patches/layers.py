@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from otprune.prune_config import PruneConfig
-from otprune.selection import log_selection, select_per_image, select_top_scores, selection_clock
+from otprune.selection import Kept, log_selection, select_per_image, select_top_scores, selection_clock
 from otprune.selectors import budget
 
 
@@ -44,13 +44,15 @@ class PrefillState:
     """Where the visual tokens of the current prompt sit, set before each multimodal prefill.
 
     ``spans[b]``: ``(start, end)`` of each image's visual tokens in row b; ``valid``: ``(B, L)``
-    non-padding positions; ``text_after[b]``: per image, the positions of the text that TRIM
-    scores against.
+    non-padding positions; ``text_after[b]``: per image, the positions of its question (the
+    ``text`` context); ``grids[b]``: per image, its patch grids (the ``grid`` context, told from
+    the tokens entering the LLM), when the method asks for them.
     """
 
     spans: list[list[tuple[int, int]]]
     valid: torch.Tensor
     text_after: list[list[torch.Tensor]]
+    grids: list[list] | None = None
     pending: bool = True
     kept: torch.Tensor | None = None
     decoding: bool = False
@@ -69,6 +71,7 @@ class PrefillState:
             spans=[s for s in self.spans for _ in range(times)],
             valid=self.valid.repeat_interleave(times, dim=0),
             text_after=[t for t in self.text_after for _ in range(times)],
+            grids=None if self.grids is None else [g for g in self.grids for _ in range(times)],
         )
 
 
@@ -84,7 +87,7 @@ class LayerPruner:
         self.handles.append(layers[k].register_forward_pre_hook(self._select_and_cut, with_kwargs=True))
         self.handles += [layer.register_forward_pre_hook(self._cut, with_kwargs=True) for layer in layers[k + 1 :]]
         self.handles.append(final_norm.register_forward_hook(self._restore_length))
-        if config.method == "FASTV":
+        if "attention" in config.spec.context:
             self.handles.append(layers[k - 1].self_attn.register_forward_pre_hook(self._record_attention, with_kwargs=True))
 
     def remove(self) -> None:
@@ -114,9 +117,15 @@ class LayerPruner:
             return None
         hidden = args[0]
         if state.pending and hidden.shape[1] == state.length:
-            state.kept = self._kept_positions(hidden, state)
+            state.kept, merged = self._kept_positions(hidden, state)
             state.pending = False
             state.decoding = False
+            if merged:
+                # A merger's tokens take the places of the tokens they stand for.
+                hidden = hidden.clone()
+                for b, positions, tokens in merged:
+                    hidden[b, positions.to(hidden.device)] = tokens.to(hidden.device, hidden.dtype)
+                args = (hidden, *args[1:])
         elif state.kept is not None:
             state.decoding = True
         else:
@@ -166,42 +175,52 @@ class LayerPruner:
 
     # -- selection ---------------------------------------------------------------------------
 
-    def _kept_positions(self, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
-        """``(B, L')`` sorted positions kept from layer K on: all but the dropped visual tokens."""
+    def _kept_positions(self, hidden: torch.Tensor, state: PrefillState):
+        """``(B, L')`` sorted positions kept from layer K on (all but the dropped visual tokens), and
+        a merger's ``(row, positions, tokens)`` that replace the hidden states there."""
         hidden = hidden.detach()
         _check_prompts_end_with_text(state, self.config.layer_index)
         keep = torch.ones_like(state.valid, device=hidden.device)
-        images, texts, where = [], [], []
+        method = self.config.method
+        needs = self.config.spec.context
+        images, where = [], []
+        context = {name: [] for name in ("text", "attention", "grid") if name in needs and method != "FASTV"}
         for b, spans in enumerate(state.spans):
             for i, (start, end) in enumerate(spans):
                 keep[b, start:end] = False
                 images.append(hidden[b, start:end])
-                if self.config.method == "TRIM":
-                    texts.append(hidden[b, state.text_after[b][i].to(hidden.device)])
                 where.append((b, start))
-        method = self.config.method
+                if "text" in context:
+                    context["text"].append(hidden[b, state.text_after[b][i].to(hidden.device)])
+                if "attention" in context:
+                    context["attention"].append(state.attention_scores[b, start:end].to(hidden.device))
+                if "grid" in context:
+                    context["grid"].append(None if state.grids is None else state.grids[b][i])
         began = selection_clock(self.config, images)
         if method == "VTW":
-            chosen = [torch.zeros(0, dtype=torch.long, device=hidden.device) for _ in images]
+            chosen = [Kept(torch.zeros(0, dtype=torch.long, device=hidden.device)) for _ in images]
         elif method == "FASTV":
             scores = state.attention_scores
             chosen = [
-                select_top_scores(scores[b, start : start + len(tokens)], budget(self.config.ratio, len(tokens)))
+                Kept(select_top_scores(scores[b, start : start + len(tokens)], budget(self.config.ratio, len(tokens))))
                 for (b, start), tokens in zip(where, images)
             ]
         else:
-            chosen = select_per_image(self.config, images, texts)
+            chosen = select_per_image(self.config, images, context)
         if method in ("VTW", "FASTV"):
             log_selection(self.config, images, chosen, began)
-        for (b, start), indices in zip(where, chosen):
+        merged = []
+        for (b, start), (indices, tokens) in zip(where, chosen):
             keep[b, start + indices.to(keep.device)] = True
+            if tokens is not None:
+                merged.append((b, start + indices, tokens))
         counts = keep.sum(1)
         if bool((counts != counts[0]).any()):
             raise ValueError(
                 f"LAYER_INDEX={self.config.layer_index} needs every sample of a batch to keep the same number of "
                 f"tokens; got {counts.tolist()} (samples with different image counts or sizes): use batch size 1"
             )
-        return keep.nonzero()[:, 1].view(keep.shape[0], -1)
+        return keep.nonzero()[:, 1].view(keep.shape[0], -1), merged
 
 
 def _check_prompts_end_with_text(state: PrefillState, layer_index: int) -> None:

@@ -29,6 +29,7 @@ import torch
 from otprune.prune_config import PruneConfig
 from otprune.selection import select_per_image
 
+from .grids import image_grids
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, padding_mask, question_positions, repad, spans_by_row, visual_spans
 
@@ -211,8 +212,8 @@ def _prepare_pruned(
             f"a prompt of {int(keep.sum(1).max())} tokens with its images is longer than the model's "
             f"tokenizer_model_max_length={limit}; LLaVA would cut it, and pruning needs every image whole"
         )
-    side = getattr(model.config, "tokenizer_padding_side", "right")
-    valid, embeds, sources = repad(keep, side, (embeds, 0), (sources, IGNORE_INDEX))
+    side_of_padding = getattr(model.config, "tokenizer_padding_side", "right")
+    valid, embeds, sources = repad(keep, side_of_padding, (embeds, 0), (sources, IGNORE_INDEX))
     visual = valid & (sources == IGNORE_INDEX)
     batch = input_ids.shape[0]
     spans = spans_by_row(visual_spans(visual, counts), batch)
@@ -234,16 +235,29 @@ def _prepare_pruned(
             return None
         return (mask.long().cumsum(1) - 1).clamp_min(0).masked_fill(~mask, 0)
 
+    needs = config.spec.context
+    grids = None
+    if "grid" in needs:
+        side, newline = model.get_vision_tower().num_patches_per_side, getattr(model.get_model(), "image_newline", None)
+        grids = [[image_grids(embeds[b, s:e], side, newline) for s, e in spans[b]] for b in range(batch)]
     if config.layer_index > 0:
-        _set_state(model, config, PrefillState(spans=spans, valid=valid, text_after=text_after))
+        _set_state(model, config, PrefillState(spans=spans, valid=valid, text_after=text_after, grids=grids))
         return None, renumbered(valid), caller_mask(valid), past_key_values, embeds, restore_labels(sources)
 
     images_tokens = [embeds[b, s:e] for b in range(batch) for s, e in spans[b]]
-    questions = [embeds[b, idx] for b in range(batch) for idx in text_after[b]] if config.method == "TRIM" else None
-    chosen = iter(select_per_image(config, images_tokens, questions))
+    context = {}
+    if "text" in needs:
+        context["text"] = [embeds[b, idx] for b in range(batch) for idx in text_after[b]]
+    if grids is not None:
+        context["grid"] = [g for row in grids for g in row]
+    chosen = iter(select_per_image(config, images_tokens, context))
     keep = valid & ~visual
     for b in range(batch):
         for start, _ in spans[b]:
-            keep[b, start + next(chosen)] = True
-    new_mask, new_embeds, new_sources = repad(keep, side, (embeds, 0), (sources, IGNORE_INDEX))
+            kept = next(chosen)
+            keep[b, start + kept.indices] = True
+            if kept.tokens is not None:
+                # A merger's tokens take the places of the tokens they stand for (repad made embeds).
+                embeds[b, start + kept.indices] = kept.tokens.to(embeds.dtype)
+    new_mask, new_embeds, new_sources = repad(keep, side_of_padding, (embeds, 0), (sources, IGNORE_INDEX))
     return None, renumbered(new_mask), caller_mask(new_mask), past_key_values, new_embeds, restore_labels(new_sources)

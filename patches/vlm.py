@@ -30,12 +30,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 
+from otprune.contract import PatchGrid
 from otprune.selection import select_per_image
 
+from .grids import image_grids
 from .hf import _as_keywords, _with_full_prompt, decoder, generation_padding, wrap_model_classes
 from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
@@ -55,12 +58,13 @@ VISUAL_INPUTS = (
 @dataclass
 class Visual:
     """One placeholder token's features: ``features`` ``(M, d)`` in placeholder order over the batch,
-    ``units`` the consecutive ``(count, selectable)`` runs they split into (``selectable=False``:
-    always kept), ``deepstack`` Qwen3-VL's per-level ``(M, d)`` features added in the first layers."""
+    ``units`` the consecutive ``(count, selectable, grids)`` runs they split into (``selectable=False``:
+    always kept; ``grids``: the unit's patch grids, ``None`` if unknown), ``deepstack`` Qwen3-VL's
+    per-level ``(M, d)`` features added in the first layers."""
 
     token_id: int
     features: torch.Tensor
-    units: list[tuple[int, bool]]
+    units: list[tuple[int, bool, tuple | None]]
     deepstack: list[torch.Tensor] | None = None
 
 
@@ -162,7 +166,10 @@ def _visuals(model, kwargs: dict) -> list[Visual]:
                 kwargs["pixel_values"], kwargs["image_sizes"], batch_num_images=kwargs.get("batch_num_images"), return_dict=True, **options
             )
             features = list(out.pooler_output)
-            visuals.append(Visual(config.image_token_id, torch.cat(features), [(f.shape[0], True) for f in features]))
+            side = config.vision_config.image_size // config.vision_config.patch_size
+            newline = getattr(inner, "image_newline", None)
+            units = [(f.shape[0], True, image_grids(f, side, newline)) for f in features]
+            visuals.append(Visual(config.image_token_id, torch.cat(features), units))
         if kwargs.get("pixel_values_videos") is not None:
             videos = inner.get_video_features(kwargs["pixel_values_videos"], return_dict=True, **options).pooler_output
             placeholders = int((kwargs["input_ids"] == config.video_token_id).sum())
@@ -172,7 +179,7 @@ def _visuals(model, kwargs: dict) -> list[Visual]:
                 videos = torch.cat([videos, newline], dim=1)
             frames = kwargs["pixel_values_videos"].shape[1]
             per_frame = (videos.shape[1] - 1) // frames
-            units = [(per_frame, True)] * frames + [(1, False)]
+            units = [(per_frame, True, image_grids(videos[0, :per_frame], None, None))] * frames + [(1, False, None)]
             visuals.append(Visual(config.video_token_id, videos.flatten(0, 1), units * videos.shape[0]))
         return visuals
     merge = config.vision_config.spatial_merge_size**2
@@ -218,18 +225,21 @@ def _positions(model, kwargs: dict, valid: torch.Tensor, generating: bool) -> to
     return positions
 
 
-def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Tensor, bool]]:
-    """Each unit's ``(row, positions, selectable)``, consuming placeholders in batch order."""
-    spans = visual_spans(input_ids == visual.token_id, [n for n, _ in visual.units])
+def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Tensor, bool, tuple | None]]:
+    """Each unit's ``(row, positions, selectable, grids)``, consuming placeholders in batch order."""
+    spans = visual_spans(input_ids == visual.token_id, [n for n, _, _ in visual.units])
     device = input_ids.device
-    return [(row, torch.arange(start, end, device=device), selectable) for (row, start, end), (_, selectable) in zip(spans, visual.units)]
+    return [
+        (row, torch.arange(start, end, device=device), selectable, grids)
+        for (row, start, end), (_, selectable, grids) in zip(spans, visual.units)
+    ]
 
 
 def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
     """Per unit, the text TRIM scores against: ``splice.question_positions`` of its run of adjacent
     units (a video's frames share the text after the video)."""
     by_row: dict[int, list[int]] = {}
-    for i, (b, positions, _) in enumerate(units):
+    for i, (b, positions, _, _) in enumerate(units):
         by_row.setdefault(b, []).append(i)
     result: list[torch.Tensor | None] = [None] * len(units)
     for b, members in by_row.items():
@@ -251,14 +261,14 @@ def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
 class UnprunedInputs:
     """What the unpruned model's LLM would get, over the caller's full ``(B, L)`` sequence:
     ``embeds`` with the visual features scattered in, ``positions`` ``(R, B, L)``, the selection
-    ``units`` (``(row, positions, selectable)``), and Qwen3-VL's per-level DeepStack ``(B, L, d)``."""
+    ``units`` (``(row, positions, selectable, grids)``), and Qwen3-VL's per-level DeepStack ``(B, L, d)``."""
 
     input_ids: torch.Tensor
     valid: torch.Tensor
     embeds: torch.Tensor
     positions: torch.Tensor
     visual_mask: torch.Tensor
-    units: list[tuple[int, torch.Tensor, bool]]
+    units: list[tuple[int, torch.Tensor, bool, tuple | None]]
     deepstack: list[torch.Tensor] | None
 
 
@@ -286,17 +296,25 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
 
 
 def _kept_before_llm(config, full: UnprunedInputs) -> torch.Tensor:
-    """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens."""
+    """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens.
+
+    A merger's tokens replace ``full.embeds`` at the positions they take, so each is read at the
+    unpruned position (3-D for Qwen) of the token it stands for; Qwen3-VL's DeepStack features
+    there stay that token's (**choice**: a merger returns no DeepStack levels)."""
     selectable = [u for u in full.units if u[2]]
-    texts = None
-    if config.method == "TRIM":
+    context = {}
+    if "text" in config.spec.context:
         questions = _questions(selectable, full.valid & ~full.visual_mask)
-        texts = [full.embeds[b, q] for (b, _, _), q in zip(selectable, questions)]
-    kept = select_per_image(config, [full.embeds[b, p] for b, p, _ in selectable], texts)
+        context["text"] = [full.embeds[b, q] for (b, _, _, _), q in zip(selectable, questions)]
+    if "grid" in config.spec.context:
+        context["grid"] = [grids for _, _, _, grids in selectable]
+    kept = select_per_image(config, [full.embeds[b, p] for b, p, _, _ in selectable], context)
     keep = full.valid & ~full.visual_mask
-    for (b, p, _), k in zip(selectable, kept):
-        keep[b, p[k]] = True
-    for b, p, is_selectable in full.units:
+    for (b, p, _, _), (indices, tokens) in zip(selectable, kept):
+        keep[b, p[indices]] = True
+        if tokens is not None:
+            full.embeds[b, p[indices]] = tokens.to(full.embeds.dtype)
+    for b, p, is_selectable, _ in full.units:
         if not is_selectable:
             keep[b, p] = True
     return keep
@@ -382,14 +400,24 @@ def _prefill_state(full: UnprunedInputs) -> PrefillState:
     questions = _questions(selectable, full.valid & ~full.visual_mask)
     spans: list[list[tuple[int, int]]] = [[] for _ in range(full.input_ids.shape[0])]
     text_after: list[list[torch.Tensor]] = [[] for _ in spans]
-    for (b, positions, _), question in zip(selectable, questions):
+    grids: list[list] = [[] for _ in spans]
+    for (b, positions, _, unit_grids), question in zip(selectable, questions):
         spans[b].append((int(positions[0]), int(positions[-1]) + 1))
         text_after[b].append(question)
-    return PrefillState(spans=spans, valid=full.valid, text_after=text_after)
+        grids[b].append(unit_grids)
+    return PrefillState(spans=spans, valid=full.valid, text_after=text_after, grids=grids)
 
 
-def _grid_units(grids: torch.Tensor, merge: int, per_frame: bool) -> list[tuple[int, bool]]:
-    """Qwen's units from ``(t, h, w)`` patch grids: one per image, or one per temporal step of a video."""
-    if per_frame:
-        return [(int(g[1] * g[2]) // merge, True) for g in grids for _ in range(int(g[0]))]
-    return [(int(g.prod()) // merge, True) for g in grids]
+def _grid_units(grids: torch.Tensor, merge: int, per_frame: bool) -> list[tuple[int, bool, tuple]]:
+    """Qwen's units from ``(t, h, w)`` patch grids: one per image, or one per temporal step of a
+    video; each frame's merged tokens are one ``(h / s) x (w / s)`` grid (``merge = s * s``)."""
+    side = math.isqrt(merge)
+    units = []
+    for t, h, w in grids.tolist():
+        frame = (PatchGrid(0, h // side, w // side),)
+        if per_frame:
+            units += [(h * w // merge, True, frame)] * t
+        else:
+            # An image's temporal steps (one, for a still image) stack their grids in order.
+            units.append((t * h * w // merge, True, tuple(PatchGrid(i * (h * w // merge), h // side, w // side) for i in range(t))))
+    return units

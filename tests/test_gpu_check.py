@@ -16,7 +16,7 @@ from conftest import ROOT, load_script
 from otprune.bench import prefill as bench_prefill
 from otprune.bench import selectors as bench_selectors
 from otprune.prune_config import PruneConfig
-from otprune.selection import log_selection, select_per_image
+from otprune.selection import Kept, log_selection, select_per_image
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,13 @@ def test_token_check_wants_every_sample_pruned_576_to_56(check):
     original = check.EvalRun("llava", "ORIG", 0, 1)
     assert check.check_tokens(original, [], 8) == []
     assert check.check_tokens(original, [[576, 56]], 8) == ["1 pruned images logged without pruning"]
+
+
+def test_a_merger_may_keep_fewer_than_its_budget_but_never_more_or_none(check):
+    pool = check.EvalRun("qwen2_5_vl", "POOL", 0, 1, ratio=0.25, variant="qwen2.5-vl")
+    assert check.check_tokens(pool, [[212, 53], [212, 52]], 2) == []
+    assert check.check_tokens(pool, [[212, 54]], 1) == ["1 images not pruned to budget(0.25, N), e.g. 212->54 (expected 212->53)"]
+    assert check.check_tokens(pool, [[212, 0]], 1) == ["1 images not pruned to budget(0.25, N), e.g. 212->0 (expected 212->53)"]
 
 
 def write_run(folder, tasks, effective, sample_lines):
@@ -88,12 +95,12 @@ def test_rank_check_wants_two_processes_that_dumped_every_image(check, tmp_path)
 VLM_MODELS = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "llava-onevision": "llava_hf", "qwen2-vl": "qwen2_vl"}
 
 
-def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2(check):
+def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2_and_the_plugins_on_qwen2_5(check):
     runs = check.planned_vlm_runs()
     assert {(run.variant, run.model, run.baseline, run.layer, run.batch) for run in runs} == {
         (variant, model, baseline, layer, 1) for variant, model in VLM_MODELS.items() for baseline, layer in (("ORIG", 0), ("OURS", 0), ("FASTV", 2))
-    }
-    assert len({run.name for run in runs}) == 12
+    } | {("qwen2.5-vl", "qwen2_5_vl", baseline, 0, 1) for baseline in ("CDPRUNER", "POOL", "TOPNORM")}
+    assert len({run.name for run in runs}) == 15
     fastv = next(run for run in runs if run.variant == "qwen3-vl" and run.baseline == "FASTV")
     assert fastv.env == {"BASELINE": "FASTV", "LAYER_INDEX": "2", "SUBSET_RATIO": "0.25"}
 
@@ -146,7 +153,7 @@ def selection_log(caplog, method: str, pairs: list[tuple[int, int]]) -> str:
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="otprune"):
         for before, after in pairs:
-            log_selection(config, [torch.zeros(before, 2)], [torch.arange(after)], time.perf_counter())
+            log_selection(config, [torch.zeros(before, 2)], [Kept(torch.arange(after))], time.perf_counter())
     return "\n".join(record.getMessage() for record in caplog.records) + "\n"
 
 
@@ -191,7 +198,7 @@ def test_vlm_step_is_skipped_without_torchvision_and_the_report_lists_it(check, 
     result = check.step_vlm_lmms_eval("cuda", time.time() + 60)
     assert result.status == "SKIP"
     assert result.summary.startswith("torchvision cannot be imported") and "processors only with it" in result.summary
-    assert result.body.count("| SKIP |") == 12
+    assert result.body.count("| SKIP |") == 15
     assert check.STEPS.index("lmms_eval") < check.STEPS.index("vlm_lmms_eval") < check.STEPS.index("accelerate")
     assert "vlm_lmms_eval" in check.parse_args([]).steps
     report = check.format_report("cpu", {"vlm_lmms_eval": result}, 1.0)
@@ -275,7 +282,7 @@ def test_selection_accepts_tokens_that_require_grad():
     """Found by the check's lmms-eval step: lmms-eval's llava_hf calls generate outside no_grad."""
     tokens = torch.randn(40, 16, requires_grad=True)
     config = PruneConfig(method="OURS", ratio=0.25)
-    assert torch.equal(select_per_image(config, [tokens])[0], select_per_image(config, [tokens.detach()])[0])
+    assert torch.equal(select_per_image(config, [tokens])[0].indices, select_per_image(config, [tokens.detach()])[0].indices)
 
 
 def test_bench_prefill_judges_each_model_at_its_own_batch_when_run_alone():

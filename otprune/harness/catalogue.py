@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Display name (the paper's) -> BASELINE value of the patch.
+from otprune.methods import method_names
+
+# Display name (the paper's) -> BASELINE value of the patch. A config may also name any other
+# installed method (an outside plugin) by its BASELINE name: see ``baseline``.
 METHODS = {
     "Original": "ORIG",
     "OTPrune": "OURS",
@@ -16,6 +19,8 @@ METHODS = {
     "Uniform": "UNIFORM",
     "TrimTokenator": "TRIM",
     "STP": "STP",
+    "CDPruner": "CDPRUNER",
+    "POOL": "POOL",
 }
 # Methods that keep no ratio: the full model, and VTW (drops every visual token at layer K; at K = 0
 # the LLM reads the text alone, the no-image control).
@@ -49,6 +54,21 @@ MODELS = {
     "tiny-llava-1.6": ModelSpec("llava-1.6-7b", tiny="llava-1.6"),
     "synth-llava-1.5": ModelSpec("llava-1.5-7b", tiny="synth-llava-1.5", trained=True),
 }
+
+
+def baseline(label: str) -> str | None:
+    """The ``BASELINE`` value of a config's method ``label``: a display name's, else the label's own
+    when it names an installed method (any case); ``None`` for neither."""
+    if label in METHODS:
+        return METHODS[label]
+    name = label.strip().upper() if isinstance(label, str) else None
+    return name if name in method_names() else None
+
+
+def method_labels() -> list[str]:
+    """What a config may name: the display names, then the installed methods that have none."""
+    named = set(METHODS.values())
+    return [*METHODS, *(name for name in method_names() if name not in named)]
 
 
 def ratio_label(ratio: float) -> str:

@@ -13,9 +13,13 @@ import sys
 
 from otprune.harness import resources
 
-# The modules whose source decides what a pruned run computes (otprune.patches: every file of it).
+# The modules whose source decides what a pruned run computes (the packages otprune.patches and
+# otprune.plugins: every file of them). An outside plugin's package is named in the run's setting.
 PRUNING_CODE = (
     "otprune.patches",
+    "otprune.plugins",
+    "otprune.methods",
+    "otprune.contract",
     "otprune.selectors",
     "otprune.selection",
     "otprune.prune_config",
@@ -48,7 +52,7 @@ def code_sha256():
         if spec is None or spec.origin is None:
             return None
         folder = pathlib.Path(spec.origin).parent
-        files += sorted(folder.glob("*.py")) if name == "otprune.patches" else [pathlib.Path(spec.origin)]
+        files += sorted(folder.glob("*.py")) if name in ("otprune.patches", "otprune.plugins") else [pathlib.Path(spec.origin)]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\\0" + path.read_bytes() + b"\\0")

@@ -3,6 +3,7 @@ the value and what is allowed, before any run starts."""
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from otprune.harness import resources
-from otprune.harness.catalogue import METHODS, MODELS, RATIO_FREE, ratio_label
+from otprune.harness.catalogue import MODELS, RATIO_FREE, baseline, method_labels, ratio_label
 from otprune.harness.errors import ConfigError
 from otprune.harness.files import describe_type
 from otprune.harness.resources import config_file, load_catalogue
@@ -30,8 +31,8 @@ EXECUTOR_KEYS = {
     "max_parallel": "an integer >= 1 (jobs of the array running at once)",
     "setup": "shell lines each job runs before lmms-eval (module load ..., source venv/bin/activate)",
 }
-METHOD_KEYS = {"ratios", "layer_index", "env"}
-OVERRIDE_KEYS = {"layer_index", "env"}
+METHOD_KEYS = {"ratios", "layer_index", "env", "options"}
+OVERRIDE_KEYS = {"layer_index", "env", "options"}
 # Variables the harness derives from the method: a config setting them would run one method under
 # another's label.
 METHOD_OWNED = {
@@ -39,6 +40,7 @@ METHOD_OWNED = {
     "SUBSET_RATIO": "the method's 'ratios'",
     "LAYER_INDEX": "the method's 'layer_index' key",
     "OTPRUNE_LOG": "the harness (always 1: the pruning check reads it)",
+    "OTPRUNE_OPTIONS": "the method's 'options'",
 }
 # What a config's env may set: selector options, and variables that change no code the child loads.
 # Anything else (PYTHONPATH, LD_PRELOAD, ...) could run foreign code inside the child.
@@ -188,15 +190,15 @@ def load_config(name_or_path: str) -> Config:
         per_method = check.mapping(overrides, f"models.{model}", "a mapping method: {layer_index: K, env: {...}}")
         models[model] = {}
         for method, spec in per_method.items():
-            if method not in METHODS:
-                raise ConfigError(f"config {path.name}: model {model!r} overrides unknown method {method!r}; allowed: {_names(METHODS)}")
+            if baseline(method) is None:
+                raise ConfigError(f"config {path.name}: model {model!r} overrides unknown method {method!r}; allowed: {_names(method_labels())}")
             spec = check.mapping(spec, f"models.{model}.{method}", f"a mapping with keys {_names(OVERRIDE_KEYS)}")
             _check_keys(spec, OVERRIDE_KEYS, f"models.{model}.{method}", path)
             models[model][method] = _method_settings(spec, f"models.{model}.{method}", check)
     methods = {}
     for method, spec in _as_mapping(data["methods"], "methods", check).items():
-        if method not in METHODS:
-            raise ConfigError(f"config {path.name}: unknown method {method!r}; allowed: {_names(METHODS)}")
+        if baseline(method) is None:
+            raise ConfigError(f"config {path.name}: unknown method {method!r}; allowed: {_names(method_labels())}")
         spec = check.mapping(spec, f"methods.{method}", f"a mapping with keys {_names(METHOD_KEYS)}")
         extra = set(spec) - METHOD_KEYS
         if extra:
@@ -279,6 +281,12 @@ def _check_keys(spec: dict, allowed: set, key: str, path: Path) -> None:
 
 def _method_settings(spec: dict, key: str, check: _Checker) -> dict:
     settings = {"env": check.env(spec.get("env"), f"{key}.env")}
+    if "options" in spec:
+        settings["options"] = check.mapping(spec["options"], f"{key}.options", "a mapping option: value (the method's keyword-only parameters)")
+        try:
+            json.dumps(settings["options"], allow_nan=False)
+        except (TypeError, ValueError):
+            check.fail(f"{key}.options", settings["options"], "values JSON can carry: numbers, strings, booleans, lists, mappings")
     if "layer_index" in spec:
         settings["layer_index"] = check.layer_index(spec["layer_index"], f"{key}.layer_index")
     return settings
@@ -302,11 +310,14 @@ def _positive_int(value, key: str, check: _Checker) -> int:
 def run_env(method: str, ratio: float, method_spec: dict, model_override: dict) -> dict:
     """The pruning variables of one run, as strings (the patch reads them in every process): the
     method's, then the model's override of it."""
-    env = {"BASELINE": METHODS[method]}
+    env = {"BASELINE": baseline(method)}
     if method not in RATIO_FREE:
         env["SUBSET_RATIO"] = ratio_label(ratio)
     layer_index = model_override.get("layer_index", method_spec.get("layer_index"))
     if layer_index is not None:
         env["LAYER_INDEX"] = str(layer_index)
     env.update({**method_spec.get("env", {}), **model_override.get("env", {})})
+    options = {**method_spec.get("options", {}), **model_override.get("options", {})}
+    if options:
+        env["OTPRUNE_OPTIONS"] = json.dumps(options, sort_keys=True)
     return env

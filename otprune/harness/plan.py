@@ -56,6 +56,9 @@ def run_setting(config: Config, model: str, method: str, ratio: float, env: dict
     }
     if MODELS[model].trained:
         setting["weights_sha256"] = trained_weights_sha256(model)
+    if pruning.enabled and pruning.spec.plugin:
+        # Code outside otprune's code identity: its package and version are part of the setting.
+        setting["plugin"] = pruning.spec.origin
     return {**setting, "hash": hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]}
 
 

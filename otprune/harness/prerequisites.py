@@ -11,7 +11,7 @@ from pathlib import Path
 
 from otprune import stack
 from otprune.harness import resources
-from otprune.harness.catalogue import METHODS, MODELS
+from otprune.harness.catalogue import MODELS, baseline
 from otprune.harness.checkpoints import tiny_llm_shape
 from otprune.harness.config import Config
 from otprune.harness.resources import TINY_BUILDER
@@ -93,7 +93,7 @@ def layer_problems(config: Config, tiny: list[str]) -> list[str]:
     for model in tiny:
         layers = tiny_llm_shape(MODELS[model].tiny)["layers"]
         for method, spec in config.methods.items():
-            k = config.models[model].get(method, {}).get("layer_index", spec.get("layer_index", default_layer_index(METHODS[method])))
+            k = config.models[model].get(method, {}).get("layer_index", spec.get("layer_index", default_layer_index(baseline(method))))
             if k >= layers:
                 problems.append(
                     f"{method}'s layer_index {k} is beyond {model}'s LLM, which has {layers} layers (0 .. {layers - 1}); "

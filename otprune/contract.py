@@ -1,0 +1,173 @@
+"""The two public method contracts, what a method may ask for, and the checks of what it returns.
+
+**Selector** ``select(tokens, k, *, <context>, <options>) -> kept_indices``:
+
+- ``tokens``: ``(N, d)``, one image's visual tokens (float16, bfloat16, float32 or float64, finite,
+  on the model's device). A selector that also takes ``(B, N, d)`` batches sharing one ``k`` says
+  so with ``select.accepts_batches = True``; the patches then batch images of equal ``N`` that ask
+  for no per-image context. Others are called one image at a time.
+- ``k``: an int in ``[1, N]``, ``budget(ratio, N)``.
+- returns ``(k,)`` (or ``(B, k)``) ``torch.long`` indices into the token axis: distinct, sorted
+  ascending, on ``tokens.device``, carrying no gradient.
+
+**Merger** ``merge(tokens, k, *, <context>, <options>) -> (merged_tokens, positions)``: new tokens
+instead of a subset (pooling, merging, VisionZip's contextual tokens).
+
+- ``merged_tokens``: ``(m, d)`` with ``1 <= m <= k``, ``tokens``' dtype and device, finite.
+- ``positions``: ``(m,)`` ``torch.long``, distinct, sorted, in ``[0, N)``: merged token ``i``
+  takes the place of token ``positions[i]``, which it stands for. The model sees it there: its
+  position id, and for rotary models its unpruned rotary position (Qwen's 3-D ``(t, h, w)``
+  included), are those of that token, so a merged token is read where the tokens it summarises
+  sit, not where the kept sequence happens to put it.
+
+**Context**, given only to a function that names it as a keyword-only parameter (``CONTEXT``):
+``text`` the prompt's embedded text tokens ``(T, d)`` (the text after the image, its question);
+``attention`` ``(N,)`` the last prompt token's attention over the image's tokens at layer K - 1,
+mean over heads (only where ``LAYER_INDEX = K > 0``); ``grid`` the image's patch grids, a tuple of
+:class:`PatchGrid` covering its N tokens in order; ``layer_index`` the K it prunes before.
+Every other keyword-only parameter is an **option**, set with ``OTPRUNE_OPTIONS`` (a JSON object)
+or a harness config method's ``options:``; one without a default must be set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import operator
+
+import torch
+
+from otprune.selectors import TOKEN_DTYPES
+
+__all__ = ["CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
+
+CONTEXT = {
+    "text": "the prompt's embedded text tokens (T, d): the question that follows the image",
+    "attention": "(N,) the last prompt token's attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
+    "grid": "the image's patch grids: a tuple of otprune.contract.PatchGrid covering its N tokens in order",
+    "layer_index": "the decoder layer K pruned before (0: before the LLM)",
+}
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """One row-major grid of patch tokens inside an image's N tokens.
+
+    ``start``: the index of its first token; ``rows`` x ``cols`` patch tokens; ``newlines``: a
+    newline token (a learned vector, not a patch) ends each row, as in LLaVA-NeXT's and
+    OneVision's any-resolution grids, so a row spans ``cols + 1`` tokens.
+    """
+
+    start: int
+    rows: int
+    cols: int
+    newlines: bool = False
+
+    @property
+    def size(self) -> int:
+        """Tokens the grid spans, newline tokens included."""
+        return self.rows * (self.cols + int(self.newlines))
+
+    def cell_positions(self, device=None) -> torch.Tensor:
+        """``(rows, cols)`` long: the token index of each patch."""
+        stride = self.cols + int(self.newlines)
+        rows = torch.arange(self.rows, device=device)[:, None] * stride
+        return self.start + rows + torch.arange(self.cols, device=device)
+
+    def newline_positions(self, device=None) -> torch.Tensor:
+        """``(rows,)`` long: the token index of each row's newline token (empty without them)."""
+        if not self.newlines:
+            return torch.empty(0, dtype=torch.long, device=device)
+        return self.start + torch.arange(1, self.rows + 1, device=device) * (self.cols + 1) - 1
+
+
+def check_grids(grids: tuple[PatchGrid, ...], n: int) -> None:
+    """Raise ``ValueError`` unless ``grids`` tile ``range(n)`` in order."""
+    at = 0
+    for grid in grids:
+        if grid.start != at or grid.rows < 1 or grid.cols < 1:
+            raise ValueError(f"patch grids {grids} do not tile the image's {n} tokens in order")
+        at += grid.size
+    if at != n:
+        raise ValueError(f"patch grids {grids} span {at} tokens, not the image's {n}")
+
+
+def check_image_tokens(tokens, k) -> int:
+    """``k`` as an int after checking one image's ``(N, d)`` tokens and ``1 <= k <= N``: the input
+    half of the contract, for a method to call first; raises ``ValueError`` naming what is wrong."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be a torch.Tensor of shape (N, d); got {type(tokens).__name__}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape (N, d), one image; got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in TOKEN_DTYPES:
+        allowed = ", ".join(str(dtype).removeprefix("torch.") for dtype in TOKEN_DTYPES)
+        raise ValueError(f"tokens must be a floating-point tensor of dtype {allowed}; got {tokens.dtype}")
+    if tokens.device.type == "meta":
+        raise ValueError("tokens are on the meta device, which holds no values; pass a CPU or GPU tensor")
+    n, d = tokens.shape
+    if n < 1 or d < 1:
+        raise ValueError(f"tokens must hold at least one token of at least one feature; got shape {tuple(tokens.shape)}")
+    try:
+        if isinstance(k, bool):
+            raise TypeError
+        k = operator.index(k)
+    except TypeError:
+        raise ValueError(f"k must be an int in [1, N] = [1, {n}]; got {k!r}") from None
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be an int in [1, N] = [1, {n}]; got {k}")
+    return k
+
+
+def _index_fault(indices, n: int, device: torch.device) -> str | None:
+    if not isinstance(indices, torch.Tensor):
+        return f"returned {type(indices).__name__}, not a torch.Tensor"
+    if indices.dtype != torch.long:
+        return f"returned indices of dtype {indices.dtype}, not torch.long"
+    if indices.device != device:
+        return f"returned indices on {indices.device}, not on the tokens' device {device}"
+    if indices.requires_grad:
+        return "returned indices that require a gradient"
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= n):
+        return f"returned indices outside [0, {n}): min {int(indices.min())}, max {int(indices.max())}"
+    if indices.numel() > 1:
+        steps = indices[..., 1:] - indices[..., :-1]
+        if bool((steps == 0).any()):
+            return "returned an index twice"
+        if bool((steps < 0).any()):
+            return "returned indices that are not sorted ascending"
+    return None
+
+
+def kept_indices_fault(indices, n: int, k: int, device: torch.device, batch: int | None = None) -> str | None:
+    """What is wrong with a selector's answer for ``N = n`` tokens and budget ``k`` (``None``: nothing).
+
+    ``batch``: the ``B`` of a ``(B, N, d)`` call, whose answer must be ``(B, k)``.
+    """
+    shape = (k,) if batch is None else (batch, k)
+    if isinstance(indices, torch.Tensor) and tuple(indices.shape) != shape:
+        return f"returned shape {tuple(indices.shape)}, not {shape}"
+    return _index_fault(indices, n, device)
+
+
+def merge_fault(answer, n: int, k: int, tokens: torch.Tensor) -> str | None:
+    """What is wrong with a merger's answer for ``tokens`` ``(N, d)`` and budget ``k`` (``None``: nothing)."""
+    if not isinstance(answer, tuple) or len(answer) != 2:
+        return f"returned {type(answer).__name__}, not a (merged_tokens, positions) pair"
+    merged, positions = answer
+    d = tokens.shape[-1]
+    if not isinstance(merged, torch.Tensor):
+        return f"returned merged tokens of type {type(merged).__name__}, not a torch.Tensor"
+    if merged.dim() != 2 or merged.shape[1] != d or not 1 <= merged.shape[0] <= k:
+        return f"returned merged tokens of shape {tuple(merged.shape)}, not (m, {d}) with 1 <= m <= k = {k}"
+    if merged.dtype != tokens.dtype:
+        return f"returned merged tokens of dtype {merged.dtype}, not the tokens' {tokens.dtype}"
+    if merged.device != tokens.device:
+        return f"returned merged tokens on {merged.device}, not on the tokens' device {tokens.device}"
+    if merged.requires_grad:
+        return "returned merged tokens that require a gradient"
+    if not bool(torch.isfinite(merged).all()):
+        return "returned merged tokens that are not all finite"
+    if isinstance(positions, torch.Tensor) and tuple(positions.shape) != (merged.shape[0],):
+        return f"returned positions of shape {tuple(positions.shape)}, not ({merged.shape[0]},), one per merged token"
+    fault = _index_fault(positions, n, tokens.device)
+    return None if fault is None else fault.replace("indices", "positions").replace("an index", "a position")

@@ -1,0 +1,198 @@
+"""Every pruning method by its ``BASELINE`` name: the built-ins, and the selectors and mergers that
+installed packages register under the entry-point groups ``otprune.selectors`` and
+``otprune.mergers`` (contracts: ``otprune.contract``).
+
+A package registers ``NAME = "module:function"``; ``BASELINE=NAME`` (any case) then prunes with it
+wherever a built-in does. Nothing is imported until a method is asked for by name, so a broken
+plugin stops only the runs that use it, before any model loads: a missing module, an import
+error, a name that is not a function, a signature outside the contract, or a name another method
+(built-in or plugin) already has is a :class:`PluginError` naming the entry point and its package.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Callable
+
+from otprune.contract import CONTEXT
+from otprune.selectors import SELECTORS
+
+__all__ = [
+    "GROUPS",
+    "LAYER_METHODS",
+    "Method",
+    "PluginError",
+    "get_method",
+    "load_function",
+    "method_names",
+    "plugin_entry_points",
+]
+
+GROUPS = {"selector": "otprune.selectors", "merger": "otprune.mergers"}
+# Methods that rank tokens by the LLM's own attention or drop them wholesale: they act inside it.
+LAYER_METHODS = ("FASTV", "VTW")
+RESERVED = ("ORIG",)
+# Methods otprune ships written as plugins (otprune/plugins: the public API only), found, loaded and
+# checked as entry points are; listed here rather than in pyproject.toml so that a checkout that
+# was never pip-installed (PYTHONPATH=.) has them too.
+BUNDLED = {
+    "CDPRUNER": ("selector", "otprune.plugins.cdpruner:select_cdpruner"),
+    "POOL": ("merger", "otprune.plugins.pool:merge_pool"),
+}
+BUNDLED_ORIGIN = "otprune (bundled)"
+NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+
+
+class PluginError(ValueError):
+    """A plugin that cannot be used: named, with its package and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method: ``kind`` is ``"selector"``, ``"merger"`` or ``"layer"`` (FASTV, VTW: inside the
+    LLM, no function); ``context`` the context it asks for; ``options`` its options and
+    ``required`` those without a default; ``origin`` ``"built-in"`` or where a plugin comes from."""
+
+    name: str
+    kind: str
+    function: Callable | None
+    origin: str = "built-in"
+    context: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    accepts_batches: bool = False
+
+    @property
+    def plugin(self) -> bool:
+        return self.origin != "built-in"
+
+
+def _signature_parts(function: Callable, label: str) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """``(context, options, required options)`` of a method function, or a ``PluginError``."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError) as error:
+        raise PluginError(f"{label} has no readable signature ({error})") from None
+    parameters = list(signature.parameters.values())
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    shape = "function(tokens, k, *, <context>, <options>)"
+    if len(positional) != 2 or any(p.default is not p.empty for p in positional):
+        names = ", ".join(p.name for p in positional) or "none"
+        raise PluginError(f"{label} has a bad signature {signature}: it must take exactly two positional parameters (tokens, k), it takes {names}; the contract is {shape}")
+    for p in parameters:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise PluginError(
+                f"{label} has a bad signature {signature}: *{p.name} / **{p.name} is not allowed; name each context "
+                f"({', '.join(CONTEXT)}) and option as a keyword-only parameter: {shape}"
+            )
+    keywords = [p for p in parameters if p.kind is p.KEYWORD_ONLY]
+    context = tuple(p.name for p in keywords if p.name in CONTEXT)
+    options = tuple(p.name for p in keywords if p.name not in CONTEXT)
+    required = tuple(p.name for p in keywords if p.name not in CONTEXT and p.default is p.empty)
+    return context, options, required
+
+
+def _builtin(name: str) -> Method:
+    if name in LAYER_METHODS:
+        return Method(name, "layer", None, context=("attention",) if name == "FASTV" else ())
+    function = SELECTORS[name]
+    context, options, required = _signature_parts(function.__wrapped__, f"built-in {name}")
+    return Method(name, "selector", function, context=context, options=options, required=required, accepts_batches=True)
+
+
+BUILTINS = (*SELECTORS, *LAYER_METHODS)
+
+
+def plugin_entry_points() -> dict[str, list[tuple[str, metadata.EntryPoint]]]:
+    """Every installed plugin entry point by upper-case name: ``[(kind, entry point), ...]``."""
+    found: dict[str, list[tuple[str, metadata.EntryPoint]]] = {}
+    for name, (kind, value) in BUNDLED.items():
+        found[name] = [(kind, metadata.EntryPoint(name, value, GROUPS[kind]))]
+    for kind, group in GROUPS.items():
+        for entry in metadata.entry_points(group=group):
+            found.setdefault(entry.name.upper(), []).append((kind, entry))
+    return found
+
+
+def method_names() -> tuple[str, ...]:
+    """The built-in names, then every installed plugin's (no plugin is imported)."""
+    return (*BUILTINS, *sorted(set(plugin_entry_points()) - set(BUILTINS) - set(RESERVED)))
+
+
+def _origin(entry: metadata.EntryPoint) -> str:
+    if entry.dist is not None:
+        return f"{entry.dist.name} {entry.dist.version}"
+    return BUNDLED_ORIGIN if BUNDLED.get(entry.name, (None, None))[1] == entry.value else entry.value
+
+
+def _describe(kind: str, entry: metadata.EntryPoint) -> str:
+    package = _origin(entry)
+    return f"{kind} plugin {entry.name!r} = {entry.value!r} (entry point group {GROUPS[kind]}, package {package})"
+
+
+@functools.lru_cache(maxsize=None)
+def get_method(name: str) -> Method:
+    """The method called ``name`` (any case): a built-in, or a plugin, loaded and checked here."""
+    if not isinstance(name, str):
+        raise ValueError(f"a method name must be a string; got {name!r}")
+    key = name.strip().upper()
+    entries = plugin_entry_points().get(key, [])
+    if key in BUILTINS or key in RESERVED:
+        if entries:
+            clashes = "; ".join(_describe(kind, entry) for kind, entry in entries)
+            raise PluginError(f"{clashes}: the name {key} is a built-in method; rename the plugin")
+        if key in RESERVED:
+            raise ValueError(f"{key} is no pruning method (it means none)")
+        return _builtin(key)
+    if not entries:
+        raise ValueError(f"BASELINE={name!r} is not a method; allowed: ORIG, {', '.join(method_names())}")
+    if len(entries) > 1:
+        clashes = "; ".join(_describe(kind, entry) for kind, entry in entries)
+        raise PluginError(f"the name {key} is registered more than once: {clashes}; uninstall or rename all but one")
+    kind, entry = entries[0]
+    label = _describe(kind, entry)
+    if not NAME_PATTERN.fullmatch(entry.name):
+        raise PluginError(f"{label}: the name must be letters, digits and _, starting with a letter")
+    try:
+        function = entry.load()
+    except Exception as error:
+        raise PluginError(f"{label} cannot be loaded: {type(error).__name__}: {error}") from None
+    return _checked(key, kind, function, label, origin=_origin(entry))
+
+
+def load_function(spec: str, kind: str) -> Method:
+    """A method from ``"module:function"`` without installing it (``otprune check-selector``)."""
+    if kind not in GROUPS:
+        raise ValueError(f"kind must be one of {', '.join(GROUPS)}; got {kind!r}")
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"{spec!r} is not module:function")
+    label = f"{kind} {spec!r}"
+    try:
+        target = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            target = getattr(target, part)
+    except Exception as error:
+        raise PluginError(f"{label} cannot be loaded: {type(error).__name__}: {error}") from None
+    return _checked(attribute.split(".")[-1].upper(), kind, target, label, origin=spec)
+
+
+def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
+    if not callable(function):
+        raise PluginError(f"{label} is a {type(function).__name__}, not a function")
+    context, options, required = _signature_parts(function, label)
+    return Method(
+        name,
+        kind,
+        function,
+        origin=origin,
+        context=context,
+        options=options,
+        required=required,
+        accepts_batches=getattr(function, "accepts_batches", False) is True,
+    )

@@ -1,0 +1,122 @@
+"""CDPruner (``BASELINE=CDPRUNER``; Zhang et al., NeurIPS 2025, arXiv 2506.10967) as an outside
+plugin: a conditional DPP over the visual tokens, diversity weighted by relevance to the question.
+
+Written against the public API only (``torch``, ``otprune.selectors.greedy_logdet``,
+``otprune.contract.check_image_tokens``), as a package outside otprune would write it; found as the selector
+``CDPRUNER = "otprune.plugins.cdpruner:select_cdpruner"`` (``otprune.methods.BUNDLED``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from otprune.contract import check_image_tokens
+from otprune.selectors import greedy_logdet
+
+__all__ = ["DEFAULT_THETA", "select_cdpruner"]
+
+DEFAULT_THETA = 0.5
+
+
+@torch.no_grad()
+def select_cdpruner(
+    tokens: torch.Tensor,
+    k: int,
+    *,
+    text: torch.Tensor,
+    theta: float = DEFAULT_THETA,
+    negate_relevance: bool = False,
+) -> torch.Tensor:
+    """CDPruner: greedy MAP of a relevance-weighted DPP on the visual tokens.
+
+    ``tokens``: ``(N, d)``, one image's visual tokens (float16, bfloat16, float32 or float64,
+    finite); ``k``: an int in ``[1, N]``; ``text``: ``(T, d)``, ``T >= 1``, the prompt's embedded
+    text tokens (context, always passed by the patches). Returns ``(k,)`` ``torch.long`` indices,
+    sorted ascending, on ``tokens.device``.
+
+    With ``x~_i`` the unit-norm rows of ``tokens`` and ``t~_j`` those of ``text``:
+
+    - similarity ``S_il = <x~_i, x~_l>`` (cosine, ``(N, N)``);
+    - relevance ``r_i = mean_j <x~_i, t~_j>`` (``-<x~_i, t~_j>`` with ``negate_relevance``),
+      min-max normalised over the N tokens to ``[0, 1]``;
+    - weight ``q_i = exp(alpha r_i)``, ``alpha = theta / (2 (1 - theta))``, ``theta`` in ``(0, 1]``;
+      ``theta = 1`` means ``q_i = r_i`` (no exponential);
+    - kernel ``L = diag(q) S diag(q)``; the ``k`` picks are ``greedy_logdet(L, k)``'s greedy MAP of
+      ``log det L_S`` (incremental Cholesky; past the kernel's rank it fills with the unchosen
+      tokens of largest residual variance, as DPP does).
+
+    **Choices** (METHOD.md):
+
+    - relevance embeddings: the paper scores the vision encoder's features against its CLIP text
+      encoder's embedding of the instruction; the models here have no CLIP text encoder, so
+      relevance is measured in the LLM's input space, between the projected visual tokens (the
+      ``tokens`` selected on) and the LLM-embedded question (``text``), as TRIM's text context is;
+    - ``theta = 0.5`` (``alpha = 0.5``), the paper's default;
+    - the sign: ``r_i`` uses ``+cos`` as the paper's text describes (``negate_relevance=False``,
+      the default); ``negate_relevance=True`` is the public code's LLaVA-1.5 variant, which negates
+      the cosine before averaging;
+    - a zero span (every ``r_i`` equal, to within float rounding of ``16 eps``): min-max is
+      undefined; every token is then equally relevant, ``r_i = 1``, and ``L`` is ``S`` up to one
+      scale, so the picks are plain DPP's (``select_dpp``).
+
+    Notes: ``q`` is computed as ``exp(alpha (r_i - 1))``, i.e. divided by its largest value
+    ``exp(alpha)``; that scales ``L`` by one positive constant, which leaves ``log det``'s greedy
+    picks unchanged, and keeps ``q`` finite for ``theta`` near 1. Each vector is divided by its
+    largest magnitude before it is squared, so tokens of ``1e20`` or ``1e-20`` (any finite scale)
+    neither overflow nor underflow and pick as unscaled ones do. Work is in float32 (float64 input
+    stays float64), without autograd. Called one image at a time (no ``accepts_batches``).
+    """
+    k = _check_inputs(tokens, k, text)
+    theta = _check_theta(theta)
+    if not isinstance(negate_relevance, bool):
+        raise ValueError(f"negate_relevance must be True or False; got {negate_relevance!r}")
+    work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
+    x = _unit_rows(tokens.detach().to(work))
+    t = _unit_rows(text.detach().to(device=tokens.device, dtype=work))
+    similarity = x @ x.T
+    cosine = x @ t.T
+    relevance = (-cosine if negate_relevance else cosine).mean(-1)
+    low, high = torch.aminmax(relevance)
+    span = high - low
+    zero_span = span <= 16 * torch.finfo(work).eps
+    relevance = torch.where(zero_span, torch.ones_like(relevance), (relevance - low) / torch.where(zero_span, 1.0, span))
+    if theta == 1.0:
+        weight = relevance
+    else:
+        alpha = theta / (2.0 * (1.0 - theta))
+        weight = torch.exp(alpha * (relevance - 1.0))
+    kernel = weight[:, None] * similarity * weight[None, :]
+    picks = greedy_logdet(kernel[None], k)[0]
+    return picks.sort().values
+
+
+def _check_inputs(tokens, k, text) -> int:
+    k = check_image_tokens(tokens, k)
+    n, d = tokens.shape
+    if not isinstance(text, torch.Tensor) or not text.is_floating_point():
+        got = f"a tensor of dtype {text.dtype}" if isinstance(text, torch.Tensor) else type(text).__name__
+        raise ValueError(f"text must be a floating-point torch.Tensor of shape (T, {d}); got {got}")
+    if text.dim() != 2 or text.shape[0] < 1 or text.shape[1] != d:
+        raise ValueError(f"text must have shape (T, {d}) with T >= 1, the tokens' width; got shape {tuple(text.shape)}")
+    if text.device.type == "meta":
+        raise ValueError("text is on the meta device, which holds no values; pass a CPU or GPU tensor")
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
+    if not bool(torch.isfinite(text).all()):
+        raise ValueError("text contains NaN or Inf; every entry must be finite")
+    return k
+
+
+def _check_theta(theta) -> float:
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 0.0 < theta <= 1.0:
+        raise ValueError(f"theta must be a number in (0, 1] (1: q = r, no exponential); got {theta!r}")
+    return float(theta)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(M, d)`` scaled to unit L2 norm (all-zero rows stay zero), each divided by its
+    largest magnitude first so that no finite scale overflows or underflows the squares."""
+    peak = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).smallest_normal)
+    scaled = x / peak
+    norm = scaled.square().sum(-1, keepdim=True).sqrt().clamp_min(torch.finfo(x.dtype).tiny)
+    return scaled / norm
