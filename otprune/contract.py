@@ -21,7 +21,8 @@ instead of a subset (pooling, merging, VisionZip's contextual tokens).
   sit, not where the kept sequence happens to put it.
 
 **Context**, given only to a function that names it as a keyword-only parameter (``CONTEXT``):
-``text`` the prompt's embedded text tokens ``(T, d)`` (the text after the image, its question);
+``text`` the prompt's text tokens ``(T, d)`` (the text after the image, its question) in the
+tokens' own space: embedded at K = 0, their hidden states entering layer K at K > 0;
 ``attention`` ``(N,)`` the last prompt token's attention over the image's tokens at layer K - 1,
 mean over heads (only where ``LAYER_INDEX = K > 0``); ``grid`` the image's patch grids, a tuple of
 :class:`PatchGrid` covering its N tokens in order; ``layer_index`` the K it prunes before.
@@ -42,7 +43,7 @@ from otprune.selectors import TOKEN_DTYPES
 __all__ = ["CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
 
 CONTEXT = {
-    "text": "the prompt's embedded text tokens (T, d): the question that follows the image",
+    "text": "the question that follows the image, (T, d): its embedded tokens at K = 0, their hidden states entering layer K at K > 0",
     "attention": "(N,) the last prompt token's attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
     "grid": "the image's patch grids: a tuple of otprune.contract.PatchGrid covering its N tokens in order",
     "layer_index": "the decoder layer K pruned before (0: before the LLM)",

@@ -344,5 +344,8 @@ def attach_state(model, config: PruneConfig, decoder, state: PrefillState | None
             pruner.remove()
         pruner = LayerPruner(config, decoder, decoder.layers, decoder.norm)
         model._otprune_layer_pruner = pruner
+    elif pruner is not None and pruner.config == config:
+        # The same setting from code or from the environment: its faults are raised its way.
+        pruner.config = config
     if pruner is not None:
         pruner.state = state

@@ -70,7 +70,7 @@ def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_c
     assert config.tasks == [f"otprune_synth_{kind}" for kind in ("yesno", "attribute", "count", "spatial", "caption")]
     assert sorted((r.method, r.ratio) for r in runs) == sorted(
         [("Original", 1.0), ("VTW", 0.0)]
-        + [(m, r) for m in ("OTPrune", "DivPrune", "DPP", "Random", "Uniform", "FastV") for r in (0.098, 0.25)]
+        + [(m, r) for m in ("OTPrune", "DivPrune", "DPP", "Random", "Uniform", "CDPruner", "POOL", "FastV") for r in (0.098, 0.25)]
     )
     assert next(r for r in runs if r.method == "VTW").env == {"BASELINE": "VTW", "LAYER_INDEX": "0"}
     # The K = 0 selectors log each image's OT distance for the hypothesis analysis.
@@ -176,7 +176,7 @@ def test_unknown_config_name_lists_the_shipped_ones(capsys):
 
 def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
     path = write_config(tmp_path / "m.yaml", methods={"Uniformly": {"ratios": [0.1]}})
-    with pytest.raises(harness_errors.ConfigError, match="unknown method 'Uniformly'; allowed: DPP, DivPrune, FastV, OTPrune, Original, Random, STP, TrimTokenator, Uniform, VTW"):
+    with pytest.raises(harness_errors.ConfigError, match="unknown method .Uniformly.; allowed: CDPruner, DPP, DivPrune, FIRST, FastV, LAST, OTPrune, Original, POOL, Random, STP, TrimTokenator, Uniform, VTW"):
         harness_config.load_config(str(path))
 
 

@@ -1,0 +1,580 @@
+"""Outside plugins (selectors and mergers registered by entry point) running through every patch.
+
+The plugins are a module written in ``tmp_path`` with a ``*.dist-info`` folder beside it, which
+``importlib.metadata`` finds on ``sys.path``: no pip. Each test compares what the model does
+with a plugin against an independent truth: the same model pruned by an equivalent built-in, the
+unpruned model's own inputs cut or merged by hand, or the unpruned model fed those inputs.
+"""
+
+import logging
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import load_script  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import otprune.methods  # noqa: E402
+import otprune.patches as patches  # noqa: E402
+from otprune.contract import PatchGrid  # noqa: E402
+from otprune.selection import PluginFault  # noqa: E402
+from otprune.selectors import budget  # noqa: E402
+
+RATIO = 0.098
+PLUGIN_MODULE = "otprune_test_plugins"
+PLUGIN_SOURCE = '''
+import torch
+
+SEEN = []
+
+
+def select_norm(tokens, k):
+    """The k tokens of largest L2 norm, sorted."""
+    order = tokens.float().norm(dim=-1).argsort(descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def select_uniform_copy(tokens, k):
+    """The built-in UNIFORM's indices, written anew."""
+    n = tokens.shape[0]
+    return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().to(tokens.device)
+
+
+def select_recording(tokens, k, *, text, grid, layer_index):
+    SEEN.append(dict(tokens=tokens.clone(), k=k, text=text.clone(), grid=grid, layer_index=layer_index))
+    return torch.arange(k, device=tokens.device)
+
+
+def select_recording_attention(tokens, k, *, text, grid, layer_index, attention):
+    SEEN.append(dict(tokens=tokens.clone(), k=k, text=text.clone(), grid=grid, layer_index=layer_index, attention=attention.clone()))
+    return torch.arange(k, device=tokens.device)
+
+
+def merge_windows(tokens, k):
+    """k windows along the token axis (torch.tensor_split), each merged into its mean, placed at its centre."""
+    windows = torch.arange(tokens.shape[0], device=tokens.device).tensor_split(k)
+    merged = torch.stack([tokens[w].mean(0) for w in windows])
+    positions = torch.tensor([(int(w[0]) + int(w[-1])) // 2 for w in windows], dtype=torch.long, device=tokens.device)
+    return merged, positions
+
+
+def select_unsorted(tokens, k):
+    return torch.arange(k, device=tokens.device).flip(0)
+'''
+ENTRY_POINTS = """[otprune.selectors]
+NORM = otprune_test_plugins:select_norm
+UNIFORMCOPY = otprune_test_plugins:select_uniform_copy
+RECORD = otprune_test_plugins:select_recording
+RECORDATT = otprune_test_plugins:select_recording_attention
+UNSORTED = otprune_test_plugins:select_unsorted
+
+[otprune.mergers]
+WINDOWS = otprune_test_plugins:merge_windows
+"""
+
+
+@pytest.fixture
+def plugins(tmp_path, monkeypatch):
+    """The test plugins, installed for one test; returns their module (``SEEN``: what RECORD got)."""
+    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
+    info = tmp_path / "otprune_test_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: otprune-test-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(ENTRY_POINTS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
+    otprune.methods.get_method.cache_clear()
+    yield otprune.methods.get_method("RECORD").function.__globals__  # imports the module
+    otprune.methods.get_method.cache_clear()
+    sys.modules.pop(PLUGIN_MODULE, None)
+
+
+def windows(tokens, k):
+    """What WINDOWS returns, computed here: ``(merged, positions)``."""
+    parts = torch.arange(tokens.shape[0]).tensor_split(k)
+    merged = torch.stack([tokens[p].mean(0) for p in parts])
+    return merged, torch.tensor([(int(p[0]) + int(p[-1])) // 2 for p in parts])
+
+
+def top_norm(tokens, k):
+    return tokens.float().norm(dim=-1).argsort(descending=True, stable=True)[:k].sort().values
+
+
+def make_image(width, height, seed):
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+
+# -- the three families, behind one interface ------------------------------------------------------
+
+LOADED = []
+
+
+class Family:
+    """One tiny model with one prompt of one image (``image`` seeds it)."""
+
+    def __init__(self, name, model, inputs, start, n):
+        self.name, self.model, self.inputs, self.start, self.n = name, model, inputs, start, n
+
+    @property
+    def decoder(self):
+        return patches._decoder(self.model)
+
+    def forward(self, **extra):
+        with torch.no_grad():
+            return self.model(**self.inputs, **extra)
+
+    def generate(self, tokens=4):
+        with torch.no_grad():
+            return self.model.generate(**self.generate_inputs(), max_new_tokens=tokens, do_sample=False)
+
+    def generate_inputs(self):
+        return self.inputs
+
+    def llm_call(self):
+        """The keyword arguments the decoder stack gets on the prefill."""
+        seen = []
+        handle = self.decoder.register_forward_pre_hook(lambda m, a, k: seen.append(dict(k)), with_kwargs=True)
+        try:
+            self.forward()
+        finally:
+            handle.remove()
+        return seen[0]
+
+    def layer_inputs(self, index):
+        """What decoder layer ``index``'s attention gets on the prefill (after any cut there):
+        ``(hidden (L, d) after its input norm's input, cos (L, r), sin (L, r))``."""
+        layer = self.decoder.layers[index]
+        seen = {}
+
+        def norm_input(module, args):
+            seen.setdefault("hidden", args[0][0].clone())
+
+        def attention_input(module, args, kwargs):
+            cos, sin = kwargs["position_embeddings"]
+            seen.setdefault("cos", cos[0].clone())
+            seen.setdefault("sin", sin[0].clone())
+
+        handles = [
+            layer.input_layernorm.register_forward_pre_hook(norm_input),
+            layer.self_attn.register_forward_pre_hook(attention_input, with_kwargs=True),
+        ]
+        try:
+            self.forward()
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen["hidden"], seen["cos"], seen["sin"]
+
+    def text_embeddings(self):
+        """The embedded tokens of the question after the image (the ``text`` context at K = 0)."""
+        raise NotImplementedError
+
+    def logits_of(self, embeds, **extra):
+        """The unpruned model's logits for ``embeds`` ``(L, d)`` given as the LLM's input."""
+        config = getattr(self.model, "_otprune_config", None)
+        self.model._otprune_config = None
+        try:
+            with torch.no_grad():
+                return self.model(inputs_embeds=embeds[None], attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long), **extra).logits[0]
+        finally:
+            self.model._otprune_config = config
+
+
+class OriginalLlava(Family):
+    def __init__(self, name, tokenizer, model, processor, prompt, image):
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import process_images, tokenizer_image_token
+
+        ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+        pixel = process_images([image], processor, model.config)
+        pixel = [p.float() for p in pixel] if isinstance(pixel, list) else pixel.float()
+        inputs = dict(input_ids=ids, images=pixel, image_sizes=[image.size], attention_mask=torch.ones_like(ids))
+        self.ids = ids[0]
+        super().__init__(name, model, inputs, int((self.ids == IMAGE_TOKEN_INDEX).nonzero()[0]), None)
+        with torch.no_grad():
+            full = self.model.prepare_inputs_labels_for_multimodal(ids, None, inputs["attention_mask"], None, None, pixel, [image.size])[4]
+        self.n = full.shape[1] - (ids.shape[1] - 1)
+
+    def generate_inputs(self):
+        # LLaVA's own generate takes the prompt as ``inputs``.
+        inputs = dict(self.inputs)
+        inputs["inputs"] = inputs.pop("input_ids")
+        return inputs
+
+    def text_embeddings(self):
+        return self.model.get_model().embed_tokens(self.ids[self.start + 1 :])
+
+
+class HfModel(Family):
+    def __init__(self, name, processor, model, question, image):
+        content = [{"type": "image"}, {"type": "text", "text": question}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+        placeholders = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+        super().__init__(name, model, dict(inputs), int(placeholders[0]), placeholders.numel())
+
+    def text_embeddings(self):
+        with torch.no_grad():
+            return self.model.get_input_embeddings()(self.inputs["input_ids"][0, self.start + self.n :])
+
+
+PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
+QUESTION = "What is in the image?"
+
+
+@pytest.fixture(scope="module")
+def original_models(tiny_checkpoints):
+    from llava.model.builder import load_pretrained_model
+
+    loaded = {}
+    for variant, path in tiny_checkpoints.items():
+        tokenizer, model, processor, _ = load_pretrained_model(str(path), None, path.name, device="cpu", device_map="cpu")
+        model.float().eval()
+        loaded[variant] = (tokenizer, model, processor)
+        LOADED.append(model)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_hf_checkpoints):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    loaded = {}
+    for variant, path in tiny_hf_checkpoints.items():
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        loaded[variant] = (processor, model)
+        LOADED.append(model)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    builder = load_script("build_tiny_qwen")
+    path = builder.build(tmp_path_factory.mktemp("qwen_checkpoints") / "qwen2.5-vl", "qwen2.5-vl")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    LOADED.append(model)
+    return builder.load_processor(path), model
+
+
+def reset(model):
+    model._otprune_config = None
+    pruner = model.__dict__.pop("_otprune_layer_pruner", None)
+    if pruner is not None:
+        pruner.remove()
+
+
+@pytest.fixture(autouse=True)
+def unpruned():
+    """Every model starts and ends the test unpruned and without layer hooks."""
+    for model in LOADED:
+        reset(model)
+    yield
+    for model in LOADED:
+        reset(model)
+
+
+def family(request, name, image_seed=0):
+    """The family ``name`` with a fresh prompt (its models loaded once per module)."""
+    image = make_image(500, 300, image_seed)
+    if name in ("llava-1.5", "llava-1.6"):
+        tokenizer, model, processor = request.getfixturevalue("original_models")[name]
+        return OriginalLlava(name, tokenizer, model, processor, PROMPT, image)
+    if name in ("llava-hf", "llava-next-hf"):
+        processor, model = request.getfixturevalue("hf_models")[name]
+        return HfModel(name, processor, model, QUESTION, image)
+    processor, model = request.getfixturevalue("qwen_model")
+    return HfModel(name, processor, model, QUESTION, image)
+
+
+FAMILIES = ["llava-1.5", "llava-hf", "qwen2.5-vl"]
+
+
+def full_llm_input(fam):
+    """The unpruned LLM input ``(L, d)`` and its position ids (``None`` where the model makes them)."""
+    call = fam.llm_call()
+    return call["inputs_embeds"][0].clone(), call.get("position_ids")
+
+
+def first_layer_rotary(fam):
+    _, cos, sin = fam.layer_inputs(0)
+    return cos, sin
+
+
+# -- 1. an outside selector prunes as the built-ins do -------------------------------------------
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_plugin_copying_uniform_prunes_exactly_as_the_built_in(request, plugins, name, layer_index, caplog):
+    fam = family(request, name, image_seed=1)
+    patches.prune(fam.model, "UNIFORM", RATIO, layer_index=layer_index)
+    expected_logits = fam.forward().logits
+    expected_tokens = fam.generate()
+    caplog.set_level(logging.INFO, logger="otprune")
+    patches.prune(fam.model, "uniformcopy", RATIO, layer_index=layer_index, log=True)
+    logits = fam.forward().logits
+    assert torch.equal(logits, expected_logits)
+    assert fam.generate().tolist() == expected_tokens.tolist()
+    k = budget(RATIO, fam.n)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("otprune UNIFORMCOPY: visual tokens")]
+    assert lines and all(f"visual tokens {fam.n}->{k};" in line for line in lines)
+    if layer_index == 0:
+        assert logits.shape[1] == fam.llm_call()["inputs_embeds"].shape[1]
+        fam.model._otprune_config = None
+        assert logits.shape[1] == fam.llm_call()["inputs_embeds"].shape[1] - fam.n + k
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_norm_plugin_at_k0_gives_the_llm_the_text_and_its_picks(request, plugins, name):
+    fam = family(request, name, image_seed=2)
+    full, full_positions = full_llm_input(fam)
+    start, n = fam.start, fam.n
+    k = budget(RATIO, n)
+    picks = top_norm(full[start : start + n], k)
+    keep = torch.cat([torch.arange(start), start + picks, torch.arange(start + n, full.shape[0])])
+    patches.prune(fam.model, "NORM", RATIO)
+    call = fam.llm_call()
+    assert call["inputs_embeds"].shape[1] == full.shape[0] - n + k
+    assert torch.equal(call["inputs_embeds"][0], full[keep])
+    if name == "qwen2.5-vl":
+        # The kept tokens keep the unpruned 3-D positions.
+        assert torch.equal(call["position_ids"][..., 0, :], full_positions[..., 0, keep])
+    # Independent truth: the unpruned model given those embeddings (at those positions) predicts alike.
+    extra = {"position_ids": full_positions[..., keep]} if name == "qwen2.5-vl" else {}
+    assert torch.allclose(fam.forward().logits[0], fam.logits_of(full[keep], **extra), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_norm_plugin_at_k2_keeps_the_largest_layer_2_hidden_states(request, plugins, name):
+    fam = family(request, name, image_seed=3)
+    hidden, cos, sin = fam.layer_inputs(2)
+    start, n = fam.start, fam.n
+    k = budget(RATIO, n)
+    keep = torch.cat([torch.arange(start), start + top_norm(hidden[start : start + n], k), torch.arange(start + n, hidden.shape[0])])
+    patches.prune(fam.model, "NORM", RATIO, layer_index=2)
+    pruned_hidden, pruned_cos, pruned_sin = fam.layer_inputs(2)
+    assert torch.equal(fam.model._otprune_layer_pruner.state.kept[0], keep)
+    assert torch.equal(pruned_hidden, hidden[keep])
+    assert torch.equal(pruned_cos, cos[keep]) and torch.equal(pruned_sin, sin[keep])
+    assert fam.forward().logits.shape[1] == hidden.shape[0]  # logits keep the caller's length
+    assert fam.generate().shape[1] > 0
+
+
+# -- 2. the context a plugin gets ---------------------------------------------------------------
+
+
+def expected_grid(fam):
+    if fam.name == "qwen2.5-vl":
+        t, h, w = fam.inputs["image_grid_thw"][0].tolist()
+        merge = fam.model.config.vision_config.spatial_merge_size
+        return (PatchGrid(0, h // merge, w // merge),)
+    side = 336 // 14
+    return (PatchGrid(0, side, side),)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_plugin_gets_its_context_before_the_llm(request, plugins, name):
+    fam = family(request, name, image_seed=4)
+    full, _ = full_llm_input(fam)
+    patches.prune(fam.model, "RECORD", RATIO)
+    fam.forward()
+    (seen,) = plugins["SEEN"]
+    assert seen["layer_index"] == 0 and seen["k"] == budget(RATIO, fam.n)
+    assert torch.equal(seen["tokens"], full[fam.start : fam.start + fam.n])
+    assert seen["grid"] == expected_grid(fam)
+    if name == "qwen2.5-vl":
+        assert seen["grid"][0].rows * seen["grid"][0].cols == fam.n
+    assert torch.equal(seen["text"], fam.text_embeddings())
+    assert torch.equal(seen["text"], full[fam.start + fam.n :])
+
+
+def eager_last_token_attention(fam, layer):
+    """The unpruned model's eager attention weights of layer ``layer``, last prompt token over the
+    image, mean over heads."""
+    weights = []
+    attention = fam.decoder.layers[layer].self_attn
+    handle = attention.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+    fam.model.set_attn_implementation("eager")
+    try:
+        fam.forward()
+    finally:
+        handle.remove()
+        fam.model.set_attn_implementation("sdpa")
+    return weights[0][0, :, -1, fam.start : fam.start + fam.n].mean(0)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_plugin_gets_its_context_inside_the_llm(request, plugins, name):
+    fam = family(request, name, image_seed=5)
+    hidden, _, _ = fam.layer_inputs(2)
+    attention = eager_last_token_attention(fam, 1)
+    patches.prune(fam.model, "RECORDATT", RATIO, layer_index=2)
+    fam.forward()
+    (seen,) = plugins["SEEN"]
+    assert seen["layer_index"] == 2
+    assert torch.equal(seen["tokens"], hidden[fam.start : fam.start + fam.n])
+    assert seen["grid"] == expected_grid(fam)
+    # The question's hidden states entering layer K, as the image's tokens are.
+    assert torch.equal(seen["text"], hidden[fam.start + fam.n :])
+    got = seen["attention"]
+    assert got.shape == (fam.n,) and bool((got >= 0).all()) and float(got.sum()) <= 1 + 1e-6
+    assert torch.allclose(got, attention, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llava-1.6", "llava-next-hf"])
+def test_a_next_image_grid_is_the_base_grid_then_a_newline_grid(request, plugins, name):
+    fam = family(request, name, image_seed=6)
+    newline = fam.model.get_model().image_newline if name == "llava-1.6" else fam.model.model.image_newline
+    patches.prune(fam.model, "RECORD", RATIO)
+    fam.forward()
+    (seen,) = plugins["SEEN"]
+    tokens, grid = seen["tokens"], seen["grid"]
+    assert tokens.shape[0] == fam.n > 576
+    base, tiles = grid
+    assert base == PatchGrid(0, 24, 24)
+    assert tiles.start == 576 and tiles.newlines and tiles.size == fam.n - 576 and tiles.rows > 1 and tiles.cols > 1
+    cells, rows = tiles.cell_positions().flatten(), tiles.newline_positions()
+    assert torch.equal(torch.cat([cells, rows]).sort().values, torch.arange(576, fam.n))
+    # The newline positions hold the model's newline vector exactly, and no patch does.
+    assert bool((tokens[rows] == newline).all())
+    assert not bool((tokens[cells] == newline).all(-1).any())
+    assert not bool((tokens[:576] == newline).all(-1).any())
+    # Inside the LLM the grid is the same: it is told from the tokens entering the LLM.
+    plugins["SEEN"].clear()
+    patches.prune(fam.model, "RECORD", RATIO, layer_index=2)
+    fam.forward()
+    (inside,) = plugins["SEEN"]
+    assert inside["grid"] == grid and inside["layer_index"] == 2
+
+
+# -- 3. a merger's tokens reach the LLM at the positions it returns -----------------------------
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "qwen2.5-vl", "llava-hf"])
+def test_a_merger_at_k0_puts_its_tokens_at_its_positions(request, plugins, name):
+    fam = family(request, name, image_seed=7)
+    full, full_positions = full_llm_input(fam)
+    start, n = fam.start, fam.n
+    k = budget(RATIO, n)
+    merged, positions = windows(full[start : start + n], k)
+    expected = full.clone()
+    expected[start + positions] = merged
+    keep = torch.cat([torch.arange(start), start + positions, torch.arange(start + n, full.shape[0])])
+    patches.prune(fam.model, "WINDOWS", RATIO)
+    call = fam.llm_call()
+    assert torch.allclose(call["inputs_embeds"][0], expected[keep], atol=1e-6)
+    assert torch.equal(call["inputs_embeds"][0, start : start + k], merged)
+    extra = {}
+    if name == "qwen2.5-vl":
+        assert torch.equal(call["position_ids"], full_positions[..., keep])
+        extra = {"position_ids": full_positions[..., keep]}
+        cos, sin = first_layer_rotary(fam)
+        fam.model._otprune_config = None
+        full_cos, full_sin = first_layer_rotary(fam)
+        assert torch.equal(cos, full_cos[keep]) and torch.equal(sin, full_sin[keep])
+        patches.prune(fam.model, "WINDOWS", RATIO)
+    # Independent truth: the unpruned model fed the merged sequence by hand.
+    assert torch.allclose(fam.forward().logits[0], fam.logits_of(expected[keep], **extra), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "qwen2.5-vl", "llava-hf"])
+def test_a_merger_at_k2_replaces_the_hidden_states_at_its_positions(request, plugins, name):
+    fam = family(request, name, image_seed=8)
+    hidden, cos, sin = fam.layer_inputs(2)
+    start, n = fam.start, fam.n
+    k = budget(RATIO, n)
+    merged, positions = windows(hidden[start : start + n], k)
+    expected = hidden.clone()
+    expected[start + positions] = merged
+    keep = torch.cat([torch.arange(start), start + positions, torch.arange(start + n, hidden.shape[0])])
+    patches.prune(fam.model, "WINDOWS", RATIO, layer_index=2)
+    got, got_cos, got_sin = fam.layer_inputs(2)
+    assert torch.equal(fam.model._otprune_layer_pruner.state.kept[0], keep)
+    assert torch.allclose(got, expected[keep], atol=1e-6)
+    assert torch.equal(got_cos, cos[keep]) and torch.equal(got_sin, sin[keep])
+    # Layers before K see the unpruned prompt.
+    fam.model._otprune_config = None
+    before = fam.layer_inputs(1)[0]
+    patches.prune(fam.model, "WINDOWS", RATIO, layer_index=2)
+    assert torch.equal(fam.layer_inputs(1)[0], before)
+    assert fam.generate().shape[1] > 0
+
+
+# -- 4. a plugin breaking its contract stops the run, naming itself ------------------------------
+
+
+FAULT = r"selector plugin UNSORTED \(otprune-test-plugins 0\.1\) returned indices that are not sorted ascending \(N = \d+ tokens, k = \d+\)"
+
+
+@pytest.mark.parametrize("route", ["code", "environment"])
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("name", ["llava-1.5", "qwen2.5-vl"])
+def test_a_plugin_returning_unsorted_indices_is_stopped(request, plugins, name, layer_index, route):
+    fam = family(request, name, image_seed=9)
+    if route == "code":
+        # An exception naming the plugin, its package and what is wrong.
+        patches.prune(fam.model, "UNSORTED", RATIO, layer_index=layer_index)
+        with pytest.raises(PluginFault, match=FAULT):
+            fam.forward()
+        return
+    # From the environment (lmms-eval's way, which swallows exceptions): the process stops.
+    try:
+        patches.activate_from_env({"BASELINE": "unsorted", "SUBSET_RATIO": str(RATIO), "LAYER_INDEX": str(layer_index)})
+        with pytest.raises(SystemExit, match="otprune: " + FAULT):
+            fam.forward()
+    finally:
+        patches.activate_from_env({})
+
+
+def test_a_plugin_fault_from_the_environment_stops_even_after_the_same_setting_in_code(request, plugins):
+    fam = family(request, "llava-1.5", image_seed=9)
+    patches.prune(fam.model, "UNSORTED", RATIO, layer_index=2)
+    with pytest.raises(PluginFault, match=FAULT):
+        fam.forward()
+    fam.model._otprune_config = None
+    try:
+        patches.activate_from_env({"BASELINE": "unsorted", "SUBSET_RATIO": str(RATIO), "LAYER_INDEX": "2"})
+        with pytest.raises(SystemExit, match="otprune: " + FAULT):
+            fam.forward()
+    finally:
+        patches.activate_from_env({})
+
+
+# -- 5. the built-in POOL merger -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "qwen2.5-vl"])
+def test_pool_prunes_to_its_pooled_grid(request, name):
+    try:
+        pool = otprune.methods.get_method("POOL")
+    except (ValueError, ImportError) as error:
+        pytest.skip(f"POOL is not available yet (otprune/plugins/pool.py): {error}")
+    from otprune.plugins.pool import pooled_shape
+
+    fam = family(request, name, image_seed=10)
+    full, full_positions = full_llm_input(fam)
+    start, n = fam.start, fam.n
+    k = budget(RATIO, n)
+    (grid,) = expected_grid(fam)
+    rows, cols = pooled_shape(grid.rows, grid.cols, k)
+    merged, positions = pool.function(full[start : start + n], k, grid=(grid,))
+    assert merged.shape[0] == rows * cols <= k
+    patches.prune(fam.model, "POOL", RATIO)
+    call = fam.llm_call()
+    assert call["inputs_embeds"].shape[1] == full.shape[0] - n + rows * cols
+    keep = torch.cat([torch.arange(start), start + positions, torch.arange(start + n, full.shape[0])])
+    expected = full.clone()
+    expected[start + positions] = merged
+    assert torch.equal(call["inputs_embeds"][0], expected[keep])
+    # Each pooled token is the mean of its window: the first is the mean of the grid's top-left block.
+    block = grid.cell_positions()[: -(-grid.rows // rows), : -(-grid.cols // cols)].flatten()
+    assert torch.allclose(merged[0], full[start + block].mean(0), atol=1e-5)
+    if name == "qwen2.5-vl":
+        assert torch.equal(call["position_ids"], full_positions[..., keep])
