@@ -1,8 +1,8 @@
 """``otprune doctor``: is this installation the tested stack, and will a run work?
 
 Prints the installed versions against the lock and the tested bounds (``otprune.stack``), each
-known break with its fix, whether lmms-eval will load otprune's entry point, torchvision's
-state and the GPU. Exit status 1 when a known break applies or a version is outside the tested
+known break with its fix, whether lmms-eval will load otprune's entry point, each method a
+``BASELINE`` may name (plugins loaded and checked, as a run would), torchvision's state and the GPU. Exit status 1 when a known break applies or a version is outside the tested
 range, else 0 (a version that differs from the lock is reported, not failed).
 """
 
@@ -14,6 +14,7 @@ import sys
 from importlib import metadata
 
 from otprune import stack as stack_module
+from otprune.methods import BUILTINS, get_method, method_names
 
 
 def entry_point_state() -> str:
@@ -26,6 +27,23 @@ def entry_point_state() -> str:
     except Exception as error:  # what lmms-eval would meet: it only warns and runs unpruned
         return f"BROKEN: {points[0].value} does not import ({type(error).__name__}: {error})"
     return f"ok: {points[0].value} (lmms-eval loads it in every process)"
+
+
+def method_states() -> list[str]:
+    """One line per method beyond the built-ins: where it comes from and what it asks for, or why
+    a run naming it would stop (a broken plugin stops only those runs)."""
+    lines = []
+    for name in method_names():
+        if name in BUILTINS:
+            continue
+        try:
+            method = get_method(name)
+        except ValueError as error:
+            lines.append(f"  {name}: BROKEN: {error}")
+            continue
+        asks = ", ".join(method.context) or "no context"
+        lines.append(f"  {name}: {method.kind} from {method.origin}; asks {asks}; options {', '.join(method.options) or 'none'}")
+    return lines
 
 
 def torchvision_state() -> str:
@@ -83,6 +101,8 @@ def main(argv=None) -> int:
               + (": " + ", ".join(f"{r.name} {r.installed or 'missing'} (lock {r.locked})" for r in found.others_differing) if found.others_differing else ""))
     print("\nKnown breaks: " + ("; ".join(found.breaks) if found.breaks else "none applies"))
     print(f"lmms-eval entry point: {entry_point_state() if 'lmms-eval' in stack_module.installed_versions() else 'lmms-eval is not installed'}")
+    print(f"methods: built-in {', '.join(BUILTINS)}; plugins:")
+    print("\n".join(method_states()) or "  none")
     print(f"torchvision: {torchvision_state()}")
     print(f"device: {device_state()}")
     print("\n" + stack_module.summary(found))

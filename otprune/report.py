@@ -224,9 +224,11 @@ def latency_summary(timing: list[dict]) -> dict:
 
 
 def row_order(run: dict) -> tuple:
-    """Table 1's order of a model's rows: Original, the one-shot methods, DPP, Random, Uniform, the rest; by ratio."""
+    """Table 1's order of a model's rows: Original, the one-shot methods, DPP, Random, Uniform, then
+    every other method by name; each method's rows by ratio."""
     order = ["Original", *ONE_SHOT, "DPP", "Random", "Uniform"]
-    return (order.index(run["method"]) if run["method"] in order else len(order), run["ratio"])
+    known = run["method"] in order
+    return (order.index(run["method"]) if known else len(order), "" if known else run["method"], run["ratio"])
 
 
 def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int], bool]:

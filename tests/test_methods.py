@@ -856,3 +856,15 @@ def test_a_merger_that_says_it_batches_is_still_a_merger(install):
     for image, one in zip(tokens, kept):
         assert one.indices.tolist() == list(range(K))
         assert one.tokens is not None and torch.equal(one.tokens, image[:K] * 2)
+
+
+def test_doctor_lists_each_plugin_and_names_a_broken_one_with_its_fault(install):
+    from otprune.doctor import method_states
+
+    install(GOOD_SELECTOR, selector())
+    install(None, merger(name="GONE"), package="gone-plugin")
+    lines = method_states()
+    assert f"  FAKESEL: selector from {ORIGIN}; asks no context; options scale" in lines
+    assert "  POOL: merger from otprune (bundled); asks grid; options none" in lines
+    broken = [line for line in lines if line.startswith("  GONE: BROKEN: ")]
+    assert len(broken) == 1 and "gone-plugin" in broken[0] and "ModuleNotFoundError" in broken[0]
