@@ -15,17 +15,20 @@ instead of a subset (pooling, merging, VisionZip's contextual tokens).
 
 - ``merged_tokens``: ``(m, d)`` with ``1 <= m <= k``, ``tokens``' dtype and device, finite.
 - ``positions``: ``(m,)`` ``torch.long``, distinct, sorted, in ``[0, N)``: merged token ``i``
-  takes the place of token ``positions[i]``, which it stands for. The model sees it there: its
-  position id, and for rotary models its unpruned rotary position (Qwen's 3-D ``(t, h, w)``
-  included), are those of that token, so a merged token is read where the tokens it summarises
-  sit, not where the kept sequence happens to put it.
+  takes the place of token ``positions[i]``, which it stands for (a window's centre token, say).
+  Where the model keeps each token's unpruned position (Qwen-VL and OneVision at K = 0, every
+  family at K > 0), the merged token gets that token's position, its rotary position on rotary
+  models (Qwen's 3-D ``(t, h, w)`` included): it is read where the tokens it summarises sit, not
+  where the shortened sequence happens to put it. The LLaVA families at K = 0 renumber the kept
+  sequence as LLaVA numbers any sequence (and as the reference code does); there ``positions``
+  decide the merged tokens' order among the kept ones.
 
 **Context**, given only to a function that names it as a keyword-only parameter (``CONTEXT``):
 ``text`` the prompt's text tokens ``(T, d)`` (the text after the image, its question) in the
 tokens' own space: embedded at K = 0, their hidden states entering layer K at K > 0;
 ``attention`` ``(N,)`` the last prompt token's attention over the image's tokens at layer K - 1,
 mean over heads (only where ``LAYER_INDEX = K > 0``); ``grid`` the image's patch grids, a tuple of
-:class:`PatchGrid` covering its N tokens in order; ``layer_index`` the K it prunes before.
+:class:`PatchGrid` in token order (``check_grids``); ``layer_index`` the K it prunes before.
 Every other keyword-only parameter is an **option**, set with ``OTPRUNE_OPTIONS`` (a JSON object)
 or a harness config method's ``options:``; one without a default must be set.
 """
@@ -40,14 +43,16 @@ import torch
 
 from otprune.selectors import TOKEN_DTYPES
 
-__all__ = ["CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
+__all__ = ["CONTEXT", "PER_IMAGE_CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
 
 CONTEXT = {
     "text": "the question that follows the image, (T, d): its embedded tokens at K = 0, their hidden states entering layer K at K > 0",
     "attention": "(N,) the last prompt token's attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
-    "grid": "the image's patch grids: a tuple of otprune.contract.PatchGrid covering its N tokens in order",
+    "grid": "the image's patch grids: a tuple of otprune.contract.PatchGrid in token order (see check_grids)",
     "layer_index": "the decoder layer K pruned before (0: before the LLM)",
 }
+# Context that differs from image to image: a function asking for any of it is called image by image.
+PER_IMAGE_CONTEXT = ("text", "attention", "grid")
 
 
 @dataclass(frozen=True)
@@ -83,14 +88,18 @@ class PatchGrid:
 
 
 def check_grids(grids: tuple[PatchGrid, ...], n: int) -> None:
-    """Raise ``ValueError`` unless ``grids`` tile ``range(n)`` in order."""
+    """Raise ``ValueError`` unless ``grids`` lie in token order, without overlap, inside
+    ``range(n)``. Tokens in no grid are no patches (the lone newline token after a single-tile
+    LLaVA-NeXT or OneVision image)."""
     at = 0
     for grid in grids:
-        if grid.start != at or grid.rows < 1 or grid.cols < 1:
-            raise ValueError(f"patch grids {grids} do not tile the image's {n} tokens in order")
-        at += grid.size
-    if at != n:
-        raise ValueError(f"patch grids {grids} span {at} tokens, not the image's {n}")
+        if grid.rows < 1 or grid.cols < 1:
+            raise ValueError(f"patch grid {grid} has no patches; rows and cols must be >= 1")
+        if grid.start < at:
+            raise ValueError(f"patch grids {grids} overlap or are out of token order")
+        at = grid.start + grid.size
+    if at > n:
+        raise ValueError(f"patch grids {grids} span past the image's {n} tokens")
 
 
 def check_image_tokens(tokens, k) -> int:
@@ -170,5 +179,7 @@ def merge_fault(answer, n: int, k: int, tokens: torch.Tensor) -> str | None:
         return "returned merged tokens that are not all finite"
     if isinstance(positions, torch.Tensor) and tuple(positions.shape) != (merged.shape[0],):
         return f"returned positions of shape {tuple(positions.shape)}, not ({merged.shape[0]},), one per merged token"
+    if not isinstance(positions, torch.Tensor):
+        return f"returned positions of type {type(positions).__name__}, not a torch.Tensor"
     fault = _index_fault(positions, n, tokens.device)
     return None if fault is None else fault.replace("indices", "positions").replace("an index", "a position")

@@ -40,7 +40,7 @@ from typing import Callable
 
 import torch
 
-from otprune.contract import PatchGrid, kept_indices_fault, merge_fault
+from otprune.contract import PER_IMAGE_CONTEXT, PatchGrid, kept_indices_fault, merge_fault
 
 __all__ = ["BUDGET", "CHECKS", "DIM", "GRID", "HOST_SYNC_BUDGET", "N_TOKENS", "CheckResult", "run_battery"]
 
@@ -54,8 +54,6 @@ BATCH = 3
 SCALES = (1e20, 1e-20)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HOST_SYNC_BUDGET = 1
-# Context that differs from image to image: a method asking for any is called one image at a time.
-PER_IMAGE_CONTEXT = ("text", "attention", "grid")
 CHECKS = (
     "basic",
     "batch",

@@ -12,11 +12,14 @@ error, a name that is not a function, a signature outside the contract, or a nam
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
+import importlib.util
 import inspect
 import re
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Callable
 
 from otprune.contract import CONTEXT
@@ -31,6 +34,7 @@ __all__ = [
     "load_function",
     "method_names",
     "plugin_entry_points",
+    "plugin_source_sha256",
 ]
 
 GROUPS = {"selector": "otprune.selectors", "merger": "otprune.mergers"}
@@ -196,3 +200,24 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
         required=required,
         accepts_batches=getattr(function, "accepts_batches", False) is True,
     )
+
+
+def plugin_source_sha256(method: Method) -> str | None:
+    """A content hash (16 hex digits) of the Python files of the top-level package (or module)
+    that defines an outside plugin's function: a run's setting holds it, so that a plugin edited
+    without a new version (``pip install -e``) is not taken for the one that made earlier results.
+    ``None`` for the built-ins and the bundled plugins, which otprune's code identity covers."""
+    if not method.plugin or method.origin == BUNDLED_ORIGIN:
+        return None
+    top = method.function.__module__.split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        files = sorted(path for folder in spec.submodule_search_locations for path in Path(folder).rglob("*.py"))
+    else:
+        files = [Path(spec.origin)] if spec.origin else []
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

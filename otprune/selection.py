@@ -18,23 +18,22 @@ from typing import Mapping, NamedTuple, Sequence
 
 import torch
 
-from otprune.contract import CONTEXT, check_grids, kept_indices_fault, merge_fault
+from otprune.contract import CONTEXT, PER_IMAGE_CONTEXT, check_grids, kept_indices_fault, merge_fault
 from otprune.measures import empirical_ot_distance
 from otprune.methods import Method
 from otprune.prune_config import PruneConfig
 from otprune.sample_timer import phase
 from otprune.selectors import budget
 
-__all__ = ["Kept", "PluginFault", "log_selection", "select_per_image", "select_top_scores", "selection_clock"]
+__all__ = ["Kept", "PluginFault", "log_selection", "select_per_image", "select_top_scores", "selection_clock", "stop_run"]
 
 logger = logging.getLogger("otprune")
-# Context that differs from image to image: a method asking for any of it is called image by image.
-PER_IMAGE_CONTEXT = ("text", "attention", "grid")
 
 
 class Kept(NamedTuple):
-    """One image's outcome: ``indices`` ``(k,)`` sorted positions kept in its tokens; ``tokens``
-    ``(k, d)`` a merger's tokens that take those positions (``None``: the image's own tokens)."""
+    """One image's outcome: ``indices`` ``(m,)`` sorted positions kept in its tokens (``m = k``
+    but for a merger, ``m <= k``); ``tokens`` ``(m, d)`` a merger's tokens that take those
+    positions (``None``: the image's own tokens)."""
 
     indices: torch.Tensor
     tokens: torch.Tensor | None = None
@@ -112,12 +111,17 @@ def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequen
         values = context.get(name)
         value = None if values is None or i is None else values[i]
         if value is None or (name == "text" and value.shape[0] == 0):
-            raise ValueError(
+            stop_run(
+                config,
                 f"BASELINE={spec.name} asks for {name} ({CONTEXT[name]}), which this model and prompt do not give "
-                f"for an image of {n} tokens"
+                f"for an image of {n} tokens",
+                ValueError,
             )
         if name == "grid":
-            check_grids(value, n)
+            try:
+                check_grids(value, n)
+            except ValueError as error:
+                stop_run(config, f"the patch's grid for an image of {n} tokens is wrong: {error}", ValueError)
         given[name] = value
     return given
 
@@ -131,7 +135,7 @@ def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, conte
     try:
         answer = spec.function(tokens, k, **context, **config.options)
     except Exception as error:
-        _fault(config, f"{label} raised {type(error).__name__}: {error}")
+        stop_run(config, f"{label} raised {type(error).__name__}: {error}")
     n = tokens.shape[-2]
     if spec.kind == "merger":
         fault = merge_fault(answer, n, k, tokens)
@@ -141,15 +145,17 @@ def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, conte
         fault = kept_indices_fault(answer, n, k, tokens.device, batch=tokens.shape[0] if tokens.dim() == 3 else None)
         if fault is None:
             return Kept(answer)
-    _fault(config, f"{label} {fault} (N = {n} tokens, k = {k})")
+    stop_run(config, f"{label} {fault} (N = {n} tokens, k = {k})")
 
 
-def _fault(config: PruneConfig, message: str):
-    message += "; the run stops rather than prune with it"
+def stop_run(config: PruneConfig, message: str, error: type[Exception] = PluginFault):
+    """Stop a pruned forward that cannot go on: ``error(message)`` for a setting made in code,
+    ``SystemExit`` for one from the environment, since lmms-eval catches exceptions and reports
+    success: only leaving the process is heard."""
+    message += "; the run stops rather than prune without it" if error is not PluginFault else "; the run stops rather than prune with it"
     if config.from_environment:
-        # lmms-eval catches exceptions and reports success: only leaving the process is heard.
         raise SystemExit(f"otprune: {message}")
-    raise PluginFault(message)
+    raise error(message)
 
 
 def selection_clock(config: PruneConfig, images: Sequence[torch.Tensor]) -> float:

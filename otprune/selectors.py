@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 import math
 from typing import Callable
 
@@ -41,7 +40,6 @@ __all__ = [
     "SEED_RANGE",
     "SELECTORS",
     "TOKEN_DTYPES",
-    "accepted_options",
     "budget",
     "check_gamma",
     "check_greedy_path",
@@ -656,9 +654,3 @@ def get_selector(name: str) -> Callable[..., torch.Tensor]:
     if key not in SELECTORS:
         raise ValueError(f"unknown selector {name!r}; allowed: {', '.join(SELECTORS)}")
     return SELECTORS[key]
-
-
-def accepted_options(name: str) -> tuple[str, ...]:
-    """Keyword options the selector ``name`` takes, e.g. ``('gamma',)`` for OURS."""
-    signature = inspect.signature(get_selector(name).__wrapped__)
-    return tuple(p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY)

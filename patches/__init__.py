@@ -36,10 +36,11 @@ def prune(model, method: str | None, ratio: float | None = None, layer_index: in
     ``Qwen2_5_VLForConditionalGeneration`` / ``Qwen3VLForConditionalGeneration`` /
     ``LlavaOnevisionForConditionalGeneration``.
 
-    ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, or ``None``/``"ORIG"`` for none;
-    ``ratio``: kept fraction per image; ``layer_index``: decoder layer to prune before (default
-    0; 2 for FASTV, 4 for VTW; VTW at 0 gives the LLM the text alone);
-    ``options``: selector options (``gamma=``, ``seed=``, ``alpha=``, ``keep_ratio=``).
+    ``method``: a ``SELECTORS`` name, ``FASTV``, ``VTW``, an installed plugin's name
+    (``otprune.methods``), or ``None``/``"ORIG"`` for none; ``ratio``: kept fraction per image;
+    ``layer_index``: decoder layer to prune before (default 0; 2 for FASTV, 4 for VTW; VTW at 0
+    gives the LLM the text alone); ``options``: the method's options (``gamma=``, ``seed=``,
+    ``alpha=``, ``keep_ratio=``, a plugin's own), checked against its signature.
     """
     if layer_index is None:
         layer_index = default_layer_index(method)
@@ -73,7 +74,7 @@ def check_model(model, config: PruneConfig) -> None:
     try:
         check_layer_index(config, len(_decoder(model).layers))
     except ValueError as error:
-        if config is _env_config:
+        if config.from_environment:
             raise SystemExit(f"otprune: {error}") from None
         raise
 

@@ -4,6 +4,8 @@ LLaVA-1.5 (and transformers' ``LlavaForConditionalGeneration``): one square grid
 tower's ``side x side`` patches. LLaVA-1.6 / NeXT and OneVision's any-resolution images: that base
 grid, then the unpadded grid of the tiles with a learned newline vector ending each row; its rows
 are found where the newline vector sits, so no version's unpadding arithmetic is repeated here.
+A single-tile image (OneVision's images of a multi-image prompt) is the base grid and one newline
+token, which belongs to no grid.
 Qwen's grids come from ``image_grid_thw`` (``vlm.py``).
 """
 
@@ -25,6 +27,9 @@ def image_grids(tokens: torch.Tensor, side: int | None, newline: torch.Tensor | 
     """
     n = tokens.shape[0]
     if side and n == side * side:
+        return (PatchGrid(0, side, side),)
+    if side and newline is not None and n == side * side + 1 and torch.equal(tokens[-1], newline.to(tokens.device, tokens.dtype)):
+        # A single-tile image: the base grid and one newline token after it, in no grid.
         return (PatchGrid(0, side, side),)
     if side and newline is not None and n > side * side:
         rest = tokens[side * side :]

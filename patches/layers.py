@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from otprune.prune_config import PruneConfig
-from otprune.selection import Kept, log_selection, select_per_image, select_top_scores, selection_clock
+from otprune.selection import Kept, log_selection, select_per_image, select_top_scores, selection_clock, stop_run
 from otprune.selectors import budget
 
 
@@ -216,9 +216,12 @@ class LayerPruner:
                 merged.append((b, start + indices, tokens))
         counts = keep.sum(1)
         if bool((counts != counts[0]).any()):
-            raise ValueError(
+            stop_run(
+                self.config,
                 f"LAYER_INDEX={self.config.layer_index} needs every sample of a batch to keep the same number of "
-                f"tokens; got {counts.tolist()} (samples with different image counts or sizes): use batch size 1"
+                f"tokens; got {counts.tolist()} (samples with different image counts or sizes, or a merger that "
+                "returned fewer tokens for one of them): use batch size 1",
+                ValueError,
             )
         return keep.nonzero()[:, 1].view(keep.shape[0], -1), merged
 

@@ -3,6 +3,7 @@ stops the run loudly (issue 24). Real lmms-eval on the trained synthetic LLaVA-1
 run of the same package is the GPU check's (scripts/gpu_check.py, step vlm_lmms_eval)."""
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -78,6 +79,9 @@ def test_the_example_package_prunes_an_unchanged_lmms_eval_run_through_the_harne
     setting = json.loads(next((runs / "plugin_limit4").glob("*/TOPNORM_0.098/setting.json")).read_text())
     assert setting["env"]["OTPRUNE_OPTIONS"] == '{"largest": true}'
     assert setting["plugin"] == "otprune-topnorm 0.1.0"
+    source = (example_site / "otprune_topnorm" / "__init__.py").read_bytes()
+    expected = hashlib.sha256(b"__init__.py\0" + source + b"\0").hexdigest()[:16]
+    assert setting["plugin_source_sha256"] == expected
 
 
 def faulty_site(tmp_path: Path) -> Path:

@@ -552,10 +552,7 @@ def test_a_plugin_fault_from_the_environment_stops_even_after_the_same_setting_i
 
 @pytest.mark.parametrize("name", ["llava-1.5", "qwen2.5-vl"])
 def test_pool_prunes_to_its_pooled_grid(request, name):
-    try:
-        pool = otprune.methods.get_method("POOL")
-    except (ValueError, ImportError) as error:
-        pytest.skip(f"POOL is not available yet (otprune/plugins/pool.py): {error}")
+    pool = otprune.methods.get_method("POOL")
     from otprune.plugins.pool import pooled_shape
 
     fam = family(request, name, image_seed=10)

@@ -7,7 +7,6 @@ import torch
 from otprune.measures import logdet_objective
 from otprune.selectors import (
     SELECTORS,
-    accepted_options,
     budget,
     get_selector,
     select_divprune,
@@ -253,10 +252,12 @@ def test_registry_lookup():
     assert get_selector("ours") is select_otprune
     with pytest.raises(ValueError, match="unknown selector 'FOO'; allowed: OURS, DIVPRUNE"):
         get_selector("FOO")
-    assert accepted_options("OURS") == ("gamma", "greedy")
-    assert accepted_options("DPP") == ("greedy",)
-    assert accepted_options("TRIM") == ("text", "keep_ratio")
-    assert accepted_options("FIRST") == ()
+    from otprune.methods import get_method
+
+    assert get_method("OURS").options == ("gamma", "greedy")
+    assert get_method("DPP").options == ("greedy",)
+    assert get_method("TRIM").options == ("keep_ratio",) and get_method("TRIM").context == ("text",)
+    assert get_method("FIRST").options == ()
 
 
 def test_budget():

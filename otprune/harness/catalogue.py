@@ -58,11 +58,12 @@ MODELS = {
 
 def baseline(label: str) -> str | None:
     """The ``BASELINE`` value of a config's method ``label``: a display name's, else the label's own
-    when it names an installed method (any case); ``None`` for neither."""
+    when it names (in any case) an installed method that has no display name; ``None`` otherwise,
+    so that no method runs under two labels."""
     if label in METHODS:
         return METHODS[label]
     name = label.strip().upper() if isinstance(label, str) else None
-    return name if name in method_names() else None
+    return name if name in method_names() and name not in METHODS.values() else None
 
 
 def method_labels() -> list[str]:

@@ -18,6 +18,7 @@ from otprune.harness.config import METHOD_OWNED, SAFE_NAME, Config, run_env
 from otprune.harness.errors import ConfigError
 from otprune.harness.files import read_results
 from otprune.harness.records import finished_tasks
+from otprune.methods import plugin_source_sha256
 from otprune.prune_config import config_from_env
 
 SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
@@ -57,8 +58,11 @@ def run_setting(config: Config, model: str, method: str, ratio: float, env: dict
     if MODELS[model].trained:
         setting["weights_sha256"] = trained_weights_sha256(model)
     if pruning.enabled and pruning.spec.plugin:
-        # Code outside otprune's code identity: its package and version are part of the setting.
+        # Code outside otprune's code identity: its package, version and source are part of the setting.
         setting["plugin"] = pruning.spec.origin
+        source = plugin_source_sha256(pruning.spec)
+        if source is not None:
+            setting["plugin_source_sha256"] = source
     return {**setting, "hash": hashlib.sha256(json.dumps(setting, sort_keys=True).encode()).hexdigest()[:16]}
 
 
