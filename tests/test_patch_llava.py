@@ -346,7 +346,7 @@ def test_layer_index_beyond_the_model_is_refused_before_anything_runs(models, mo
         patches.prune(model, "OURS", RATIO, layer_index=9)
     # Set from the environment (no model at hand then): the first forward stops the process
     # (lmms-eval would swallow an exception), before the vision tower runs.
-    monkeypatch.setattr(patches, "_env_config", patches.PruneConfig("OURS", RATIO, 9))
+    monkeypatch.setattr(patches, "_env_config", patches.PruneConfig("OURS", RATIO, 9, from_environment=True))
     towers = []
     handle = model.get_vision_tower().register_forward_pre_hook(lambda *a: towers.append(1))
     try:

@@ -100,10 +100,11 @@ def _check_inputs(tokens, k, text) -> int:
         raise ValueError(f"text must have shape (T, {d}) with T >= 1, the tokens' width; got shape {tuple(text.shape)}")
     if text.device.type == "meta":
         raise ValueError("text is on the meta device, which holds no values; pass a CPU or GPU tensor")
-    if not bool(torch.isfinite(tokens).all()):
-        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
-    if not bool(torch.isfinite(text).all()):
-        raise ValueError("text contains NaN or Inf; every entry must be finite")
+    # One read-back for both (on a GPU each is a host synchronisation); the second only on failure.
+    tokens_finite = torch.isfinite(tokens).all()
+    if not bool(tokens_finite & torch.isfinite(text).all().to(tokens_finite.device)):
+        what = "tokens contain" if not bool(tokens_finite) else "text contains"
+        raise ValueError(f"{what} NaN or Inf; every entry must be finite")
     return k
 
 

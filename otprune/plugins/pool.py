@@ -23,8 +23,8 @@ def merge_pool(tokens: torch.Tensor, k: int, *, grid: tuple[PatchGrid, ...]) -> 
     """POOL: average-pool each patch grid of one image to a smaller grid that fits the budget.
 
     ``tokens``: ``(N, d)``, one image's visual tokens (float16, bfloat16, float32 or float64,
-    finite); ``k``: an int in ``[1, N]``; ``grid``: a tuple of :class:`PatchGrid` tiling the N
-    tokens in order (context). Returns ``(merged, positions)``: ``merged`` ``(m, d)`` in
+    finite); ``k``: an int in ``[1, N]``; ``grid``: a tuple of :class:`PatchGrid` in token order
+    (context; tokens in no grid, such as a single-tile image's lone newline, are dropped). Returns ``(merged, positions)``: ``merged`` ``(m, d)`` in
     ``tokens``' dtype and device, ``1 <= m <= k``; ``positions`` ``(m,)`` ``torch.long``, distinct,
     sorted, the token each merged token stands in for. Output is in token order.
 
@@ -64,7 +64,11 @@ def merge_pool(tokens: torch.Tensor, k: int, *, grid: tuple[PatchGrid, ...]) -> 
     k, grids = _check_inputs(tokens, k, grid)
     work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
     x = tokens.detach()
-    exponent = math.frexp(float(x.abs().max()))[1]
+    # One read-back (a host synchronisation on a GPU) gives both the finiteness check and the scale.
+    peak = float(x.abs().amax())
+    if not math.isfinite(peak):
+        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
+    exponent = math.frexp(peak)[1]
     scale = exponent if exponent > 64 else 0
     device = tokens.device
     pieces: list[torch.Tensor] = []
@@ -76,7 +80,7 @@ def merge_pool(tokens: torch.Tensor, k: int, *, grid: tuple[PatchGrid, ...]) -> 
         rows, cols = shape
         keep_newlines = patch_grid.newlines and share >= rows * cols + rows
         cells = patch_grid.cell_positions()
-        values = x[cells.to(device)].to(work)  # (h, w, d)
+        values = x[patch_grid.cell_positions(device)].to(work)  # (h, w, d)
         if scale:
             # In two factors: 2**-scale or 2**scale itself need not be a finite float32.
             values = values * math.ldexp(1.0, -(scale // 2)) * math.ldexp(1.0, -(scale - scale // 2))
@@ -174,9 +178,7 @@ def _check_inputs(tokens, k, grid) -> tuple[int, tuple[PatchGrid, ...]]:
     if isinstance(grid, PatchGrid):
         grid = (grid,)
     if not isinstance(grid, (tuple, list)) or not grid or not all(isinstance(g, PatchGrid) for g in grid):
-        raise ValueError(f"grid must be a non-empty tuple of otprune.contract.PatchGrid tiling the {n} tokens; got {grid!r}")
+        raise ValueError(f"grid must be a non-empty tuple of otprune.contract.PatchGrid in the {n} tokens; got {grid!r}")
     grids = tuple(grid)
     check_grids(grids, n)
-    if not bool(torch.isfinite(tokens).all()):
-        raise ValueError("tokens contain NaN or Inf; every entry must be finite")
     return k, grids
