@@ -7,6 +7,7 @@ unpruned model's own inputs cut or merged by hand, or the unpruned model fed tho
 """
 
 import logging
+import re
 import sys
 
 import pytest
@@ -63,6 +64,33 @@ def merge_windows(tokens, k):
 
 def select_unsorted(tokens, k):
     return torch.arange(k, device=tokens.device).flip(0)
+
+
+BATCHED = []
+
+
+def select_uniform_batch(tokens, k):
+    """UNIFORMCOPY for one image (N, d) or for a batch (B, N, d) of images sharing k."""
+    BATCHED.append(tuple(tokens.shape))
+    n = tokens.shape[-2]
+    indices = torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().to(tokens.device)
+    return indices.expand(*tokens.shape[:-2], k).clone()
+
+
+select_uniform_batch.accepts_batches = True
+
+
+def select_needing_grid(tokens, k, *, grid):
+    return torch.arange(k, device=tokens.device)
+
+
+UNEVEN = []
+
+
+def merge_uneven(tokens, k):
+    """WINDOWS, but every second image it merges (the second of a batch of two) gets one window fewer."""
+    UNEVEN.append(tokens.shape[0])
+    return merge_windows(tokens, k if len(UNEVEN) % 2 else k - 1)
 '''
 ENTRY_POINTS = """[otprune.selectors]
 NORM = otprune_test_plugins:select_norm
@@ -70,9 +98,12 @@ UNIFORMCOPY = otprune_test_plugins:select_uniform_copy
 RECORD = otprune_test_plugins:select_recording
 RECORDATT = otprune_test_plugins:select_recording_attention
 UNSORTED = otprune_test_plugins:select_unsorted
+UNIFORMBATCH = otprune_test_plugins:select_uniform_batch
+GRIDONLY = otprune_test_plugins:select_needing_grid
 
 [otprune.mergers]
 WINDOWS = otprune_test_plugins:merge_windows
+UNEVEN = otprune_test_plugins:merge_uneven
 """
 
 
@@ -263,6 +294,25 @@ def qwen_model(tmp_path_factory):
     return builder.load_processor(path), model
 
 
+OTHER_FAMILIES = ["qwen2-vl", "qwen3-vl", "llava-onevision"]
+
+
+@pytest.fixture(scope="module")
+def vlm_models(tmp_path_factory):
+    """The tiny Qwen2-VL, Qwen3-VL and LLaVA-OneVision: ``{variant: (processor, model)}``."""
+    from transformers import AutoModelForImageTextToText
+
+    builder = load_script("build_tiny_qwen")
+    root = tmp_path_factory.mktemp("vlm_checkpoints")
+    loaded = {}
+    for variant in OTHER_FAMILIES:
+        path = builder.build(root / variant, variant)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        LOADED.append(model)
+        loaded[variant] = (builder.load_processor(path), model)
+    return loaded
+
+
 def reset(model):
     model._otprune_config = None
     pruner = model.__dict__.pop("_otprune_layer_pruner", None)
@@ -289,6 +339,9 @@ def family(request, name, image_seed=0):
     if name in ("llava-hf", "llava-next-hf"):
         processor, model = request.getfixturevalue("hf_models")[name]
         return HfModel(name, processor, model, QUESTION, image)
+    if name in OTHER_FAMILIES:
+        processor, model = request.getfixturevalue("vlm_models")[name]
+        return HfModel(name, processor, model, QUESTION, image)
     processor, model = request.getfixturevalue("qwen_model")
     return HfModel(name, processor, model, QUESTION, image)
 
@@ -313,7 +366,19 @@ def first_layer_rotary(fam):
 @pytest.mark.parametrize("layer_index", [0, 2])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_plugin_copying_uniform_prunes_exactly_as_the_built_in(request, plugins, name, layer_index, caplog):
-    fam = family(request, name, image_seed=1)
+    check_copy_of_uniform(family(request, name, image_seed=1), layer_index, caplog)
+
+
+# Qwen3-VL at K = 1, as its family tests: DeepStack's second level is then added after the cut.
+@pytest.mark.parametrize(
+    "name, layer_index", [("qwen2-vl", 0), ("qwen2-vl", 2), ("qwen3-vl", 0), ("qwen3-vl", 1), ("llava-onevision", 0), ("llava-onevision", 2)]
+)
+def test_a_plugin_copying_uniform_prunes_the_other_families_exactly_as_the_built_in(request, plugins, name, layer_index, caplog):
+    check_copy_of_uniform(family(request, name, image_seed=1), layer_index, caplog)
+
+
+def check_copy_of_uniform(fam, layer_index, caplog):
+    """UNIFORMCOPY gives ``fam`` the logits and tokens UNIFORM gives, and logs the same counts."""
     patches.prune(fam.model, "UNIFORM", RATIO, layer_index=layer_index)
     expected_logits = fam.forward().logits
     expected_tokens = fam.generate()
@@ -371,7 +436,7 @@ def test_a_norm_plugin_at_k2_keeps_the_largest_layer_2_hidden_states(request, pl
 
 
 def expected_grid(fam):
-    if fam.name == "qwen2.5-vl":
+    if fam.name.startswith("qwen"):
         t, h, w = fam.inputs["image_grid_thw"][0].tolist()
         merge = fam.model.config.vision_config.spatial_merge_size
         return (PatchGrid(0, h // merge, w // merge),)
@@ -379,7 +444,7 @@ def expected_grid(fam):
     return (PatchGrid(0, side, side),)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, "qwen2-vl", "qwen3-vl"])
 def test_a_plugin_gets_its_context_before_the_llm(request, plugins, name):
     fam = family(request, name, image_seed=4)
     full, _ = full_llm_input(fam)
@@ -389,7 +454,7 @@ def test_a_plugin_gets_its_context_before_the_llm(request, plugins, name):
     assert seen["layer_index"] == 0 and seen["k"] == budget(RATIO, fam.n)
     assert torch.equal(seen["tokens"], full[fam.start : fam.start + fam.n])
     assert seen["grid"] == expected_grid(fam)
-    if name == "qwen2.5-vl":
+    if name.startswith("qwen"):
         assert seen["grid"][0].rows * seen["grid"][0].cols == fam.n
     assert torch.equal(seen["text"], fam.text_embeddings())
     assert torch.equal(seen["text"], full[fam.start + fam.n :])
@@ -410,7 +475,7 @@ def eager_last_token_attention(fam, layer):
     return weights[0][0, :, -1, fam.start : fam.start + fam.n].mean(0)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, "qwen2-vl", "qwen3-vl"])
 def test_a_plugin_gets_its_context_inside_the_llm(request, plugins, name):
     fam = family(request, name, image_seed=5)
     hidden, _, _ = fam.layer_inputs(2)
@@ -432,26 +497,107 @@ def test_a_plugin_gets_its_context_inside_the_llm(request, plugins, name):
 def test_a_next_image_grid_is_the_base_grid_then_a_newline_grid(request, plugins, name):
     fam = family(request, name, image_seed=6)
     newline = fam.model.get_model().image_newline if name == "llava-1.6" else fam.model.model.image_newline
+    check_base_then_newline_grid(fam, plugins, 24, newline)
+
+
+def test_a_onevision_image_grid_is_the_base_grid_then_a_newline_grid(request, plugins):
+    fam = family(request, "llava-onevision", image_seed=6)
+    vision = fam.model.config.vision_config
+    check_base_then_newline_grid(fam, plugins, vision.image_size // vision.patch_size, fam.model.model.image_newline)
+
+
+def check_base_then_newline_grid(fam, plugins, side, newline):
+    """RECORD gets ``fam``'s any-resolution image as its ``side x side`` base grid, then the tiles'
+    grid whose newline positions hold ``newline`` exactly, the same before and inside the LLM."""
+    base_size = side * side
+    full, _ = full_llm_input(fam)
     patches.prune(fam.model, "RECORD", RATIO)
     fam.forward()
     (seen,) = plugins["SEEN"]
     tokens, grid = seen["tokens"], seen["grid"]
-    assert tokens.shape[0] == fam.n > 576
+    assert tokens.shape[0] == fam.n > base_size
+    assert torch.equal(tokens, full[fam.start : fam.start + fam.n])
     base, tiles = grid
-    assert base == PatchGrid(0, 24, 24)
-    assert tiles.start == 576 and tiles.newlines and tiles.size == fam.n - 576 and tiles.rows > 1 and tiles.cols > 1
+    assert base == PatchGrid(0, side, side)
+    assert tiles.start == base_size and tiles.newlines and tiles.size == fam.n - base_size and tiles.rows > 1 and tiles.cols > 1
     cells, rows = tiles.cell_positions().flatten(), tiles.newline_positions()
-    assert torch.equal(torch.cat([cells, rows]).sort().values, torch.arange(576, fam.n))
+    assert torch.equal(torch.cat([cells, rows]).sort().values, torch.arange(base_size, fam.n))
     # The newline positions hold the model's newline vector exactly, and no patch does.
     assert bool((tokens[rows] == newline).all())
     assert not bool((tokens[cells] == newline).all(-1).any())
-    assert not bool((tokens[:576] == newline).all(-1).any())
+    assert not bool((tokens[:base_size] == newline).all(-1).any())
     # Inside the LLM the grid is the same: it is told from the tokens entering the LLM.
     plugins["SEEN"].clear()
     patches.prune(fam.model, "RECORD", RATIO, layer_index=2)
     fam.forward()
     (inside,) = plugins["SEEN"]
     assert inside["grid"] == grid and inside["layer_index"] == 2
+
+
+def test_each_image_of_a_onevision_multi_image_prompt_is_its_base_grid_and_a_lone_newline(request, plugins):
+    # Several images in one prompt: transformers gives each its base tile only, then one newline.
+    processor, model = request.getfixturevalue("vlm_models")["llava-onevision"]
+    content = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[[make_image(500, 300, 30), make_image(200, 420, 31)]], text=[prompt], return_tensors="pt")
+    vision = model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    placeholders = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    assert placeholders.numel() == 2 * (side * side + 1)
+    fam = Family("llava-onevision", model, dict(inputs), int(placeholders[0]), placeholders.numel())
+    full, _ = full_llm_input(fam)
+    grids = []
+    for layer_index in (0, 2):
+        plugins["SEEN"].clear()
+        patches.prune(model, "RECORD", RATIO, layer_index=layer_index)
+        fam.forward()
+        assert len(plugins["SEEN"]) == 2
+        for image, seen in zip(placeholders.view(2, -1), plugins["SEEN"]):
+            tokens = seen["tokens"]
+            if layer_index == 0:
+                assert torch.equal(tokens, full[image])
+                # The lone newline token ends the image and belongs to no grid; no patch is a newline.
+                assert torch.equal(tokens[-1], model.model.image_newline)
+                assert not bool((tokens[:-1] == model.model.image_newline).all(-1).any())
+            assert tokens.shape[0] == side * side + 1
+            grids.append(seen["grid"])
+    assert grids == [(PatchGrid(0, side, side),)] * 4
+
+
+def qwen_video(processor, model, t, h, w, seed):
+    """A prompt of one video of ``t`` temporal steps of ``h x w`` patches, given as patches; each
+    step one placeholder run (Qwen3-VL: each after its timestamp)."""
+    merge = model.config.vision_config.spatial_merge_size
+    per_step = h * w // merge**2
+    content = [{"type": "video"}, {"type": "text", "text": QUESTION}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    if type(model).__name__.startswith("Qwen3"):
+        steps = "".join(f"<{i}.0 seconds><|vision_start|>{'<|video_pad|>' * per_step}<|vision_end|>" for i in range(t))
+    else:
+        steps = f"<|vision_start|>{'<|video_pad|>' * (t * per_step)}<|vision_end|>"
+    ids = processor.tokenizer(prompt.replace(video, steps), return_tensors="pt")
+    vision = model.config.vision_config
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(t * h * w, vision.in_channels * vision.temporal_patch_size * vision.patch_size**2, generator=g)
+    types = (ids["input_ids"] == model.config.video_token_id).int() * 2
+    return {**ids, "pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]]), "mm_token_type_ids": types}
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl", "qwen3-vl"])
+def test_each_frame_of_a_qwen_video_gets_its_own_grid(request, plugins, name):
+    processor, model = request.getfixturevalue("qwen_model") if name == "qwen2.5-vl" else request.getfixturevalue("vlm_models")[name]
+    t, h, w = 3, 8, 12
+    inputs = qwen_video(processor, model, t, h, w, seed=32)
+    frames = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten().view(t, -1)
+    fam = Family(name, model, inputs, int(frames[0, 0]), frames.numel())
+    full, _ = full_llm_input(fam)
+    patches.prune(model, "RECORD", RATIO)
+    fam.forward()
+    assert len(plugins["SEEN"]) == t
+    for frame, seen in zip(frames, plugins["SEEN"]):
+        assert seen["grid"] == (PatchGrid(0, h // 2, w // 2),) and seen["k"] == budget(RATIO, h * w // 4)
+        assert torch.equal(seen["tokens"], full[frame])
 
 
 # -- 3. a merger's tokens reach the LLM at the positions it returns -----------------------------
@@ -575,3 +721,155 @@ def test_pool_prunes_to_its_pooled_grid(request, name):
     assert torch.allclose(merged[0], full[start + block].mean(0), atol=1e-5)
     if name == "qwen2.5-vl":
         assert torch.equal(call["position_ids"], full_positions[..., keep])
+
+
+# -- 6. batches of padded prompts --------------------------------------------------------------
+
+
+QUESTIONS = [QUESTION, "Is there a red car in the picture? Please answer yes or no."]
+
+
+class OriginalLlavaBatch(Family):
+    generate_inputs = OriginalLlava.generate_inputs
+
+
+def padded_batch(request, monkeypatch, name, side, seeds):
+    """Two prompts of different lengths, each with one 500 x 300 image (so of equal token counts),
+    padded on ``side``; ``n``: each image's visual tokens."""
+    images = [make_image(500, 300, seed) for seed in seeds]
+    if name == "llava-1.5":
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import process_images, tokenizer_image_token
+
+        tokenizer, model, processor = request.getfixturevalue("original_models")[name]
+        # The original LLaVA re-pads its spliced sequence on the side its config names.
+        monkeypatch.setattr(model.config, "tokenizer_padding_side", side)
+        prompts = [tokenizer_image_token(f"USER: <image>\n{q} ASSISTANT:", tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for q in QUESTIONS]
+        length = max(p.numel() for p in prompts)
+        ids = torch.zeros(2, length, dtype=torch.long)
+        mask = torch.zeros(2, length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            where = slice(length - prompt.numel(), length) if side == "left" else slice(0, prompt.numel())
+            ids[row, where], mask[row, where] = prompt, 1
+        pixel = process_images(images, processor, model.config).float()
+        inputs = {"input_ids": ids, "images": pixel, "image_sizes": [im.size for im in images], "attention_mask": mask}
+        return OriginalLlavaBatch(name, model, inputs, None, model.get_vision_tower().num_patches)
+    processor, model = request.getfixturevalue("hf_models")[name] if name == "llava-hf" else request.getfixturevalue("qwen_model")
+    monkeypatch.setattr(processor.tokenizer, "padding_side", side)
+    prompts = [
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
+        for q in QUESTIONS
+    ]
+    inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    counts = (inputs["input_ids"] == model.config.image_token_id).sum(1)
+    assert counts[0] == counts[1]
+    return Family(name, model, dict(inputs), None, int(counts[0]))
+
+
+def padding_side_of(mask):
+    lengths = mask.sum(1)
+    assert lengths[0] != lengths[1]
+    return "left" if bool(mask[:, -1].all()) else "right" if bool(mask[:, 0].all()) else None
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_padded_batch_prunes_with_a_plugin_exactly_as_with_the_built_in(request, monkeypatch, plugins, name, side, layer_index):
+    """UNIFORMCOPY (image by image) and its batching twin UNIFORMBATCH (one (2, N, d) call) give
+    the logits and tokens the built-in UNIFORM gives a padded batch of two prompts."""
+    batch = padded_batch(request, monkeypatch, name, side, seeds=(40, 41))
+    assert padding_side_of(batch.inputs["attention_mask"]) == side
+    # The unpruned LLM input: the prompt with each image's placeholder(s) (LLaVA-1.5: one) as its n tokens.
+    placeholders = 1 if name == "llava-1.5" else batch.n
+    unpruned_length = batch.inputs["input_ids"].shape[1] - placeholders + batch.n
+    outcomes = {}
+    for method in ("UNIFORM", "UNIFORMCOPY", "UNIFORMBATCH"):
+        patches.prune(batch.model, method, RATIO, layer_index=layer_index)
+        outcomes[method] = (batch.forward().logits, batch.generate(tokens=3).tolist())
+    logits, tokens = outcomes["UNIFORM"]
+    cut = batch.n - budget(RATIO, batch.n) if layer_index == 0 else 0
+    assert logits.shape[:2] == (2, unpruned_length - cut)
+    for method in ("UNIFORMCOPY", "UNIFORMBATCH"):
+        assert torch.equal(outcomes[method][0], logits), method
+        assert outcomes[method][1] == tokens, method
+    # The twin got both images at once, in each of its two forwards (the generate's prefill).
+    assert len(plugins["BATCHED"]) == 2 and {shape[:2] for shape in plugins["BATCHED"]} == {(2, batch.n)}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_merger_at_k2_prunes_a_padded_batch_of_equal_images(request, monkeypatch, plugins, name):
+    batch = padded_batch(request, monkeypatch, name, "left", seeds=(42, 43))
+    n = batch.n
+    k = budget(RATIO, n)
+    _, positions = windows(torch.zeros(n, 1), k)
+    patches.prune(batch.model, "WINDOWS", RATIO, layer_index=2)
+    logits = batch.forward().logits
+    state = batch.model._otprune_layer_pruner.state
+    assert logits.shape[1] == state.length
+    assert tuple(state.kept.shape) == (2, state.length - n + k)
+    for row, ((start, end),) in enumerate(state.spans):
+        assert end - start == n
+        assert torch.equal(state.kept[row].cpu(), torch.cat([torch.arange(start), start + positions, torch.arange(end, state.length)]))
+    assert batch.generate().shape[0] == 2
+
+
+@pytest.mark.parametrize("route", ["code", "environment"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_merger_keeping_unequal_counts_in_a_batch_at_k2_is_stopped(request, monkeypatch, plugins, name, route):
+    batch = padded_batch(request, monkeypatch, name, "left", seeds=(44, 45))
+    message = r"LAYER_INDEX=2 needs every sample of a batch to keep the same number of tokens; got \[(\d+), (\d+)\].*use batch size 1"
+    if route == "code":
+        patches.prune(batch.model, "UNEVEN", RATIO, layer_index=2)
+        with pytest.raises(ValueError, match=message) as raised:
+            batch.forward()
+        first, second = (int(c) for c in re.search(message, str(raised.value)).groups())
+        assert first == second + 1
+    else:
+        try:
+            patches.activate_from_env({"BASELINE": "uneven", "SUBSET_RATIO": str(RATIO), "LAYER_INDEX": "2"})
+            with pytest.raises(SystemExit, match="otprune: " + message):
+                batch.forward()
+        finally:
+            patches.activate_from_env({})
+    assert plugins["UNEVEN"] == [batch.n, batch.n]
+
+
+# -- 7. a plugin asking for a grid the patch cannot tell -----------------------------------------
+
+
+def without_grid(request, monkeypatch, name):
+    """One prompt whose image is 577 tokens, the CLS token before the 24 x 24 patches: no grid."""
+    if name == "llava-1.5":
+        _, model, _ = request.getfixturevalue("original_models")[name]
+        monkeypatch.setattr(model.get_vision_tower(), "select_feature", "cls_patch")
+        return family(request, name, image_seed=50)
+    processor, model = request.getfixturevalue("hf_models")[name]
+    monkeypatch.setattr(processor, "vision_feature_select_strategy", "full")
+    fam = family(request, name, image_seed=50)
+    fam.inputs["vision_feature_select_strategy"] = "full"
+    return fam
+
+
+@pytest.mark.parametrize("route", ["code", "environment"])
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf"])
+def test_a_plugin_asking_for_a_grid_the_patch_cannot_tell_is_stopped(request, monkeypatch, plugins, name, layer_index, route):
+    fam = without_grid(request, monkeypatch, name)
+    assert fam.n == 24 * 24 + 1
+    message = r"BASELINE=GRIDONLY asks for grid \(.*\), which this model and prompt do not give for an image of 577 tokens"
+    # A method asking for no grid prunes the same prompt.
+    patches.prune(fam.model, "UNIFORMCOPY", RATIO, layer_index=layer_index)
+    fam.forward()
+    fam.model._otprune_config = None
+    if route == "code":
+        patches.prune(fam.model, "GRIDONLY", RATIO, layer_index=layer_index)
+        with pytest.raises(ValueError, match=message):
+            fam.forward()
+        return
+    try:
+        patches.activate_from_env({"BASELINE": "gridonly", "SUBSET_RATIO": str(RATIO), "LAYER_INDEX": str(layer_index)})
+        with pytest.raises(SystemExit, match="otprune: " + message):
+            fam.forward()
+    finally:
+        patches.activate_from_env({})
