@@ -23,6 +23,7 @@ from otprune.harness import cli as harness_cli
 from otprune.harness.config import load_config
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors.slurm import SlurmOptions, slurm_parameters
+from otprune.harness.plan import plan_runs
 from test_harness_runs import fake_env, runs_folder, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,10 +125,11 @@ def test_the_synth_default_on_slurm_scores_as_the_local_executor(cluster, tmp_pa
     assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
     local = otprune("run", "synth", "--limit", "3", "--jobs", "2", "--runs-dir", str(tmp_path / "local"))
     assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    planned = len(plan_runs(load_config("synth"), tmp_path))
     on_slurm = scores(tmp_path / "slurm" / "synth_limit3" / "table1.csv")
-    assert len(on_slurm) == 14 and on_slurm == scores(tmp_path / "local" / "synth_limit3" / "table1.csv")
+    assert len(on_slurm) == planned and on_slurm == scores(tmp_path / "local" / "synth_limit3" / "table1.csv")
     records = [json.loads(p.read_text()) for p in (tmp_path / "slurm" / "synth_limit3").glob("*/*/otprune_*.json")]
-    assert len(records) == 14 and all(r["executor"] == "slurm" and r["slurm_job_id"] for r in records)
+    assert len(records) == planned and all(r["executor"] == "slurm" and r["slurm_job_id"] for r in records)
 
 
 def tiny_runs(tmp_path: Path, tasks: list[str]) -> tuple[Path, Path]:
