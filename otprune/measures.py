@@ -23,6 +23,7 @@ __all__ = [
     "empirical_ot_distance",
     "gaussian_w2",
     "logdet_objective",
+    "near_duplicate_share",
     "prefill_flops",
     "pruned_prefill_flops",
     "w2_trace_term",
@@ -88,6 +89,34 @@ def empirical_ot_distance(tokens: torch.Tensor, kept_indices, *, normalise: bool
     weights_full = torch.full((full.shape[0],), 1.0 / full.shape[0], dtype=torch.float64).numpy()
     weights_kept = torch.full((subset.shape[0],), 1.0 / subset.shape[0], dtype=torch.float64).numpy()
     return float(ot.emd2(weights_full, weights_kept, cost, numItermax=10_000_000))
+
+
+NEAR_DUPLICATE_COSINE = 0.95
+
+
+def near_duplicate_share(tokens: torch.Tensor, *, threshold: float = NEAR_DUPLICATE_COSINE) -> torch.Tensor:
+    """``(..., N, d) -> (...)`` float64: the share of an image's tokens whose nearest other token
+    (by cosine similarity, after subtracting the image's mean token) lies above ``threshold``,
+    i.e. that another token nearly repeats.
+
+    **Choices**: cosine rather than distance (scale-free across models and layers), threshold 0.95,
+    and centred on the image's mean token: a vision tower's tokens share a large common component
+    (measured on the synthetic benchmark's tiny LLaVA: the raw cosine of nearly every token's
+    nearest neighbour exceeds 0.95 on every background, 99.5-99.8 %), which says how alike all
+    tokens are, not which repeat each other. A token equal to the mean has cosine 0 with every
+    other token.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() < 2 or not tokens.is_floating_point() or tokens.shape[-2] < 2:
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"tokens must be a floating-point tensor of shape (..., N, d) with N >= 2; got {shape}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold < 1.0:
+        raise ValueError(f"threshold={threshold!r} is not allowed; it must be a cosine in [-1, 1)")
+    x = tokens.to(torch.float64)
+    x = x - x.mean(dim=-2, keepdim=True)
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    cosine = unit @ unit.transpose(-1, -2)
+    cosine.diagonal(dim1=-2, dim2=-1).fill_(-math.inf)
+    return (cosine.amax(dim=-1) > threshold).to(torch.float64).mean(dim=-1)
 
 
 def logdet_objective(tokens: torch.Tensor, kept_indices, *, gamma: float = DEFAULT_GAMMA) -> torch.Tensor:

@@ -19,7 +19,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 
 from otprune.contract import CONTEXT, PER_IMAGE_CONTEXT, check_grids, kept_indices_fault, merge_fault
-from otprune.measures import empirical_ot_distance
+from otprune.measures import empirical_ot_distance, near_duplicate_share
 from otprune.methods import Method
 from otprune.prune_config import PruneConfig
 from otprune.sample_timer import phase
@@ -170,7 +170,8 @@ def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Seq
     """With ``OTPRUNE_LOG=1``: one line per forward, each image's tokens before -> after and the
     selection's wall time since ``start`` (``time.perf_counter()``). With ``OTPRUNE_OT=1`` also each
     image's exact empirical OT distance between its kept and full token sets (``nan`` when none is
-    kept, and for a merger, whose tokens are no subset: not measured), measured after the timing."""
+    kept, and for a merger, whose tokens are no subset: not measured) and each image's redundancy
+    (``near_duplicate_share`` of its full token set), measured after the timing."""
     if not config.log:
         return
     seconds = selection_clock(config, images) - start
@@ -182,6 +183,7 @@ def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Seq
             for t, k in zip(images, kept)
         ]
         line += "; ot " + ", ".join(f"{v:.6g}" for v in distances)
+        line += "; redundancy " + ", ".join(f"{float(near_duplicate_share(t)):.6g}" for t in images)
     logger.info(line)
 
 

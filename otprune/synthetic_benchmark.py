@@ -1,9 +1,23 @@
-"""A seeded visual benchmark whose answers are known by construction: coloured shapes on a plain
-background, with presence, attribute, counting, spatial and caption questions.
+"""A seeded visual benchmark whose answers are known by construction: coloured shapes on a
+background of a chosen redundancy, with presence, attribute, counting, spatial and caption questions.
 
-Everything is a pure function of a seed: ``scenes(seed, n)`` -> ``draw(scene)`` (a 336 px PIL
-image) and ``questions(scene, rng)``. A scene is plain data (JSON-serialisable), so a split is
-shipped as its scenes and questions and the images are drawn when a task reads them.
+Everything is a pure function of a seed: ``scenes(seed, n)`` -> ``draw(scene, background)`` (a
+336 px PIL image) and ``questions(scene, rng)``. A scene and its background are plain data
+(JSON-serialisable), so a split is shipped as its scenes and questions and the images are drawn
+when a task reads them.
+
+The background is the benchmark's redundancy axis, ``LEVELS`` from most to least redundant:
+
+- ``plain``: one flat grey; about 96 % of the patches show nothing but it.
+- ``gradient``: a smooth linear blend of two muted colours in a random direction.
+- ``texture``: noise, stripes or checks of a random scale, orientation and pair of muted colours.
+- ``clutter``: a texture strewn with small distractor marks (crosses, bars, hooks) in colours
+  outside ``COLOURS``; a mark never touches an object's box, so no answer changes.
+
+Background colours are muted (low saturation) and distractor colours (``DISTRACTOR_COLOURS``) are
+none of the question vocabulary's, so the objects stay the only things a question can name. How
+redundant each level is for a model is measured, not assumed: ``otprune.measures.near_duplicate_share``
+on the model's projected visual tokens.
 
 Design **choices** (for a tiny model that must learn the task in minutes on a CPU):
 
@@ -13,8 +27,9 @@ Design **choices** (for a tiny model that must learn the task in minutes on a CP
 - Spatial questions only compare objects in different columns (left/right) or rows (above/below).
 - Train and held-out scenes never coincide: a scene belongs to the held-out split when a hash of
   its objects falls in one eighth of the range, whatever seed drew it.
-- The background is plain: most of the 576 patches carry no information, which is what makes
-  visual-token pruning matter on this benchmark.
+- The held-out rows of every level are the same questions on the same scenes; only the background
+  differs (its seed is a hash of the level, the kind and the row), so a change of score across
+  levels is the background's doing.
 """
 
 from __future__ import annotations
@@ -23,9 +38,13 @@ import hashlib
 import random
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 __all__ = [
-    "BACKGROUND", "CAPTION_PROMPT", "COLOURS", "HELD_OUT_SEED", "IMAGE_SIZE", "KINDS", "PATCH", "SHAPES", "SHORT_ANSWER_PROMPT",
-    "SIZES", "SPLITS", "Shape", "blind_chance", "caption", "in_split", "random_scene", "draw", "question_rows", "question_template", "questions", "scene_from_dict", "scenes", "vocabulary",
+    "BACKGROUND", "CAPTION_PROMPT", "COLOURS", "DISTRACTOR_COLOURS", "HELD_OUT_SEED", "IMAGE_SIZE", "KINDS", "LEVELS", "PATCH", "SHAPES",
+    "SHORT_ANSWER_PROMPT", "SIZES", "SPLITS", "TASK_KINDS", "Background", "Shape", "background_from_dict", "blind_chance", "caption", "draw", "in_split",
+    "level_rows", "question_rows", "question_template", "questions", "random_background", "random_scene", "scene_from_dict", "scenes",
+    "task_benchmark", "task_level", "task_name", "vocabulary",
 ]
 
 IMAGE_SIZE = 336
@@ -44,6 +63,18 @@ CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 NUMBERS = ("0", "1", "2", "3", "4")
 SPLITS = ("train", "held_out")
 HELD_OUT_SEED = 1_000_003
+LEVELS = ("plain", "gradient", "texture", "clutter")
+# Per question kind: its lmms-eval task's suffix and its report column (configs/tasks.yaml).
+TASK_KINDS = {"presence": ("yesno", "SynYesNo"), "attribute": ("attribute", "SynAttr"), "count": ("count", "SynCount"),
+              "spatial": ("spatial", "SynSpatial"), "caption": ("caption", "SynCap")}
+TEXTURES = ("noise", "stripes", "checks")
+DISTRACTOR_COLOURS = {"purple": (120, 50, 150), "cyan": (20, 180, 190), "brown": (110, 70, 30), "black": (20, 20, 20), "white": (255, 255, 255)}
+DISTRACTOR_MARKS = ("plus", "cross", "bar", "hook")
+# Distractor marks per clutter image, and their side in pixels (under a patch).
+DISTRACTORS = (350, 500)
+MARK_SIDE = (5, 11)
+# Pixels kept free around every object's box, so that no mark touches an object.
+MARK_MARGIN = 3
 
 
 @dataclass(frozen=True)
@@ -72,10 +103,26 @@ class Shape:
         return self.x * PATCH // CELL, self.y * PATCH // CELL
 
 
+@dataclass(frozen=True)
+class Background:
+    """What the objects are drawn on: a level of ``LEVELS`` and the seed of its random pattern."""
+
+    level: str
+    seed: int
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"background level={self.level!r} is not allowed; allowed: {', '.join(LEVELS)}")
+        _check_seed(self.seed)
+
+
 def _check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r} is not allowed; it must be an integer")
     return seed
+
+
+PLAIN = Background("plain", 0)
 
 
 def in_split(scene: tuple[Shape, ...]) -> str:
@@ -125,21 +172,102 @@ def scene_to_dict(scene: tuple[Shape, ...]) -> list[dict]:
     return [asdict(o) for o in scene]
 
 
-def draw(scene: tuple[Shape, ...]):
-    """The scene as a 336 x 336 RGB PIL image."""
+def random_background(rng: random.Random, level: str) -> Background:
+    """A ``level`` background with a seed drawn from ``rng``."""
+    return Background(level, rng.getrandbits(32))
+
+
+def background_from_dict(data: dict | None) -> Background:
+    """``{"level", "seed"}`` as a ``Background``; ``None`` (a row without one) is the plain one."""
+    return PLAIN if data is None else Background(**data)
+
+
+def _muted(rng) -> np.ndarray:
+    """A light, low-saturation colour: a grey with each channel nudged a little."""
+    grey = rng.uniform(150, 240)
+    return np.clip(grey + rng.uniform(-25, 25, size=3), 0, 255)
+
+
+def _pattern(rng, kind: str) -> np.ndarray:
+    """(336, 336) weights in [0, 1] of a texture's second colour."""
+    y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64)
+    scale = rng.uniform(4, 42)
+    if kind == "noise":
+        cells = int(np.ceil(IMAGE_SIZE / scale))
+        coarse = rng.random((cells, cells))
+        index = (np.arange(IMAGE_SIZE) / scale).astype(int)
+        return coarse[index[:, None], index[None, :]]
+    angle = rng.choice([0.0, np.pi / 2, np.pi / 4, -np.pi / 4])
+    if kind == "stripes":
+        return (np.floor((x * np.cos(angle) + y * np.sin(angle)) / scale) % 2).astype(np.float64)
+    return ((np.floor(x / scale) + np.floor(y / scale)) % 2).astype(np.float64)
+
+
+def _canvas(background: Background) -> np.ndarray:
+    """(336, 336, 3) uint8 pixels of the background before any object is drawn."""
+    if background.level == "plain":
+        return np.broadcast_to(np.asarray(BACKGROUND, dtype=np.uint8), (IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
+    rng = np.random.default_rng(background.seed)
+    first, second = _muted(rng), _muted(rng)
+    if background.level == "gradient":
+        angle = rng.uniform(0, 2 * np.pi)
+        y, x = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE] / (IMAGE_SIZE - 1)
+        along = x * np.cos(angle) + y * np.sin(angle)
+        weight = (along - along.min()) / (along.max() - along.min())
+    else:
+        weight = _pattern(rng, TEXTURES[rng.integers(len(TEXTURES))])
+    return np.round(first + weight[..., None] * (second - first)).astype(np.uint8)
+
+
+def _draw_object(pen, o: Shape) -> None:
+    x0, y0, x1, y1 = o.box
+    fill = COLOURS[o.colour]
+    if o.shape == "circle":
+        pen.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    elif o.shape == "square":
+        pen.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
+    else:
+        pen.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+
+
+def _draw_distractors(pen, scene: tuple[Shape, ...], seed: int) -> None:
+    """Small marks in ``DISTRACTOR_COLOURS`` anywhere at least ``MARK_MARGIN`` px from every object's box."""
+    rng = random.Random(seed ^ 0x5EED)
+    boxes = [(x0 - MARK_MARGIN, y0 - MARK_MARGIN, x1 + MARK_MARGIN, y1 + MARK_MARGIN) for x0, y0, x1, y1 in (o.box for o in scene)]
+    for _ in range(rng.randint(*DISTRACTORS)):
+        side = rng.randint(*MARK_SIDE)
+        x0, y0 = rng.randrange(IMAGE_SIZE - side), rng.randrange(IMAGE_SIZE - side)
+        x1, y1 = x0 + side, y0 + side
+        # A line of width 2 may paint a pixel beyond its end points.
+        if any(x0 - 2 < bx1 and bx0 < x1 + 2 and y0 - 2 < by1 and by0 < y1 + 2 for bx0, by0, bx1, by1 in boxes):
+            continue
+        fill = DISTRACTOR_COLOURS[rng.choice(tuple(DISTRACTOR_COLOURS))]
+        mark, width = rng.choice(DISTRACTOR_MARKS), 2
+        xm, ym = (x0 + x1 - 1) // 2, (y0 + y1 - 1) // 2
+        if mark == "plus":
+            lines = [((x0, ym), (x1 - 1, ym)), ((xm, y0), (xm, y1 - 1))]
+        elif mark == "cross":
+            lines = [((x0, y0), (x1 - 1, y1 - 1)), ((x0, y1 - 1), (x1 - 1, y0))]
+        elif mark == "bar":
+            lines = [((x0, y0), (x1 - 1, y1 - 1))] if rng.random() < 0.5 else [((x0, y1 - 1), (x1 - 1, y0))]
+        else:
+            lines = [((x0, y0), (x0, y1 - 1)), ((x0, y1 - 1), (x1 - 1, y1 - 1))]
+        for start, end in lines:
+            pen.line((start, end), fill=fill, width=width)
+
+
+def draw(scene: tuple[Shape, ...], background: Background = PLAIN):
+    """The scene on ``background`` (default: plain) as a 336 x 336 RGB PIL image."""
     from PIL import Image, ImageDraw
 
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    if not isinstance(background, Background):
+        raise ValueError(f"background={background!r} is not allowed; it must be a Background (level in {', '.join(LEVELS)})")
+    image = Image.fromarray(_canvas(background), "RGB")
     pen = ImageDraw.Draw(image)
+    if background.level == "clutter":
+        _draw_distractors(pen, scene, background.seed)
     for o in scene:
-        x0, y0, x1, y1 = o.box
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            pen.ellipse((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        elif o.shape == "square":
-            pen.rectangle((x0, y0, x1 - 1, y1 - 1), fill=fill)
-        else:
-            pen.polygon([((x0 + x1 - 1) / 2, y0), (x1 - 1, y1 - 1), (x0, y1 - 1)], fill=fill)
+        _draw_object(pen, o)
     return image
 
 
@@ -230,6 +358,44 @@ def question_rows(per_kind: int, seed: int = HELD_OUT_SEED, split: str = "held_o
                 want[answer] -= 1
             rows[kind].append(dict(question_id=len(rows[kind]), scene=scene_to_dict(scene), question=question, answer=answer))
     return rows
+
+
+def level_rows(rows: dict[str, list[dict]], level: str) -> dict[str, list[dict]]:
+    """``rows`` (``question_rows``' form) on ``level`` backgrounds: each row gains
+    ``background: {level, seed}``, its seed a hash of the level, the kind and the row's id, so every
+    level asks the same questions of the same scenes. Plain rows are returned as they are."""
+    if level not in LEVELS:
+        raise ValueError(f"level={level!r} is not allowed; allowed: {', '.join(LEVELS)}")
+    if level == "plain":
+        return rows
+
+    def seed(kind, question_id):
+        return int.from_bytes(hashlib.sha256(f"{level}/{kind}/{question_id}".encode()).digest()[:4], "big")
+
+    return {kind: [{**r, "background": asdict(Background(level, seed(kind, r["question_id"])))} for r in items] for kind, items in rows.items()}
+
+
+def task_name(kind: str, level: str) -> str:
+    """The lmms-eval task asking ``kind`` questions on ``level`` backgrounds (plain: the original
+    task names, ``otprune_synth_yesno``; else ``otprune_synth_clutter_yesno``)."""
+    if kind not in TASK_KINDS or level not in LEVELS:
+        raise ValueError(f"kind={kind!r}, level={level!r} is not allowed; kinds: {', '.join(TASK_KINDS)}; levels: {', '.join(LEVELS)}")
+    return "otprune_synth_" + ("" if level == "plain" else level + "_") + TASK_KINDS[kind][0]
+
+
+def task_benchmark(kind: str, level: str) -> str:
+    """The report's column for ``task_name(kind, level)``: ``SynYesNo`` on plain, ``SynYesNo-clutter``."""
+    task_name(kind, level)
+    return TASK_KINDS[kind][1] + ("" if level == "plain" else "-" + level)
+
+
+def task_level(benchmark: str) -> tuple[str, str] | None:
+    """``(kind, level)`` of a ``task_benchmark`` column; ``None`` for any other column."""
+    for kind in TASK_KINDS:
+        for level in LEVELS:
+            if task_benchmark(kind, level) == benchmark:
+                return kind, level
+    return None
 
 
 def vocabulary() -> list[str]:

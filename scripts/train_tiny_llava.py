@@ -24,9 +24,14 @@ Design **choices**, for learning in minutes on two cores:
   prompts share one copy of the image's 576 visual tokens, and a block mask and per-prompt
   positions give each prompt exactly the logits it has alone, so no answer can be read off
   another prompt's text); every answer weighs the same in the loss whatever its length;
-- an auxiliary loss on the tower's features (``patch_labels``: each patch's object colour, shape,
-  size, colour-shape pair, box corner, and grid cell), through a linear head that is thrown away
-  after training: it makes the visual tokens informative long before the LLM learns to read them;
+- auxiliary losses through linear heads thrown away after training: on the tower's features,
+  ``patch_labels`` (each patch's object colour, shape, size, colour-shape pair, box corner, and
+  grid cell), which makes the visual tokens informative long before the LLM learns to read them;
+  on the projected visual tokens, ``patch_statistics`` (each patch quarter's mean colour and the
+  patch's spread), which keeps the background described in what the LLM reads, as a real vision
+  tower does, rather than collapsed into one "no object" token that would make every background
+  as redundant as a plain one;
+- training images on backgrounds of every level of ``bench.LEVELS``, drawn uniformly;
 - a background curriculum: the LLM first sees only the visual tokens of patches an object is drawn
   on (in their order, at consecutive positions, as a pruned prompt has them), then each background
   patch with a probability that grows linearly to one over ``BACKGROUND_RAMP``, and all 576 tokens
@@ -65,7 +70,7 @@ VISION_HIDDEN = 64
 VISION_LAYERS = 2
 TEXT_HIDDEN = 64
 TEXT_LAYERS = 4
-STEPS = 2000
+STEPS = 3000
 BATCH = 8
 # Questions of each kind asked of every training image (the caption once).
 DRAWS = 2
@@ -75,7 +80,7 @@ WARMUP = 40
 # the thousands; at width 64 it leaves the LLM on a plateau for matching words to content).
 INIT_STD = 0.1
 # Steps over which the share of background patches the LLM sees grows from none to all.
-BACKGROUND_RAMP = (1000, 1800)
+BACKGROUND_RAMP = (1500, 2700)
 SEED = 0
 # The auxiliary per-patch loss's weight against the answers' loss.
 AUXILIARY_WEIGHT = 1.0
@@ -234,11 +239,24 @@ SHAPE_IDS = {s: i + 1 for i, s in enumerate(bench.SHAPES)}
 SIZE_IDS = {s: i + 1 for i, s in enumerate(bench.SIZES)}
 # Classes per channel of patch_labels (0 included).
 LABEL_CLASSES = (len(COLOUR_IDS) + 1, len(SHAPE_IDS) + 1, len(SIZE_IDS) + 1, len(COLOUR_IDS) * len(SHAPE_IDS) + 1, 2, bench.GRID, bench.GRID)
+# Regressed per patch from its projected visual token: each quarter's mean per channel and the
+# whole patch's standard deviation per channel.
+PATCH_STATISTICS = 15
+
+
+def patch_statistics(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 576, 15): each patch's per-channel mean over each of its four 7 x 7 quarters (12) and
+    per-channel standard deviation (3), of ``pixels`` (B, 3, 336, 336)."""
+    b, c, _, _ = pixels.shape
+    side, half = bench.IMAGE_SIZE // bench.PATCH, bench.PATCH // 2
+    quarters = pixels.reshape(b, c, side, 2, half, side, 2, half).permute(0, 2, 5, 1, 3, 6, 4, 7).reshape(b, side * side, c * 4, -1)
+    patches = pixels.reshape(b, c, side, bench.PATCH, side, bench.PATCH).permute(0, 2, 4, 1, 3, 5).reshape(b, side * side, c, -1)
+    return torch.cat([quarters.mean(-1), patches.std(-1)], dim=-1)
 
 
 def covered_pixels(image) -> np.ndarray:
     """(24, 24) count of each patch's pixels that differ from the background. ``image``: a scene
-    drawn (``bench.draw``)."""
+    drawn on the plain background (``bench.draw(scene)``)."""
     image = np.asarray(image, dtype=np.int16)
     side = bench.IMAGE_SIZE // bench.PATCH
     return (np.abs(image - np.asarray(bench.BACKGROUND)).sum(-1) > 0).reshape(side, bench.PATCH, side, bench.PATCH).sum((1, 3))
@@ -272,30 +290,38 @@ def background_share(step: int, ramp: tuple[int, int]) -> float:
 
 
 def training_batch(rng: random.Random, tokens, size: int, share: float = 1.0):
-    """``size`` training scenes: pixels, packed samples (``tokens``: question, answer -> turn_tokens),
-    patch labels, and (size, 576) which visual tokens the LLM sees: every patch an object touches
-    and each background patch with probability ``share``."""
+    """``size`` training scenes, each on a background of a level drawn uniformly from
+    ``bench.LEVELS``: pixels, packed samples (``tokens``: question, answer -> turn_tokens), patch
+    labels, and (size, 576) which visual tokens the LLM sees: every patch an object touches and
+    each background patch with probability ``share``."""
     scenes = [bench.random_scene(rng) for _ in range(size)]
     samples = []
     for scene in scenes:
         asked = dict.fromkeys(qa for _ in range(DRAWS) for qa in bench.questions(scene, rng).values())
         turns = [tokens(q, a) for q, a in asked]
         samples.append((turns[0][0], [(ids, w) for _, ids, w in turns]))
-    images = [bench.draw(s) for s in scenes]
-    covered = [covered_pixels(i) for i in images]
+    backgrounds = [bench.random_background(rng, rng.choice(bench.LEVELS)) for _ in scenes]
+    images = [bench.draw(s, b) for s, b in zip(scenes, backgrounds)]
+    # Which patches an object covers, from the scene drawn on the plain background.
+    covered = [covered_pixels(bench.draw(s)) for s in scenes]
     objects = torch.from_numpy(np.stack([c.reshape(-1) > 0 for c in covered]))
     background = torch.tensor([[rng.random() < share for _ in range(objects.shape[1])] for _ in scenes])
     return pixel_values(images), samples, torch.stack([patch_labels(s, c) for s, c in zip(scenes, covered)]), objects | background
 
 
-def loss_of(model, patch_head, pixels, samples, labels, seen) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_of(model, heads, pixels, samples, labels, seen) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean over answers of each answer's mean next-token cross-entropy, the LLM seeing the visual
-    tokens marked in ``seen`` (B, 576) in their order; the auxiliary loss: mean cross-entropy of
-    ``patch_head``'s per-patch labels from the tower's features)."""
+    tokens marked in ``seen`` (B, 576) in their order; the auxiliary loss: the mean of the per-patch
+    labels' cross-entropies (``heads[0]`` on the tower's features) and the patch statistics' squared
+    error (``heads[1]`` on the projected visual tokens))."""
+    label_head, statistics_head = heads
     features = encode_images(model, pixels)
-    logits = patch_head(features).split(LABEL_CLASSES, dim=-1)
-    auxiliary = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), labels[..., c].flatten()) for c, l in enumerate(logits)) / len(logits)
+    logits = label_head(features).split(LABEL_CLASSES, dim=-1)
     visual = model.get_model().mm_projector(features)
+    auxiliary = (
+        sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), labels[..., c].flatten()) for c, l in enumerate(logits))
+        + torch.nn.functional.mse_loss(statistics_head(visual), patch_statistics(pixels))
+    ) / (len(logits) + 1)
     inputs, positions, mask, targets, weights = packed_inputs(model, samples, [v[s] for v, s in zip(visual, seen)])
     # Logits only where an answer token is predicted: the LM head over every visual token would
     # cost more than the rest of the loss.
@@ -336,8 +362,8 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
     model, tokenizer = build_untrained(path, seed)
     model.train()
     torch.manual_seed(seed)
-    patch_head = torch.nn.Linear(VISION_HIDDEN, sum(LABEL_CLASSES))
-    parameters = [*model.parameters(), *patch_head.parameters()]
+    heads = torch.nn.ModuleList([torch.nn.Linear(VISION_HIDDEN, sum(LABEL_CLASSES)), torch.nn.Linear(TEXT_HIDDEN, PATCH_STATISTICS)])
+    parameters = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
@@ -347,7 +373,7 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     recent = []
     for step in range(steps):
-        answers, auxiliary = loss_of(model, patch_head, *training_batch(rng, tokens, batch, background_share(step, BACKGROUND_RAMP)))
+        answers, auxiliary = loss_of(model, heads, *training_batch(rng, tokens, batch, background_share(step, BACKGROUND_RAMP)))
         optimizer.zero_grad()
         (answers + AUXILIARY_WEIGHT * auxiliary).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -388,17 +414,22 @@ def save(model, path: Path) -> None:
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
+def row_image(row: dict):
+    """A held-out row's scene drawn on its background (plain when it names none)."""
+    return bench.draw(bench.scene_from_dict(row["scene"]), bench.background_from_dict(row.get("background")))
+
+
 @torch.no_grad()
-def answer(model, tokenizer, scene, question: str, visual: bool = True, max_new_tokens: int = 24) -> str:
-    """Greedy answer through LLaVA's own generate; ``visual=False`` drops the image's tokens from
-    the same prompt (what VTW does before the LLM)."""
+def answer(model, tokenizer, image, question: str, visual: bool = True, max_new_tokens: int = 24) -> str:
+    """Greedy answer about ``image`` (a drawn scene) through LLaVA's own generate; ``visual=False``
+    drops the image's tokens from the same prompt (what VTW does before the LLM)."""
     from llava.constants import IMAGE_TOKEN_INDEX
 
     install_cache_keyword()  # LLaVA's generate on transformers >= 5.24
     ids = tokenize(tokenizer, prompt([(question, None)]))
     kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
     if visual:
-        pixels = pixel_values([bench.draw(scene)]).to(model.dtype)
+        pixels = pixel_values([image]).to(model.dtype)
         output = model.generate(torch.tensor([ids]), images=pixels, image_sizes=[(bench.IMAGE_SIZE,) * 2], **kwargs)
     else:
         output = model.generate(torch.tensor([[i for i in ids if i != IMAGE_TOKEN_INDEX]]), **kwargs)
@@ -414,13 +445,44 @@ def evaluate(model, tokenizer, rows: dict[str, list[dict]], visual: bool = True)
     """Scores per kind: yes/no F1 and accuracy, exact match of the short answers and of the caption."""
     scores = {}
     for kind, items in rows.items():
-        predictions = [answer(model, tokenizer, bench.scene_from_dict(r["scene"]), r["question"], visual) for r in items]
+        predictions = [answer(model, tokenizer, row_image(r), r["question"], visual) for r in items]
         if kind == "presence":
             marked = [{"prediction": yes_no_prediction(p), "answer": r["answer"]} for p, r in zip(predictions, items)]
             scores["presence_f1"] = yes_no_f1(marked)
         right = sum(answered_right(kind, p, r["answer"]) for p, r in zip(predictions, items)) / len(items)
         scores["presence_acc" if kind == "presence" else f"{kind}_em"] = right
     return scores
+
+
+@torch.no_grad()
+def projected_tokens(model, images) -> torch.Tensor:
+    """(B, 576, D) visual tokens the LLM reads for ``images``: the tower's features, projected."""
+    return model.get_model().mm_projector(encode_images(model, pixel_values(images).to(model.dtype)))
+
+
+def level_redundancy(model, rows: dict[str, list[dict]]) -> float:
+    """Mean near-duplicate share (``otprune.measures.near_duplicate_share``) of the visual tokens
+    of ``rows``' images."""
+    from otprune.measures import near_duplicate_share
+
+    images = [row_image(r) for items in rows.values() for r in items]
+    shares = [near_duplicate_share(projected_tokens(model, images[i : i + 16])) for i in range(0, len(images), 16)]
+    return float(torch.cat(shares).mean())
+
+
+def held_out_stats(model, tokenizer, per_kind: int) -> dict:
+    """On ``per_kind`` held-out questions per kind, asked at every level: the scores per level,
+    the scores without the image (the same at every level), a blind model's best, and each
+    level's measured redundancy."""
+    rows = bench.question_rows(per_kind)
+    stats = {"held_out_per_kind": per_kind, "held_out": {}, "redundancy": {}}
+    for level in bench.LEVELS:
+        leveled = bench.level_rows(rows, level)
+        stats["held_out"][level] = {k: round(v, 4) for k, v in evaluate(model, tokenizer, leveled).items()}
+        stats["redundancy"][level] = round(level_redundancy(model, leveled), 4)
+    stats["held_out_no_visual"] = {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows, visual=False).items()}
+    stats["held_out_chance"] = {k: round(v, 4) for k, v in bench.blind_chance(rows).items()}
+    return stats
 
 
 def correct_by_template(model, tokenizer, rows: dict[str, list[dict]]) -> dict[tuple[str, str, str], tuple[int, int]]:
@@ -430,7 +492,7 @@ def correct_by_template(model, tokenizer, rows: dict[str, list[dict]]) -> dict[t
     for kind, items in rows.items():
         for r in items:
             scene = bench.scene_from_dict(r["scene"])
-            predicted = answer(model, tokenizer, scene, r["question"])
+            predicted = answer(model, tokenizer, row_image(r), r["question"])
             right = answered_right(kind, predicted, r["answer"])
             template = bench.question_template(r["question"].removesuffix(bench.SHORT_ANSWER_PROMPT))
             counts = tally.setdefault((kind, template, "one object" if len(scene) == 1 else "several"), [0, 0])
@@ -458,7 +520,7 @@ def check(recorded: dict) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, stats = train(Path(tmp) / "synth-llava")
         per_kind = recorded["held_out_per_kind"]
-        scores = evaluate(model, tokenizer, bench.question_rows(per_kind))
+        retrained = held_out_stats(model, tokenizer, per_kind)
     ok = True
     if apart:
         print(f"environment differs from the recorded one ({'; '.join(apart)}): weights hash not compared "
@@ -468,12 +530,15 @@ def check(recorded: dict) -> int:
         ok &= same
         print(f"environment as recorded: retrained {stats['weights_sha256']} vs shipped {recorded['weights_sha256']}: "
               f"{'identical' if same else 'DIFFERENT'}")
-    shipped, retrained = held_out_counts(recorded["held_out"], per_kind), held_out_counts(scores, per_kind)
-    print(f"held-out answers right of {per_kind} per kind (tolerance {CHECK_TOLERANCE}):")
-    for kind, count in shipped.items():
-        within = abs(retrained[kind] - count) <= CHECK_TOLERANCE
-        ok &= within
-        print(f"  {kind}: shipped {count}, retrained {retrained[kind]} ({'ok' if within else 'OUTSIDE the tolerance'})")
+    print(f"held-out answers right of {per_kind} per kind and level (tolerance {CHECK_TOLERANCE}):")
+    for level in bench.LEVELS:
+        shipped = held_out_counts(recorded["held_out"][level], per_kind)
+        again = held_out_counts(retrained["held_out"][level], per_kind)
+        for kind, count in shipped.items():
+            within = abs(again[kind] - count) <= CHECK_TOLERANCE
+            ok &= within
+            print(f"  {level} {kind}: shipped {count}, retrained {again[kind]} ({'ok' if within else 'OUTSIDE the tolerance'})")
+        print(f"  {level} near-duplicate share: shipped {recorded['redundancy'][level]:.3f}, retrained {retrained['redundancy'][level]:.3f}")
     return 0 if ok else 1
 
 
@@ -513,11 +578,7 @@ def main(argv=None) -> int:
     if path.exists():
         shutil.rmtree(path)
     model, tokenizer, stats = train(path, args.steps, args.batch, args.seed, args.threads)
-    rows = bench.question_rows(args.eval_per_kind)
-    stats["held_out_per_kind"] = args.eval_per_kind
-    stats["held_out"] = {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows).items()}
-    stats["held_out_no_visual"] = {k: round(v, 4) for k, v in evaluate(model, tokenizer, rows, visual=False).items()}
-    stats["held_out_chance"] = {k: round(v, 4) for k, v in bench.blind_chance(rows).items()}
+    stats.update(held_out_stats(model, tokenizer, args.eval_per_kind))
     (path / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(json.dumps(stats, indent=1))
     return 0

@@ -54,7 +54,7 @@ def write_config(path: Path, **changes) -> Path:
 # -- configs --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["synth", "smoke", "paper_table1"])
+@pytest.mark.parametrize("name", ["synth", "smoke", "paper_table1", "regimes"])
 def test_shipped_configs_load(name):
     config = harness_config.load_config(name)
     runs = harness_plan.plan_runs(config, Path("runs"))
@@ -66,8 +66,8 @@ def test_shipped_configs_load(name):
 def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_control():
     config = harness_config.load_config("synth")
     runs = harness_plan.plan_runs(config, Path("runs"))
-    assert config.models == {"synth-llava-1.5": {}} and config.group_tasks and config.batch_size == 1
-    assert config.tasks == [f"otprune_synth_{kind}" for kind in ("yesno", "attribute", "count", "spatial", "caption")]
+    assert config.models == {"synth-llava-1.5": {}} and config.task_groups == [tuple(config.tasks)] and config.batch_size == 1
+    assert config.tasks == [f"otprune_synth_{level}{kind}" for level in ("", "clutter_") for kind in ("yesno", "attribute", "count")]
     assert sorted((r.method, r.ratio) for r in runs) == sorted(
         [("Original", 1.0), ("VTW", 0.0)]
         + [(m, r) for m in ("OTPrune", "DivPrune", "DPP", "Random", "Uniform", "CDPruner", "POOL", "FastV") for r in (0.098, 0.25)]
@@ -75,6 +75,33 @@ def test_synth_config_runs_every_method_at_two_ratios_with_vtw_as_the_no_image_c
     assert next(r for r in runs if r.method == "VTW").env == {"BASELINE": "VTW", "LAYER_INDEX": "0"}
     # The K = 0 selectors log each image's OT distance for the hypothesis analysis.
     assert next(r for r in runs if r.method == "Uniform").env == {"BASELINE": "UNIFORM", "SUBSET_RATIO": "0.098", "OTPRUNE_OT": "1"}
+
+
+def test_regimes_config_runs_each_level_in_a_process_of_its_own():
+    """Each run's tasks are one background level's, so its logged OT distances and redundancies
+    belong to that level; every method and ratio is asked every (kind, level)."""
+    from otprune import synthetic_benchmark as bench
+
+    config = harness_config.load_config("regimes")
+    runs = harness_plan.plan_runs(config, Path("runs"))
+    kinds = ("presence", "attribute", "count")
+    assert config.task_groups == [tuple(bench.task_name(k, level) for k in kinds) for level in bench.LEVELS]
+    settings = {(r.method, r.ratio) for r in runs}
+    assert len(runs) == len(settings) * len(bench.LEVELS) == 18 * 4
+    for method, ratio in settings:
+        asked = [bench.task_level(config.catalogue[t]["benchmark"]) for r in runs if (r.method, r.ratio) == (method, ratio) for t in r.tasks]
+        assert sorted(asked) == sorted((k, level) for k in kinds for level in bench.LEVELS)
+    for run in runs:
+        assert len({bench.task_level(config.catalogue[t]["benchmark"])[1] for t in run.tasks}) == 1
+
+
+def test_group_tasks_lists_run_each_list_in_one_process(tmp_path):
+    tasks = ["otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"]
+    path = write_config(tmp_path / "g.yaml", group_tasks=[[tasks[2]], tasks[:2]])
+    runs = harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path)
+    assert [r.tasks for r in runs if r.method == "OTPrune"] == [(tasks[2],), tuple(tasks[:2])]
+    path = write_config(tmp_path / "h.yaml", group_tasks=False)
+    assert [r.tasks for r in harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path) if r.method == "OTPrune"] == [(t,) for t in tasks]
 
 
 def test_without_a_gpu_the_default_config_is_synth(monkeypatch):
@@ -171,7 +198,7 @@ def test_bad_config_fails_before_any_run(tmp_path, capsys, changes, message):
 
 def test_unknown_config_name_lists_the_shipped_ones(capsys):
     assert harness_cli.main(["no_such_config"]) == 2
-    assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, smoke, synth" in capsys.readouterr().err
+    assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, regimes, smoke, synth" in capsys.readouterr().err
 
 
 def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
@@ -183,13 +210,14 @@ def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
 def test_prune_log_parsing():
     text = (
         "x\notprune OURS: visual tokens 576->56; selector 12.50 ms; ot 6.25\n"
-        "otprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms; ot 1.5, 2\n"
+        "otprune OURS: visual tokens 2144->210, 600->59; selector 3.00 ms; ot 1.5, 2; redundancy 0.5, 0.25\n"
         "50%|##  | 1/2\r" + timing_line({"generated_tokens": 3, "prefill_ms": 4.5}) + "\n"
     )
     assert harness_run_check.parse_prune_log(text) == {
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
+        "near_duplicate_share": [0.5, 0.25],
         "logged_methods": ["OURS"],
         "timing": [{"generated_tokens": 3, "prefill_ms": 4.5}],
     }
@@ -396,6 +424,10 @@ def test_embedded_default_end_to_end_and_resume(tmp_path):
     assert skipped == []
     assert {p.method for p in points} == {"OTPrune", "DivPrune"}
     assert all(p.images == 9 and p.pooled and p.ot_distance > 0 for p in points)  # 3 tasks x 3 samples
+    # Each pruned image's measured redundancy, logged with its OT distance, lies in [0, 1].
+    for method in ("OTPrune_0.098", "DivPrune_0.098"):
+        (record,) = [json.loads(p.read_text()) for p in (runs_dir / "smoke_ci_limit3" / "tiny-llava-1.5" / method).glob("otprune_*.json")]
+        assert len(record["near_duplicate_share"]) == 9 and all(0 <= v <= 1 for v in record["near_duplicate_share"]), method
 
 
 @pytest.mark.parametrize("ratios", [0.1, ["0.1"], [0], [1.5]])

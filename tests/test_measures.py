@@ -1,4 +1,5 @@
 import math
+import re
 import statistics
 
 import pytest
@@ -9,6 +10,7 @@ from otprune.measures import (
     empirical_ot_distance,
     gaussian_w2,
     logdet_objective,
+    near_duplicate_share,
     prefill_flops,
     pruned_prefill_flops,
     w2_trace_term,
@@ -100,3 +102,47 @@ def test_measures_reject_bad_indices():
     with pytest.raises(ValueError, match=r"shape \(N, d\)"):
         logdet_objective(torch.randn(2, 5, 3), torch.tensor([0]))
     assert math.isfinite(logdet_objective(x, [0, 1]).item())
+
+
+def slow_near_duplicate_share(tokens, threshold):
+    """Token by token, after subtracting the mean token: does any other token lie above
+    ``threshold`` in cosine similarity?"""
+    rows = tokens.tolist()
+    mean = [sum(column) / len(rows) for column in zip(*rows)]
+    rows = [[x - m for x, m in zip(row, mean)] for row in rows]
+
+    def cosine(a, b):
+        na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+        return sum(x * y for x, y in zip(a, b)) / (na * nb) if na and nb else 0.0
+
+    return sum(any(cosine(a, b) > threshold for j, b in enumerate(rows) if j != i) for i, a in enumerate(rows)) / len(rows)
+
+
+def test_near_duplicate_share_against_a_slow_implementation():
+    torch.manual_seed(0)
+    base = torch.randn(6, 8)
+    # Three base tokens repeated with a little noise: six tokens with a near-duplicate, and one
+    # token at the mean, which repeats nothing.
+    tokens = torch.cat([base, base[:3] + 0.01 * torch.randn(3, 8)])
+    tokens = torch.cat([tokens, tokens.mean(0, keepdim=True)])
+    for threshold in (0.95, 0.5, -1.0):
+        assert float(near_duplicate_share(tokens, threshold=threshold)) == pytest.approx(slow_near_duplicate_share(tokens, threshold))
+    assert float(near_duplicate_share(tokens)) == pytest.approx(6 / 10)
+    batch = torch.stack([tokens, torch.randn(10, 8)])
+    assert near_duplicate_share(batch).tolist() == pytest.approx([0.6, slow_near_duplicate_share(batch[1], 0.95)])
+    # A component every token shares (a vision tower's common offset) changes nothing.
+    assert float(near_duplicate_share(tokens + 100 * torch.randn(1, 8))) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    "tokens, threshold, message",
+    [
+        (torch.ones(1, 4), 0.95, "N >= 2; got (1, 4)"),
+        (torch.ones(4), 0.95, "got (4,)"),
+        (torch.ones(3, 4, dtype=torch.long), 0.95, "floating-point"),
+        (torch.ones(3, 4), 1.0, "threshold=1.0 is not allowed; it must be a cosine in [-1, 1)"),
+    ],
+)
+def test_near_duplicate_share_names_bad_input(tokens, threshold, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        near_duplicate_share(tokens, threshold=threshold)

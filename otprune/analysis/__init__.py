@@ -2,7 +2,10 @@
 
 - ``table2``: the synthetic study (``otprune.analysis.table2``);
 - ``ot-vs-ratio``: OT distance of each selector's kept set over keep ratios (``ot_vs_ratio``);
-- ``gamma``: OTPrune's subsets over a log grid of γ (``gamma``).
+- ``gamma``: OTPrune's subsets over a log grid of γ (``gamma``);
+- ``hypothesis``: OT distance vs score across methods, from harness results (``hypothesis``);
+- ``regimes``: each method's score and OT distance against the measured redundancy of the
+  synthetic benchmark's background levels, from harness results (``regimes``).
 
 Each writes ``<name>.md`` and PNG figures into ``--out`` (default ``runs/analysis/<name>``) and
 prints the Markdown. Needs matplotlib (and POT for the OT distances).

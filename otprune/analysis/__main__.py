@@ -1,4 +1,4 @@
-"""Command line: ``python -m otprune.analysis {table2,ot-vs-ratio,gamma,hypothesis} [--out DIR] [options]``."""
+"""Command line: ``python -m otprune.analysis {table2,ot-vs-ratio,gamma,hypothesis,regimes} [--out DIR] [options]``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from otprune.analysis import gamma as gamma_analysis
-from otprune.analysis import hypothesis, ot_vs_ratio, table2
+from otprune.analysis import hypothesis, ot_vs_ratio, regimes, table2
 from otprune.analysis.report import write_report
 from otprune.selectors import DEFAULT_GAMMA, SELECTORS
 
@@ -24,7 +24,7 @@ QUICK_GAMMAS = (1e-6, 1e-4, 1e-2, 1.0, 1e2)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m otprune.analysis", description=__doc__)
-    sub = parser.add_subparsers(dest="name", required=True, metavar="{table2,ot-vs-ratio,gamma,hypothesis}")
+    sub = parser.add_subparsers(dest="name", required=True, metavar="{table2,ot-vs-ratio,gamma,hypothesis,regimes}")
 
     t2 = sub.add_parser("table2", help="the synthetic study (paper Table 2)")
     t2.add_argument("--seeds", help=f"seeds per configuration (default {FULL_TABLE2['seeds']}, quick {QUICK_TABLE2['seeds']})")
@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     hy = sub.add_parser("hypothesis", help="OT distance vs score across methods, from harness results (paper Fig. 2)")
     hy.add_argument("runs", nargs="?", default="runs/smoke", help="a harness run folder (default runs/smoke)")
 
-    for command in (t2, ot, ga, hy):
+    rg = sub.add_parser("regimes", help="scores, OT distance and the OTPrune/DivPrune crossover over the synthetic benchmark's redundancy levels")
+    rg.add_argument("runs", nargs="?", default="runs/regimes", help="a harness run folder (default runs/regimes, from configs/regimes.yaml)")
+
+    for command in (t2, ot, ga, hy, rg):
         command.add_argument("--out", help="output directory (default runs/analysis/<name>)")
     return parser
 
@@ -155,26 +158,46 @@ def _hypothesis(parser, args) -> tuple[str, dict]:
         points, skipped = hypothesis.load_points(source)
     except ValueError as error:
         parser.error(str(error))
+    return hypothesis.render(points, source, skipped), {"hypothesis": hypothesis.figure(points, _units())}
+
+
+def _units() -> dict[str, str]:
+    """benchmark -> unit of every task in configs/tasks.yaml."""
     from otprune.report import load_yaml
 
-    units = {spec["benchmark"]: spec["unit"] for group in load_yaml("tasks.yaml").values() for spec in group.values()}
-    return hypothesis.render(points, source, skipped), {"hypothesis": hypothesis.figure(points, units)}
+    return {spec["benchmark"]: spec["unit"] for group in load_yaml("tasks.yaml").values() for spec in group.values()}
+
+
+def _regimes(parser, args) -> tuple[str, dict, dict]:
+    source = Path(args.runs)
+    if not source.is_dir():
+        parser.error(f"runs must be a harness run folder (runs/<config>); got {args.runs!r}")
+    try:
+        found = regimes.load_regimes(source)
+    except ValueError as error:
+        parser.error(str(error))
+    units = _units()
+    return regimes.render(found, units), {"regimes": regimes.figure(found, units)}, {"regimes.csv": regimes.to_csv(found)}
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-ANALYSES = {"table2": _table2, "ot-vs-ratio": _ot_vs_ratio, "gamma": _gamma, "hypothesis": _hypothesis}
+# name -> handler(parser, args) -> (markdown, {figure name: figure}[, {file name: text}])
+ANALYSES = {"table2": _table2, "ot-vs-ratio": _ot_vs_ratio, "gamma": _gamma, "hypothesis": _hypothesis, "regimes": _regimes}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs one analysis, writes its Markdown and PNGs, prints the Markdown; returns the exit code."""
+    """Runs one analysis, writes its Markdown, PNGs (and other files, the regimes' CSV), prints the Markdown; returns the exit code."""
     parser = _parser()
     args = parser.parse_args(argv)
-    markdown, figures = ANALYSES[args.name](parser, args)
+    markdown, figures, *files = ANALYSES[args.name](parser, args)
     out = Path(args.out) if args.out else Path("runs") / "analysis" / args.name
     paths = write_report(out, args.name.replace("-", "_"), markdown, figures)
+    for name, text in (files[0] if files else {}).items():
+        (out / name).write_text(text, encoding="utf-8")
+        paths.append(out / name)
     print(markdown)
     _log("wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -70,10 +70,29 @@ class Config:
     tasks: list
     batch_size: int = 1
     num_processes: int = 1
-    group_tasks: bool = False
+    # The tasks each lmms-eval process of a run evaluates together (``group_tasks``).
+    task_groups: list = field(default_factory=list)
     executor: dict = field(default_factory=dict)
     catalogue: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
+
+
+def _task_groups(group_tasks, tasks: list, check) -> list[tuple]:
+    """``group_tasks`` as the tasks of each process: false, one task each; true, all together; a
+    list of task lists, those groups (every task of ``tasks`` in exactly one)."""
+    if isinstance(group_tasks, bool):
+        return [tuple(tasks)] if group_tasks else [(task,) for task in tasks]
+    allowed = "true, false, or a list of lists of the config's tasks, each task in exactly one"
+    if not isinstance(group_tasks, list) or not all(isinstance(g, list) and g and all(isinstance(t, str) for t in g) for g in group_tasks):
+        check.fail("group_tasks", group_tasks, allowed)
+    listed = [t for g in group_tasks for t in g]
+    unknown = [t for t in listed if t not in tasks]
+    twice = sorted({t for t in listed if listed.count(t) > 1})
+    missing = [t for t in tasks if t not in listed]
+    for problem, names in (("not in tasks", unknown), ("in more than one group", twice), ("in no group", missing)):
+        if names:
+            check.fail("group_tasks", group_tasks, f"{allowed} ({', '.join(names)}: {problem})")
+    return [tuple(g) for g in group_tasks]
 
 
 def config_path(name_or_path: str) -> Path:
@@ -228,19 +247,18 @@ def load_config(name_or_path: str) -> Config:
     model_args = data.get("model_args", "")
     if not isinstance(model_args, str) or any("=" not in item for item in model_args.split(",") if item) or "pretrained=" in model_args:
         check.fail("model_args", model_args, "a string of comma-separated key=value pairs without pretrained= (the harness sets it)")
-    group_tasks = data.get("group_tasks", False)
-    if not isinstance(group_tasks, bool):
-        check.fail("group_tasks", group_tasks, "true or false")
+    tasks = list(dict.fromkeys(tasks))
+    task_groups = _task_groups(data.get("group_tasks", False), tasks, check)
     config = Config(
         name=path.stem,
         lmms_model=lmms_model,
         model_args=model_args,
         models=models,
         methods=methods,
-        tasks=list(dict.fromkeys(tasks)),
+        tasks=tasks,
         batch_size=_positive_int(data.get("batch_size", 1), "batch_size", check),
         num_processes=_positive_int(data.get("num_processes", 1), "num_processes", check),
-        group_tasks=group_tasks,
+        task_groups=task_groups,
         executor=executor_settings(data.get("executor"), check),
         catalogue=catalogue,
         notes=notes,

@@ -77,8 +77,7 @@ def plan_runs(config: Config, runs_root: Path, label: str | None = None, limit: 
                 env = run_env(method, ratio, spec, overrides.get(method, {}))
                 folder = runs_root / (label or config.name) / model_label(model) / f"{method}_{ratio_label(ratio)}"
                 setting = run_setting(config, model, method, ratio, env, limit)
-                groups = [tuple(config.tasks)] if config.group_tasks else [(task,) for task in config.tasks]
-                runs += [Run(model, method, ratio, env, tasks, folder, setting) for tasks in groups]
+                runs += [Run(model, method, ratio, env, tasks, folder, setting) for tasks in config.task_groups]
     return runs
 
 

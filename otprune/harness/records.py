@@ -26,6 +26,7 @@ RECORD_FIELDS = {
     "ratio": ((int, float), False),
     "benchmarks": (list, False),
     "ot_distance": (list, False),
+    "near_duplicate_share": (list, False),
     "tokens_by_task": (dict, False),
     "code": ((dict, type(None)), False),
 }
@@ -50,8 +51,9 @@ def check_record(record) -> None:
         raise ValueError("'selector_ms' is not a list of numbers")
     if not all(isinstance(v, str) for v in record.get("benchmarks", [])):
         raise ValueError("'benchmarks' is not a list of names")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.get("ot_distance", [])):
-        raise ValueError("'ot_distance' is not a list of numbers")
+    for name in ("ot_distance", "near_duplicate_share"):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in record.get(name, [])):
+            raise ValueError(f"'{name}' is not a list of numbers")
     if not all(isinstance(v, dict) for v in record.get("timing", [])):
         raise ValueError("'timing' is not a list of per-call timing objects")
     for name in ("samples", "text_tokens"):

@@ -14,15 +14,16 @@ from otprune.selectors import budget
 
 # A progress bar may share the line (it ends in a carriage return, not a newline): found anywhere.
 TIMING_LINE = re.compile(re.escape(TIMING_PREFIX) + r"(\{[^{}\n]*\})")
-LOG_LINE = re.compile(r"otprune (\w+): visual tokens ([\d\->, ]+); selector ([\d.]+) ms(?:; ot ([^\n]+))?")
+LOG_LINE = re.compile(r"otprune (\w+): visual tokens ([\d\->, ]+); selector ([\d.]+) ms(?:; ot ([^;\n]+))?(?:; redundancy ([^;\n]+))?")
 NO_SELECTION = "no selection logged: is otprune installed in this environment? (pip install -e . in it)"
 
 
 def parse_prune_log(text: str) -> dict:
     """Per-image ``[before, after]`` visual tokens, per-call selector ms and, where OTPRUNE_OT=1
-    recorded them, per-image OT distances (kept vs full set) from OTPRUNE_LOG lines; ``timing``:
+    recorded them, per-image OT distances (kept vs full set) and near-duplicate shares (of the full
+    set) from OTPRUNE_LOG lines; ``timing``:
     each ``generate`` call's record (``otprune.sample_timer``) from its timing line."""
-    tokens, selector_ms, ot, methods = [], [], [], []
+    tokens, selector_ms, ot, redundancy, methods = [], [], [], [], []
     timing = [json.loads(match.group(1)) for match in TIMING_LINE.finditer(text)]
     for match in LOG_LINE.finditer(text):
         methods.append(match.group(1))
@@ -32,7 +33,12 @@ def parse_prune_log(text: str) -> dict:
         selector_ms.append(float(match.group(3)))
         if match.group(4):
             ot += [float(v) for v in match.group(4).split(",")]
-    return {"visual_tokens": tokens, "selector_ms": selector_ms, "ot_distance": ot, "logged_methods": sorted(set(methods)), "timing": timing}
+        if match.group(5):
+            redundancy += [float(v) for v in match.group(5).split(",")]
+    return {
+        "visual_tokens": tokens, "selector_ms": selector_ms, "ot_distance": ot, "near_duplicate_share": redundancy,
+        "logged_methods": sorted(set(methods)), "timing": timing,
+    }
 
 
 def pruning_problem(env: dict, log: dict, samples: int) -> str | None:

@@ -1,0 +1,235 @@
+"""The regimes analysis (otprune.analysis.regimes) on a hand-built harness folder whose redundancy,
+OT distances and scores are known, so every number it reports can be checked by hand."""
+
+import csv
+import hashlib
+import json
+
+import pytest
+
+from otprune import cli as otprune_cli
+from otprune import synthetic_benchmark as bench
+from otprune.analysis import __main__ as cli
+from otprune.analysis import regimes
+
+KINDS = ("presence", "count")
+LEVELS = ("plain", "gradient", "texture", "clutter")
+NAN = float("nan")
+
+# (method, ratio) -> kind -> level -> score. Measured redundancy (below) orders the levels
+# plain (85 %), clutter (58.3 %), texture (40 %); gradient has scores but no measurement.
+SCORES = {
+    ("Original", 1.0): {"presence": dict.fromkeys(LEVELS, 95.0), "count": dict.fromkeys(LEVELS, 80.0)},
+    ("VTW", 0.0): {"presence": dict.fromkeys(LEVELS, 50.0), "count": dict.fromkeys(LEVELS, 30.0)},
+    # 0.098: OTPrune behind DivPrune at the most redundant level, ahead at the least.
+    ("OTPrune", 0.098): {"presence": {"plain": 60.0, "clutter": 70.0, "texture": 80.0, "gradient": 1.0},
+                         "count": {"plain": 50.0, "clutter": 60.0, "texture": 70.0, "gradient": 1.0}},
+    ("DivPrune", 0.098): {"presence": {"plain": 70.0, "clutter": 70.0, "texture": 75.0, "gradient": 99.0},
+                          "count": {"plain": 55.0, "clutter": 58.0, "texture": 65.0, "gradient": 99.0}},
+    ("DPP", 0.098): {"presence": {"plain": 65.0, "clutter": 66.0, "texture": 67.0, "gradient": 1.0},
+                     "count": {"plain": 40.0, "clutter": 41.0, "texture": 42.0, "gradient": 1.0}},
+    # 0.25: no crossover over the measured levels (gradient, unmeasured, would make one).
+    ("OTPrune", 0.25): {"presence": {"plain": 90.0, "clutter": 90.0, "texture": 90.0, "gradient": 10.0},
+                        "count": {"plain": 75.0, "clutter": 75.0, "texture": 75.0, "gradient": 99.0}},
+    ("DivPrune", 0.25): {"presence": {"plain": 85.0, "clutter": 85.0, "texture": 85.0, "gradient": 85.0},
+                         "count": {"plain": 80.0, "clutter": 75.0, "texture": 78.0, "gradient": 1.0}},
+    ("DPP", 0.25): {"presence": dict.fromkeys(LEVELS, 80.0), "count": dict.fromkeys(LEVELS, 70.0)},
+    ("FastV", 0.098): {"presence": dict.fromkeys(LEVELS, 90.0), "count": dict.fromkeys(LEVELS, 60.0)},
+}  # fmt: skip
+
+# Per-image near-duplicate shares each K=0 pruned run logs, per level (clutter: OTPrune's runs differ).
+SHARES = {"plain": [0.9, 0.8], "texture": [0.5, 0.3], "clutter": [0.6, 0.5]}
+OTPRUNE_CLUTTER_SHARES = [0.7, 0.6]
+# (method, ratio) -> level -> per-image OT distances.
+OT = {
+    ("OTPrune", 0.098): {"plain": [1.0, NAN, 2.0], "clutter": [1.0], "texture": [1.0]},
+    ("DivPrune", 0.098): {"plain": [3.0], "clutter": [2.0], "texture": [2.0]},
+    ("DPP", 0.098): {"plain": [4.0, 6.0], "clutter": [3.0], "texture": [3.0]},
+    ("OTPrune", 0.25): {level: [0.5] for level in SHARES},
+    ("DivPrune", 0.25): {level: [1.0] for level in SHARES},
+    ("DPP", 0.25): {level: [1.5] for level in SHARES},
+}
+
+
+def write_table(root, scores, model="m", kinds=KINDS, levels=LEVELS):
+    columns = [bench.task_benchmark(kind, level) for kind in kinds for level in levels]
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / "table1.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["model", "method", "ratio", "limit"] + [f"{c}{s}" for c in columns for s in ("", "_paper", "_diff")] + ["avg_rank"])
+        for (method, ratio), cells in scores.items():
+            values = [cells[kind][level] for kind in kinds for level in levels]
+            writer.writerow([model, method, ratio, ""] + [x for v in values for x in (v, "", "")] + [""])
+
+
+def write_record(root, model, folder_name, **fields):
+    """A finished harness record trusted by load_records: its results file's SHA-256 inside."""
+    folder = root / model / folder_name
+    results = folder / "attempt_1" / "results.json"
+    results.parent.mkdir(parents=True)
+    results.write_text(json.dumps({"results": {}}))
+    record = {
+        "status": "done", "tasks": [], "finished_tasks": [], "wall_s": 1.0, "env": {},
+        "results": {"attempt_1/results.json": hashlib.sha256(results.read_bytes()).hexdigest()}, **fields,
+    }  # fmt: skip
+    (folder / "otprune_1.json").write_text(json.dumps(record))
+
+
+def level_benchmarks(level):
+    return [bench.task_benchmark(kind, level) for kind in KINDS]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    root = tmp_path / "runs" / "synth"
+    write_table(root, SCORES)
+    every = [b for level in LEVELS for b in level_benchmarks(level)]
+    # Reference rows: every level in one process, no measurements: nothing to attribute.
+    write_record(root, "m", "Original_1", method="Original", ratio=1.0, benchmarks=every, env={"BASELINE": "ORIG"})
+    write_record(root, "m", "VTW_0", method="VTW", ratio=0.0, benchmarks=every, env={"BASELINE": "VTW", "LAYER_INDEX": "0"})
+    for (method, ratio), by_level in OT.items():
+        for level, distances in by_level.items():
+            shares = OTPRUNE_CLUTTER_SHARES if (method, level) == ("OTPrune", "clutter") else SHARES[level]
+            env = {"SUBSET_RATIO": str(ratio), "OTPRUNE_OT": "1"}
+            write_record(root, "m", f"{method}_{ratio}_{level}", method=method, ratio=ratio, benchmarks=level_benchmarks(level),
+                         env=env, ot_distance=distances, near_duplicate_share=shares)  # fmt: skip
+    # Pruning inside the LLM: values in another space, which would change every mean if counted.
+    for level in SHARES:
+        write_record(root, "m", f"FastV_0.098_{level}", method="FastV", ratio=0.098, benchmarks=level_benchmarks(level),
+                     env={"LAYER_INDEX": "2", "OTPRUNE_OT": "1"}, ot_distance=[100.0], near_duplicate_share=[0.0, 0.0])  # fmt: skip
+    # Two levels in one process: its values cannot be attributed (they would change plain and clutter).
+    write_record(root, "m", "DPP_0.098_mixed", method="DPP", ratio=0.098, benchmarks=level_benchmarks("plain") + level_benchmarks("clutter"),
+                 env={"OTPRUNE_OT": "1"}, ot_distance=[99.0], near_duplicate_share=[0.0, 0.0])  # fmt: skip
+    return root
+
+
+def test_redundancy_and_mean_ot_per_level(runs):
+    found = regimes.load_regimes(runs)
+    assert found.skipped == []
+    plain, clutter, texture = (found.redundancy[("m", level)] for level in ("plain", "clutter", "texture"))
+    assert plain.share == pytest.approx(0.85) and plain.runs == 6 and plain.images == 2
+    # OTPrune's two clutter runs logged mean 0.65, the four others 0.55: (2 * 1.3 + 4 * 1.1) / 12 images.
+    assert clutter.share == pytest.approx(7 / 12) and (clutter.low, clutter.high) == pytest.approx((0.55, 0.65))
+    assert texture.share == pytest.approx(0.4)
+    assert ("m", "gradient") not in found.redundancy
+    # Ordered by measurement, not by the benchmark's design order; the unmeasured last.
+    assert found.levels("m") == ["plain", "clutter", "texture", "gradient"]
+    assert found.measured_levels("m") == ["plain", "clutter", "texture"]
+    assert found.ot[("m", "OTPrune", 0.098, "plain")] == (pytest.approx(1.5), 2)  # the nan left out
+    assert found.ot[("m", "DPP", 0.098, "plain")] == (pytest.approx(5.0), 2)  # not the mixed record's 99
+    assert found.ot[("m", "DPP", 0.098, "clutter")][0] == pytest.approx(3.0)
+    assert not any(method == "FastV" for _, method, _, _ in found.ot)
+    assert found.score("m", "FastV", 0.098, "count", "texture") == 60.0  # its scores stay
+    assert found.score("m", "VTW", 0.0, "presence", "gradient") == 50.0
+
+
+def test_mixed_level_and_inside_llm_records_are_reported(runs):
+    found = regimes.load_regimes(runs)
+    assert [(path.parent.name, reason) for path, reason in found.unattributed] == [("DPP_0.098_mixed", "tasks of levels plain, clutter together")]
+    assert sorted(path.parent.name for path in found.inside_llm) == ["FastV_0.098_clutter", "FastV_0.098_plain", "FastV_0.098_texture"]
+    markdown = regimes.render(found)
+    assert "1 record(s) evaluated several levels" in markdown
+    assert "- `m/DPP_0.098_mixed/otprune_1.json`: tasks of levels plain, clutter together" in markdown
+    assert "3 record(s) prune inside the LLM (LAYER_INDEX > 0)" in markdown
+
+
+def test_crossover_between_the_right_levels_and_none(runs):
+    found = {(c.ratio, c.kind): c for c in regimes.crossovers(regimes.load_regimes(runs))}
+    assert set(found) == {(r, k) for r in (0.098, 0.25) for k in KINDS}
+    presence = found[(0.098, "presence")]
+    assert [(level, d) for level, _, d in presence.steps] == [("plain", -10.0), ("clutter", 0.0), ("texture", 5.0)]
+    assert presence.crossings == [("plain", "texture")] and presence.ties == ["clutter"] and presence.leader is None
+    assert "crosses between plain (85.0 %) and texture (40.0 %) (DivPrune ahead on the more redundant side, OTPrune on the less)" in presence.describe()
+    assert "tied at clutter (58.3 %)" in presence.describe()
+    count = found[(0.098, "count")]
+    assert count.crossings == [("plain", "clutter")] and count.ties == []
+    # Gradient (unmeasured) is no step: with it, 0.25 presence would cross.
+    assert found[(0.25, "presence")].crossings == [] and found[(0.25, "presence")].leader == "OTPrune"
+    assert found[(0.25, "presence")].describe().endswith("no crossover: OTPrune ahead at every level")
+    assert found[(0.25, "count")].leader == "DivPrune" and found[(0.25, "count")].ties == ["clutter"]
+    assert found[(0.25, "count")].describe().endswith("no crossover: DivPrune ahead at every untied level; tied at clutter (58.3 %)")
+
+
+def test_crossover_with_several_sign_changes_and_all_ties():
+    steps = (("a", 0.9, 1.0), ("b", 0.5, -1.0), ("c", 0.3, 2.0))
+    twice = regimes.Crossover("m", 0.1, "count", steps)
+    assert twice.crossings == [("a", "b"), ("b", "c")] and "crosses 2 times" in twice.describe()
+    tied = regimes.Crossover("m", 0.1, "count", (("a", 0.9, 0.0), ("b", 0.5, 0.0)))
+    assert tied.crossings == [] and tied.leader is None and tied.describe().endswith("no crossover: tied at every level")
+
+
+def test_rho_per_level(runs):
+    rhos = {(r.level, r.ratio, r.kind): r for r in regimes.level_rhos(regimes.load_regimes(runs))}
+    # plain, 0.098, presence: OT 1.5 / 3 / 5 (OTPrune, DivPrune, DPP), scores 60 / 70 / 65: d = 0, -1, 1.
+    plain = rhos[("plain", 0.098, "presence")]
+    assert plain.methods == ("OTPrune", "DivPrune", "DPP") and plain.rho == pytest.approx(0.5)
+    # 0.25: OT 0.5 / 1 / 1.5, presence 90 / 85 / 80 -> lower OT, higher score.
+    assert rhos[("texture", 0.25, "presence")].rho == pytest.approx(-1.0)
+    assert ("gradient", 0.098, "presence") not in rhos  # no OT measured there
+
+
+def test_markdown_tables(runs):
+    markdown = regimes.render(regimes.load_regimes(runs), {"SynYesNo": "F1"})
+    assert "| plain | 85.0 % | 2 | 6 |" in markdown
+    assert "| clutter | 58.3 % (runs 55.0–65.0 %) | 2 | 6 |" in markdown
+    assert "| gradient | not measured | – | 0 |" in markdown
+    assert "### Scores: SynYesNo (presence, F1)" in markdown and "### Scores: SynCount (count)" in markdown
+    assert "| Method | plain (85.0 %) | clutter (58.3 %) | texture (40.0 %) | gradient (not measured) |" in markdown
+    assert "| OTPrune 0.098 | 60 | 70 | 80 | 1 |" in markdown and "| Original | 95 | 95 | 95 | 95 |" in markdown
+    assert "| OTPrune 0.098 | 1.5 | 1 | 1 | – |" in markdown  # the OT table
+    assert "| plain (85.0 %) | 0.098 | +0.500 (3) |" in markdown
+
+
+def test_cli_writes_markdown_figure_and_csv(runs, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["regimes", str(runs), "--out", str(out)]) == 0
+    assert (out / "regimes.md").exists() and (out / "regimes.png").stat().st_size > 0
+    with (out / "regimes.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == list(regimes.CSV_FIELDS)
+    row = next(r for r in rows if (r["method"], r["ratio"], r["kind"], r["level"]) == ("OTPrune", "0.098", "presence", "plain"))
+    assert float(row["redundancy"]) == pytest.approx(0.85) and float(row["score"]) == 60 and float(row["mean_ot"]) == pytest.approx(1.5)
+    gradient = next(r for r in rows if (r["method"], r["kind"], r["level"]) == ("Original", "count", "gradient"))
+    assert gradient["redundancy"] == "" and gradient["mean_ot"] == "" and float(gradient["score"]) == 80
+    assert len(rows) == len(SCORES) * len(KINDS) * len(LEVELS)
+    # The otprune command forwards to the same entry point.
+    out2 = tmp_path / "out2"
+    assert otprune_cli.main(["analysis", "regimes", str(runs), "--out", str(out2)]) == 0
+    assert (out2 / "regimes.md").read_text() == (out / "regimes.md").read_text()
+
+
+def test_figure_with_one_level_and_one_method(tmp_path):
+    root = tmp_path / "one"
+    write_table(root, {("OTPrune", 0.25): {"presence": {"plain": 70.0}}}, kinds=("presence",), levels=("plain",))
+    write_record(root, "m", "OTPrune_0.25", method="OTPrune", ratio=0.25, benchmarks=["SynYesNo"], ot_distance=[0.2], near_duplicate_share=[0.9])
+    found = regimes.load_regimes(root)
+    assert found.redundancy[("m", "plain")].share == pytest.approx(0.9)
+    fig = regimes.figure(found, {"SynYesNo": "F1"})
+    fig.savefig(tmp_path / "one.png")
+    assert "A crossover needs at least two levels with measured redundancy; measured: plain." in regimes.render(found)
+
+
+def test_no_measurement_and_no_level_columns(tmp_path):
+    unmeasured = tmp_path / "unmeasured"
+    write_table(unmeasured, {("OTPrune", 0.25): {"presence": {"plain": 70.0, "clutter": 60.0}}}, kinds=("presence",), levels=("plain", "clutter"))
+    found = regimes.load_regimes(unmeasured)
+    markdown = regimes.render(found)
+    assert "| plain | not measured | – | 0 |" in markdown and "measured: none" in markdown
+    regimes.figure(found).savefig(tmp_path / "unmeasured.png")
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "table1.csv").write_text("model,method,ratio,GQA,GQA_paper,GQA_diff\nm,OTPrune,0.25,50,,\n")
+    out = tmp_path / "out"
+    assert cli.main(["regimes", str(other), "--out", str(out)]) == 0
+    assert "No synthetic-benchmark level column" in (out / "regimes.md").read_text()
+    assert (out / "regimes.png").exists() and (out / "regimes.csv").read_text().strip() == ",".join(regimes.CSV_FIELDS)
+
+
+def test_regimes_needs_a_report(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="table1.csv does not exist; run the harness"):
+        regimes.load_regimes(tmp_path / "empty")
+    with pytest.raises(SystemExit):
+        cli.main(["regimes", str(tmp_path / "empty")])
+    assert "table1.csv does not exist" in capsys.readouterr().err
