@@ -233,3 +233,33 @@ def test_regimes_needs_a_report(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["regimes", str(tmp_path / "empty")])
     assert "table1.csv does not exist" in capsys.readouterr().err
+
+
+def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
+    """The CI-sized regimes run: configs/regimes.yaml cut to OTPrune and DivPrune at 0.098, two
+    levels and 2 questions per task, through the harness and the unchanged lmms-eval CLI, then the
+    analysis: every level's redundancy measured from the runs' own logs (each image's share in
+    [0, 1], the same images for both methods), each method's OT distance per level."""
+    import yaml
+
+    from conftest import ROOT
+    from otprune.harness import cli as harness_cli
+
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
+    config = yaml.safe_load((ROOT / "configs" / "regimes.yaml").read_text())
+    config["methods"] = {name: {**config["methods"][name], "ratios": [0.098]} for name in ("OTPrune", "DivPrune")}
+    config["group_tasks"] = [config["group_tasks"][0], config["group_tasks"][-1]]
+    config["tasks"] = [task for group in config["group_tasks"] for task in group]
+    path = tmp_path / "quick_regimes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = tmp_path / "runs"
+    assert harness_cli.main([str(path), "--runs-dir", str(runs), "--limit", "2"]) == 0
+    folder = runs / "quick_regimes_limit2"
+    found = regimes.load_regimes(folder)
+    assert sorted(found.redundancy) == [("synth-llava-1.5", "clutter"), ("synth-llava-1.5", "plain")]
+    for (_, level), measured in found.redundancy.items():
+        assert measured.images == 3 * 2 and measured.runs == 2 and measured.low == measured.high, (level, measured)
+        assert 0 <= measured.share <= 1
+    assert {(method, level) for (_, method, _, level) in found.ot} == {(m, lv) for m in ("OTPrune", "DivPrune") for lv in ("plain", "clutter")}
+    assert regimes.crossovers(found)
