@@ -22,7 +22,7 @@ def exact_match(prediction: str, answer: str) -> float:
 
 
 def yes_no_prediction(text: str) -> str:
-    """"yes" or "no" when the answer starts with it, else "other"."""
+    """ "yes" or "no" when the answer starts with it, else "other"."""
     words = normalise(text).split()
     return words[0] if words and words[0] in ("yes", "no") else "other"
 

@@ -35,9 +35,8 @@ or a harness config method's ``options:``; one without a default must be set.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import operator
+from dataclasses import dataclass
 
 import torch
 

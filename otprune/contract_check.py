@@ -35,8 +35,8 @@ battery itself never raises for what the method does.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

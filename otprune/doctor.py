@@ -55,7 +55,8 @@ def torchvision_state() -> str:
         return "not installed (only lmms-eval's Qwen-VL and OneVision models need it: install.sh --vlm)"
     probe = subprocess.run(
         [sys.executable, "-c", "import sys, torchvision; print('hook' if '_otprune_cpu_torchvision' in sys.modules else 'plain')"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if probe.returncode:
         last = (probe.stderr.strip().splitlines() or ["?"])[-1]
@@ -85,20 +86,25 @@ def table(rows: list[stack_module.Row]) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="otprune doctor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lock", choices=stack_module.ENVIRONMENTS, help="the lock to compare with (default: the environment the installed packages look like)")
+    parser.add_argument(
+        "--lock", choices=stack_module.ENVIRONMENTS, help="the lock to compare with (default: the environment the installed packages look like)"
+    )
     parser.add_argument("--summary", action="store_true", help="one line: the stack against the lock, and its problems")
     args = parser.parse_args(argv)
     found = stack_module.inspect(args.lock)
     if args.summary:
         print(stack_module.summary(found))
         return 1 if found.problems else 0
-    print(f"Python {sys.version.split()[0]}; lock: " + (
-        f"locks/{found.environment}.txt" if found.lock_found else f"none for {found.environment} (not a source checkout: only the bounds are checked)"
-    ))
+    print(
+        f"Python {sys.version.split()[0]}; lock: "
+        + (f"locks/{found.environment}.txt" if found.lock_found else f"none for {found.environment} (not a source checkout: only the bounds are checked)")
+    )
     print("\n".join(table(found.rows)))
     if found.lock_found:
-        print(f"\nOther locked packages: {found.others_matching} as locked, {len(found.others_differing)} not"
-              + (": " + ", ".join(f"{r.name} {r.installed or 'missing'} (lock {r.locked})" for r in found.others_differing) if found.others_differing else ""))
+        print(
+            f"\nOther locked packages: {found.others_matching} as locked, {len(found.others_differing)} not"
+            + (": " + ", ".join(f"{r.name} {r.installed or 'missing'} (lock {r.locked})" for r in found.others_differing) if found.others_differing else "")
+        )
     print("\nKnown breaks: " + ("; ".join(found.breaks) if found.breaks else "none applies"))
     print(f"lmms-eval entry point: {entry_point_state() if 'lmms-eval' in stack_module.installed_versions() else 'lmms-eval is not installed'}")
     print(f"methods: built-in {', '.join(BUILTINS)}; plugins:")

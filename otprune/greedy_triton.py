@@ -26,9 +26,7 @@ GREEDY_TILE_ELEMENTS = 8192
 
 
 @triton.jit
-def _greedy_logdet_kernel(
-    kernel_ptr, r_ptr, floor_ptr, ridge_ptr, chol_ptr, picks_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
-):
+def _greedy_logdet_kernel(kernel_ptr, r_ptr, floor_ptr, ridge_ptr, chol_ptr, picks_ptr, n, k, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     image = tl.program_id(0).to(tl.int64)
     kernel_ptr += image * n * n
     chol_ptr += image * k * n
@@ -50,9 +48,7 @@ def _greedy_logdet_kernel(
             row = first + rows
             earlier = row < t
             c_j = tl.load(chol_ptr + row * n + j, mask=earlier, other=0.0)
-            tile = tl.load(
-                chol_ptr + row[:, None] * n + columns[None, :], mask=earlier[:, None] & in_range[None, :], other=0.0
-            )
+            tile = tl.load(chol_ptr + row[:, None] * n + columns[None, :], mask=earlier[:, None] & in_range[None, :], other=0.0)
             residual -= tl.sum(c_j[:, None] * tile, axis=0)
         # Past the kernel's rank the step adds a zero column: every d2 stays, the fill rule.
         e = tl.where(dj2 > floor, residual / tl.sqrt(tl.maximum(dj2, floor)), 0.0)
@@ -76,8 +72,17 @@ def greedy_logdet_triton(kernel: torch.Tensor, k: int, floor: torch.Tensor, ridg
     block_n = triton.next_power_of_2(n)
     block_k = max(1, GREEDY_TILE_ELEMENTS // block_n)
     _greedy_logdet_kernel[(b,)](
-        kernel, r, floor.to(kernel.dtype).contiguous(), ridge, chol, picks, n, k,
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_n <= 1024 else 8,
+        kernel,
+        r,
+        floor.to(kernel.dtype).contiguous(),
+        ridge,
+        chol,
+        picks,
+        n,
+        k,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4 if block_n <= 1024 else 8,
         # Unfused multiply-adds round as torch's separate operations do.
         enable_fp_fusion=False,
     )

@@ -17,10 +17,10 @@ import importlib
 import importlib.util
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from otprune.contract import CONTEXT
 from otprune.selectors import SELECTORS
@@ -87,7 +87,9 @@ def _signature_parts(function: Callable, label: str) -> tuple[tuple[str, ...], t
     shape = "function(tokens, k, *, <context>, <options>)"
     if len(positional) != 2 or any(p.default is not p.empty for p in positional):
         names = ", ".join(p.name for p in positional) or "none"
-        raise PluginError(f"{label} has a bad signature {signature}: it must take exactly two positional parameters (tokens, k), it takes {names}; the contract is {shape}")
+        raise PluginError(
+            f"{label} has a bad signature {signature}: it must take exactly two positional parameters (tokens, k), it takes {names}; the contract is {shape}"
+        )
     for p in parameters:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             raise PluginError(
@@ -139,7 +141,7 @@ def _describe(kind: str, entry: metadata.EntryPoint) -> str:
     return f"{kind} plugin {entry.name!r} = {entry.value!r} (entry point group {GROUPS[kind]}, package {package})"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_method(name: str) -> Method:
     """The method called ``name`` (any case): a built-in, or a plugin, loaded and checked here."""
     if not isinstance(name, str):

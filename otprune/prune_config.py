@@ -24,9 +24,9 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from otprune.checks import check_unit_interval
 from otprune.methods import Method, get_method, method_names
@@ -42,6 +42,7 @@ DEFAULT_LAYERS = {"FASTV": 2, "VTW": 4}
 def default_layer_index(method: str | None) -> int:
     """``LAYER_INDEX`` when none is given: 0 (before the LLM) except for FASTV and VTW."""
     return DEFAULT_LAYERS.get(method.upper() if isinstance(method, str) else method, 0)
+
 
 # OTPRUNE_* variable -> (selector option, parser)
 _OPTION_VARIABLES = {
@@ -107,8 +108,7 @@ class PruneConfig:
             raise ValueError(f"LAYER_INDEX={self.layer_index!r} is not allowed; it must be an integer >= 0")
         if "attention" in spec.context and self.layer_index < 1:
             raise ValueError(
-                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method}: it ranks tokens by "
-                "the attention of layer K-1, so K must be >= 1"
+                f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method}: it ranks tokens by the attention of layer K-1, so K must be >= 1"
             )
         _check_options(spec, self.options)
 
@@ -188,9 +188,7 @@ def _check_options(spec: Method, options: Mapping[str, object]) -> None:
     """Options against the method's signature (names), and the built-ins' own ranges (values)."""
     unknown = [name for name in options if name not in spec.options]
     if unknown:
-        raise ValueError(
-            f"option(s) {', '.join(unknown)} do not apply to BASELINE={spec.name}; it takes: {', '.join(spec.options) or 'none'}"
-        )
+        raise ValueError(f"option(s) {', '.join(unknown)} do not apply to BASELINE={spec.name}; it takes: {', '.join(spec.options) or 'none'}")
     missing = [name for name in spec.required if name not in options]
     if missing:
         raise ValueError(f"BASELINE={spec.name} needs option(s) {', '.join(missing)}; set them in {OPTIONS_VARIABLE} (a JSON object)")
@@ -217,8 +215,7 @@ def check_runnable_here(config: PruneConfig) -> None:
     cannot be written. Kept apart from parsing, which also reads settings recorded elsewhere."""
     if config.options.get("greedy") == "triton" and not _cuda_available() and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            "OTPRUNE_GREEDY='triton' is not allowed here: Triton kernels need a CUDA GPU (none is available) "
-            "or TRITON_INTERPRET=1; use 'batched' or 'host'"
+            "OTPRUNE_GREEDY='triton' is not allowed here: Triton kernels need a CUDA GPU (none is available) or TRITON_INTERPRET=1; use 'batched' or 'host'"
         )
     if config.dump_dir:
         _check_writable_folder(config.dump_dir)

@@ -34,17 +34,17 @@ import yaml
 from scipy.stats import rankdata, wilcoxon
 
 from otprune.analysis.figures import write_pareto_figures
-from otprune.harness.catalogue import baseline, method_labels
 from otprune.harness.catalogue import MODELS as MODEL_SPECS
+from otprune.harness.catalogue import baseline, method_labels
 from otprune.harness.checkpoints import tiny_llm_shape
+from otprune.harness.code_identity import current_code
 from otprune.harness.errors import MissingResource
 from otprune.harness.files import read_results
-from otprune.harness.code_identity import current_code
 from otprune.harness.records import load_records, recorded_limit, same_code
 from otprune.harness.resources import config_file
 from otprune.measures import MODELS, ModelShape, prefill_flops
-from otprune.selectors import budget
 from otprune.sample_timer import spread
+from otprune.selectors import budget
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
 OTHER_CODE_NOTE = (
@@ -396,8 +396,11 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
         if ours and theirs:
             improvements = relative_improvements([ours["scores"].get(t) for t in block_tasks], [theirs["scores"].get(t) for t in block_tasks])
             p = wilcoxon_greater(improvements)
-            lines += ["", f"Wilcoxon signed-rank, OTPrune > DivPrune (one-sided, {len(improvements)} benchmarks with DivPrune ≠ 0): "
-                      f"p = {fmt(p, 4) if p is not None else 'n/a (no nonzero difference)'}; paper: p = {paper['wilcoxon_p']}"]
+            lines += [
+                "",
+                f"Wilcoxon signed-rank, OTPrune > DivPrune (one-sided, {len(improvements)} benchmarks with DivPrune ≠ 0): "
+                f"p = {fmt(p, 4) if p is not None else 'n/a (no nonzero difference)'}; paper: p = {paper['wilcoxon_p']}",
+            ]
         lines += [""]
     return lines, rows
 
@@ -472,8 +475,7 @@ def paper_check(paper: dict) -> list[str]:
     lines += [f"| {name} | {n} | {fmt(p, 4)} | {paper['wilcoxon_p']} |" for name, n, p in tests]
     lines += [
         "",
-        "The paper does not say which benchmarks it pooled; none of these reproduces 0.028 exactly "
-        "(LLaVA-1.5-13B alone comes closest).",
+        "The paper does not say which benchmarks it pooled; none of these reproduces 0.028 exactly (LLaVA-1.5-13B alone comes closest).",
         "",
     ]
     return lines
@@ -561,8 +563,7 @@ def main(argv=None) -> int:
         return 2
     nested = nested_runs(runs_dir)
     if nested:
-        print(f"error: {runs_dir} holds no run folders (<model>/<method>_<ratio>/ with a setting.json); these folders in it do:",
-              file=sys.stderr)
+        print(f"error: {runs_dir} holds no run folders (<model>/<method>_<ratio>/ with a setting.json); these folders in it do:", file=sys.stderr)
         for folder, count in nested.items():
             print(f"  {folder}  ({count} run folder{'s' if count != 1 else ''})", file=sys.stderr)
         print(f"report one of them: otprune report {next(iter(nested))}", file=sys.stderr)

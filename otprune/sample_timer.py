@@ -33,7 +33,7 @@ __all__ = ["TIMING_PREFIX", "SampleTimer", "active_timer", "phase", "running", "
 
 TIMING_PREFIX = "otprune timing "
 
-_active: contextvars.ContextVar["SampleTimer | None"] = contextvars.ContextVar("otprune_timer", default=None)
+_active: contextvars.ContextVar[SampleTimer | None] = contextvars.ContextVar("otprune_timer", default=None)
 
 
 class SampleTimer:
@@ -76,8 +76,15 @@ class SampleTimer:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         if self.first_forward_end is None:
-            return {"generated_tokens": 0, "prefill_ms": None, "vision_ms": None, "selection_ms": None,
-                    "llm_prefill_ms": None, "decode_ms": None, "decode_ms_per_token": None}
+            return {
+                "generated_tokens": 0,
+                "prefill_ms": None,
+                "vision_ms": None,
+                "selection_ms": None,
+                "llm_prefill_ms": None,
+                "decode_ms": None,
+                "decode_ms_per_token": None,
+            }
         prefill = self._ms(self.start, self.first_forward_end)
         vision = sum(self._ms(a, b) for a, b in self.intervals["vision"])
         selection = sum(self._ms(a, b) for a, b in self.intervals["selection"])

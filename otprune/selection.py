@@ -13,8 +13,9 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -113,8 +114,7 @@ def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequen
         if value is None or (name == "text" and value.shape[0] == 0):
             stop_run(
                 config,
-                f"BASELINE={spec.name} asks for {name} ({CONTEXT[name]}), which this model and prompt do not give "
-                f"for an image of {n} tokens",
+                f"BASELINE={spec.name} asks for {name} ({CONTEXT[name]}), which this model and prompt do not give for an image of {n} tokens",
                 ValueError,
             )
         if name == "grid":
@@ -178,10 +178,7 @@ def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Seq
     pairs = ", ".join(f"{t.shape[0]}->{k.indices.numel()}" for t, k in zip(images, kept))
     line = f"otprune {config.method}: visual tokens {pairs}; selector {seconds * 1e3:.2f} ms"
     if config.record_ot:
-        distances = [
-            empirical_ot_distance(t, k.indices) if k.indices.numel() and k.tokens is None else math.nan
-            for t, k in zip(images, kept)
-        ]
+        distances = [empirical_ot_distance(t, k.indices) if k.indices.numel() and k.tokens is None else math.nan for t, k in zip(images, kept)]
         line += "; ot " + ", ".join(f"{v:.6g}" for v in distances)
         line += "; redundancy " + ", ".join(f"{float(near_duplicate_share(t)):.6g}" for t in images)
     logger.info(line)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -130,8 +130,7 @@ def _check_finite(tokens: torch.Tensor, kernel: torch.Tensor | None = None) -> N
         raise ValueError("tokens contain NaN or Inf; every entry must be finite")
     # The kernels are built to stay finite for every finite input: this is a bug, not bad input.
     raise ArithmeticError(
-        f"the selector's kernel is not finite although the tokens are (largest |token| {float(tokens.abs().max()):.3g}); "
-        "please report this input"
+        f"the selector's kernel is not finite although the tokens are (largest |token| {float(tokens.abs().max()):.3g}); please report this input"
     )
 
 
@@ -139,9 +138,7 @@ def _work_dtype(tokens: torch.Tensor) -> torch.dtype:
     return torch.float64 if tokens.dtype == torch.float64 else torch.float32
 
 
-def _selector(
-    core: Callable | None = None, *, image_by_image_on_cpu: bool = True, checks_own_kernel: bool = False
-) -> Callable:
+def _selector(core: Callable | None = None, *, image_by_image_on_cpu: bool = True, checks_own_kernel: bool = False) -> Callable:
     """Wraps a core ``(x: (B, N, d) float, k, **options) -> (B, k)`` into the public contract.
 
     ``image_by_image_on_cpu``: on a CPU, run the core on one image at a time (cores with
@@ -274,9 +271,7 @@ def _batch_index(x: torch.Tensor) -> torch.Tensor:
     return torch.arange(x.shape[0], device=x.device)
 
 
-def greedy_logdet(
-    kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, ridge: float = 0.0, path: str | None = None
-) -> torch.Tensor:
+def greedy_logdet(kernel: torch.Tensor, k: int, eps: float = SINGULAR_EPS, *, ridge: float = 0.0, path: str | None = None) -> torch.Tensor:
     """Greedy MAP of ``log det(L_S)`` for ``L = ridge * I + kernel`` by incremental Cholesky
     (Chen, Zhang & Zhou 2018).
 
@@ -393,10 +388,7 @@ def check_gamma(value, name: str = "gamma") -> float:
     """``value`` as a float if it is a number in ``GAMMA_RANGE`` (OTPrune's gamma)."""
     low, high = GAMMA_RANGE
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise ValueError(
-            f"{name} must be a number in [{low:.3g}, {high:.3g}] (where OTPrune's float32 ridge 1/gamma "
-            f"is a normal number); got {value!r}"
-        )
+        raise ValueError(f"{name} must be a number in [{low:.3g}, {high:.3g}] (where OTPrune's float32 ridge 1/gamma is a normal number); got {value!r}")
     return float(value)
 
 
@@ -541,9 +533,7 @@ def select_uniform(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @_selector(image_by_image_on_cpu=False, checks_own_kernel=True)
-def select_trim(
-    x: torch.Tensor, k: int, *, text: torch.Tensor | None = None, keep_ratio: float = DEFAULT_TRIM_KEEP_RATIO
-) -> torch.Tensor:
+def select_trim(x: torch.Tensor, k: int, *, text: torch.Tensor | None = None, keep_ratio: float = DEFAULT_TRIM_KEEP_RATIO) -> torch.Tensor:
     """TrimTokenator (``BASELINE=TRIM``): a text-alignment filter, then RepMax coverage.
 
     ``text``: ``(T, d)`` or ``(B, T, d)`` embeddings of the prompt's text tokens (required).
@@ -589,9 +579,7 @@ def _check_text(text, batch: int, width: int) -> torch.Tensor:
     if text.dim() == 2:
         text = text.unsqueeze(0).expand(batch, -1, -1)
     if text.dim() != 3 or text.shape[0] != batch or text.shape[-1] != width or text.shape[1] < 1:
-        raise ValueError(
-            f"text must have shape (T, {width}) or ({batch}, T, {width}) with T >= 1 to match the tokens; got {given}"
-        )
+        raise ValueError(f"text must have shape (T, {width}) or ({batch}, T, {width}) with T >= 1 to match the tokens; got {given}")
     if not bool(torch.isfinite(text).all()):
         raise ValueError("text contains NaN or Inf; every entry must be finite")
     return text

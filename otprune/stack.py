@@ -42,21 +42,18 @@ class KnownBreak:
     fix: str
 
     def applies(self, installed: dict[str, str]) -> bool:
-        return (
-            _within(installed.get(self.package), self.versions)
-            and _within(installed.get(self.with_package), self.with_versions)
-        )
+        return _within(installed.get(self.package), self.versions) and _within(installed.get(self.with_package), self.with_versions)
 
     def describe(self, installed: dict[str, str]) -> str:
-        return (
-            f"{self.package} {installed[self.package]} with {self.with_package} "
-            f"{installed[self.with_package]}: {self.why}; fix: {self.fix}"
-        )
+        return f"{self.package} {installed[self.package]} with {self.with_package} {installed[self.with_package]}: {self.why}; fix: {self.fix}"
 
 
 KNOWN_BREAKS = (
     KnownBreak(
-        "filelock", ">=4.3", "lmms-eval", "==0.7.3",
+        "filelock",
+        ">=4.3",
+        "lmms-eval",
+        "==0.7.3",
         "lmms-eval 0.7.3 imports filelock._api, which filelock 4.3 removed, so every lmms-eval run fails",
         "pip install 'filelock<4.3'",
     ),

@@ -41,10 +41,39 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = [
-    "BACKGROUND", "CAPTION_PROMPT", "COLOURS", "DISTRACTOR_COLOURS", "HELD_OUT_SEED", "IMAGE_SIZE", "KINDS", "LEVELS", "PATCH", "SHAPES",
-    "SHORT_ANSWER_PROMPT", "SIZES", "SPLITS", "TASK_KINDS", "Background", "Shape", "background_from_dict", "blind_chance", "caption", "draw", "in_split",
-    "level_rows", "question_rows", "question_template", "questions", "random_background", "random_scene", "scene_from_dict", "scenes",
-    "task_benchmark", "task_level", "task_name", "vocabulary",
+    "BACKGROUND",
+    "CAPTION_PROMPT",
+    "COLOURS",
+    "DISTRACTOR_COLOURS",
+    "HELD_OUT_SEED",
+    "IMAGE_SIZE",
+    "KINDS",
+    "LEVELS",
+    "PATCH",
+    "SHAPES",
+    "SHORT_ANSWER_PROMPT",
+    "SIZES",
+    "SPLITS",
+    "TASK_KINDS",
+    "Background",
+    "Shape",
+    "background_from_dict",
+    "blind_chance",
+    "caption",
+    "draw",
+    "in_split",
+    "level_rows",
+    "question_rows",
+    "question_template",
+    "questions",
+    "random_background",
+    "random_scene",
+    "scene_from_dict",
+    "scenes",
+    "task_benchmark",
+    "task_level",
+    "task_name",
+    "vocabulary",
 ]
 
 IMAGE_SIZE = 336
@@ -65,8 +94,13 @@ SPLITS = ("train", "held_out")
 HELD_OUT_SEED = 1_000_003
 LEVELS = ("plain", "gradient", "texture", "clutter")
 # Per question kind: its lmms-eval task's suffix and its report column (configs/tasks.yaml).
-TASK_KINDS = {"presence": ("yesno", "SynYesNo"), "attribute": ("attribute", "SynAttr"), "count": ("count", "SynCount"),
-              "spatial": ("spatial", "SynSpatial"), "caption": ("caption", "SynCap")}
+TASK_KINDS = {
+    "presence": ("yesno", "SynYesNo"),
+    "attribute": ("attribute", "SynAttr"),
+    "count": ("count", "SynCount"),
+    "spatial": ("spatial", "SynSpatial"),
+    "caption": ("caption", "SynCap"),
+}
 TEXTURES = ("noise", "stripes", "checks")
 DISTRACTOR_COLOURS = {"purple": (120, 50, 150), "cyan": (20, 180, 190), "brown": (110, 70, 30), "black": (20, 20, 20), "white": (255, 255, 255)}
 DISTRACTOR_MARKS = ("plus", "cross", "bar", "hook")
@@ -283,10 +317,7 @@ def _presence(scene, rng):
         colour, shape = rng.choice(sorted(present))
         return f"Is there a {colour} {shape} in the image?", "yes"
     # POPE's adversarial negatives: an absent pair that shares a colour or a shape with the scene.
-    near = sorted(
-        (c, s) for c in COLOURS for s in SHAPES
-        if (c, s) not in present and any(c == pc or s == ps for pc, ps in present)
-    )
+    near = sorted((c, s) for c in COLOURS for s in SHAPES if (c, s) not in present and any(c == pc or s == ps for pc, ps in present))
     colour, shape = rng.choice(near)
     return f"Is there a {colour} {shape} in the image?", "no"
 

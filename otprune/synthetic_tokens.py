@@ -31,8 +31,6 @@ def clustered_tokens(
     centres = 2.0 * torch.randn(shape[0], clusters, d, generator=generator)
     weights = 0.7 ** torch.arange(clusters, dtype=torch.float64)
     assignment = torch.multinomial(weights.expand(shape[0], clusters), n, replacement=True, generator=generator)
-    tokens = offset + centres.gather(1, assignment[..., None].expand(*shape)) + spread * torch.randn(
-        *shape, generator=generator
-    )
+    tokens = offset + centres.gather(1, assignment[..., None].expand(*shape)) + spread * torch.randn(*shape, generator=generator)
     tokens = tokens.to(dtype)
     return tokens if batch is not None else tokens[0]

@@ -70,8 +70,7 @@ def _timed(original):
         handles = [self.register_forward_hook(lambda *_: timer.forward_done())]
         first, last = _vision_modules(self)
         if first is not None:
-            handles += [first.register_forward_pre_hook(lambda *_: timer.begin("vision")),
-                        last.register_forward_hook(lambda *_: timer.end("vision"))]
+            handles += [first.register_forward_pre_hook(lambda *_: timer.begin("vision")), last.register_forward_hook(lambda *_: timer.end("vision"))]
         try:
             with active_timer(timer):
                 output = original(self, *args, **kwargs)

@@ -52,8 +52,7 @@ def check_transformers_version(version: str | None = None) -> None:
     low, high = SUPPORTED_TRANSFORMERS
     if not Version(low) <= Version(Version(version).base_version) < Version(high):
         raise ValueError(
-            f"transformers {version} is not supported by otprune's patch; it needs transformers >= {low}, < {high} "
-            f"(pip install 'transformers>={low},<{high}')"
+            f"transformers {version} is not supported by otprune's patch; it needs transformers >= {low}, < {high} (pip install 'transformers>={low},<{high}')"
         )
 
 
@@ -191,9 +190,7 @@ def _prefill_padding(model, input_ids: torch.Tensor, attention_mask) -> torch.Te
         return padding_mask(input_ids, attention_mask)
     call = getattr(model, "_otprune_padding", None)
     if call is None:
-        raise ValueError(
-            f"with LAYER_INDEX > 0, give forward a 2-D (batch, length) attention mask; got one of shape {tuple(attention_mask.shape)}"
-        )
+        raise ValueError(f"with LAYER_INDEX > 0, give forward a 2-D (batch, length) attention mask; got one of shape {tuple(attention_mask.shape)}")
     return call.repeat_interleave(input_ids.shape[0] // call.shape[0], dim=0).to(input_ids.device)
 
 

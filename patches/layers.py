@@ -329,10 +329,7 @@ def _fixed_length_cache(layer, kwargs) -> bool:
 def check_layer_index(config: PruneConfig, n_layers: int) -> None:
     """Refuse a ``LAYER_INDEX`` the model does not have before anything runs."""
     if config.enabled and config.layer_index >= n_layers:
-        raise ValueError(
-            f"LAYER_INDEX={config.layer_index} is not allowed for this model; it has {n_layers} layers "
-            f"(0 .. {n_layers - 1})"
-        )
+        raise ValueError(f"LAYER_INDEX={config.layer_index} is not allowed for this model; it has {n_layers} layers (0 .. {n_layers - 1})")
 
 
 def attach_state(model, config: PruneConfig, decoder, state: PrefillState | None) -> None:

@@ -98,9 +98,7 @@ def install() -> bool:
         return True
 
     @functools.wraps(original)
-    def prepare_inputs_labels_for_multimodal(
-        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
-    ):
+    def prepare_inputs_labels_for_multimodal(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None):
         from . import active_config, check_model
 
         config = active_config(self)
@@ -112,9 +110,7 @@ def install() -> bool:
             if prefill or (input_ids is not None and input_ids.shape[1] > 1):
                 _set_state(self, config, None)
             return original(self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
-        return _prepare_pruned(
-            original, self, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
-        )
+        return _prepare_pruned(original, self, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes)
 
     prepare_inputs_labels_for_multimodal.otprune_original = original
     LlavaMetaForCausalLM.prepare_inputs_labels_for_multimodal = prepare_inputs_labels_for_multimodal
@@ -187,9 +183,7 @@ def _padding(model, input_ids: torch.Tensor, attention_mask, labels) -> torch.Te
     return padding_mask(input_ids, None, getattr(config, "pad_token_id", None), eos)
 
 
-def _prepare_pruned(
-    original, model, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
-):
+def _prepare_pruned(original, model, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes):
     ids, mask_in, markers = _with_image_ends(input_ids, _padding(model, input_ids, attention_mask, labels))
     limit = getattr(model.config, "tokenizer_model_max_length", None)
     added = ids.shape[1] - input_ids.shape[1]
@@ -197,9 +191,7 @@ def _prepare_pruned(
         if limit is not None:
             # LLaVA cuts each spliced prompt to this length; the end tokens must not count.
             model.config.tokenizer_model_max_length = limit + added
-        _, _, mask_out, past_key_values, embeds, sources = original(
-            model, ids, position_ids, mask_in, past_key_values, markers, images, image_sizes
-        )
+        _, _, mask_out, past_key_values, embeds, sources = original(model, ids, position_ids, mask_in, past_key_values, markers, images, image_sizes)
     finally:
         if limit is not None:
             model.config.tokenizer_model_max_length = limit

@@ -87,8 +87,7 @@ def padding_side(valid: torch.Tensor, default: str = "right") -> str:
     if bool((valid == (positions < lengths)).all()):
         return "right"
     raise ValueError(
-        "the attention mask (or the pad tokens) puts padding on both sides of the batch or inside a prompt; "
-        "pad every prompt on one side, left or right"
+        "the attention mask (or the pad tokens) puts padding on both sides of the batch or inside a prompt; pad every prompt on one side, left or right"
     )
 
 

@@ -229,17 +229,14 @@ def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Ten
     """Each unit's ``(row, positions, selectable, grids)``, consuming placeholders in batch order."""
     spans = visual_spans(input_ids == visual.token_id, [n for n, _, _ in visual.units])
     device = input_ids.device
-    return [
-        (row, torch.arange(start, end, device=device), selectable, grids)
-        for (row, start, end), (_, selectable, grids) in zip(spans, visual.units)
-    ]
+    return [(row, torch.arange(start, end, device=device), selectable, grids) for (row, start, end), (_, selectable, grids) in zip(spans, visual.units)]
 
 
 def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
     """Per unit, the text TRIM scores against: ``splice.question_positions`` of its run of adjacent
     units (a video's frames share the text after the video)."""
     by_row: dict[int, list[int]] = {}
-    for i, (b, positions, _, _) in enumerate(units):
+    for i, (b, _, _, _) in enumerate(units):
         by_row.setdefault(b, []).append(i)
     result: list[torch.Tensor | None] = [None] * len(units)
     for b, members in by_row.items():

@@ -70,9 +70,7 @@ def build_tokenizer(path: Path, corpus: list[str] = CORPUS, extra_special_tokens
     core.train_from_iterator(corpus, trainer=trainer)
     bos = core.token_to_id("<s>")
     core.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=4096
-    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>", model_max_length=4096)
     tokenizer.save_pretrained(path)
     return tokenizer
 

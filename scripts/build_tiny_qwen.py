@@ -24,7 +24,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from build_tiny_llava import TEXT_FFN, TEXT_HIDDEN, TEXT_LAYERS, build_tokenizer, command_line
 
 VARIANTS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl", "llava-onevision")
@@ -117,7 +116,11 @@ def build_qwen(path: Path, variant: str, seed: int) -> None:
 
 def build_onevision(path: Path, seed: int) -> None:
     from transformers import (
-        LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, LlavaOnevisionImageProcessorPil, Qwen2Config, SiglipVisionConfig,
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+        Qwen2Config,
+        SiglipVisionConfig,
     )  # fmt: skip
 
     tokenizer = build_tokenizer(path, extra_special_tokens=("<|im_start|>", "<|im_end|>", "<video>"))

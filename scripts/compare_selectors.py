@@ -10,6 +10,7 @@ empirical OT distance of the kept set to the full set, and the selector's median
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -71,7 +72,7 @@ def main(argv=None) -> None:
     print(f"{'method':<10}{'kept':>6}{'log-det':>10}{'W2^2':>9}{'OT dist':>9}{'median ms':>11}")
     for name in args.methods.upper().split(","):
         options = {"text": text} if name == "TRIM" else {}
-        kept, seconds = median_time(lambda: SELECTORS[name](tokens, k, **options), args.repeats, device)
+        kept, seconds = median_time(functools.partial(SELECTORS[name], tokens, k, **options), args.repeats, device)
         print(
             f"{name:<10}{kept.numel():>6}{logdet_objective(tokens, kept).item():>10.3f}"
             f"{gaussian_w2(tokens, kept).item():>9.4f}{empirical_ot_distance(tokens, kept):>9.4f}"

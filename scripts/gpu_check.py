@@ -214,8 +214,17 @@ def step_tests(device: str, deadline: float) -> StepResult:
     report.parent.mkdir(parents=True, exist_ok=True)
     report.unlink(missing_ok=True)
     command = [
-        sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors",
-        "-k", "cuda or greedy_triton", f"--junitxml={report}", "tests",
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--continue-on-collection-errors",
+        "-k",
+        "cuda or greedy_triton",
+        f"--junitxml={report}",
+        "tests",
     ]
     try:
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=max(1, deadline - time.time() - 5))
@@ -514,10 +523,9 @@ def model_args(run: EvalRun, device: str) -> str:
 def eval_command(run: EvalRun, checkpoint: Path, suite: Suite, device: str, folder: Path) -> tuple[list[str], dict]:
     """``(command, environment)`` of one lmms-eval run: the harness's command line and child
     environment (``OTPRUNE_LOG=1``, the run's pruning variables and nobody else's)."""
-    from otprune.harness.plan import child_env
-
     from otprune.harness.config import Config
-    from otprune.harness.plan import Run, command as harness_command
+    from otprune.harness.plan import Run, child_env
+    from otprune.harness.plan import command as harness_command
     from otprune.harness.resources import load_catalogue
 
     config = Config("gpu_check", run.model, model_args(run, device), {}, {}, suite.tasks, batch_size=run.batch, catalogue=load_catalogue())
@@ -569,8 +577,15 @@ def execute(run: EvalRun, checkpoint: Path, suite: Suite, device: str, work: Pat
     results = [read_results(path) for path in folder.glob("**/*_results.json")]
     done = {task for data in results if isinstance(data.get("results"), dict) for task in data["results"]}
     problems += attempt_problems(
-        returncode=returncode, tasks=tasks, done=done, limits={recorded_limit(data) for data in results}, limit=limit,
-        env=run.env, log_text=text, samples=samples, check_pruning=False,  # check_tokens is stricter: N itself
+        returncode=returncode,
+        tasks=tasks,
+        done=done,
+        limits={recorded_limit(data) for data in results},
+        limit=limit,
+        env=run.env,
+        log_text=text,
+        samples=samples,
+        check_pruning=False,  # check_tokens is stricter: N itself
     )
     if samples:
         problems += check_tokens(run, logged["visual_tokens"], samples)

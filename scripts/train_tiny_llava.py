@@ -60,8 +60,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from build_tiny_llava import SHIPPED_SYNTH, build_tokenizer, clip_config, clip_processor, original_config
+
 from otprune import synthetic_benchmark as bench
 from otprune.benchmark_metrics import exact_match, yes_no_f1, yes_no_prediction
 from otprune.patches.llava import install_cache_keyword
@@ -319,7 +319,7 @@ def loss_of(model, heads, pixels, samples, labels, seen) -> tuple[torch.Tensor, 
     logits = label_head(features).split(LABEL_CLASSES, dim=-1)
     visual = model.get_model().mm_projector(features)
     auxiliary = (
-        sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), labels[..., c].flatten()) for c, l in enumerate(logits))
+        sum(torch.nn.functional.cross_entropy(logit.flatten(0, 1), labels[..., c].flatten()) for c, logit in enumerate(logits))
         + torch.nn.functional.mse_loss(statistics_head(visual), patch_statistics(pixels))
     ) / (len(logits) + 1)
     inputs, positions, mask, targets, weights = packed_inputs(model, samples, [v[s] for v, s in zip(visual, seen)])
@@ -365,9 +365,7 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
     heads = torch.nn.ModuleList([torch.nn.Linear(VISION_HIDDEN, sum(LABEL_CLASSES)), torch.nn.Linear(TEXT_HIDDEN, PATCH_STATISTICS)])
     parameters = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
     tokens = functools.cache(functools.partial(turn_tokens, tokenizer))
     cpu_start, wall_start = time.process_time(), time.perf_counter()
@@ -511,11 +509,10 @@ def check(recorded: dict) -> int:
     hash where the environment is the recorded one, the held-out answers everywhere; 0 if all hold."""
     here = training_environment()
     there = recorded.get("environment", {})
-    apart = sorted(
-        f"{key}: recorded {there.get(key)}, here {here[key]}" for key in here if key != "packages" and there.get(key) != here[key]
-    ) + sorted(
+    apart = sorted(f"{key}: recorded {there.get(key)}, here {here[key]}" for key in here if key != "packages" and there.get(key) != here[key]) + sorted(
         f"{name}: recorded {there.get('packages', {}).get(name)}, here {version}"
-        for name, version in here["packages"].items() if there.get("packages", {}).get(name) != version
+        for name, version in here["packages"].items()
+        if there.get("packages", {}).get(name) != version
     )
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, stats = train(Path(tmp) / "synth-llava")
@@ -523,13 +520,14 @@ def check(recorded: dict) -> int:
         retrained = held_out_stats(model, tokenizer, per_kind)
     ok = True
     if apart:
-        print(f"environment differs from the recorded one ({'; '.join(apart)}): weights hash not compared "
-              f"(retrained {stats['weights_sha256'][:12]}, shipped {recorded['weights_sha256'][:12]})")
+        print(
+            f"environment differs from the recorded one ({'; '.join(apart)}): weights hash not compared "
+            f"(retrained {stats['weights_sha256'][:12]}, shipped {recorded['weights_sha256'][:12]})"
+        )
     else:
         same = stats["weights_sha256"] == recorded["weights_sha256"]
         ok &= same
-        print(f"environment as recorded: retrained {stats['weights_sha256']} vs shipped {recorded['weights_sha256']}: "
-              f"{'identical' if same else 'DIFFERENT'}")
+        print(f"environment as recorded: retrained {stats['weights_sha256']} vs shipped {recorded['weights_sha256']}: {'identical' if same else 'DIFFERENT'}")
     print(f"held-out answers right of {per_kind} per kind and level (tolerance {CHECK_TOLERANCE}):")
     for level in bench.LEVELS:
         shipped = held_out_counts(recorded["held_out"][level], per_kind)
@@ -550,13 +548,16 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--eval-per-kind", type=int, default=40, help="held-out questions per kind scored at the end")
-    parser.add_argument("--check", action="store_true", help="retrain with the defaults; compare with the shipped checkpoint (hash where the environment matches, held-out scores always)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="retrain with the defaults; compare with the shipped checkpoint (hash where the environment matches, held-out scores always)",
+    )
     parser.add_argument("--by-template", type=int, metavar="N", help="score the shipped checkpoint per question template on N held-out questions per kind")
     args = parser.parse_args(argv)
     if args.by_template is not None:
-        from llava.model.builder import load_pretrained_model
-
         from build_tiny_llava import build
+        from llava.model.builder import load_pretrained_model
 
         if args.by_template < 1:
             parser.error(f"--by-template {args.by_template}: it must be a count of questions >= 1")

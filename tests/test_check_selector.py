@@ -6,11 +6,11 @@ import json
 import subprocess
 import sys
 
+import faulty_methods
 import pytest
 import torch
-
-import faulty_methods
 from conftest import ROOT
+
 from otprune import check_selector, cli, contract_check
 from otprune.contract_check import CHECKS, run_battery
 from otprune.methods import get_method, load_function
@@ -128,7 +128,7 @@ def test_host_sync_counts_the_sync_warnings(monkeypatch):
     def syncs(times):
         def select(tokens, k):
             for _ in range(times):
-                warnings.warn("called a synchronizing CUDA operation")
+                warnings.warn("called a synchronizing CUDA operation", stacklevel=2)
             return faulty_methods.select_good(tokens, k)
 
         return select
@@ -197,11 +197,7 @@ def test_what_cannot_be_checked_exits_2_with_the_reason(capsys, argv, message):
 
 
 def test_the_command_runs_as_python_m_otprune():
-    done = subprocess.run(
-        [sys.executable, "-m", "otprune", "check-selector", "OURS"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run([sys.executable, "-m", "otprune", "check-selector", "OURS"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "PASS  nan-refused" in done.stdout
-    assert "check-selector" in subprocess.run(
-        [sys.executable, "-m", "otprune", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    ).stdout
+    assert "check-selector" in subprocess.run([sys.executable, "-m", "otprune", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from otprune import cli, report
 from otprune.harness import checkpoints as harness_checkpoints
 from otprune.harness import cli as harness_cli
@@ -86,8 +86,11 @@ def test_an_installed_layout_finds_its_configs_and_runs_in_the_working_folder(tm
     work.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "otprune", "run", "smoke", "--dry-run"],
-        cwd=work, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"},
-        capture_output=True, text=True, timeout=300,
+        cwd=work,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr
     assert "are built by scripts/build_tiny_llava.py, which only a source checkout has" in done.stderr
@@ -116,7 +119,9 @@ def test_the_harness_drops_the_advice_to_install_torchvision(tmp_path, quiet):
     pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
     done = subprocess.run(
         [sys.executable, "-c", BUILD_WITHOUT_TORCHVISION, str(tmp_path / "tiny-llava"), "quiet" if quiet else "loud"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0 and "built" in done.stdout, done.stderr
     assert ("Install torchvision" in done.stderr) is not quiet
@@ -161,6 +166,14 @@ def test_the_harness_and_the_report_import_one_way():
     for module in graph:
         if module not in state:
             visit(module, [module])
-    upstream = {"otprune.harness.cli", "otprune.harness.plan", "otprune.harness.attempt", "otprune.harness.executors",
-                "otprune.harness.executors.local", "otprune.harness.executors.slurm", "otprune.harness.config", "otprune.harness.status"}
+    upstream = {
+        "otprune.harness.cli",
+        "otprune.harness.plan",
+        "otprune.harness.attempt",
+        "otprune.harness.executors",
+        "otprune.harness.executors.local",
+        "otprune.harness.executors.slurm",
+        "otprune.harness.config",
+        "otprune.harness.status",
+    }
     assert not graph["otprune.report"] & upstream, graph["otprune.report"]

@@ -15,9 +15,7 @@ def test_unset_and_orig_mean_no_pruning():
 
 
 def test_full_setting_is_read_case_insensitively():
-    config = config_from_env(
-        {"BASELINE": "ours", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "3", "OTPRUNE_GAMMA": "0.5", "OTPRUNE_LOG": "1"}
-    )
+    config = config_from_env({"BASELINE": "ours", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "3", "OTPRUNE_GAMMA": "0.5", "OTPRUNE_LOG": "1"})
     assert config == PruneConfig("OURS", 0.098, 3, {"gamma": 0.5}, log=True)
 
 
@@ -45,12 +43,18 @@ def test_defaults_and_method_specific_options():
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "two"}, r"LAYER_INDEX='two' is not allowed; it must be an integer"),
         ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.1", "LAYER_INDEX": "0"}, r"LAYER_INDEX=0 is not allowed with BASELINE=FASTV"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "0"}, r"OTPRUNE_GAMMA \(gamma\) must be a number in \[2.94e-39, 8.51e\+37\]"),
-        ({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": str(2**64)}, r"OTPRUNE_SEED \(seed\) must be an int in \[0, 2\*\*64 - 1\]; got 18446744073709551616"),
+        (
+            {"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": str(2**64)},
+            r"OTPRUNE_SEED \(seed\) must be an int in \[0, 2\*\*64 - 1\]; got 18446744073709551616",
+        ),
         ({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "-1"}, r"OTPRUNE_SEED \(seed\) must be an int in \[0, 2\*\*64 - 1\]; got -1"),
         ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_LOG": "yes"}, r"OTPRUNE_LOG='yes' is not allowed; use 1 \(on\) or 0"),
-        ({"BASELINE": "DPP", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "fast"}, r"OTPRUNE_GREEDY='fast' is not allowed: greedy path must be one of host, batched, triton"),
+        (
+            {"BASELINE": "DPP", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "fast"},
+            r"OTPRUNE_GREEDY='fast' is not allowed: greedy path must be one of host, batched, triton",
+        ),
     ],
 )
 def test_bad_values_name_the_variable_and_what_is_allowed(env, message):
@@ -117,9 +121,7 @@ CHECK_PATCHED = (
 
 def run_lmms_eval_start_up(**env):
     clean = {k: v for k, v in os.environ.items() if k not in ("BASELINE", "SUBSET_RATIO", "LAYER_INDEX")}
-    return subprocess.run(
-        [sys.executable, "-c", CHECK_PATCHED], env={**clean, **env}, capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-c", CHECK_PATCHED], env={**clean, **env}, capture_output=True, text=True, timeout=300)
 
 
 @needs_lmms_eval

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
+from otprune import report
 from otprune.harness import attempt as harness_attempt
 from otprune.harness import catalogue as harness_catalogue
 from otprune.harness import checkpoints as harness_checkpoints
@@ -25,7 +26,6 @@ from otprune.harness import plan as harness_plan
 from otprune.harness import prerequisites as harness_prerequisites
 from otprune.harness import resources as harness_resources
 from otprune.harness import run_check as harness_run_check
-from otprune import report
 from otprune.measures import ModelShape, prefill_flops, pruned_prefill_flops
 from otprune.sample_timer import timing_line
 
@@ -111,7 +111,9 @@ def test_without_a_gpu_the_default_config_is_synth(monkeypatch):
 
 def test_a_layer_index_beyond_the_trained_checkpoints_llm_is_missing_before_any_run(tmp_path):
     layers = json.loads((ROOT / "configs" / "otprune_synth" / "synth-llava-1.5" / "config.json").read_text())["num_hidden_layers"]
-    path = write_config(tmp_path / "deep.yaml", models={"synth-llava-1.5": {}}, methods={"FastV": {"ratios": [0.5], "layer_index": layers}, "VTW": {"layer_index": 0}})
+    path = write_config(
+        tmp_path / "deep.yaml", models={"synth-llava-1.5": {}}, methods={"FastV": {"ratios": [0.5], "layer_index": layers}, "VTW": {"layer_index": 0}}
+    )
     missing, _ = harness_prerequisites.prerequisites(harness_config.load_config(str(path)), 1)
     assert [m for m in missing if "layer_index" in m] == [
         f"FastV's layer_index {layers} is beyond synth-llava-1.5's LLM, which has {layers} layers (0 .. {layers - 1}); "
@@ -203,7 +205,10 @@ def test_unknown_config_name_lists_the_shipped_ones(capsys):
 
 def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
     path = write_config(tmp_path / "m.yaml", methods={"Uniformly": {"ratios": [0.1]}})
-    with pytest.raises(harness_errors.ConfigError, match="unknown method .Uniformly.; allowed: CDPruner, DPP, DivPrune, FIRST, FastV, LAST, OTPrune, Original, POOL, Random, STP, TrimTokenator, Uniform, VTW"):
+    with pytest.raises(
+        harness_errors.ConfigError,
+        match="unknown method .Uniformly.; allowed: CDPruner, DPP, DivPrune, FIRST, FastV, LAST, OTPrune, Original, POOL, Random, STP, TrimTokenator, Uniform, VTW",
+    ):
         harness_config.load_config(str(path))
 
 
@@ -271,9 +276,24 @@ def write_run(folder: Path, model: str, method: str, ratio: float, method_spec: 
     results_file.write_text(json.dumps(results))
     (folder / "setting.json").write_text(json.dumps(setting))
     tasks = list(results.get("results", {})) if isinstance(results.get("results"), dict) else []
-    record = {"model": model, "method": method, "ratio": ratio, "env": env, "status": "done", "tasks": tasks,
-              "finished_tasks": tasks, "results": {"attempts/a/model/20250101_000000_results.json": hashlib.sha256(results_file.read_bytes()).hexdigest()},
-              "samples": {}, "eval_s": None, "peak_rss_mb": 0, "wall_s": 0, "visual_tokens": [], "selector_ms": [], "text_tokens": {}, **record}
+    record = {
+        "model": model,
+        "method": method,
+        "ratio": ratio,
+        "env": env,
+        "status": "done",
+        "tasks": tasks,
+        "finished_tasks": tasks,
+        "results": {"attempts/a/model/20250101_000000_results.json": hashlib.sha256(results_file.read_bytes()).hexdigest()},
+        "samples": {},
+        "eval_s": None,
+        "peak_rss_mb": 0,
+        "wall_s": 0,
+        "visual_tokens": [],
+        "selector_ms": [],
+        "text_tokens": {},
+        **record,
+    }
     (folder / "otprune_a.json").write_text(json.dumps(record))
     return results_file
 
@@ -283,8 +303,17 @@ def test_report_of_the_trained_model_uses_its_own_llm_shape_and_calls_its_scores
     results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}}}
     runs = tmp_path / "synth" / "synth-llava-1.5"
     for method, ratio, spec, after in (("Original", 1.0, {}, 576), ("Uniform", 0.25, {}, 144), ("VTW", 0.0, {"layer_index": 0}, 0)):
-        write_run(runs / f"{method}_{ratio:g}", "synth-llava-1.5", method, ratio, spec, results,
-                  visual_tokens=[[576, after]] if method != "Original" else [], text_tokens={"otprune_synth_count": 20}, llm_shape=shape)
+        write_run(
+            runs / f"{method}_{ratio:g}",
+            "synth-llava-1.5",
+            method,
+            ratio,
+            spec,
+            results,
+            visual_tokens=[[576, after]] if method != "Original" else [],
+            text_tokens={"otprune_synth_count": 20},
+            llm_shape=shape,
+        )
     _, csv_path, markdown = report.write_report(tmp_path / "synth", tmp_path)
     assert "random weights" not in markdown
     assert "trained on the synthetic benchmark" in markdown and "3 layers of width 48, FFN 96" in markdown
@@ -318,8 +347,7 @@ def test_paper_numbers_give_the_published_ranks(tmp_path):
     runs_dir = paper_runs(tmp_path, "llava-1.5-7b", "liuhaotian/llava-v1.5-7b")
     _, csv_path, markdown = report.write_report(runs_dir, tmp_path)
     rows = {r["method"]: r for r in csv.DictReader(open(csv_path))}
-    assert {m: round(float(rows[m]["one_shot_rank"]), 2) for m in report.ONE_SHOT} == {
-        "VTW": 3.41, "FastV": 3.59, "DivPrune": 1.64, "OTPrune": 1.36}
+    assert {m: round(float(rows[m]["one_shot_rank"]), 2) for m in report.ONE_SHOT} == {"VTW": 3.41, "FastV": 3.59, "DivPrune": 1.64, "OTPrune": 1.36}
     # Every cell equals the paper's: differences are zero.
     assert all(float(rows["OTPrune"][f"{b}_diff"]) == pytest.approx(0, abs=1e-9) for b in PAPER["benchmarks"])
     # TFLOP from 576 -> 56 tokens and the paper's text tokens per benchmark: the paper's column.
@@ -357,8 +385,17 @@ def test_tflop_takes_each_benchmarks_own_images(tmp_path):
     results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}, "otprune_synth_yesno": {"yes_no_f1,none": 0.5}}}
     tokens = {"otprune_synth_count": [[576, 56]], "otprune_synth_yesno": [[2880, 282]]}
     text = {"otprune_synth_count": 20, "otprune_synth_yesno": 30}
-    write_run(tmp_path / "r" / "llava-v1.6-vicuna-7b" / "OTPrune_0.098", "liuhaotian/llava-v1.6-vicuna-7b", "OTPrune", 0.098, {}, results,
-              visual_tokens=tokens["otprune_synth_count"] + tokens["otprune_synth_yesno"], tokens_by_task=tokens, text_tokens=text)
+    write_run(
+        tmp_path / "r" / "llava-v1.6-vicuna-7b" / "OTPrune_0.098",
+        "liuhaotian/llava-v1.6-vicuna-7b",
+        "OTPrune",
+        0.098,
+        {},
+        results,
+        visual_tokens=tokens["otprune_synth_count"] + tokens["otprune_synth_yesno"],
+        tokens_by_task=tokens,
+        text_tokens=text,
+    )
     _, csv_path, _ = report.write_report(tmp_path / "r", tmp_path / "out")
     (row,) = csv.DictReader(open(csv_path))
     shape = SHAPES["llava-1.6-7b"]

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
+from otprune import report
 from otprune.harness import cli as harness_cli
 from otprune.harness import config as harness_config
 from otprune.harness import plan as harness_plan
 from otprune.harness import records as harness_records
 from otprune.harness import run_check as harness_run_check
-from otprune import report
 
 FAKE = ROOT / "tests" / "fixtures" / "fake_lmms_eval"
 FIXTURES = ROOT / "tests" / "fixtures" / "runs" / "smoke"
@@ -131,7 +131,9 @@ def test_a_live_child_of_an_earlier_harness_is_reported_not_duplicated(tmp_path)
     attempt.mkdir(parents=True)
     stale = subprocess.Popen(
         [sys.executable, "-m", "lmms_eval", "--tasks", TASK, "--output_path", str(attempt)],
-        env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.DEVNULL, start_new_session=True,
+        env=fake_env(FAKE_LMMS="sleep"),
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         (attempt / "child.json").write_text(json.dumps({"pid": stale.pid, "pgid": stale.pid, "tasks": [TASK]}))
@@ -190,22 +192,37 @@ def test_a_pruning_run_without_the_entry_point_fails(tmp_path):
     "env, log, samples, problem",
     [
         ({"BASELINE": "VTW", "LAYER_INDEX": "2"}, "otprune VTW: visual tokens 576->0, 576->0; selector 0.1 ms", 2, None),
-        ({"BASELINE": "VTW", "LAYER_INDEX": "2"}, "otprune VTW: visual tokens 576->0; selector 0.1 ms", 2,
-         "2 samples evaluated but only 1 images' selections logged"),
+        (
+            {"BASELINE": "VTW", "LAYER_INDEX": "2"},
+            "otprune VTW: visual tokens 576->0; selector 0.1 ms",
+            2,
+            "2 samples evaluated but only 1 images' selections logged",
+        ),
         # K = 0: the no-image control keeps no visual token, before the LLM as inside it.
         ({"BASELINE": "VTW", "LAYER_INDEX": "0"}, "otprune VTW: visual tokens 576->0; selector 0.0 ms", 1, None),
-        ({"BASELINE": "VTW", "LAYER_INDEX": "0"}, "otprune VTW: visual tokens 576->56; selector 0.0 ms", 1,
-         "an image kept 56 of 576 visual tokens; VTW keeps none"),
+        (
+            {"BASELINE": "VTW", "LAYER_INDEX": "0"},
+            "otprune VTW: visual tokens 576->56; selector 0.0 ms",
+            1,
+            "an image kept 56 of 576 visual tokens; VTW keeps none",
+        ),
         ({"BASELINE": "UNIFORM", "SUBSET_RATIO": "0.25"}, "otprune UNIFORM: visual tokens 576->144; selector 0.1 ms", 1, None),
         ({"BASELINE": "FASTV", "SUBSET_RATIO": "0.25"}, "otprune FASTV: visual tokens 2144->536; selector 0.1 ms", 1, None),
-        ({"BASELINE": "DPP", "SUBSET_RATIO": "0.25"}, "otprune OURS: visual tokens 576->144; selector 0.1 ms", 1,
-         "the log shows a selection by OURS, not DPP"),
-        ({"BASELINE": "ORIG"}, "otprune OURS: visual tokens 576->56; selector 0.1 ms", 1,
-         "the unpruned run logged a selection by OURS: a pruning variable leaked into it"),
+        ({"BASELINE": "DPP", "SUBSET_RATIO": "0.25"}, "otprune OURS: visual tokens 576->144; selector 0.1 ms", 1, "the log shows a selection by OURS, not DPP"),
+        (
+            {"BASELINE": "ORIG"},
+            "otprune OURS: visual tokens 576->56; selector 0.1 ms",
+            1,
+            "the unpruned run logged a selection by OURS: a pruning variable leaked into it",
+        ),
         ({"BASELINE": "ORIG"}, "", 1, None),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "otprune OURS: visual tokens 576->56; selector 0.1 ms; ot 0.5", 1, None),
-        ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "otprune OURS: visual tokens 576->576; selector 0.1 ms", 1,
-         "an image kept 576 of 576 visual tokens; OURS at ratio 0.098 keeps 56"),
+        (
+            {"BASELINE": "OURS", "SUBSET_RATIO": "0.098"},
+            "otprune OURS: visual tokens 576->576; selector 0.1 ms",
+            1,
+            "an image kept 576 of 576 visual tokens; OURS at ratio 0.098 keeps 56",
+        ),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "loading model\nevaluating", 1, harness_run_check.NO_SELECTION),
     ],
 )
@@ -249,16 +266,25 @@ def test_duplicate_ratios_and_tasks_are_planned_once(tmp_path):
     path = write_config(tmp_path / "d.yaml", methods={"OTPrune": {"ratios": [0.25, 0.250000001, 0.1]}}, tasks=[TASK, "otprune_smoke_pope", TASK])
     config = harness_config.load_config(str(path))
     runs = harness_plan.plan_runs(config, tmp_path / "runs")
-    assert sorted((r.ratio, r.tasks) for r in runs) == sorted([(0.1, (TASK,)), (0.1, ("otprune_smoke_pope",)), (0.25, (TASK,)), (0.25, ("otprune_smoke_pope",))])
+    assert sorted((r.ratio, r.tasks) for r in runs) == sorted(
+        [(0.1, (TASK,)), (0.1, ("otprune_smoke_pope",)), (0.25, (TASK,)), (0.25, ("otprune_smoke_pope",))]
+    )
     assert any("ratios [0.25, 0.250000001, 0.1] run once each as ['0.25', '0.1']" in note for note in config.notes)
 
 
 def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
-    path = write_config(tmp_path / "k.yaml", models={"tiny-llava-1.5": {"VTW": {"layer_index": 3}}, "tiny-llava-1.6": {}},
-                        methods={"VTW": {"layer_index": 2}, "FastV": {"ratios": [0.5]}})
+    path = write_config(
+        tmp_path / "k.yaml",
+        models={"tiny-llava-1.5": {"VTW": {"layer_index": 3}}, "tiny-llava-1.6": {}},
+        methods={"VTW": {"layer_index": 2}, "FastV": {"ratios": [0.5]}},
+    )
     runs = harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path)
     assert {(r.model, r.method): r.setting["layer_index"] for r in runs} == {
-        ("tiny-llava-1.5", "VTW"): 3, ("tiny-llava-1.6", "VTW"): 2, ("tiny-llava-1.5", "FastV"): 2, ("tiny-llava-1.6", "FastV"): 2}
+        ("tiny-llava-1.5", "VTW"): 3,
+        ("tiny-llava-1.6", "VTW"): 2,
+        ("tiny-llava-1.5", "FastV"): 2,
+        ("tiny-llava-1.6", "FastV"): 2,
+    }
 
 
 # -- configs, paths and limits refused with a message -----------------------------------------
@@ -267,8 +293,10 @@ def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"methods": {"OTPrune": {"ratios": [0.25], "env": {"BASELINE": "ORIG"}}}},
-         "methods.OTPrune.env.BASELINE='ORIG' is not allowed: BASELINE is set by the method's name"),
+        (
+            {"methods": {"OTPrune": {"ratios": [0.25], "env": {"BASELINE": "ORIG"}}}},
+            "methods.OTPrune.env.BASELINE='ORIG' is not allowed: BASELINE is set by the method's name",
+        ),
         ({"methods": {"OTPrune": {"ratios": [0.25], "env": {"SUBSET_RATIO": 1}}}}, "SUBSET_RATIO is set by the method's 'ratios'"),
         ({"methods": {"VTW": {"env": {"LAYER_INDEX": 2}}}}, "LAYER_INDEX is set by the method's 'layer_index' key"),
         ({"methods": {"VTW": {"env": {"LAYER_INDX": 2}}}}, "methods.VTW.env.LAYER_INDX is not allowed: a config's env may set only OTPRUNE_GAMMA"),
@@ -276,11 +304,17 @@ def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
         ({"models": {"tiny-llava-1.5": {"OTPrune": {"env": {"LD_PRELOAD": "x.so"}}}}}, "models.tiny-llava-1.5.OTPrune.env.LD_PRELOAD is not allowed"),
         ({"models": {"tiny-llava-1.5": ["x"]}}, "models.tiny-llava-1.5=['x'] (list) is not allowed; allowed: a mapping method"),
         ({"methods": {"OTPrune": {"ratios": [0.25], "env": ["X"]}}}, "methods.OTPrune.env=['X'] (list) is not allowed; allowed: a mapping VARIABLE: value"),
-        ({"methods": {"OTPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": None}}}}, "methods.OTPrune.env.OTPRUNE_GAMMA=None (null) is not allowed; allowed: a string or a number"),
+        (
+            {"methods": {"OTPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": None}}}},
+            "methods.OTPrune.env.OTPRUNE_GAMMA=None (null) is not allowed; allowed: a string or a number",
+        ),
         ({"lmms_model": None}, "lmms_model=None (null) is not allowed; allowed: an lmms-eval model name"),
         ({"tasks": TASK}, f"tasks='{TASK}' (str) is not allowed; allowed: a list of task names"),
         ({"group_tasks": "yes"}, "group_tasks='yes' (str) is not allowed; allowed: true, false, or a list of lists of the config's tasks"),
-        ({"group_tasks": [["nope"]]}, "group_tasks=[['nope']] (list) is not allowed; allowed: true, false, or a list of lists of the config's tasks, each task in exactly one (nope: not in tasks)"),
+        (
+            {"group_tasks": [["nope"]]},
+            "group_tasks=[['nope']] (list) is not allowed; allowed: true, false, or a list of lists of the config's tasks, each task in exactly one (nope: not in tasks)",
+        ),
         ({"group_tasks": [[TASK], [TASK]]}, f"each task in exactly one ({TASK}: in more than one group)"),
         ({"group_tasks": []}, f"each task in exactly one ({TASK}: in no group)"),
         ({"methods": {"VTW": {"layer_index": "2"}}}, "methods.VTW.layer_index='2' (str) is not allowed; allowed: an integer >= 0"),
@@ -370,14 +404,24 @@ def test_the_report_names_malformed_files_and_tables_the_rest(tmp_path, capsys):
     (model / "DPP_0.5").mkdir()
     (model / "DPP_0.5" / "setting.json").write_text(json.dumps({"model": "tiny-llava-1.5", "method": "DPP", "ratio": "abc"}))
     bad_results = model / "Random_0.5"
-    setting = harness_plan.run_setting(harness_config.load_config("smoke"), "tiny-llava-1.5", "Random", 0.5, {"BASELINE": "RANDOM", "SUBSET_RATIO": "0.5"}, None)
+    setting = harness_plan.run_setting(
+        harness_config.load_config("smoke"), "tiny-llava-1.5", "Random", 0.5, {"BASELINE": "RANDOM", "SUBSET_RATIO": "0.5"}, None
+    )
     results = bad_results / "attempts" / "a" / "m" / "x_results.json"
     results.parent.mkdir(parents=True)
     results.write_text(json.dumps({"results": {TASK: 5}}))
     (bad_results / "setting.json").write_text(json.dumps(setting))
-    (bad_results / "otprune_a.json").write_text(json.dumps({
-        "status": "done", "tasks": [TASK], "finished_tasks": [TASK], "wall_s": 1,
-        "results": {"attempts/a/m/x_results.json": hashlib.sha256(results.read_bytes()).hexdigest()}}))
+    (bad_results / "otprune_a.json").write_text(
+        json.dumps(
+            {
+                "status": "done",
+                "tasks": [TASK],
+                "finished_tasks": [TASK],
+                "wall_s": 1,
+                "results": {"attempts/a/m/x_results.json": hashlib.sha256(results.read_bytes()).hexdigest()},
+            }
+        )
+    )
     (model / "DivPrune_0.098" / "otprune_list.json").write_text("[1, 2]")
     _, csv_path, markdown = report.write_report(runs, tmp_path / "out")
     skipped = markdown.split("## Skipped")[1]

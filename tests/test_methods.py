@@ -829,6 +829,7 @@ BATCHING_SELECTORS = textwrap.dedent(
     """
 )
 
+
 def test_a_good_batching_plugin_selector_works(install):
     install(BATCHING_SELECTORS, selector(attribute="good"))
     assert get_method("FAKESEL").accepts_batches

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from otprune.harness.checkpoints import checkpoint
 from otprune.harness.config import Config
 from otprune.harness.plan import Run, child_env, command
@@ -88,9 +88,7 @@ def faulty_site(tmp_path: Path) -> Path:
     """A plugin package that returns its picks in descending order (unsorted), as pip would leave it."""
     site = tmp_path / "faulty"
     (site / "backwards_pick-0.1.dist-info").mkdir(parents=True)
-    (site / "backwards_pick.py").write_text(
-        "import torch\n\ndef select(tokens, k):\n    return torch.arange(k, device=tokens.device).flip(0)\n"
-    )
+    (site / "backwards_pick.py").write_text("import torch\n\ndef select(tokens, k):\n    return torch.arange(k, device=tokens.device).flip(0)\n")
     (site / "backwards_pick-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: backwards-pick\nVersion: 0.1\n")
     (site / "backwards_pick-0.1.dist-info" / "entry_points.txt").write_text("[otprune.selectors]\nBACKWARDS = backwards_pick:select\n")
     return site

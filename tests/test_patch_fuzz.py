@@ -64,10 +64,7 @@ class Case:
     def describe(self) -> str:
         layouts = ["".join("I" if isinstance(p, Image.Image) else "t" for p in prompt) for prompt in self.prompts]
         sizes = [[p.size for p in prompt if isinstance(p, Image.Image)] for prompt in self.prompts]
-        return (
-            f"prompts {layouts} images {sizes} side={self.side} mask={self.masked} "
-            f"K={self.layer_index} {self.method} ratio={self.ratio} cache={self.cache}"
-        )
+        return f"prompts {layouts} images {sizes} side={self.side} mask={self.masked} K={self.layer_index} {self.method} ratio={self.ratio} cache={self.cache}"
 
 
 def random_case(family: str, seed: int) -> Case:
@@ -153,9 +150,7 @@ class Family:
         # The original LLaVA's generate takes the prompt as its first argument, ``inputs``.
         prompt = inputs.pop("input_ids")
         with torch.no_grad():
-            out = self.model.generate(
-                prompt, **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation=cache
-            )
+            out = self.model.generate(prompt, **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation=cache)
         return out[:, -NEW_TOKENS:]
 
     def logits(self, inputs, side: str) -> torch.Tensor:

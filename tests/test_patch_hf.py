@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("transformers")
 
+from attention_backends import backend  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from attention_backends import backend  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
@@ -48,9 +48,7 @@ def inputs_for(processor, questions, images_per_prompt):
 def llm_inputs(model, inputs):
     """The inputs_embeds the language model receives for one forward pass."""
     seen = []
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True
-    )
+    handle = model.model.language_model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["inputs_embeds"].clone()), with_kwargs=True)
     try:
         with torch.no_grad():
             model(**inputs)
@@ -103,9 +101,7 @@ def test_two_images_of_different_size_each_get_their_budget(models):
     processor, model = models["llava-next-hf"]
     inputs = inputs_for(processor, ["Which differs?"], [[make_image(500, 300, 2), make_image(300, 700, 3)]])
     full = llm_inputs(model, inputs)
-    features = model.model.get_image_features(
-        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True
-    ).pooler_output
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"], return_dict=True).pooler_output
     sizes = [f.shape[0] for f in features]
     assert sizes[0] != sizes[1]
     patches.prune(model, "OURS", RATIO)

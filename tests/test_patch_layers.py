@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from otprune.prune_config import PruneConfig
 from otprune.patches.layers import LayerPruner, PrefillState, cut_mask, take, take_positions
+from otprune.prune_config import PruneConfig
 
 KEPT = torch.tensor([[0, 2, 3], [1, 3, 4]])
 

@@ -5,9 +5,9 @@ import torch
 
 pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
 
+from attention_backends import backend  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from attention_backends import backend  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.selectors import SELECTORS, budget  # noqa: E402
 
@@ -54,9 +54,7 @@ def spliced(model, ids, pixel, sizes, mask=None):
     mask = torch.ones_like(ids) if mask is None else mask
     labels = ids.clamp_min(0)
     with torch.no_grad():
-        _, _, out_mask, _, embeds, out_labels = model.prepare_inputs_labels_for_multimodal(
-            ids, None, mask, None, labels, pixel, sizes
-        )
+        _, _, out_mask, _, embeds, out_labels = model.prepare_inputs_labels_for_multimodal(ids, None, mask, None, labels, pixel, sizes)
     return embeds, out_mask, out_labels
 
 
@@ -64,9 +62,7 @@ def generate(model, ids, pixel, sizes, mask=None, tokens=6):
     ids = ids if ids.dim() == 2 else ids[None]
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
-        return model.generate(
-            ids, images=pixel, image_sizes=sizes, attention_mask=mask, max_new_tokens=tokens, do_sample=False
-        )
+        return model.generate(ids, images=pixel, image_sizes=sizes, attention_mask=mask, max_new_tokens=tokens, do_sample=False)
 
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
@@ -137,9 +133,7 @@ def test_two_image_prompt_prunes_each_image_to_its_budget(models, variant):
     # Recover each image's count from the unpruned splice: image 1 runs from `first` to the
     # text that follows it.
     text_ids = model.get_model().embed_tokens(ids[first + 1 : second])
-    n_first = next(
-        n for n in range(1, n_total) if torch.allclose(full[0, first + n : first + n + text_between], text_ids)
-    )
+    n_first = next(n for n in range(1, n_total) if torch.allclose(full[0, first + n : first + n + text_between], text_ids))
     n_second = n_total - n_first
     assert pruned.shape[1] == ids.numel() - 2 + budget(RATIO, n_first) + budget(RATIO, n_second)
     if variant == "llava-1.6":
@@ -363,9 +357,7 @@ def greedy_by_recompute(model, ids, pixel, sizes, tokens=6):
     new = ids.new_zeros(ids.shape[0], 0)
     for _ in range(tokens):
         with torch.no_grad():
-            logits = model(
-                input_ids=torch.cat([ids, new], 1), images=pixel, image_sizes=sizes, use_cache=False
-            ).logits
+            logits = model(input_ids=torch.cat([ids, new], 1), images=pixel, image_sizes=sizes, use_cache=False).logits
         new = torch.cat([new, logits[:, -1].argmax(-1, keepdim=True)], 1)
     return new
 
@@ -515,9 +507,7 @@ def test_layer_k_sampling_draws_what_a_full_recompute_draws(models):
     patches.prune(model, "OURS", RATIO, layer_index=2)
     torch.manual_seed(3)
     with torch.no_grad():
-        sampled = model.generate(
-            ids[None], images=pixel, image_sizes=sizes, max_new_tokens=5, do_sample=True, top_k=0, top_p=1.0, temperature=1.0
-        )
+        sampled = model.generate(ids[None], images=pixel, image_sizes=sizes, max_new_tokens=5, do_sample=True, top_k=0, top_p=1.0, temperature=1.0)
     torch.manual_seed(3)
     new = ids.new_zeros(1, 0)
     for _ in range(5):

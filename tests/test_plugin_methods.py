@@ -248,6 +248,7 @@ def test_pool_newline_grid_by_hand():
     tokens = randn(19, 3, seed=23)
     grids = (PatchGrid(0, 2, 2), PatchGrid(4, 3, 4, newlines=True))
     merged, positions = merge_pool(tokens, 10, grid=grids)
+
     # Budget 10 over sizes 4 and 15: 40/19 -> 2 (rem 2), 150/19 -> 7 (rem 17): the second gets the last.
     # Base grid, budget 2: no 2 x 2 fits, so 1 x 2: rows [0,2), columns [0,1) and [1,2).
     # Newline grid, budget 8: 2 x 3 + 2 newlines. Rows [0,2) [1,3) (centres 0, 1); columns [0,2)
@@ -259,7 +260,8 @@ def test_pool_newline_grid_by_hand():
         return 4 + 5 * r + c
 
     expected = [
-        mean(0, 2), mean(1, 3),
+        mean(0, 2),
+        mean(1, 3),
         mean(cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1)),
         mean(cell(0, 1), cell(0, 2), cell(1, 1), cell(1, 2)),
         mean(cell(0, 2), cell(0, 3), cell(1, 2), cell(1, 3)),

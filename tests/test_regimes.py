@@ -241,8 +241,8 @@ def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
     analysis: every level's redundancy measured from the runs' own logs (each image's share in
     [0, 1], the same images for both methods), each method's OT distance per level."""
     import yaml
-
     from conftest import ROOT
+
     from otprune.harness import cli as harness_cli
 
     pytest.importorskip("lmms_eval")

@@ -21,8 +21,10 @@ UNITS = {"Caption": "CIDEr", "VQA": "EM", "YesNo": "F1"}
 
 def brute_force_front(points):
     """Every point no other point beats on one axis while matching it on the other."""
+
     def dominates(q, p):
         return q[0] <= p[0] and q[1] >= p[1] and q != p
+
     return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
 
 
@@ -129,8 +131,12 @@ def test_labels_of_close_columns_do_not_overlap():
     rows = [
         {"model": "m", "method": method, "ratio": ratio, "tflop": tflop, "visual_tokens_after": 0, "VQA": score}
         for method, ratio, tflop, score in [
-            ("OTPrune", 0.098, 0.40, 57.0), ("DivPrune", 0.098, 0.40, 56.9), ("DPP", 0.098, 0.40, 56.8),
-            ("OTPrune", 0.11, 0.42, 57.0), ("DivPrune", 0.11, 0.42, 56.9), ("Original", 1.0, 3.0, 60.0),
+            ("OTPrune", 0.098, 0.40, 57.0),
+            ("DivPrune", 0.098, 0.40, 56.9),
+            ("DPP", 0.098, 0.40, 56.8),
+            ("OTPrune", 0.11, 0.42, 57.0),
+            ("DivPrune", 0.11, 0.42, 56.9),
+            ("Original", 1.0, 3.0, 60.0),
         ]
     ]
     figure = figures.pareto_figure(rows, {"VQA": "EM"})
@@ -139,7 +145,7 @@ def test_labels_of_close_columns_do_not_overlap():
     extents = [t.get_window_extent(renderer) for t in ax.texts]
     assert len(extents) == len(rows)
     # Not even touching: a pixel apart at least.
-    assert not any(a.padded(1).overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1:])
+    assert not any(a.padded(1).overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1 :])
 
 
 def test_runs_with_scores_but_no_cost_are_skipped_per_axis(tmp_path):

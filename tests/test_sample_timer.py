@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import otprune.patches as patches
-from otprune.harness import run_check as harness_run_check
 from otprune import report
 from otprune import sample_timer as timing
+from otprune.harness import run_check as harness_run_check
 
 RATIO = 0.098
 TOKENS = 5
@@ -55,15 +55,33 @@ def test_phase_without_a_timer_does_nothing():
 
 
 def made_up_run(method, ratio, calls):
-    return {"model": "m", "method": method, "ratio": ratio, "limit": None, "samples": len(calls), "peak_rss_mb": 1.0,
-            "wall_s": 1.0, "failed_invocations": 0, "latency": report.latency_summary(calls)}
+    return {
+        "model": "m",
+        "method": method,
+        "ratio": ratio,
+        "limit": None,
+        "samples": len(calls),
+        "peak_rss_mb": 1.0,
+        "wall_s": 1.0,
+        "failed_invocations": 0,
+        "latency": report.latency_summary(calls),
+    }
 
 
 def test_report_latency_is_median_and_quartiles_per_row_in_table_order():
     rng = np.random.default_rng(1)
-    calls = [{"prefill_ms": float(p), "vision_ms": 1.0, "selection_ms": 0.5, "llm_prefill_ms": float(p) - 1.5,
-              "generated_tokens": int(n), "decode_ms_per_token": float(d), "gpu_peak_mb": float(g)}
-             for p, n, d, g in zip(rng.uniform(5, 50, 9), rng.integers(1, 30, 9), rng.uniform(1, 3, 9), rng.uniform(100, 200, 9))]
+    calls = [
+        {
+            "prefill_ms": float(p),
+            "vision_ms": 1.0,
+            "selection_ms": 0.5,
+            "llm_prefill_ms": float(p) - 1.5,
+            "generated_tokens": int(n),
+            "decode_ms_per_token": float(d),
+            "gpu_peak_mb": float(g),
+        }
+        for p, n, d, g in zip(rng.uniform(5, 50, 9), rng.integers(1, 30, 9), rng.uniform(1, 3, 9), rng.uniform(100, 200, 9))
+    ]
     calls[0]["decode_ms_per_token"] = None  # one token only: no decode step
     summary = report.latency_summary(calls)
     for name in ("prefill_ms", "decode_ms_per_token", "generated_tokens"):
@@ -85,8 +103,8 @@ def test_report_latency_is_median_and_quartiles_per_row_in_table_order():
 @pytest.fixture(scope="module")
 def hf_model(tiny_hf_checkpoints):
     pytest.importorskip("transformers")
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = tiny_hf_checkpoints["llava-hf"]
     processor = AutoProcessor.from_pretrained(path)
@@ -160,8 +178,9 @@ def test_original_llava_records_its_new_tokens(tiny_checkpoints, caplog):
     patches.prune(model, "DIVPRUNE", RATIO, log=True)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="otprune"), torch.no_grad():
-        output = model.generate(ids, images=pixel, image_sizes=[image.size], attention_mask=torch.ones_like(ids),
-                                max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False)
+        output = model.generate(
+            ids, images=pixel, image_sizes=[image.size], attention_mask=torch.ones_like(ids), max_new_tokens=TOKENS, min_new_tokens=TOKENS, do_sample=False
+        )
     (record,) = harness_run_check.parse_prune_log(caplog.text)["timing"]
     # llava-torch generates from inputs_embeds: its output holds the new tokens only.
     assert record["generated_tokens"] == output.shape[1] == TOKENS

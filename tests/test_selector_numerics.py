@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from otprune.prune_config import config_from_env
 from otprune.measures import column_normalise, logdet_objective
+from otprune.prune_config import config_from_env
 from otprune.selectors import (
     GAMMA_RANGE,
     SELECTORS,
@@ -31,11 +31,7 @@ def slow_greedy_logdet(kernel: torch.Tensor, k: int) -> list[int]:
     """Greedy by recomputing ``log det(L_{S+i})`` from scratch for every candidate (float64)."""
     chosen: list[int] = []
     for _ in range(k):
-        gains = {
-            i: torch.linalg.slogdet(kernel[chosen + [i]][:, chosen + [i]]).logabsdet.item()
-            for i in range(len(kernel))
-            if i not in chosen
-        }
+        gains = {i: torch.linalg.slogdet(kernel[chosen + [i]][:, chosen + [i]]).logabsdet.item() for i in range(len(kernel)) if i not in chosen}
         chosen.append(max(gains, key=gains.get))
     return chosen
 

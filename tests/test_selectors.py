@@ -115,11 +115,7 @@ def slow_greedy_otprune(x: torch.Tensor, k: int, gamma: float) -> list[int]:
     kernel = torch.eye(len(x), dtype=x.dtype) + gamma * a @ a.T
     chosen: list[int] = []
     for _ in range(k):
-        gains = {
-            i: torch.linalg.slogdet(kernel[chosen + [i]][:, chosen + [i]]).logabsdet.item()
-            for i in range(len(x))
-            if i not in chosen
-        }
+        gains = {i: torch.linalg.slogdet(kernel[chosen + [i]][:, chosen + [i]]).logabsdet.item() for i in range(len(x)) if i not in chosen}
         chosen.append(max(gains, key=gains.get))
     return sorted(chosen)
 

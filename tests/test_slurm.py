@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_harness_runs import fake_env, runs_folder, wait_for
 
 from otprune.harness import cli as harness_cli
 from otprune.harness.config import load_config
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors.slurm import SlurmOptions, slurm_parameters
 from otprune.harness.plan import plan_runs
-from test_harness_runs import fake_env, runs_folder, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,8 +42,16 @@ def sbatch_text(parameters: dict, jobs: int, folder: Path) -> str:
 def test_a_gpu_run_asks_one_gpu_per_lmms_eval_process_and_caps_the_array(tmp_path):
     options = SlurmOptions(partition="gpu", time=90, mem=64, account="lab", qos="high", max_parallel=3, setup="module load cuda\nsource venv/bin/activate")
     text = sbatch_text(slurm_parameters(options, num_processes=2, job_name="otprune-paper"), 10, tmp_path)
-    for line in ("#SBATCH --gpus-per-node=2", "#SBATCH --array=0-9%3", "#SBATCH --time=90", "#SBATCH --mem=64GB",
-                 "#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high", "#SBATCH --job-name=otprune-paper"):
+    for line in (
+        "#SBATCH --gpus-per-node=2",
+        "#SBATCH --array=0-9%3",
+        "#SBATCH --time=90",
+        "#SBATCH --mem=64GB",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --account=lab",
+        "#SBATCH --qos=high",
+        "#SBATCH --job-name=otprune-paper",
+    ):
         assert line in text.splitlines(), (line, text)
     setup = text.split("# setup\n")[1].splitlines()[:2]
     assert setup == ["module load cuda", "source venv/bin/activate"]
@@ -80,8 +88,10 @@ def test_the_config_block_sets_the_executor_and_a_flag_wins(tmp_path):
         (["--executor", "slurm", "--slurm-time", "0"], "--slurm-time 0 is not allowed; allowed: an integer >= 1"),
         (["--executor", "slurm", "--slurm-partition", " "], "--slurm-partition ' ' is not allowed; allowed: a non-empty partition"),
         (["--executor", "slurm", "--jobs", "2"], "--slurm-max-parallel caps the jobs at once"),
-        (["--executor", "slurm", "--slurm-gpus-per-job", "1", "--num-processes", "2"],
-         "1 GPUs per job (--slurm-gpus-per-job, or the config's executor.gpus_per_job) is fewer than the 2 lmms-eval processes"),
+        (
+            ["--executor", "slurm", "--slurm-gpus-per-job", "1", "--num-processes", "2"],
+            "1 GPUs per job (--slurm-gpus-per-job, or the config's executor.gpus_per_job) is fewer than the 2 lmms-eval processes",
+        ),
         (["--slurm-partition", "gpu", "--wait"], "--slurm-partition, --wait only apply with --executor slurm (the executor here: local)"),
     ],
 )
@@ -151,8 +161,9 @@ def test_a_cancelled_job_is_resubmitted_and_every_sample_recorded_once(cluster, 
     config, runs = tiny_runs(tmp_path, tasks)
     label = runs / "two_limit2"
     # One job at a time, each sleeping in the stand-in: the first runs while the second is queued.
-    submitted = otprune("run", str(config), "--limit", "2", "--executor", "slurm", "--slurm-max-parallel", "1",
-                        "--runs-dir", str(runs), env=fake_env(FAKE_LMMS="sleep"))
+    submitted = otprune(
+        "run", str(config), "--limit", "2", "--executor", "slurm", "--slurm-max-parallel", "1", "--runs-dir", str(runs), env=fake_env(FAKE_LMMS="sleep")
+    )
     assert submitted.returncode == 0, submitted.stdout + submitted.stderr
     assert submitted.stdout.count("submitted ") == 2
     wait_for(lambda: sorted(states(label).values()) == ["queued", "running"], 60, "one job running, one queued")

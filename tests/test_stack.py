@@ -22,7 +22,6 @@ def test_filelock_4_3_under_lmms_eval_0_7_3_is_a_known_break_with_its_fix():
 def pyproject_bounds(extras) -> dict:
     """pyproject.toml's own requirements for ``extras`` (read from the file, not from metadata)."""
     import tomllib
-
     from packaging.requirements import Requirement
 
     project = tomllib.loads((stack.LOCKS.parent / "pyproject.toml").read_text())["project"]
@@ -102,8 +101,7 @@ def test_doctor_passes_the_locked_test_environment_and_fails_a_known_break(tmp_p
 
 def test_the_gpu_machines_wheels_are_named_by_the_vlm_lock():
     """fetch_gpu_wheels.sh downloads each wheel at locks/vlm.txt's version: each must be there."""
-    names = [line.strip() for line in (stack.LOCKS.parent / "scripts" / "gpu_wheels.txt").read_text().splitlines()
-             if line.strip() and not line.startswith("#")]
+    names = [line.strip() for line in (stack.LOCKS.parent / "scripts" / "gpu_wheels.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert not [n for n in names if stack.normalise(n) not in stack.read_lock(stack.lock_path("vlm"))]
 
 

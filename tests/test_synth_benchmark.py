@@ -40,6 +40,7 @@ def objects_in_pixels(image) -> list[dict]:
 
 def answer_from_pixels(objects: list[dict], question: str) -> str:
     """The answer to ``question`` read off ``objects`` (the test's own parser of the questions)."""
+
     def one(colour, shape):
         (match,) = [o for o in objects if o["colour"] == colour and o["shape"] == shape]
         return match
@@ -160,7 +161,9 @@ def test_shipped_task_data_is_what_the_generator_writes(tmp_path):
     make.write(tmp_path)
     shipped = ROOT / "configs" / "otprune_synth" / "data"
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert written == sorted(p.relative_to(shipped.parent) for p in shipped.parent.rglob("*") if p.is_file() and p.parent.name in (*bench.LEVELS, "data", "levels"))
+    assert written == sorted(
+        p.relative_to(shipped.parent) for p in shipped.parent.rglob("*") if p.is_file() and p.parent.name in (*bench.LEVELS, "data", "levels")
+    )
     for path in written:
         assert (tmp_path / path).read_text() == (shipped.parent / path).read_text(), path
     catalogue = yaml.safe_load((ROOT / "configs" / "tasks.yaml").read_text())["local"]
@@ -169,7 +172,9 @@ def test_shipped_task_data_is_what_the_generator_writes(tmp_path):
             spec = catalogue[bench.task_name(kind, level)]
             assert spec["benchmark"] == bench.task_benchmark(kind, level)
             assert bench.task_level(spec["benchmark"]) == (kind, level)
-            assert {k: v for k, v in spec.items() if k != "benchmark"} == {k: v for k, v in catalogue[bench.task_name(kind, "plain")].items() if k != "benchmark"}
+            assert {k: v for k, v in spec.items() if k != "benchmark"} == {
+                k: v for k, v in catalogue[bench.task_name(kind, "plain")].items() if k != "benchmark"
+            }
 
 
 @pytest.mark.parametrize(
@@ -287,7 +292,10 @@ def test_packed_prompts_over_a_subset_of_visual_tokens_give_the_logits_of_that_p
 def test_background_curriculum_always_shows_the_objects(train_script):
     """``training_batch``'s visible tokens: every patch an object is drawn on, and of the background
     none at share 0, all at share 1, about half at share 0.5."""
-    tokens = lambda q, a: ([1], [2, 3], [0.0, 1.0])
+
+    def tokens(question, answer):
+        return [1], [2, 3], [0.0, 1.0]
+
     assert [train_script.background_share(s, (10, 20)) for s in (0, 10, 15, 20, 99)] == [0.0, 0.0, 0.5, 1.0, 1.0]
     for share in (0.0, 0.5, 1.0):
         rng = random.Random(7)
@@ -394,7 +402,12 @@ def test_blind_chance_answers_each_question_template_with_its_most_frequent_answ
 
     rows = {
         # "What color is the _": red, red, blue -> 2 right; "What size is the _ _": 1 right.
-        "attribute": [row("What color is the circle?", "red"), row("What color is the square?", "Red"), row("What color is the triangle?", "blue"), row("What size is the red circle?", "small")],
+        "attribute": [
+            row("What color is the circle?", "red"),
+            row("What color is the square?", "Red"),
+            row("What color is the triangle?", "blue"),
+            row("What size is the red circle?", "small"),
+        ],
         "presence": [row("Is there a red circle in the image?", a) for a in ("yes", "no", "no")],
     }
     chance = bench.blind_chance(rows)

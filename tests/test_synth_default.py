@@ -8,10 +8,10 @@ import json
 
 import pytest
 import yaml
-
 from conftest import ROOT
-from otprune.harness import cli as harness_cli
+
 from otprune import synthetic_benchmark as bench
+from otprune.harness import cli as harness_cli
 
 DATA = ROOT / "configs" / "otprune_synth" / "data"
 KINDS = ("presence", "attribute", "count")
@@ -61,7 +61,8 @@ def test_original_reads_the_image_at_both_levels_and_vtw_at_k0_is_at_chance(tmp_
     chance = bench.blind_chance(task_rows())
     chance_of = {"presence": chance["presence_f1"], "attribute": chance["attribute_em"], "count": chance["count_em"]}
     for level in levels:
-        def score(method, kind):
+
+        def score(method, kind, level=level):
             return float(rows[method][bench.task_benchmark(kind, level)]) / 100  # the report gives EM and F1 in %
 
         for kind in KINDS:

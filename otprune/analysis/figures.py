@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-__all__ = ["AXES", "DPI", "SELECTOR_NAMES", "annotate", "display_name", "pareto_figure", "pareto_front", "point_label", "separate_labels", "style", "write_pareto_figures"]
+__all__ = [
+    "AXES",
+    "DPI",
+    "SELECTOR_NAMES",
+    "annotate",
+    "display_name",
+    "pareto_figure",
+    "pareto_front",
+    "point_label",
+    "separate_labels",
+    "style",
+    "write_pareto_figures",
+]
 
 # Written at 150 dpi with 10–11 pt text: legible when the PNG is viewed at its own size.
 DPI = 150
@@ -82,8 +94,16 @@ def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
     for point, texts in names.items():
         # On a white box, so that the Pareto front's dashes do not cross the text; under the points
         # (zorder 3 and up), so that a label moved down by separate_labels never hides one.
-        ax.annotate(", ".join(texts), point, xytext=(6, 0), textcoords="offset points", fontsize=8, va="center", zorder=2.5,
-                    bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85})
+        ax.annotate(
+            ", ".join(texts),
+            point,
+            xytext=(6, 0),
+            textcoords="offset points",
+            fontsize=8,
+            va="center",
+            zorder=2.5,
+            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
+        )
 
 
 LABEL_GAP = 2  # pixels between two labels
@@ -147,19 +167,23 @@ def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop")
                 for point, together in labels.items():
                     # Points at one place drawn largest first, so each shows as a ring around the next.
                     for depth, row in enumerate(together):
-                        ax.scatter(*point, color=colours[row["method"]], marker=markers[model], zorder=3 + depth,
-                                   s=40 * (len(together) - depth) ** 1.5,
-                                   label=row["method"] + (f" ({model})" if len(models) > 1 else ""))
+                        ax.scatter(
+                            *point,
+                            color=colours[row["method"]],
+                            marker=markers[model],
+                            zorder=3 + depth,
+                            s=40 * (len(together) - depth) ** 1.5,
+                            label=row["method"] + (f" ({model})" if len(models) > 1 else ""),
+                        )
                 annotate(ax, [(point, point_label(row)) for point, row in zip(points, placed)])
                 front = sorted(points[i] for i in pareto_front(points))
                 if front:
-                    ax.step(*zip(*front), where="post", color="black", linewidth=1, linestyle="--", zorder=2,
-                            label="Pareto front")
+                    ax.step(*zip(*front), where="post", color="black", linewidth=1, linestyle="--", zorder=2, label="Pareto front")
             ax.set_xlabel(AXES[x])
             ax.set_ylabel(f"{bench} ({units[bench]})")
             ax.set_title(bench)
             ax.margins(x=0.25, y=0.15)
-        for ax in axes[len(benchmarks):]:
+        for ax in axes[len(benchmarks) :]:
             ax.set_visible(False)
         handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
         legend = figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(6, len(handles)))
@@ -186,5 +210,4 @@ def write_pareto_figures(rows: Sequence[dict], units: dict[str, str], out_dir: P
         path = Path(out_dir) / name
         pareto_figure(rows, units, x).savefig(path, dpi=DPI, bbox_inches="tight")
         written.append(str(path))
-    return "; ".join(filter(None, ["written: " + ", ".join(written) if written else "",
-                                   "skipped " + ", ".join(skipped) if skipped else ""]))
+    return "; ".join(filter(None, ["written: " + ", ".join(written) if written else "", "skipped " + ", ".join(skipped) if skipped else ""]))

@@ -174,7 +174,7 @@ def render(results: list[tuple[Shape, list[GammaRow], dict]], *, seconds: float)
     return "\n".join(lines)
 
 
-def figure(results: list[tuple[Shape, list[GammaRow], dict]]) -> "plt.Figure":
+def figure(results: list[tuple[Shape, list[GammaRow], dict]]) -> plt.Figure:
     """Per token source: Jaccard overlaps vs γ, and OT distance vs γ against reference subsets."""
     fig, axes = plt.subplots(len(results), 2, figsize=(12, 5 * len(results)), squeeze=False, layout="constrained")
     for (shape, rows, references), (ax_j, ax_ot) in zip(results, axes):

@@ -108,9 +108,7 @@ def load_points(runs_dir: Path) -> tuple[list[MethodPoint], list[tuple[Path, str
         score = scores.get((model, method, ratio), {}).get(benchmark)
         if score is None:
             continue
-        points.append(
-            MethodPoint(model, method, ratio, benchmark, float(np.mean(values)), score, len(values), pooled[(model, method, ratio, benchmark)])
-        )
+        points.append(MethodPoint(model, method, ratio, benchmark, float(np.mean(values)), score, len(values), pooled[(model, method, ratio, benchmark)]))
     return points, skipped
 
 

@@ -95,9 +95,7 @@ def _options(name: str, tokens: torch.Tensor, seed: int) -> dict:
     return {}
 
 
-def run_ot_vs_ratio(
-    images: list[tuple[str, torch.Tensor]], ratios=DEFAULT_RATIOS, selectors=tuple(SELECTORS), log=None
-) -> list[Record]:
+def run_ot_vs_ratio(images: list[tuple[str, torch.Tensor]], ratios=DEFAULT_RATIOS, selectors=tuple(SELECTORS), log=None) -> list[Record]:
     """Measures every selector at every ratio on every image; ``log`` gets one line per image."""
     records = []
     for seed, (name, tokens) in enumerate(images):
@@ -129,10 +127,7 @@ def _mean(records: list[Record], selector: str, ratio: float, field: str, relati
 def _grid(records: list[Record], field: str, relative: bool = False, digits: int = 4) -> str:
     ratios = sorted({r.ratio for r in records})
     selectors = list(dict.fromkeys(r.selector for r in records))
-    rows = [
-        [selector] + [f"{_mean(records, selector, ratio, field, relative):.{digits}f}" for ratio in ratios]
-        for selector in selectors
-    ]
+    rows = [[selector] + [f"{_mean(records, selector, ratio, field, relative):.{digits}f}" for ratio in ratios] for selector in selectors]
     return markdown_table(["selector"] + [f"{ratio:g}" for ratio in ratios], rows)
 
 
@@ -187,7 +182,7 @@ def render(records: list[Record], *, source: str, seconds: float) -> str:
     )
 
 
-def figure(records: list[Record]) -> "plt.Figure":
+def figure(records: list[Record]) -> plt.Figure:
     """Three panels against the keep ratio: OT distance, Gaussian W2², OT distance / OTPrune's."""
     ratios = sorted({r.ratio for r in records})
     selectors = list(dict.fromkeys(r.selector for r in records))

@@ -319,7 +319,9 @@ def to_csv(regimes: Regimes) -> str:
                         continue
                     share = regimes.share(model, level)
                     ot = regimes.ot.get((model, method, ratio, level))
-                    writer.writerow([model, method, f"{ratio:g}", kind, level, "" if share is None else repr(share), repr(score), "" if ot is None else repr(ot[0])])
+                    writer.writerow(
+                        [model, method, f"{ratio:g}", kind, level, "" if share is None else repr(share), repr(score), "" if ot is None else repr(ot[0])]
+                    )
     return handle.getvalue()
 
 
@@ -351,10 +353,10 @@ def render(regimes: Regimes, units: dict[str, str] | None = None) -> str:
         "share: the share of an image's full visual tokens whose nearest other token (the image's mean token subtracted) has cosine > 0.95, over "
         "the images of the finished runs that prune before the LLM and evaluated only that level's tasks); "
         "the scores per question kind, levels ordered most redundant first (a level without a measurement is "
-        "\"not measured\" and comes last); each method's mean exact OT distance, kept to full visual tokens, "
+        '"not measured" and comes last); each method\'s mean exact OT distance, kept to full visual tokens, '
         "per level; where OTPrune − DivPrune changes sign along redundancy; and Spearman's rho across methods "
         "between mean OT and score per level (negative supports the paper's hypothesis \"lower OT distance, "
-        "higher score\"; n/a when a side is constant or fewer than 3 methods).",
+        'higher score"; n/a when a side is constant or fewer than 3 methods).',
         "",
     ]
     if regimes.skipped:
@@ -444,7 +446,12 @@ def render(regimes: Regimes, units: dict[str, str] | None = None) -> str:
                         r = cells.get((level, ratio, kind))
                         row.append("–" if r is None else ("n/a" if math.isnan(r.rho) else f"{r.rho:+.3f}") + f" ({len(r.methods)})")
                     table.append(row)
-            lines += [markdown_table(["Level", "Ratio"] + [bench.TASK_KINDS[k][1] for k in kinds], table), "", "(n): methods with both a mean OT distance and a score.", ""]
+            lines += [
+                markdown_table(["Level", "Ratio"] + [bench.TASK_KINDS[k][1] for k in kinds], table),
+                "",
+                "(n): methods with both a mean OT distance and a score.",
+                "",
+            ]
         else:
             lines += ["No level with OT distances.", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -34,7 +34,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def write_report(out: Path, name: str, markdown: str, figures: dict[str, "plt.Figure"]) -> list[Path]:
+def write_report(out: Path, name: str, markdown: str, figures: dict[str, plt.Figure]) -> list[Path]:
     """Writes ``out/<name>.md`` and ``out/<figure>.png`` (closing each figure); returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.md"]

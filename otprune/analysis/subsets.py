@@ -44,7 +44,7 @@ class SubsetScorer:
     trace_full: float
 
     @classmethod
-    def from_tokens(cls, tokens: torch.Tensor) -> "SubsetScorer":
+    def from_tokens(cls, tokens: torch.Tensor) -> SubsetScorer:
         """``tokens``: ``(N, d)`` raw tokens; column-normalised here exactly as the measures do."""
         x = column_normalise(tokens)
         a = x @ x.T
@@ -55,9 +55,7 @@ class SubsetScorer:
         return self.k_matrix.shape[0]
 
 
-def score_subsets(
-    scorer: SubsetScorer, subsets: torch.Tensor, *, gamma: float = DEFAULT_GAMMA, chunk: int = DEFAULT_CHUNK
-) -> dict[str, torch.Tensor]:
+def score_subsets(scorer: SubsetScorer, subsets: torch.Tensor, *, gamma: float = DEFAULT_GAMMA, chunk: int = DEFAULT_CHUNK) -> dict[str, torch.Tensor]:
     """Scores ``subsets`` ``(M, k)`` (distinct indices per row, any order) in chunks.
 
     Returns float64 tensors of shape ``(M,)``: ``"trace"`` (the W2 trace term), ``"w2"`` (Gaussian
@@ -103,8 +101,5 @@ def enumerate_subsets(n: int, k: int) -> torch.Tensor:
 def sample_subsets(n: int, k: int, count: int, generator: torch.Generator, *, chunk: int = 4096) -> torch.Tensor:
     """``count`` k-subsets of ``range(n)``, each uniform over all ``C(n, k)`` (drawn with
     replacement across rows: the top-k of i.i.d. uniform keys is a uniform k-subset)."""
-    parts = [
-        torch.rand(min(chunk, count - start), n, generator=generator).topk(k, dim=-1).indices
-        for start in range(0, count, chunk)
-    ]
+    parts = [torch.rand(min(chunk, count - start), n, generator=generator).topk(k, dim=-1).indices for start in range(0, count, chunk)]
     return torch.cat(parts) if parts else torch.empty(0, k, dtype=torch.long)

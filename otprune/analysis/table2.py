@@ -118,9 +118,7 @@ def run_config(
     metrics = {}
     for objective, higher_better in OBJECTIVES.items():
         compared = _compare(pop_scores[objective], method_scores[objective], higher_better)
-        metrics[objective] = {
-            method: {metric: float(values[i]) for metric, values in compared.items()} for i, method in enumerate(METHODS)
-        }
+        metrics[objective] = {method: {metric: float(values[i]) for metric, values in compared.items()} for i, method in enumerate(METHODS)}
     return exhaustive, population.shape[0], metrics
 
 
@@ -140,9 +138,7 @@ def run_table2(
         start = time.perf_counter()
         result = ConfigResult(n, d, k, exhaustive=False, population=0, seeds=seeds, seconds=0.0)
         for seed in range(seeds):
-            exhaustive, size, metrics = run_config(
-                n, d, k, seed, samples=samples, exhaustive_limit=exhaustive_limit, gamma=gamma, chunk=chunk
-            )
+            exhaustive, size, metrics = run_config(n, d, k, seed, samples=samples, exhaustive_limit=exhaustive_limit, gamma=gamma, chunk=chunk)
             result.exhaustive, result.population = exhaustive, size
             for objective, by_method in metrics.items():
                 for method, values in by_method.items():
@@ -199,8 +195,7 @@ def render(results: list[ConfigResult], *, samples: int, seconds: float, quick: 
         "",
         "- **trace** = tr((Σ^½ Σ_S Σ^½)^½), higher is better; opt % = method / best.",
         "- **W2²** = tr Σ + tr Σ_S − 2·trace, lower is better; opt % = best / method (1 = optimal).",
-        "- win % = share of the subsets with a strictly worse value than the method's subset; "
-        "'best' is over the subsets scored and the four methods' subsets.",
+        "- win % = share of the subsets with a strictly worse value than the method's subset; 'best' is over the subsets scored and the four methods' subsets.",
         "- paper = the paper's Table 2 (win %, optimality %), under its trace objective.",
         "",
         markdown_table(headers, rows),
@@ -210,16 +205,14 @@ def render(results: list[ConfigResult], *, samples: int, seconds: float, quick: 
         "range % = (method − worst) / (best − worst) over the subsets scored (sign-flipped for W2²). "
         "log det = log det(I + γ K_S), the objective OTPrune's greedy maximises.",
         "",
-        markdown_table(
-            ["N, d, k", "method", "trace range %", "W2² range %", "log det win %", "log det opt %"], extra_rows
-        ),
+        markdown_table(["N, d, k", "method", "trace range %", "W2² range %", "log det win %", "log det opt %"], extra_rows),
         "",
         f"Wall time: {seconds:.1f} s (" + ", ".join(f"{r.n}/{r.d}/{r.k}: {r.seconds:.1f} s" for r in results) + ").",
     ]
     return "\n".join(lines)
 
 
-def figure(results: list[ConfigResult]) -> "plt.Figure":
+def figure(results: list[ConfigResult]) -> plt.Figure:
     """Win rate per configuration and method, trace and W2² side by side, paper's figures marked."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=True)
     labels = [f"{r.n}/{r.d}/{r.k}" for r in results]
@@ -230,12 +223,8 @@ def figure(results: list[ConfigResult]) -> "plt.Figure":
             positions = [i + (m - (len(METHODS) - 1) / 2) * width for i in range(len(results))]
             ax.bar(positions, means, width, label=method)
             if method in PAPER and objective == "trace":
-                paper = [
-                    PAPER[method][CONFIGS.index((r.n, r.d, r.k))][0] if (r.n, r.d, r.k) in CONFIGS else math.nan
-                    for r in results
-                ]
-                ax.scatter(positions, paper, marker="_", s=200, linewidths=2, color="black", zorder=3,
-                           label="paper" if m == 0 else None)
+                paper = [PAPER[method][CONFIGS.index((r.n, r.d, r.k))][0] if (r.n, r.d, r.k) in CONFIGS else math.nan for r in results]
+                ax.scatter(positions, paper, marker="_", s=200, linewidths=2, color="black", zorder=3, label="paper" if m == 0 else None)
         ax.set_xticks(range(len(results)), labels)
         ax.set_xlabel("tokens N / width d / kept k")
         ax.set_title(f"win rate, {title}")

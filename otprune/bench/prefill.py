@@ -93,12 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed TTFT runs per configuration (default 5; 1 with --quick)")
     parser.add_argument("--decode-steps", type=int, default=None, help="greedy decode steps timed (default 32 on GPU, 4 on CPU; 3 with --quick)")
     parser.add_argument("--quick", action="store_true", help="batch 1, no pruning and ratio 0.098 only; for CI")
-    parser.add_argument(
-        "--models", default="1.5,1.6", help="comma-separated LLaVA versions to run, of 1.5 and 1.6 (default both)"
-    )
-    parser.add_argument(
-        "--greedy", choices=GREEDY_PATHS, default=None, help="OTPrune's greedy path (default: the device's; triton: the fused kernel)"
-    )
+    parser.add_argument("--models", default="1.5,1.6", help="comma-separated LLaVA versions to run, of 1.5 and 1.6 (default both)")
+    parser.add_argument("--greedy", choices=GREEDY_PATHS, default=None, help="OTPrune's greedy path (default: the device's; triton: the fused kernel)")
     args = parser.parse_args(argv)
     if args.device not in ("cpu", "cuda"):
         parser.error(f"--device {args.device!r} is not allowed; use cpu or cuda")
@@ -206,9 +202,7 @@ def build(arch: Arch, device: torch.device, dtype: torch.dtype) -> Model:
     try:
         with torch.device(device):
             tower = CLIPVisionModel(tower_config)
-            projector = nn.Sequential(
-                nn.Linear(arch.tower_hidden, arch.hidden), nn.GELU(), nn.Linear(arch.hidden, arch.hidden)
-            )
+            projector = nn.Sequential(nn.Linear(arch.tower_hidden, arch.hidden), nn.GELU(), nn.Linear(arch.hidden, arch.hidden))
             llm = LlamaForCausalLM(llm_config)
     finally:
         torch.set_default_dtype(previous)
@@ -286,9 +280,7 @@ def _roofline(model: Model, config: Config, llm_tokens: int, steps: int, hw: Har
     element = next(model.llm.parameters()).element_size()
     tower_tokens = PATCHES + 1
     tower_macs = arch.tower_layers * (
-        4 * tower_tokens * arch.tower_hidden**2
-        + 2 * tower_tokens**2 * arch.tower_hidden
-        + 2 * tower_tokens * arch.tower_hidden * arch.tower_ffn
+        4 * tower_tokens * arch.tower_hidden**2 + 2 * tower_tokens**2 * arch.tower_hidden + 2 * tower_tokens * arch.tower_hidden * arch.tower_ffn
     )
     projector_macs = arch.visual_tokens * (arch.tower_hidden * arch.hidden + arch.hidden**2)
     vision_flops = 2 * b * (arch.crops * tower_macs + projector_macs)
@@ -327,10 +319,7 @@ def run_config(model: Model, config: Config, repeats: int, steps: int, hw: Hardw
     device = next(model.llm.parameters()).device
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(config.batch * arch.crops, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator).to(device, dtype)
-    text = tuple(
-        torch.randint(arch.vocab, (config.batch, length), generator=generator).to(device)
-        for length in (TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE)
-    )
+    text = tuple(torch.randint(arch.vocab, (config.batch, length), generator=generator).to(device) for length in (TEXT_BEFORE_IMAGE, TEXT_AFTER_IMAGE))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

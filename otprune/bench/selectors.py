@@ -131,9 +131,7 @@ def check_same_picks(tokens: torch.Tensor, k: int, fused: bool) -> None:
     reference = per_step_otprune(exact, k)
     for path in ("triton",) * fused + (None,):
         fast = select_otprune(exact, k, greedy=path)
-        assert torch.equal(fast, reference), (
-            f"select_otprune (greedy={path}) and the per-step reference disagree at N={tokens.shape[-2]} k={k}"
-        )
+        assert torch.equal(fast, reference), f"select_otprune (greedy={path}) and the per-step reference disagree at N={tokens.shape[-2]} k={k}"
 
 
 def float32_divergences(tokens: torch.Tensor, k: int) -> int:
@@ -207,9 +205,7 @@ def target_lines(rows: list[Row], device: torch.device) -> list[str]:
             if r.batch > 1 and one:
                 (ms, path), (ms_one, path_one) = r.best, one.best
                 ratio = ms / ms_one
-                lines.append(
-                    f"GPU  N={r.n} k={r.k} batch {r.batch} <= 2x batch 1: {ratio:.2f}x ({path} / {path_one}) -> {verdict(ratio <= 2)}"
-                )
+                lines.append(f"GPU  N={r.n} k={r.k} batch {r.batch} <= 2x batch 1: {ratio:.2f}x ({path} / {path_one}) -> {verdict(ratio <= 2)}")
     else:
         lines.append("GPU  targets (<= 0.3 ms at N=576 k=64 b=1; >= 10x vs per-step; N=2880 k=320 <= 2 ms;")
         lines.append("     batch 16 <= 2x batch 1): NOT MEASURED -- this is a CPU run; rerun with --device cuda")

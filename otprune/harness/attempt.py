@@ -45,11 +45,7 @@ def text_tokens(pretrained: str, sample_files: dict[str, Path]) -> dict[str, flo
         return {}
     means = {}
     for task, path in sample_files.items():
-        counts = [
-            len(tokenizer(json.loads(line)["input"], add_special_tokens=False).input_ids)
-            for line in path.read_text().splitlines()
-            if line.strip()
-        ]
+        counts = [len(tokenizer(json.loads(line)["input"], add_special_tokens=False).input_ids) for line in path.read_text().splitlines() if line.strip()]
         if counts:
             means[task] = sum(counts) / len(counts)
     return means
@@ -116,8 +112,14 @@ def execute(attempt: Attempt, children: Children) -> dict | None:
         reason = f"stopped with the harness ({children.stop_reason})"
     else:
         problems = attempt_problems(
-            returncode=process.returncode, tasks=run.tasks, done=done, limits=limits, limit=attempt.limit,
-            env=run.env, log_text=log_text, samples=sum(sample_counts.values()),
+            returncode=process.returncode,
+            tasks=run.tasks,
+            done=done,
+            limits=limits,
+            limit=attempt.limit,
+            env=run.env,
+            log_text=log_text,
+            samples=sum(sample_counts.values()),
         )
         reason = "; ".join(problems) or None
     record = {

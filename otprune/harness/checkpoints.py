@@ -15,6 +15,7 @@ from otprune.harness.errors import MissingResource
 from otprune.harness.files import read_results, sha256
 from otprune.harness.resources import TINY_BUILDER, WEIGHTS
 
+
 def checkpoint(model: str, runs_root: Path) -> str:
     """What lmms-eval loads: the hub id, or the tiny checkpoint built once under RUNS/checkpoints
     (under a lock: harnesses of other configs share it). A trained checkpoint is copied again when
@@ -26,9 +27,7 @@ def checkpoint(model: str, runs_root: Path) -> str:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stale = spec.trained and (
-            not (folder / WEIGHTS).is_file() or sha256(folder / WEIGHTS) != trained_weights_sha256(model)
-        )
+        stale = spec.trained and (not (folder / WEIGHTS).is_file() or sha256(folder / WEIGHTS) != trained_weights_sha256(model))
         if stale or not (folder / "otprune_tiny.json").exists():
             tiny_builder().build(folder, spec.tiny)
     return str(folder.resolve())

@@ -79,8 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, (key, kind, text) in SLURM_FLAGS.items():
         parser.add_argument(flag, dest=f"slurm_{key}", type=kind, help=text)
     parser.add_argument("--wait", action="store_true", help="slurm: wait for the jobs, then print the table (default: submit and return)")
-    parser.add_argument("--reuse-other-code", action="store_true",
-                        help="count runs finished by other code (otprune or library versions) as finished; the table marks them")
+    parser.add_argument(
+        "--reuse-other-code", action="store_true", help="count runs finished by other code (otprune or library versions) as finished; the table marks them"
+    )
     return parser.parse_args(argv)
 
 
@@ -101,8 +102,10 @@ def slurm_options(config: Config, args) -> SlurmOptions:
 
 def plan_size(runs: list[Run], pending: list[Run], limit: int | None) -> list[str]:
     """The plan's size: runs and jobs, and the rough A100-hours per model (catalogue.ModelSpec)."""
-    lines = [f"plan: {len(runs)} runs (model x method x ratio x task group), {len(pending)} to run: "
-             f"{len(pending)} lmms-eval invocations, or {len(pending)} Slurm jobs with --executor slurm"]
+    lines = [
+        f"plan: {len(runs)} runs (model x method x ratio x task group), {len(pending)} to run: "
+        f"{len(pending)} lmms-eval invocations, or {len(pending)} Slurm jobs with --executor slurm"
+    ]
     for model in dict.fromkeys(run.model for run in pending):
         tasks = sum(len(run.tasks) for run in pending if run.model == model)
         hours = MODELS[model].a100_hours
@@ -179,14 +182,19 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except OSError as error:
-        print(f"error: cannot write to {error.filename or label_dir}: {error.strerror}; "
-              "choose a writable folder with --runs-dir, or fix its permissions", file=sys.stderr)
+        print(
+            f"error: cannot write to {error.filename or label_dir}: {error.strerror}; choose a writable folder with --runs-dir, or fix its permissions",
+            file=sys.stderr,
+        )
         return 2
     try:
         return _run_locked(config, runs, label_dir, runs_root, num_processes, executor, options, args)
     except OSError as error:
-        print(f"error: {error.filename or label_dir}: {error.strerror}; check that the runs folder is writable "
-              "and has free space, then run the same command again (finished runs are kept)", file=sys.stderr)
+        print(
+            f"error: {error.filename or label_dir}: {error.strerror}; check that the runs folder is writable "
+            "and has free space, then run the same command again (finished runs are kept)",
+            file=sys.stderr,
+        )
         return 2
     finally:
         lock.release()
@@ -199,9 +207,12 @@ def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, boo
     Slurm jobs were submitted here and ``squeue`` does not answer."""
     stale = stale_children(label_dir)
     for child in stale:
-        print(f"error: an lmms-eval child of an earlier harness is still running: pid {child['pid']} on "
-              f"{child['folder']} ({', '.join(child.get('tasks', []))}); not starting that run again. "
-              f"Stop it with `kill -- -{child['pgid']}`, then run again", file=sys.stderr)
+        print(
+            f"error: an lmms-eval child of an earlier harness is still running: pid {child['pid']} on "
+            f"{child['folder']} ({', '.join(child.get('tasks', []))}); not starting that run again. "
+            f"Stop it with `kill -- -{child['pgid']}`, then run again",
+            file=sys.stderr,
+        )
     busy = {
         (run.folder, run.tasks)
         for run in runs
@@ -214,8 +225,10 @@ def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, boo
         for run in runs:
             job = active_job(run.folder, run.tasks, jobs)
             if job:
-                print(f"note: Slurm job {job['job_id']} ({job['state']}, {job['elapsed']}) is doing {run.folder} "
-                      f"({', '.join(run.tasks)}); not submitting it again")
+                print(
+                    f"note: Slurm job {job['job_id']} ({job['state']}, {job['elapsed']}) is doing {run.folder} "
+                    f"({', '.join(run.tasks)}); not submitting it again"
+                )
                 busy.add((run.folder, run.tasks))
     return busy, bool(stale)
 
@@ -225,8 +238,11 @@ def _run_locked(config: Config, runs: list[Run], label_dir: Path, runs_root: Pat
     try:
         busy, stale = busy_runs(runs, label_dir, executor)
     except RuntimeError as error:
-        print(f"error: cannot ask Slurm which of this folder's jobs are still queued or running ({error}); "
-              "nothing was started, so that none runs twice: run again where squeue answers", file=sys.stderr)
+        print(
+            f"error: cannot ask Slurm which of this folder's jobs are still queued or running ({error}); "
+            "nothing was started, so that none runs twice: run again where squeue answers",
+            file=sys.stderr,
+        )
         return 2
     try:
         for run in runs:
@@ -238,14 +254,26 @@ def _run_locked(config: Config, runs: list[Run], label_dir: Path, runs_root: Pat
     code = None if args.reuse_other_code else copy.get("code")
     pending = pending_runs(runs, busy, code)
     other = [run for run in pending if set(run.tasks) & finished_tasks(run.folder)]
-    print(f"{label}: {len(runs)} runs, {len(runs) - len(pending) - len(busy)} finished before, {len(busy)} still running elsewhere, "
-          f"{len(pending)} to run -> {label_dir}")
+    print(
+        f"{label}: {len(runs)} runs, {len(runs) - len(pending) - len(busy)} finished before, {len(busy)} still running elsewhere, "
+        f"{len(pending)} to run -> {label_dir}"
+    )
     if other:
-        print(f"note: {len(other)} of them finished before with other code (otprune or library versions) and run again; "
-              "--reuse-other-code keeps such results (marked in the table)")
-    write_atomically(label_dir / "plan.json", json.dumps(
-        [{"folder": str(run.folder.relative_to(label_dir)), "tasks": list(run.tasks), "model": run.model, "method": run.method,
-          "ratio": run.ratio} for run in runs], indent=1) + "\n")
+        print(
+            f"note: {len(other)} of them finished before with other code (otprune or library versions) and run again; "
+            "--reuse-other-code keeps such results (marked in the table)"
+        )
+    write_atomically(
+        label_dir / "plan.json",
+        json.dumps(
+            [
+                {"folder": str(run.folder.relative_to(label_dir)), "tasks": list(run.tasks), "model": run.model, "method": run.method, "ratio": run.ratio}
+                for run in runs
+            ],
+            indent=1,
+        )
+        + "\n",
+    )
     for run in pending:
         run.folder.mkdir(parents=True, exist_ok=True)
         if not (run.folder / "setting.json").exists():

@@ -30,7 +30,9 @@ PRUNING_CODE = (
     "otprune.stack",
 )
 
-_PROBE = f"MODULES = {PRUNING_CODE!r}\n" + """
+_PROBE = (
+    f"MODULES = {PRUNING_CODE!r}\n"
+    + """
 import hashlib, importlib.metadata as md, importlib.util, json, pathlib
 eps = [e.value for e in md.entry_points(group="lmms_eval.models") if e.name == "otprune"]
 def origin(name):
@@ -67,6 +69,7 @@ print(json.dumps({"entry_point": eps[0] if eps else None, "otprune": origin("otp
                            "transformers": version("transformers"), "lmms_eval": version("lmms_eval"),
                            "llava": version("llava-torch")}}))
 """
+)
 
 
 def otprune_copy(env: dict) -> dict:
@@ -96,11 +99,15 @@ def describe_copy(info: dict) -> list[str]:
     install = f"pip install -e {resources.CHECKOUT} with {sys.executable}" if resources.CHECKOUT else f"install otprune for {sys.executable}"
     patches = info.get("patches") or ""
     if not info.get("entry_point"):
-        lines.append(f"warning: no otprune distribution is installed for {sys.executable}, so lmms-eval will not load its "
-                     f"entry point and pruning runs will fail their check; {install}")
+        lines.append(
+            f"warning: no otprune distribution is installed for {sys.executable}, so lmms-eval will not load its "
+            f"entry point and pruning runs will fail their check; {install}"
+        )
     elif not patches.endswith(".py"):
-        lines.append(f"warning: otprune.patches is not importable by {sys.executable} (otprune comes from {info.get('otprune')}), "
-                     f"so lmms-eval cannot load the pruning entry point and pruning runs will fail their check; {install}")
+        lines.append(
+            f"warning: otprune.patches is not importable by {sys.executable} (otprune comes from {info.get('otprune')}), "
+            f"so lmms-eval cannot load the pruning entry point and pruning runs will fail their check; {install}"
+        )
     elif not patches.startswith(str(here)):
         lines.append(f"warning: the child imports otprune.patches from {patches}, not from this otprune ({here})")
     lines.append(f"otprune in the child: {info.get('otprune')} (version {info.get('version')}, checkout {info.get('checkout_commit')})")

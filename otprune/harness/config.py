@@ -171,13 +171,9 @@ class _Checker:
         env = self.mapping(value, key, "a mapping VARIABLE: value")
         for name, setting in env.items():
             if name in METHOD_OWNED:
-                raise ConfigError(
-                    f"config {self.path.name}: {key}.{name}={setting!r} is not allowed: {name} is set by {METHOD_OWNED[name]}"
-                )
+                raise ConfigError(f"config {self.path.name}: {key}.{name}={setting!r} is not allowed: {name} is set by {METHOD_OWNED[name]}")
             if name not in ALLOWED_ENV:
-                raise ConfigError(
-                    f"config {self.path.name}: {key}.{name} is not allowed: a config's env may set only {', '.join(ALLOWED_ENV)}"
-                )
+                raise ConfigError(f"config {self.path.name}: {key}.{name} is not allowed: a config's env may set only {', '.join(ALLOWED_ENV)}")
             if isinstance(setting, bool) or not isinstance(setting, (str, int, float)):
                 self.fail(f"{key}.{name}", setting, "a string or a number")
         return {name: str(setting) for name, setting in env.items()}
@@ -225,9 +221,7 @@ def load_config(name_or_path: str) -> Config:
         if method in RATIO_FREE and "ratios" in spec:
             raise ConfigError(f"config {path.name}: method {method!r} takes no ratios")
         ratios = spec.get("ratios", [])
-        if not isinstance(ratios, list) or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
-        ):
+        if not isinstance(ratios, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
             raise ConfigError(f"config {path.name}: method {method!r} ratios={ratios!r}; allowed: a list of numbers in (0, 1]")
         if method not in RATIO_FREE and not ratios:
             raise ConfigError(f"config {path.name}: method {method!r} needs 'ratios', a list of numbers in (0, 1]")
@@ -273,7 +267,7 @@ def load_config(name_or_path: str) -> Config:
     return config
 
 
-def executor_settings(value, check: "_Checker") -> dict:
+def executor_settings(value, check: _Checker) -> dict:
     """A config's ``executor:`` block, checked: ``{}`` when absent."""
     spec = check.mapping(value, "executor", f"a mapping with keys {_names(EXECUTOR_KEYS)}")
     for key, setting in spec.items():

@@ -93,14 +93,16 @@ class FolderLock:
         while not self._stop.wait(RENEW_S):
             holder = read_results(self.lease_path)
             if (holder.get("host"), holder.get("pid")) != (self.me["host"], self.me["pid"]):
-                print(f"warning: the lease of {self.lease_path.parent} was taken over ({_holder(holder)}): "
-                      "two harnesses may now write there", file=sys.stderr, flush=True)
+                print(
+                    f"warning: the lease of {self.lease_path.parent} was taken over ({_holder(holder)}): two harnesses may now write there",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
             try:
                 write_atomically(self.lease_path, json.dumps({**self.me, "renewed": time.time()}) + "\n")
             except OSError as error:
-                print(f"warning: cannot renew the lease {self.lease_path} ({error.strerror}); trying again in {RENEW_S:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(f"warning: cannot renew the lease {self.lease_path} ({error.strerror}); trying again in {RENEW_S:.0f} s", file=sys.stderr, flush=True)
 
     def release(self) -> None:
         self._stop.set()

@@ -85,9 +85,7 @@ def check_paths(runs_root: Path, label: str, runs: list[Run]) -> None:
     """The runs folder reaches lmms-eval's comma-separated --model_args (the tiny checkpoints live in
     it), and every planned folder must stay inside it."""
     if "," in str(runs_root.resolve()):
-        raise ConfigError(
-            f"--runs-dir {runs_root.resolve()} contains a comma, which lmms-eval's --model_args would split; choose a path without one"
-        )
+        raise ConfigError(f"--runs-dir {runs_root.resolve()} contains a comma, which lmms-eval's --model_args would split; choose a path without one")
     if not SAFE_NAME.fullmatch(label) or set(label) <= {"."}:
         raise ConfigError(f"config name {label!r} is not allowed as a folder name; allowed: letters, digits, '.', '_', '-' (not starting with '.')")
     inside = (runs_root / label).resolve()
@@ -101,16 +99,11 @@ def check_setting(run: Run) -> None:
     manifest = run.folder / "setting.json"
     if not manifest.exists():
         if run.folder.exists() and any(run.folder.glob("otprune_*.json")):
-            raise ConfigError(
-                f"{run.folder} holds runs without a setting.json (an older harness or a copied folder); "
-                "move it away to run this setting there"
-            )
+            raise ConfigError(f"{run.folder} holds runs without a setting.json (an older harness or a copied folder); move it away to run this setting there")
         return
     recorded = read_results(manifest)
     if recorded.get("hash") != run.setting["hash"]:
-        changes = [
-            f"{key}: {recorded.get(key)!r} -> {run.setting[key]!r}" for key in run.setting if key != "hash" and recorded.get(key) != run.setting[key]
-        ]
+        changes = [f"{key}: {recorded.get(key)!r} -> {run.setting[key]!r}" for key in run.setting if key != "hash" and recorded.get(key) != run.setting[key]]
         raise ConfigError(
             f"{run.folder} holds the results of another setting ({'; '.join(changes) or 'unreadable setting.json'}); "
             "give the edited config a new name, or move that folder away"
@@ -125,11 +118,16 @@ def command(config: Config, run: Run, pretrained: str, num_processes: int, limit
     else:
         launcher = [sys.executable, "-m", "lmms_eval"]
     args = [
-        "--model", config.lmms_model,
-        "--model_args", model_args,
-        "--tasks", ",".join(run.tasks),
-        "--batch_size", str(config.batch_size),
-        "--output_path", str(output.resolve()),
+        "--model",
+        config.lmms_model,
+        "--model_args",
+        model_args,
+        "--tasks",
+        ",".join(run.tasks),
+        "--batch_size",
+        str(config.batch_size),
+        "--output_path",
+        str(output.resolve()),
         "--log_samples",
     ]
     for path in include:

@@ -55,8 +55,10 @@ def prerequisites(config: Config, num_processes: int, on_cluster: bool = False) 
         missing += layer_problems(config, tiny)
     real = [m for m in config.models if MODELS[m].tiny is None]
     if real and on_cluster:
-        warnings.append(f"{', '.join(real)} need GPUs on the Slurm nodes (about 16 GB for a 7B model, 28 GB for 13B, in fp16), "
-                        "and the models and datasets in a Hugging Face cache the nodes share")
+        warnings.append(
+            f"{', '.join(real)} need GPUs on the Slurm nodes (about 16 GB for a 7B model, 28 GB for 13B, in fp16), "
+            "and the models and datasets in a Hugging Face cache the nodes share"
+        )
     elif real:
         gpus = gpu_count()
         if gpus == 0:
@@ -67,8 +69,7 @@ def prerequisites(config: Config, num_processes: int, on_cluster: bool = False) 
             uncached = [m for m in real if not cached_model(m)]
             if uncached:
                 missing.append(
-                    f"the Hugging Face hub is unreachable and {', '.join(uncached)} is not in the local cache; "
-                    "the datasets (lmms-lab/*) must be cached too"
+                    f"the Hugging Face hub is unreachable and {', '.join(uncached)} is not in the local cache; the datasets (lmms-lab/*) must be cached too"
                 )
             else:
                 warnings.append("hub unreachable: using cached models; every dataset must be in the local cache too")

@@ -84,7 +84,21 @@ class Children:
                 return None
             process = subprocess.Popen(launcher + cmd, cwd=resources.ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._groups[process.pid] = process
-        write_atomically(attempt / "child.json", json.dumps({"pid": process.pid, "pgid": process.pid, "host": socket.gethostname(), "executor": self.executor, "slurm_job_id": slurm_job_id(), "tasks": list(tasks), "cmd": cmd}) + "\n")
+        write_atomically(
+            attempt / "child.json",
+            json.dumps(
+                {
+                    "pid": process.pid,
+                    "pgid": process.pid,
+                    "host": socket.gethostname(),
+                    "executor": self.executor,
+                    "slurm_job_id": slurm_job_id(),
+                    "tasks": list(tasks),
+                    "cmd": cmd,
+                }
+            )
+            + "\n",
+        )
         return process
 
     def finished(self, process: subprocess.Popen) -> None:

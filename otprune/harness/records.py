@@ -110,11 +110,7 @@ def finished_tasks(folder: Path, code: dict | None = None) -> set[str]:
 def same_code(recorded: dict | None, current: dict) -> bool:
     """Whether a record's code identity is ``current``'s: the pruning code's content hash and the
     versions of the libraries that run it (a record without one is from an older harness)."""
-    return (
-        isinstance(recorded, dict)
-        and recorded.get("code_sha256") is not None
-        and all(recorded.get(key) == current.get(key) for key in CODE_KEYS)
-    )
+    return isinstance(recorded, dict) and recorded.get("code_sha256") is not None and all(recorded.get(key) == current.get(key) for key in CODE_KEYS)
 
 
 def record_path(run_folder: Path, attempt: str) -> Path:

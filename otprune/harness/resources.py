@@ -45,7 +45,6 @@ def load_catalogue() -> dict:
     return {**data["paper"], **data["local"]}
 
 
-
 def checkout_first(env: dict) -> dict:
     """``env`` with the checkout first on PYTHONPATH (from a checkout, a child imports its otprune
     whatever is pip-installed; otprune.patches only through an installed distribution's mapping,

@@ -36,8 +36,12 @@ def parse_prune_log(text: str) -> dict:
         if match.group(5):
             redundancy += [float(v) for v in match.group(5).split(",")]
     return {
-        "visual_tokens": tokens, "selector_ms": selector_ms, "ot_distance": ot, "near_duplicate_share": redundancy,
-        "logged_methods": sorted(set(methods)), "timing": timing,
+        "visual_tokens": tokens,
+        "selector_ms": selector_ms,
+        "ot_distance": ot,
+        "near_duplicate_share": redundancy,
+        "logged_methods": sorted(set(methods)),
+        "timing": timing,
     }
 
 
@@ -79,7 +83,15 @@ def logged_errors(text: str) -> dict[str, int]:
 
 
 def attempt_problems(
-    *, returncode: int | None, tasks, done: set, limits: set, limit: int | None, env: dict, log_text: str, samples: int,
+    *,
+    returncode: int | None,
+    tasks,
+    done: set,
+    limits: set,
+    limit: int | None,
+    env: dict,
+    log_text: str,
+    samples: int,
     check_pruning: bool = True,
 ) -> list[str]:
     """Why an attempt does not count (``[]`` when it does). ``done``: the tasks its results files

@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
+from otprune.harness.code_identity import current_code
 from otprune.harness.executors.slurm import active_job, job_path, scheduler_jobs
 from otprune.harness.files import read_results
 from otprune.harness.processes import stale_children
-from otprune.harness.code_identity import current_code
 from otprune.harness.records import finished_tasks, load_records
 
 
@@ -70,8 +70,9 @@ def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict], code
     newest_failure = failed[-1][0].stat().st_mtime if failed else 0
     if submission and float(submission.get("submitted_at", 0)) > newest_failure:
         if not any(r.get("slurm_job_id") == submission.get("job_id") for _, r in records):
-            return "failed", (f"Slurm job {submission.get('job_id')} ended without a record (cancelled, timed out or killed); "
-                              f"log: {submission.get('slurm_log')}")
+            return "failed", (
+                f"Slurm job {submission.get('job_id')} ended without a record (cancelled, timed out or killed); log: {submission.get('slurm_log')}"
+            )
     if failed:
         newest = failed[-1][1]
         return "failed", f"{newest.get('reason')}; log: {folder / str(newest.get('log'))}"

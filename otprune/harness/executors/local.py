@@ -43,14 +43,15 @@ def run_local(attempts: list[Attempt], jobs: int) -> Outcome:
         try:
             record = execute(attempt, children)
         except OSError as error:
-            print(f"FAILED: {error.filename or run.folder}: {error.strerror}; check that the runs folder is writable "
-                  "and has free space", flush=True)
+            print(f"FAILED: {error.filename or run.folder}: {error.strerror}; check that the runs folder is writable and has free space", flush=True)
             outcome.failed.append(attempt)
             return
         if record is None:
             return
-        end = f"done in {record['wall_s']:.1f} s" if record["status"] == "done" else (
-            f"FAILED after {record['wall_s']:.1f} s ({record['reason']}); log: {run.folder / record['log']}"
+        end = (
+            f"done in {record['wall_s']:.1f} s"
+            if record["status"] == "done"
+            else (f"FAILED after {record['wall_s']:.1f} s ({record['reason']}); log: {run.folder / record['log']}")
         )
         prefix = "" if jobs == 1 else f"[{index}/{len(attempts)}] {describe(run)} ... "
         print(prefix + end, flush=True)
@@ -69,8 +70,11 @@ def run_local(attempts: list[Attempt], jobs: int) -> Outcome:
             signal.signal(signum, signal.SIG_IGN)
         stopped = children.stop(f"{stop.args[0]} to the harness")
         pool.shutdown(wait=True, cancel_futures=True)
-        print(f"\nstopped by {stop.args[0]}: {stopped} lmms-eval child process group(s) stopped; finished runs are kept. "
-              "Run the same command again to resume.", file=sys.stderr, flush=True)
+        print(
+            f"\nstopped by {stop.args[0]}: {stopped} lmms-eval child process group(s) stopped; finished runs are kept. Run the same command again to resume.",
+            file=sys.stderr,
+            flush=True,
+        )
         outcome.stopped_by = stop.signum
     finally:
         pool.shutdown(wait=True)

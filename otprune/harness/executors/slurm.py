@@ -108,9 +108,7 @@ def scheduler_jobs() -> dict[str, dict]:
     """This user's jobs Slurm still holds: ``{job id: {state, elapsed}}`` (array tasks as ``A_i``)."""
     if shutil.which("squeue") is None:
         raise RuntimeError("squeue is not on PATH: the Slurm client is not installed here")
-    done = subprocess.run(
-        ["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
         raise RuntimeError(f"squeue failed: {done.stderr.strip() or done.returncode}")
     jobs = {}
@@ -148,11 +146,21 @@ def submit(attempts: list[Attempt], options: SlurmOptions, folder: Path) -> dict
     submitted = {}
     for attempt, job in zip(attempts, jobs):
         run = attempt.run
-        write_atomically(job_path(run.folder, attempt.planned_tasks or run.tasks), json.dumps({
-            "job_id": job.job_id, "executor": "slurm", "tasks": list(run.tasks),
-            "submitted": time.strftime("%Y-%m-%d %H:%M:%S"), "submitted_at": time.time(),
-            "slurm_log": str(job.paths.folder), "options": options.__dict__,
-        }) + "\n")
+        write_atomically(
+            job_path(run.folder, attempt.planned_tasks or run.tasks),
+            json.dumps(
+                {
+                    "job_id": job.job_id,
+                    "executor": "slurm",
+                    "tasks": list(run.tasks),
+                    "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "submitted_at": time.time(),
+                    "slurm_log": str(job.paths.folder),
+                    "options": options.__dict__,
+                }
+            )
+            + "\n",
+        )
         submitted[job.job_id] = describe(run)
     return submitted
 
@@ -175,8 +183,10 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
         print(f"submitted {job_id}: {what}", flush=True)
     outcome = Outcome()
     if not wait:
-        print(f"{len(submitted)} job(s) submitted; `otprune status {folder.parent}` shows them, "
-              "`otprune run` again resubmits only what did not finish", flush=True)
+        print(
+            f"{len(submitted)} job(s) submitted; `otprune status {folder.parent}` shows them, `otprune run` again resubmits only what did not finish",
+            flush=True,
+        )
         return outcome
     last = {}
     while True:
@@ -201,7 +211,11 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
             print(f"{job_id} done in {record['wall_s']:.1f} s: {describe(run)}", flush=True)
             continue
         reason = record.get("reason") if record else "the job ended without a record (cancelled, timed out, killed or its node failed)"
-        log = run.folder / record["log"] if record and record.get("log") else Path(read_results(job_path(run.folder, attempt.planned_tasks or run.tasks)).get("slurm_log", folder))
+        log = (
+            run.folder / record["log"]
+            if record and record.get("log")
+            else Path(read_results(job_path(run.folder, attempt.planned_tasks or run.tasks)).get("slurm_log", folder))
+        )
         print(f"{job_id} FAILED: {describe(run)} ({reason}); log: {log}", flush=True)
         outcome.failed.append(attempt)
     return outcome
