@@ -2,7 +2,8 @@
 synthetic benchmark (otprune.synthetic_benchmark), deterministically, on CPU.
 
     python scripts/train_tiny_llava.py OUT_DIR [--steps N] [--batch N] [--seed 0] [--threads 1]
-    python scripts/train_tiny_llava.py --check    # retrain the shipped checkpoint, compare it
+    python scripts/train_tiny_llava.py --check    # prove the shipped checkpoint is this script's output
+    python scripts/train_tiny_llava.py --check --full [--record]   # the full retrain whatever changed
     python scripts/train_tiny_llava.py --by-template 80   # its held-out answers per question template
 
 The shipped checkpoint (configs/otprune_synth/synth-llava-1.5) is this script's output with the defaults;
@@ -13,6 +14,17 @@ and compares: the hash only where that whole environment is the recorded one (th
 count, packages and kernels give the same weights bit for bit; other CPU kernels round
 differently and the training drifts), and everywhere the held-out scores, which must reproduce
 within ``CHECK_TOLERANCE`` questions per kind.
+
+A full retrain takes about half an hour on one core, so ``--check`` runs it only when an input of
+the weights changed. ``training.json`` records the inputs (``training_inputs``: a content hash of
+the source of every module of this repository the training imports, this script, the tiny
+builder, the scene generator and the metrics among them, and the environment above) and the
+weights' hash after the first ``PREFIX_STEPS`` steps. Where every input is the recorded one, the
+check retrains those steps and compares that hash (deterministic training on unchanged inputs
+reproduces its prefix bit for bit, and the shipped files' hashes show they are the ones trained);
+where any input differs it names them and runs the full retrain. ``--check --record`` writes the
+current inputs and prefix into ``training.json`` after a full retrain that reproduced the shipped
+weights bit for bit.
 
 Design **choices**, for learning in minutes on two cores:
 
@@ -54,6 +66,7 @@ import random
 import re
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,7 +77,6 @@ from build_tiny_llava import SHIPPED_SYNTH, build_tokenizer, clip_config, clip_p
 
 from otprune import synthetic_benchmark as bench
 from otprune.benchmark_metrics import exact_match, yes_no_f1, yes_no_prediction
-from otprune.patches.llava import install_cache_keyword
 
 VISION_HIDDEN = 64
 VISION_LAYERS = 2
@@ -98,6 +110,9 @@ WEIGHT_PACKAGES = ("torch", "transformers", "tokenizers", "numpy", "pillow", "sa
 # (ATEN_CPU_CAPABILITY=avx2) answered yes/no 36 (shipped 38), attribute 33 (35), count 37 (32),
 # spatial 15 (22), caption 11 (11): a drift of at most 7.
 CHECK_TOLERANCE = 9
+# Steps the check retrains where no input changed (about a minute on one core).
+PREFIX_STEPS = 150
+SCRIPTS = Path(__file__).resolve().parent
 
 
 def set_determinism(seed: int, threads: int) -> None:
@@ -356,8 +371,68 @@ def weights_hash(model) -> str:
     return digest.hexdigest()
 
 
-def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, threads: int = THREADS, log_every: int = 50):
-    """Train into ``path`` (a loadable original-LLaVA folder); return the model, tokenizer and stats."""
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def imported_sources() -> dict[str, str]:
+    """``{module: sha256 of its source}`` for every module of this repository imported so far in
+    this process: otprune's (wherever it is installed) and the scripts'. In a process that runs
+    this script, what the training's code is made of."""
+    sources = {}
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        path = Path(file).resolve()
+        if name == "otprune" or name.startswith("otprune."):
+            sources[name] = file_hash(path)
+        elif path.parent == SCRIPTS:
+            sources[path.stem] = file_hash(path)
+    return dict(sorted(sources.items()))
+
+
+def training_inputs() -> dict:
+    """What the weights depend on besides the defaults written in this script: the sources this
+    process has imported (``imported_sources``; called where only the script's own imports ran)
+    and the environment (``training_environment``: the packages at their installed versions, which
+    the lock pins, Python, the CPU kernels, the BLAS)."""
+    return {"sources": imported_sources(), "environment": training_environment()}
+
+
+def input_changes(recorded: dict | None, current: dict) -> list[str]:
+    """Each input of ``current`` (``training_inputs``) that differs from ``recorded``, named."""
+    if not recorded:
+        return ["training.json records no inputs"]
+    changes = []
+    sources = recorded.get("sources", {})
+    for name in sorted(set(sources) | set(current["sources"])):
+        if name not in current["sources"]:
+            changes.append(f"{name}: no longer imported")
+        elif name not in sources:
+            changes.append(f"{name}: newly imported")
+        elif sources[name] != current["sources"][name]:
+            changes.append(f"{name}: source changed")
+    there, here = recorded.get("environment", {}), current["environment"]
+    for key in sorted(set(there) | set(here)):
+        if key == "packages":
+            for package in sorted(set(there.get(key, {})) | set(here.get(key, {}))):
+                if there.get(key, {}).get(package) != here.get(key, {}).get(package):
+                    changes.append(f"{package}: recorded {there.get(key, {}).get(package)}, here {here.get(key, {}).get(package)}")
+        elif there.get(key) != here.get(key):
+            changes.append(f"{key}: recorded {there.get(key)}, here {here.get(key)}")
+    return changes
+
+
+def shipped_files(folder: Path) -> dict[str, str]:
+    """``{path in folder: sha256}`` of a checkpoint's files but its ``training.json``."""
+    return {str(path.relative_to(folder)): file_hash(path) for path in sorted(folder.rglob("*")) if path.is_file() and path.name != "training.json"}
+
+
+def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, threads: int = THREADS, log_every: int = 50, stop_after: int | None = None):
+    """Train into ``path`` (a loadable original-LLaVA folder); return the model, tokenizer and stats,
+    with the weights' hash after ``PREFIX_STEPS`` steps. ``stop_after``: end after that many steps
+    of the ``steps``-step schedule, saving nothing (the check's prefix)."""
     set_determinism(seed, threads)
     model, tokenizer = build_untrained(path, seed)
     model.train()
@@ -370,7 +445,8 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
     tokens = functools.cache(functools.partial(turn_tokens, tokenizer))
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     recent = []
-    for step in range(steps):
+    prefix = None
+    for step in range(steps if stop_after is None else stop_after):
         answers, auxiliary = loss_of(model, heads, *training_batch(rng, tokens, batch, background_share(step, BACKGROUND_RAMP)))
         optimizer.zero_grad()
         (answers + AUXILIARY_WEIGHT * auxiliary).backward()
@@ -382,6 +458,8 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
             mean = np.mean(recent, axis=0)
             print(f"step {step + 1}/{steps}: answer loss {mean[0]:.4f}, patch loss {mean[1]:.4f} ({time.perf_counter() - wall_start:.0f} s)", flush=True)
             recent = []
+        if step + 1 == PREFIX_STEPS:
+            prefix = {"steps": PREFIX_STEPS, "weights_sha256": weights_hash(model)}
     stats = {
         "steps": steps,
         "batch": batch,
@@ -392,8 +470,11 @@ def train(path: Path, steps: int = STEPS, batch: int = BATCH, seed: int = SEED, 
         "cpu_s": round(time.process_time() - cpu_start, 1),
         "wall_s": round(time.perf_counter() - wall_start, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "prefix": prefix,
     }
     model.eval()
+    if stop_after is not None:
+        return model, tokenizer, stats
     save(model, path)
     stats["weights_sha256"] = weights_hash(model)
     return model, tokenizer, stats
@@ -422,6 +503,9 @@ def answer(model, tokenizer, image, question: str, visual: bool = True, max_new_
     """Greedy answer about ``image`` (a drawn scene) through LLaVA's own generate; ``visual=False``
     drops the image's tokens from the same prompt (what VTW does before the LLM)."""
     from llava.constants import IMAGE_TOKEN_INDEX
+
+    # Imported here, not with the script: the patches are no input of the training.
+    from otprune.patches.llava import install_cache_keyword
 
     install_cache_keyword()  # LLaVA's generate on transformers >= 5.24
     ids = tokenize(tokenizer, prompt([(question, None)]))
@@ -504,24 +588,48 @@ def held_out_counts(scores: dict[str, float], per_kind: int) -> dict[str, int]:
     return {k.rsplit("_", 1)[0]: round(v * per_kind) for k, v in scores.items() if k.endswith(("_acc", "_em"))}
 
 
-def check(recorded: dict) -> int:
-    """Retrain with the defaults and compare with ``recorded`` (a ``training.json``): the weights'
-    hash where the environment is the recorded one, the held-out answers everywhere; 0 if all hold."""
-    here = training_environment()
-    there = recorded.get("environment", {})
-    apart = sorted(f"{key}: recorded {there.get(key)}, here {here[key]}" for key in here if key != "packages" and there.get(key) != here[key]) + sorted(
-        f"{name}: recorded {there.get('packages', {}).get(name)}, here {version}"
-        for name, version in here["packages"].items()
-        if there.get("packages", {}).get(name) != version
-    )
+def check(recorded: dict, full: bool = False, record: Path | None = None) -> int:
+    """Prove the shipped checkpoint (recorded in ``recorded``, its ``training.json``) is what this
+    script trains; 0 if it holds. The shipped files must hash as recorded. Then, where every input
+    of the weights is the recorded one and not ``full``, the first ``PREFIX_STEPS`` steps retrained
+    must hash as recorded; otherwise the full retrain: the weights' hash where the environment is
+    the recorded one, the held-out answers everywhere. ``record``: the ``training.json`` to update
+    with the current inputs and prefix after a full retrain that reproduced the weights."""
+    ok = True
+    shipped_now = shipped_files(SHIPPED_SYNTH)
+    if "shipped_files" in recorded and recorded["shipped_files"] != shipped_now:
+        apart = sorted(set(recorded["shipped_files"].items()) ^ set(shipped_now.items()))
+        print(f"the shipped checkpoint's files differ from the recorded ones: {sorted({name for name, _ in apart})}")
+        ok = False
+    current = training_inputs()
+    changes = input_changes(recorded.get("inputs"), current)
+    if not changes and not full and recorded.get("prefix"):
+        print(
+            f"prefix check: every input of the weights is the recorded one ({len(current['sources'])} sources: "
+            f"{', '.join(current['sources'])}; the environment), so the first {PREFIX_STEPS} steps are retrained"
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            _, _, stats = train(Path(tmp) / "synth-llava", stop_after=PREFIX_STEPS)
+        same = stats["prefix"] == recorded["prefix"]
+        print(
+            f"weights after {PREFIX_STEPS} steps: retrained {stats['prefix']['weights_sha256']} vs recorded "
+            f"{recorded['prefix']['weights_sha256']}: {'identical' if same else 'DIFFERENT'}"
+        )
+        imported = input_changes(current, training_inputs())
+        if imported:
+            print(f"the training imported modules its inputs do not name: {imported}")
+        return 0 if ok and same and not imported else 1
+    reason = "--full" if full else ("training.json records no prefix" if not recorded.get("prefix") else "; ".join(changes))
+    print(f"full retrain: {reason}")
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, stats = train(Path(tmp) / "synth-llava")
         per_kind = recorded["held_out_per_kind"]
         retrained = held_out_stats(model, tokenizer, per_kind)
-    ok = True
-    if apart:
+    recorded_environment = {"sources": current["sources"], "environment": recorded.get("environment", {})}
+    environment_apart = input_changes(recorded_environment, current)
+    if environment_apart:
         print(
-            f"environment differs from the recorded one ({'; '.join(apart)}): weights hash not compared "
+            f"environment differs from the recorded one ({'; '.join(environment_apart)}): weights hash not compared "
             f"(retrained {stats['weights_sha256'][:12]}, shipped {recorded['weights_sha256'][:12]})"
         )
     else:
@@ -537,6 +645,14 @@ def check(recorded: dict) -> int:
             ok &= within
             print(f"  {level} {kind}: shipped {count}, retrained {again[kind]} ({'ok' if within else 'OUTSIDE the tolerance'})")
         print(f"  {level} near-duplicate share: shipped {recorded['redundancy'][level]:.3f}, retrained {retrained['redundancy'][level]:.3f}")
+    if record is not None:
+        if ok and not environment_apart:
+            recorded.update(inputs=current, prefix=stats["prefix"], shipped_files=shipped_now)
+            record.write_text(json.dumps(recorded, indent=1) + "\n")
+            print(f"recorded the inputs and the {PREFIX_STEPS}-step prefix in {record}")
+        else:
+            print(f"not recorded in {record}: only a full retrain that reproduces the shipped weights in their environment is")
+            ok = False
     return 0 if ok else 1
 
 
@@ -551,8 +667,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--check",
         action="store_true",
-        help="retrain with the defaults; compare with the shipped checkpoint (hash where the environment matches, held-out scores always)",
+        help=f"prove the shipped checkpoint is this script's output: the first {PREFIX_STEPS} steps where no input of the weights changed, else the full retrain",
     )
+    parser.add_argument("--full", action="store_true", help="with --check: the full retrain, whatever changed")
+    parser.add_argument("--record", action="store_true", help="with --check: record the current inputs after a full retrain that reproduces the weights")
+    parser.add_argument("--inputs", action="store_true", help="print the inputs of the weights and their changes since the shipped training (JSON)")
     parser.add_argument("--by-template", type=int, metavar="N", help="score the shipped checkpoint per question template on N held-out questions per kind")
     args = parser.parse_args(argv)
     if args.by_template is not None:
@@ -569,8 +688,15 @@ def main(argv=None) -> int:
         for (kind, template, objects), (right, asked) in correct_by_template(model.eval(), tokenizer, rows).items():
             print(f"| {kind} | {template} | {objects} | {right}/{asked} ({100 * right / asked:.0f} %) |")
         return 0
+    record = SHIPPED_SYNTH / "training.json"
+    if (args.full or args.record) and not args.check:
+        parser.error("--full and --record go with --check")
+    if args.inputs:
+        current = training_inputs()
+        print(json.dumps({"inputs": current, "changes": input_changes(json.loads(record.read_text()).get("inputs"), current)}, indent=1))
+        return 0
     if args.check:
-        return check(json.loads((SHIPPED_SYNTH / "training.json").read_text()))
+        return check(json.loads(record.read_text()), full=args.full, record=record if args.record else None)
     if not args.out_dir:
         parser.error("OUT_DIR is required unless --check")
     path = Path(args.out_dir)
@@ -578,8 +704,9 @@ def main(argv=None) -> int:
         parser.error(f"the checkpoint folder name must contain 'llava' (LLaVA's loader checks it); got {path.name!r}")
     if path.exists():
         shutil.rmtree(path)
+    inputs = training_inputs()  # before the evaluation imports what the weights do not depend on
     model, tokenizer, stats = train(path, args.steps, args.batch, args.seed, args.threads)
-    stats.update(held_out_stats(model, tokenizer, args.eval_per_kind))
+    stats.update(held_out_stats(model, tokenizer, args.eval_per_kind), inputs=inputs, shipped_files=shipped_files(path))
     (path / "training.json").write_text(json.dumps(stats, indent=1) + "\n")
     print(json.dumps(stats, indent=1))
     return 0
