@@ -3,7 +3,8 @@
 # package at an exact version, resolved by uv within pyproject's bounds for CPython 3.11 on
 # x86-64 Linux with torch's CPU build. Needs uv (pip install uv). Safe to re-run.
 #
-#   bash scripts/lock.sh
+#   bash scripts/lock.sh          # resolve afresh: the newest releases within the bounds
+#   bash scripts/lock.sh --keep   # keep every current pin that still satisfies them (adding a package)
 #
 # locks/base.txt   the library                     install.sh
 # locks/llava.txt  + the main job (figures too)    install.sh --llava
@@ -12,6 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=${UV:-uv}
+upgrade=(--upgrade)
+case "${1:-}" in
+  "") ;;
+  --keep) upgrade=() ;;
+  *) echo "lock.sh: unknown option '$1'; allowed: --keep" >&2; exit 2 ;;
+esac
 TORCH=2.13.0+cpu
 # The locks pin torch's CPU build, whose metadata names no CUDA libraries. This workplace keeps its
 # wheel on disk; elsewhere PyTorch's CPU index serves it.
@@ -29,8 +36,8 @@ lock() {  # NAME EXTRAS [uv options]
   local name=$1 extras=$2
   local args=()
   for extra in ${extras//,/ }; do args+=(--extra "$extra"); done
-  # --upgrade: resolve afresh, not from the pins of the lock being replaced.
-  "$UV" pip compile -q --upgrade pyproject.toml "${args[@]}" "${@:3}" --constraint "$constraints" "${torch_source[@]}" \
+  # --upgrade (unless --keep): resolve afresh, not from the pins of the lock being replaced.
+  "$UV" pip compile -q "${upgrade[@]}" pyproject.toml "${args[@]}" "${@:3}" --constraint "$constraints" "${torch_source[@]}" \
     --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
     --custom-compile-command "bash scripts/lock.sh" -o "locks/$name.txt"
   # The extras, for install.sh --latest and otprune doctor: this script is where they are chosen.

@@ -4,6 +4,7 @@ synthetic benchmark (otprune.synthetic_benchmark), deterministically, on CPU.
     python scripts/train_tiny_llava.py OUT_DIR [--steps N] [--batch N] [--seed 0] [--threads 1]
     python scripts/train_tiny_llava.py --check    # prove the shipped checkpoint is this script's output
     python scripts/train_tiny_llava.py --check --full [--record]   # the full retrain whatever changed
+    python scripts/train_tiny_llava.py --inputs   # which of the two --check would run, and why
     python scripts/train_tiny_llava.py --by-template 80   # its held-out answers per question template
 
 The shipped checkpoint (configs/otprune_synth/synth-llava-1.5) is this script's output with the defaults;
@@ -588,6 +589,21 @@ def held_out_counts(scores: dict[str, float], per_kind: int) -> dict[str, int]:
     return {k.rsplit("_", 1)[0]: round(v * per_kind) for k, v in scores.items() if k.endswith(("_acc", "_em"))}
 
 
+def retrain_case(recorded: dict, current: dict, full: bool = False) -> tuple[str, str]:
+    """Which proof ``check`` runs for ``current`` inputs (``training_inputs``) against ``recorded``
+    (a ``training.json``), and why: ``"prefix"`` where every input of the weights is the recorded
+    one, else ``"full"``, naming each input that changed."""
+    if full:
+        return "full", "--full"
+    if not recorded.get("prefix"):
+        return "full", "training.json records no prefix"
+    changes = input_changes(recorded.get("inputs"), current)
+    if changes:
+        return "full", "inputs changed: " + "; ".join(changes)
+    sources = ", ".join(current["sources"])
+    return "prefix", f"every input of the weights is the recorded one (sources {sources}; the environment)"
+
+
 def check(recorded: dict, full: bool = False, record: Path | None = None) -> int:
     """Prove the shipped checkpoint (recorded in ``recorded``, its ``training.json``) is what this
     script trains; 0 if it holds. The shipped files must hash as recorded. Then, where every input
@@ -602,12 +618,9 @@ def check(recorded: dict, full: bool = False, record: Path | None = None) -> int
         print(f"the shipped checkpoint's files differ from the recorded ones: {sorted({name for name, _ in apart})}")
         ok = False
     current = training_inputs()
-    changes = input_changes(recorded.get("inputs"), current)
-    if not changes and not full and recorded.get("prefix"):
-        print(
-            f"prefix check: every input of the weights is the recorded one ({len(current['sources'])} sources: "
-            f"{', '.join(current['sources'])}; the environment), so the first {PREFIX_STEPS} steps are retrained"
-        )
+    case, why = retrain_case(recorded, current, full)
+    print(f"{case} check: {why}", flush=True)
+    if case == "prefix":
         with tempfile.TemporaryDirectory() as tmp:
             _, _, stats = train(Path(tmp) / "synth-llava", stop_after=PREFIX_STEPS)
         same = stats["prefix"] == recorded["prefix"]
@@ -619,8 +632,6 @@ def check(recorded: dict, full: bool = False, record: Path | None = None) -> int
         if imported:
             print(f"the training imported modules its inputs do not name: {imported}")
         return 0 if ok and same and not imported else 1
-    reason = "--full" if full else ("training.json records no prefix" if not recorded.get("prefix") else "; ".join(changes))
-    print(f"full retrain: {reason}")
     with tempfile.TemporaryDirectory() as tmp:
         model, tokenizer, stats = train(Path(tmp) / "synth-llava")
         per_kind = recorded["held_out_per_kind"]
@@ -671,7 +682,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--full", action="store_true", help="with --check: the full retrain, whatever changed")
     parser.add_argument("--record", action="store_true", help="with --check: record the current inputs after a full retrain that reproduces the weights")
-    parser.add_argument("--inputs", action="store_true", help="print the inputs of the weights and their changes since the shipped training (JSON)")
+    parser.add_argument("--inputs", action="store_true", help="print the inputs of the weights and which check --check would run, and why (JSON)")
     parser.add_argument("--by-template", type=int, metavar="N", help="score the shipped checkpoint per question template on N held-out questions per kind")
     args = parser.parse_args(argv)
     if args.by_template is not None:
@@ -693,7 +704,8 @@ def main(argv=None) -> int:
         parser.error("--full and --record go with --check")
     if args.inputs:
         current = training_inputs()
-        print(json.dumps({"inputs": current, "changes": input_changes(json.loads(record.read_text()).get("inputs"), current)}, indent=1))
+        case, why = retrain_case(json.loads(record.read_text()), current)
+        print(json.dumps({"inputs": current, "case": case, "why": why}, indent=1))
         return 0
     if args.check:
         return check(json.loads(record.read_text()), full=args.full, record=record if args.record else None)
