@@ -235,6 +235,7 @@ def test_regimes_needs_a_report(tmp_path, capsys):
     assert "table1.csv does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
     """The CI-sized regimes run: configs/regimes.yaml cut to OTPrune and DivPrune at 0.098, two
     levels and 2 questions per task, through the harness and the unchanged lmms-eval CLI, then the

@@ -130,6 +130,7 @@ def scores(table: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(("latency", "wall", "peak"))} for row in rows]
 
 
+@pytest.mark.slow
 def test_the_synth_default_on_slurm_scores_as_the_local_executor(cluster, tmp_path):
     slurm = otprune("run", "synth", "--limit", "3", "--executor", "slurm", "--wait", "--runs-dir", str(tmp_path / "slurm"))
     assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]

@@ -417,19 +417,102 @@ def test_blind_chance_answers_each_question_template_with_its_most_frequent_answ
     assert chance["presence_acc"] == pytest.approx(2 / 3)
 
 
-def test_shipped_checkpoint_is_what_the_script_trains():
-    """``train_tiny_llava.py --check`` retrains with the defaults (about 13 minutes on one core, in
-    its own process: it sets torch's global determinism and thread count) and compares with the
-    shipped checkpoint: the weights' hash where the recorded environment (packages, CPU kernels,
-    BLAS) is this one, the held-out answers per kind within the stated tolerance everywhere."""
+@pytest.mark.slow
+def test_shipped_checkpoint_is_what_the_script_trains(capsys):
+    """``train_tiny_llava.py --check`` in its own process (it sets torch's global determinism and
+    thread count): where every input of the weights is the recorded one, the first 150 steps
+    retrained hash as recorded (about a minute); where one changed, the full retrain (about half an
+    hour on one core) gives the shipped weights' hash where the recorded environment is this one,
+    and the held-out answers per kind within the stated tolerance everywhere. The case and why are
+    printed in the test log."""
     import subprocess
     import sys
 
     pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
     check = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_llava.py"), "--check"], capture_output=True, text=True)
     report = check.stdout[-3000:] + check.stderr[-2000:]
+    case = next((line for line in check.stdout.splitlines() if line.startswith(("prefix check: ", "full check: "))), None)
+    with capsys.disabled():
+        print(f"\n[retrain check] {case}")
     assert check.returncode == 0, report
-    assert "held-out answers right of 40 per kind and level" in check.stdout, report
+    assert case is not None, report
+    if case.startswith("prefix"):
+        assert re.search(r"^weights after 150 steps: retrained (\w{64}) vs recorded \1: identical$", check.stdout, re.M), report
+    else:
+        assert "held-out answers right of 40 per kind and level" in check.stdout, report
+
+
+def inputs_of(script_folder, *args):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(script_folder / "train_tiny_llava.py"), "--inputs", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def test_the_recorded_inputs_are_the_sources_the_training_imports_hashed(train_script):
+    """The inputs ``--inputs`` reports are the training's own import closure (this script, the tiny
+    builder, and otprune's package, scene generator and metrics, no patch or selector), each hashed
+    as its file is, with the environment that ``training_environment`` reads."""
+    import hashlib
+
+    inputs = inputs_of(ROOT / "scripts")["inputs"]
+    files = {
+        "train_tiny_llava": ROOT / "scripts" / "train_tiny_llava.py",
+        "build_tiny_llava": ROOT / "scripts" / "build_tiny_llava.py",
+        "otprune": ROOT / "otprune" / "__init__.py",
+        "otprune.synthetic_benchmark": ROOT / "otprune" / "synthetic_benchmark.py",
+        "otprune.benchmark_metrics": ROOT / "otprune" / "benchmark_metrics.py",
+    }
+    assert inputs["sources"] == {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in files.items()}
+    assert inputs["environment"] == train_script.training_environment()
+
+
+def test_one_changed_line_of_the_training_script_makes_the_check_a_full_retrain(tmp_path):
+    """A copy of the scripts and the shipped checkpoint: as shipped, ``--check`` would run the
+    prefix; with one line of ``train_tiny_llava.py`` changed, the full retrain, naming the script."""
+    import shutil
+
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for name in ("train_tiny_llava.py", "build_tiny_llava.py"):
+        shutil.copy(ROOT / "scripts" / name, scripts / name)
+    shutil.copytree(ROOT / "configs" / "otprune_synth" / "synth-llava-1.5", tmp_path / "configs" / "otprune_synth" / "synth-llava-1.5")
+    as_shipped = inputs_of(scripts)
+    assert (as_shipped["case"], as_shipped["why"].split(" (")[0]) == ("prefix", "every input of the weights is the recorded one")
+    script = scripts / "train_tiny_llava.py"
+    script.write_text(script.read_text().replace("LEARNING_RATE = 1e-3\n", "LEARNING_RATE = 2e-3\n", 1))
+    changed = inputs_of(scripts)
+    assert (changed["case"], changed["why"]) == ("full", "inputs changed: train_tiny_llava: source changed")
+
+
+def test_input_changes_name_each_source_and_environment_difference(train_script):
+    recorded = {
+        "sources": {"train_tiny_llava": "a", "otprune": "b", "otprune.old": "c"},
+        "environment": {"packages": {"torch": "2.13.0+cpu", "numpy": "2.4.6"}, "cpu_capability": "AVX512"},
+    }
+    current = {
+        "sources": {"train_tiny_llava": "a2", "otprune": "b", "otprune.new": "d"},
+        "environment": {"packages": {"torch": "2.13.0+cpu", "numpy": "2.5.0"}, "cpu_capability": "AVX2"},
+    }
+    assert train_script.input_changes(recorded, current) == [
+        "otprune.new: newly imported",
+        "otprune.old: no longer imported",
+        "train_tiny_llava: source changed",
+        "cpu_capability: recorded AVX512, here AVX2",
+        "numpy: recorded 2.4.6, here 2.5.0",
+    ]
+    assert train_script.input_changes(recorded, recorded) == []
+    record = {"prefix": {"steps": 150, "weights_sha256": "e"}, "inputs": recorded}
+    assert train_script.retrain_case(record, recorded) == (
+        "prefix",
+        "every input of the weights is the recorded one (sources train_tiny_llava, otprune, otprune.old; the environment)",
+    )
+    assert train_script.retrain_case(record, recorded, full=True) == ("full", "--full")
+    assert train_script.retrain_case({"inputs": recorded}, recorded) == ("full", "training.json records no prefix")
+    assert train_script.retrain_case(record, current)[0] == "full"
 
 
 def test_shipped_checkpoint_records_its_training(train_script):

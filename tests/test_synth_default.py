@@ -44,6 +44,7 @@ def test_chance_levels_of_the_shipped_tasks():
         assert bench.blind_chance(task_rows(level)) == chance
 
 
+@pytest.mark.slow
 def test_original_reads_the_image_at_both_levels_and_vtw_at_k0_is_at_chance(tmp_path):
     pytest.importorskip("lmms_eval")
     pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
