@@ -1,7 +1,8 @@
 """The Slurm executor: the job parameters (no cluster), and on a real Slurm (scripts/slurm_cluster.sh
-starts a single-node one on localhost) the synth default's scores equal to the local executor's, a
-cancelled job resubmitted and finished with every sample recorded once, a failing job reported with
-its log, and ``otprune status`` following jobs from queued to done.
+starts a single-node one on localhost) a pruned run's scores equal to the local executor's (the slow
+tier: the whole synth default's), a cancelled job resubmitted and finished with every sample
+recorded once, a failing job reported with its log, and ``otprune status`` following jobs from
+queued to done.
 
 The cluster tests skip where no Slurm answers, except where REQUIRE_SLURM=1 (CI): there
 they fail."""
@@ -141,6 +142,31 @@ def test_the_synth_default_on_slurm_scores_as_the_local_executor(cluster, tmp_pa
     assert len(on_slurm) == planned and on_slurm == scores(tmp_path / "local" / "synth_limit3" / "table1.csv")
     records = [json.loads(p.read_text()) for p in (tmp_path / "slurm" / "synth_limit3").glob("*/*/otprune_*.json")]
     assert len(records) == planned and all(r["executor"] == "slurm" and r["slurm_job_id"] for r in records)
+
+
+def test_a_pruned_run_on_slurm_scores_as_the_local_executor(cluster, tmp_path):
+    """The fast tier's Slurm = local: one pruned run of the unchanged lmms-eval (tiny LLaVA-1.5,
+    OTPrune at 0.098, two smoke tasks, --limit 2) on each executor; the slow tier runs the whole
+    synth default the same way."""
+    config = tmp_path / "one.yaml"
+    spec = {
+        "model_args": "device=cpu,device_map=auto",
+        "models": ["tiny-llava-1.5"],
+        "methods": {"OTPrune": {"ratios": [0.098]}},
+        "tasks": ["otprune_smoke_vqa", "otprune_smoke_pope"],
+        "group_tasks": True,
+    }
+    config.write_text(yaml.safe_dump(spec))
+    slurm = otprune("run", str(config), "--limit", "2", "--executor", "slurm", "--wait", "--runs-dir", str(tmp_path / "slurm"))
+    assert slurm.returncode == 0, slurm.stdout[-3000:] + slurm.stderr[-3000:]
+    local = otprune("run", str(config), "--limit", "2", "--runs-dir", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stdout[-3000:] + local.stderr[-3000:]
+    on_slurm = scores(tmp_path / "slurm" / "one_limit2" / "table1.csv")
+    assert [row["method"] for row in on_slurm] == ["OTPrune"]
+    assert on_slurm == scores(tmp_path / "local" / "one_limit2" / "table1.csv")
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "slurm" / "one_limit2").glob("*/*/otprune_*.json")]
+    assert record["executor"] == "slurm" and record["slurm_job_id"] and record["status"] == "done"
+    assert record["visual_tokens"] and all(pair == [576, 56] for pair in record["visual_tokens"])
 
 
 def tiny_runs(tmp_path: Path, tasks: list[str]) -> tuple[Path, Path]:
