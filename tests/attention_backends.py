@@ -3,7 +3,8 @@
 ``fa2-style``: a flash-attention stand-in registered under its own name; it gets the masks
 transformers builds for ``flash_attention_2`` (a 2-D ``(B, kv)`` padding mask, or ``None``
 without padding) and computes exact attention from them, causal and aligned bottom-right as
-flash-attention aligns a query block shorter than its keys.
+flash-attention aligns a query block shorter than its keys. In a batch of one it reads the
+position ids as flash-attention does: a restart at their minimum begins another packed sequence.
 """
 
 import contextlib
@@ -36,6 +37,13 @@ def fa2_style_attention(module, query, key, value, attention_mask, scaling=None,
     allowed = torch.arange(kv_len, device=query.device)[None, :] <= rows
     if not kwargs.get("is_causal", getattr(module, "is_causal", True)):
         allowed = torch.ones_like(allowed)  # the vision tower attends both ways
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and query.shape[0] == 1 and q_len == kv_len > 1:
+        # As flash-attention reads position ids in a batch of one: each restart at their minimum
+        # begins another packed sequence, which attends only within itself.
+        ids = position_ids.reshape(-1)
+        sequence = torch.cumsum(ids == ids.min(), 0)
+        allowed = allowed & (sequence[:, None] == sequence[None, :])
     allowed = allowed[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]

@@ -302,6 +302,68 @@ def test_layer_k_padded_batch_matches_each_prompt_alone(models, attn, side):
             assert generated[row, -4:].tolist() == generate(model, alone[row], tokens=4)[0, -4:].tolist()
 
 
+def layer_inputs(model, inputs) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (hidden states, position ids)}`` each decoder layer's own forward receives in one
+    model forward: after every hook, the patch's pruning ones included."""
+    seen = {}
+
+    def recording(index, forward):
+        def wrapper(*args, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            seen[index] = (hidden.clone(), kwargs["position_ids"].clone())
+            return forward(*args, **kwargs)
+
+        return wrapper
+
+    layers = model.model.language_model.layers
+    for i, layer in enumerate(layers):
+        layer.forward = recording(i, layer.forward)
+    try:
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for layer in layers:
+            del layer.forward
+    return seen
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layers_from_k_on_receive_the_unpruned_position_ids_of_the_tokens_they_hold(models, side):
+    """Found without the patch's indices: the layers before K are unchanged by pruning, so each
+    hidden state that enters layer K pruned is the unpruned run's at one position; every
+    layer from K on must receive the unpruned run's position ids of those positions (flash-attention
+    reads them to find packed sequences)."""
+    processor, model = models["llava-hf"]
+    processor.tokenizer.padding_side = side
+    try:
+        inputs = inputs_for(
+            processor, ["What is in the image?", "Is there a red car? Answer yes or no."], [[make_image(500, 300, 12)], [make_image(320, 320, 13)]]
+        )
+    finally:
+        processor.tokenizer.padding_side = "left"
+    k = 2
+    unpruned = layer_inputs(model, inputs)
+    patches.prune(model, "OURS", RATIO, layer_index=k)
+    pruned = layer_inputs(model, inputs)
+    full_hidden, full_ids = unpruned[k]
+    full_ids = full_ids.expand(full_hidden.shape[0], -1)
+    cut_hidden = pruned[k][0]
+    assert cut_hidden.shape[1] == inputs["input_ids"].shape[1] - 576 + budget(RATIO, 576)
+    for b in range(full_hidden.shape[0]):
+        matches = (cut_hidden[b][:, None, :] == full_hidden[b][None, :, :]).all(-1)
+        # Padding positions share one hidden state: the kept ones, in order, take them in order.
+        positions, last = [], -1
+        for row in matches:
+            later = [int(p) for p in row.nonzero().flatten() if p > last]
+            assert later, "every kept hidden state is an unpruned position's, in order"
+            positions.append(last := later[0])
+        for layer in range(k, len(pruned)):
+            received = pruned[layer][1].expand(full_hidden.shape[0], -1)[b]
+            assert received.tolist() == full_ids[b, positions].tolist(), (layer, b)
+    for layer in range(k):
+        assert torch.equal(pruned[layer][1], unpruned[layer][1])
+
+
 @pytest.mark.parametrize("layer_index", [0, 2])
 def test_beam_search_scores_its_sequence_as_a_full_recompute_does(models, layer_index):
     processor, model = models["llava-hf"]
