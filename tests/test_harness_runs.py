@@ -230,6 +230,27 @@ def test_pruning_problem(env, log, samples, problem):
     assert harness_run_check.pruning_problem(env, harness_run_check.parse_prune_log(log), samples) == problem
 
 
+TASKS_OF_ONE_PROCESS = ["otprune_smoke_vqa", "otprune_smoke_pope", "otprune_smoke_caption"]
+
+
+def attempt_with_results_for(done: set) -> list[str]:
+    """An unpruned multi-task attempt that exited 0 with a clean log, whose results files hold
+    ``done``."""
+    return harness_run_check.attempt_problems(
+        returncode=0, tasks=TASKS_OF_ONE_PROCESS, done=done, limits={None}, limit=None, env={"BASELINE": "ORIG"}, log_text="", samples=3
+    )
+
+
+def test_a_multi_task_attempt_counts_only_with_a_results_file_for_every_task():
+    assert attempt_with_results_for(set(TASKS_OF_ONE_PROCESS)) == []
+    assert attempt_with_results_for(set()) == [f"exit code 0; no results file for {', '.join(sorted(TASKS_OF_ONE_PROCESS))}"]
+    for task in TASKS_OF_ONE_PROCESS:
+        assert attempt_with_results_for(set(TASKS_OF_ONE_PROCESS) - {task}) == [f"exit code 0; no results file for {task}"], task
+    for kept in TASKS_OF_ONE_PROCESS:
+        missing = sorted(set(TASKS_OF_ONE_PROCESS) - {kept})
+        assert attempt_with_results_for({kept}) == [f"exit code 0; no results file for {', '.join(missing)}"], kept
+
+
 # -- run identity -----------------------------------------------------------------------------
 
 
