@@ -298,6 +298,50 @@ def write_run(folder: Path, model: str, method: str, ratio: float, method_spec: 
     return results_file
 
 
+def test_each_score_stands_under_its_own_benchmarks_header(tmp_path):
+    """Distinct scores per benchmark and method, read back cell by cell under the header that names
+    their benchmark, in the Markdown table and the CSV, whatever order the columns come in."""
+    metric = {
+        "otprune_smoke_vqa": ("exact_match,none", 100, "VQA"),
+        "otprune_smoke_pope": ("yes_no_f1,none", 100, "YesNo"),
+        "otprune_smoke_caption": ("cider,none", 1, "Caption"),
+    }
+    raw = {
+        ("Original", 1.0, "Original"): {"otprune_smoke_vqa": 0.1125, "otprune_smoke_pope": 0.2250, "otprune_smoke_caption": 0.3375},
+        ("OTPrune", 0.098, "OTPrune 0.098"): {"otprune_smoke_vqa": 0.4500, "otprune_smoke_pope": 0.5625, "otprune_smoke_caption": 0.6750},
+        ("DivPrune", 0.098, "DivPrune 0.098"): {"otprune_smoke_vqa": 0.7875, "otprune_smoke_pope": 0.9000, "otprune_smoke_caption": 1.0125},
+    }
+    runs = tmp_path / "runs"
+    for (method, ratio, _), by_task in raw.items():
+        results = {"results": {task: {metric[task][0]: value} for task, value in by_task.items()}}
+        kept = 576 if method == "Original" else 56
+        write_run(
+            runs / "tiny-llava-1.5" / f"{method}_{ratio:g}",
+            "tiny-llava-1.5",
+            method,
+            ratio,
+            {},
+            results,
+            visual_tokens=[[576, kept]],
+            text_tokens={t: 20 for t in metric},
+        )
+    _, csv_path, markdown = report.write_report(runs, tmp_path / "out")
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| Method |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 2 : start + 2 + len(raw)]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header, cells))
+    csv_rows = {r["method"]: r for r in csv.DictReader(open(csv_path))}
+    for (method, _, row_label), by_task in raw.items():
+        for task, value in by_task.items():
+            _, scale, benchmark = metric[task]
+            (column,) = [h for h in header if h.startswith(f"{benchmark} (")]
+            assert float(table[row_label][column]) == pytest.approx(value * scale, abs=0.006), (row_label, column)
+            assert float(csv_rows[method][benchmark]) == pytest.approx(value * scale), (method, benchmark)
+
+
 def test_report_of_the_trained_model_uses_its_own_llm_shape_and_calls_its_scores_meaningful(tmp_path):
     shape = {"layers": 3, "hidden": 48, "ffn": 96}
     results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}}}
