@@ -152,6 +152,10 @@ def test_spearman_with_ties_and_degenerate_inputs():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
+    # Where Pearson's r differs (a large last value), by hand: ranks of y are 2, 1, 4, 3, 5, the rank
+    # differences -1, 1, -1, 1, 0, so rho = 1 - 6 * 4 / (5 * (25 - 1)) = 0.8 (Pearson's r: 0.73).
+    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 50]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3, 4, 5], [1, 2, 3, 4, 100]) == pytest.approx(1.0)
     assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
     assert math.isnan(spearman([1, 2], [1, 2]))
 

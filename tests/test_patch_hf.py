@@ -86,12 +86,21 @@ def test_llm_gets_text_plus_exactly_the_selectors_picks(models, variant, method)
     start, n = int(placeholders[0]), placeholders.numel()
     visual = full[start : start + n]
     k = budget(RATIO, n)
-    options = {"text": full[start + n :]} if method == "TRIM" else {}
-    picks = SELECTORS[method](visual, k, **options)
     patches.prune(model, method, RATIO)
     pruned = llm_inputs(model, inputs)[0]
     assert pruned.shape[0] == inputs["input_ids"].shape[1] - n + k
-    assert torch.equal(pruned, torch.cat([full[:start], visual[picks], full[start + n :]]))
+    # The text around the image, whole and in place.
+    assert torch.equal(pruned[:start], full[:start]) and torch.equal(pruned[start + k :], full[start + n :])
+    # The k visual tokens: each one of the image's own, found by value, in the image's order
+    # (NeXT's row-end newline tokens are equal to one another: they are taken in order).
+    positions = []
+    for row in (pruned[start : start + k][:, None, :] == visual[None, :, :]).all(-1):
+        later = [int(p) for p in row.nonzero().flatten() if not positions or p > positions[-1]]
+        assert later, f"kept token {len(positions)} is none of the image's tokens after position {positions[-1:]}: order lost"
+        positions.append(later[0])
+    # Which ones: the method's picks on these tokens, as its selector gives them.
+    options = {"text": full[start + n :]} if method == "TRIM" else {}
+    assert set(positions) == set(SELECTORS[method](visual, k, **options).tolist())
     out = generate(model, inputs)
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])  # prompt given back whole
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
