@@ -698,7 +698,9 @@ def test_a_plugin_fault_from_the_environment_stops_even_after_the_same_setting_i
 
 @pytest.mark.parametrize("name", ["llava-1.5", "qwen2.5-vl"])
 def test_pool_prunes_to_its_pooled_grid(request, name):
-    pool = otprune.methods.get_method("POOL")
+    """The LLM's input against a slow loop over METHOD.md's windows (adaptive average pooling:
+    rows floor(i h / h') to ceil((i + 1) h / h'), columns alike), each window's mean placed at the
+    cell nearest its centre (index floor((first + last) / 2) on each axis)."""
     from otprune.plugins.pool import pooled_shape
 
     fam = family(request, name, image_seed=10)
@@ -707,18 +709,24 @@ def test_pool_prunes_to_its_pooled_grid(request, name):
     k = budget(RATIO, n)
     (grid,) = expected_grid(fam)
     rows, cols = pooled_shape(grid.rows, grid.cols, k)
-    merged, positions = pool.function(full[start : start + n], k, grid=(grid,))
-    assert merged.shape[0] == rows * cols <= k
+    if name == "llava-1.5":
+        assert (grid.rows, grid.cols, k, rows, cols) == (24, 24, 56, 7, 8)  # METHOD.md's example
+    cells = grid.cell_positions()
+    means, centres = [], []
+    for i in range(rows):
+        top, bottom = i * grid.rows // rows, -(-(i + 1) * grid.rows // rows)
+        for j in range(cols):
+            left, right = j * grid.cols // cols, -(-(j + 1) * grid.cols // cols)
+            window = [int(cells[r, c]) for r in range(top, bottom) for c in range(left, right)]
+            means.append(full[[start + w for w in window]].mean(0))
+            centres.append(int(cells[(top + bottom - 1) // 2, (left + right - 1) // 2]))
     patches.prune(fam.model, "POOL", RATIO)
     call = fam.llm_call()
     assert call["inputs_embeds"].shape[1] == full.shape[0] - n + rows * cols
-    keep = torch.cat([torch.arange(start), start + positions, torch.arange(start + n, full.shape[0])])
-    expected = full.clone()
-    expected[start + positions] = merged
-    assert torch.equal(call["inputs_embeds"][0], expected[keep])
-    # Each pooled token is the mean of its window: the first is the mean of the grid's top-left block.
-    block = grid.cell_positions()[: -(-grid.rows // rows), : -(-grid.cols // cols)].flatten()
-    assert torch.allclose(merged[0], full[start + block].mean(0), atol=1e-5)
+    keep = torch.cat([torch.arange(start), start + torch.tensor(centres), torch.arange(start + n, full.shape[0])])
+    got = call["inputs_embeds"][0]
+    assert torch.equal(got[:start], full[:start]) and torch.equal(got[start + rows * cols :], full[start + n :])
+    assert torch.allclose(got[start : start + rows * cols], torch.stack(means), atol=1e-5)
     if name == "qwen2.5-vl":
         assert torch.equal(call["position_ids"], full_positions[..., keep])
 
