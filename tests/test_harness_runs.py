@@ -539,13 +539,27 @@ def test_a_runs_folder_held_from_another_host_is_refused_until_its_lease_runs_ou
 
 
 def test_a_lease_of_a_dead_harness_on_this_host_is_taken_over(tmp_path):
-    from otprune.harness.folder_lock import lock_runs_folder
+    """A fresh lease on this host is honoured while its process lives and taken over once it has
+    died, whatever its renewal time says; the new lease names this process, and goes with it."""
+    from otprune.harness.folder_lock import FolderBusy, lock_runs_folder
 
     folder = tmp_path / "c"
     folder.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    (folder / ".lease.json").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead), "renewed": time.time()}))
-    lock_runs_folder(folder).release()
+    lease = folder / ".lease.json"
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lease.write_text(json.dumps({"host": socket.gethostname(), "pid": alive.pid, "started": "2026-12-07 10:00:00", "renewed": time.time()}))
+        with pytest.raises(FolderBusy, match=rf"pid {alive.pid}\b"):
+            lock_runs_folder(folder)
+    finally:
+        alive.kill()
+        alive.wait()
+    held = lock_runs_folder(folder)
+    taken = json.loads(lease.read_text())
+    assert (taken["host"], taken["pid"]) == (socket.gethostname(), os.getpid())
+    assert time.time() - taken["renewed"] < 60
+    held.release()
+    assert not lease.exists()
 
 
 def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_done(tmp_path):

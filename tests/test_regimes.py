@@ -264,3 +264,25 @@ def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
         assert 0 <= measured.share <= 1
     assert {(method, level) for (_, method, _, level) in found.ot} == {(m, lv) for m in ("OTPrune", "DivPrune") for lv in ("plain", "clutter")}
     assert regimes.crossovers(found)
+    # The values against the runs' own lmms-eval logs, read here line by line: each attempt is one
+    # level's process (its results file names its tasks); each logged image has its OT distance and
+    # near-duplicate share.
+    logged = {}
+    for log in folder.glob("synth-llava-1.5/*/attempts/*/lmms_eval.log"):
+        method = log.parts[-4].split("_")[0]
+        (results,) = log.parent.rglob("*_results.json")
+        level = "clutter" if any("clutter" in task for task in json.loads(results.read_text())["results"]) else "plain"
+        for line in log.read_text().splitlines():
+            fields = dict(part.strip().split(" ", 1) for part in line.split("; ")[2:] if " " in part.strip())
+            if f"otprune {method.upper() if method == 'DivPrune' else 'OURS'}:" in line:
+                entry = logged.setdefault((method, level), {"ot": [], "redundancy": []})
+                entry["ot"] += [float(v) for v in fields["ot"].split(", ")]
+                entry["redundancy"] += [float(v) for v in fields["redundancy"].split(", ")]
+    assert sorted(logged) == sorted((m, lv) for m in ("OTPrune", "DivPrune") for lv in ("plain", "clutter"))
+    for (method, level), entry in logged.items():
+        assert len(entry["ot"]) == 3 * 2, (method, level)
+        assert found.ot[("synth-llava-1.5", method, 0.098, level)] == (pytest.approx(sum(entry["ot"]) / 6), 6)
+    for level in ("plain", "clutter"):
+        shares = logged[("OTPrune", level)]["redundancy"]
+        assert shares == logged[("DivPrune", level)]["redundancy"], "both methods saw the same images"
+        assert found.redundancy[("synth-llava-1.5", level)].share == pytest.approx(sum(shares) / len(shares))
