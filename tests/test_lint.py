@@ -11,4 +11,4 @@ def test_the_pre_commit_hook_pins_the_locked_ruff():
     hooks = (ROOT / ".pre-commit-config.yaml").read_text()
     pinned = re.findall(r'"ruff==([^"]+)"', hooks)
     assert pinned and set(pinned) == {locked.group(1)}, (pinned, locked.group(1))
-    assert "ruff==" not in (ROOT / ".ci" / "run").read_text(), ".ci/run should read ruff's version from the lock"
+    assert not re.search(r"ruff==\d", (ROOT / ".ci" / "run").read_text()), ".ci/run reads ruff's version from the lock"
