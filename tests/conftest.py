@@ -46,3 +46,20 @@ def pruning_off(models):
     yield
     for entry in models.values():
         entry[1]._otprune_config = None
+
+
+def pytest_terminal_summary(terminalreporter):
+    """What a test recorded it ran (``record_property("ran", ...)``), where a test runs one of
+    several cases: shown at the end of every run, from every xdist worker."""
+    lines = [
+        f"{report.nodeid}: {value}"
+        for status in ("passed", "failed")
+        for report in terminalreporter.stats.get(status, [])
+        if report.when == "call"
+        for name, value in report.user_properties
+        if name == "ran"
+    ]
+    if lines:
+        terminalreporter.section("cases the tests ran")
+        for line in lines:
+            terminalreporter.line(line)
