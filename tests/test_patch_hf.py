@@ -76,6 +76,18 @@ def test_pruning_off_is_identical(models, variant, monkeypatch):
     assert hasattr(transformers, cls.__name__)
 
 
+def positions_in_order(kept: torch.Tensor, full: torch.Tensor) -> list[int]:
+    """Where each row of ``kept`` ``(m, d)`` stands in ``full`` ``(n, d)``, found by value: the first
+    equal row after the previous one's, so that equal rows are taken in order; fails where none is
+    left (a row that is none of ``full``'s, or the order lost)."""
+    positions = []
+    for row in (kept[:, None, :] == full[None, :, :]).all(-1):
+        later = [int(p) for p in row.nonzero().flatten() if not positions or p > positions[-1]]
+        assert later, f"row {len(positions)} is none of the rows after position {positions[-1:]}: order lost"
+        positions.append(later[0])
+    return positions
+
+
 @pytest.mark.parametrize("variant", ["llava-hf", "llava-next-hf"])
 @pytest.mark.parametrize("method", ["OURS", "DIVPRUNE", "DPP", "TRIM", "STP", "UNIFORM"])
 def test_llm_gets_text_plus_exactly_the_selectors_picks(models, variant, method):
@@ -93,11 +105,7 @@ def test_llm_gets_text_plus_exactly_the_selectors_picks(models, variant, method)
     assert torch.equal(pruned[:start], full[:start]) and torch.equal(pruned[start + k :], full[start + n :])
     # The k visual tokens: each one of the image's own, found by value, in the image's order
     # (NeXT's row-end newline tokens are equal to one another: they are taken in order).
-    positions = []
-    for row in (pruned[start : start + k][:, None, :] == visual[None, :, :]).all(-1):
-        later = [int(p) for p in row.nonzero().flatten() if not positions or p > positions[-1]]
-        assert later, f"kept token {len(positions)} is none of the image's tokens after position {positions[-1:]}: order lost"
-        positions.append(later[0])
+    positions = positions_in_order(pruned[start : start + k], visual)
     # Which ones: the method's picks on these tokens, as its selector gives them.
     options = {"text": full[start + n :]} if method == "TRIM" else {}
     assert set(positions) == set(SELECTORS[method](visual, k, **options).tolist())
@@ -359,13 +367,8 @@ def test_layers_from_k_on_receive_the_unpruned_position_ids_of_the_tokens_they_h
     cut_hidden = pruned[k][0]
     assert cut_hidden.shape[1] == inputs["input_ids"].shape[1] - 576 + budget(RATIO, 576)
     for b in range(full_hidden.shape[0]):
-        matches = (cut_hidden[b][:, None, :] == full_hidden[b][None, :, :]).all(-1)
         # Padding positions share one hidden state: the kept ones, in order, take them in order.
-        positions, last = [], -1
-        for row in matches:
-            later = [int(p) for p in row.nonzero().flatten() if p > last]
-            assert later, "every kept hidden state is an unpruned position's, in order"
-            positions.append(last := later[0])
+        positions = positions_in_order(cut_hidden[b], full_hidden[b])
         for layer in range(k, len(pruned)):
             received = pruned[layer][1].expand(full_hidden.shape[0], -1)[b]
             assert received.tolist() == full_ids[b, positions].tolist(), (layer, b)

@@ -267,6 +267,7 @@ def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
     # The values against the runs' own lmms-eval logs, read here line by line: each attempt is one
     # level's process (its results file names its tasks); each logged image has its OT distance and
     # near-duplicate share.
+    logged_as = {"OTPrune": "OURS", "DivPrune": "DIVPRUNE"}  # the BASELINE names in the log lines
     logged = {}
     for log in folder.glob("synth-llava-1.5/*/attempts/*/lmms_eval.log"):
         method = log.parts[-4].split("_")[0]
@@ -274,7 +275,7 @@ def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
         level = "clutter" if any("clutter" in task for task in json.loads(results.read_text())["results"]) else "plain"
         for line in log.read_text().splitlines():
             fields = dict(part.strip().split(" ", 1) for part in line.split("; ")[2:] if " " in part.strip())
-            if f"otprune {method.upper() if method == 'DivPrune' else 'OURS'}:" in line:
+            if f"otprune {logged_as[method]}:" in line:
                 entry = logged.setdefault((method, level), {"ot": [], "redundancy": []})
                 entry["ot"] += [float(v) for v in fields["ot"].split(", ")]
                 entry["redundancy"] += [float(v) for v in fields["redundancy"].split(", ")]

@@ -442,10 +442,12 @@ def test_shipped_checkpoint_is_what_the_script_trains(record_property):
 
 
 def inputs_of(script_folder, *args):
+    """``train_tiny_llava.py --inputs`` run from a folder other than the script's or the checkout's."""
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, str(script_folder / "train_tiny_llava.py"), "--inputs", *args], capture_output=True, text=True, timeout=300)
+    script = [sys.executable, str(script_folder / "train_tiny_llava.py"), "--inputs", *args]
+    done = subprocess.run(script, capture_output=True, text=True, timeout=300, cwd=script_folder.parent.parent)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -485,6 +487,15 @@ def test_one_changed_line_of_the_training_script_makes_the_check_a_full_retrain(
     script.write_text(script.read_text().replace("LEARNING_RATE = 1e-3\n", "LEARNING_RATE = 2e-3\n", 1))
     changed = inputs_of(scripts)
     assert (changed["case"], changed["why"]) == ("full", "inputs changed: train_tiny_llava: source changed")
+
+
+@pytest.mark.parametrize("flags", [["--full"], ["--record"], ["--full", "--record"]])
+def test_full_and_record_without_check_are_refused_before_any_training(flags):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_llava.py"), *flags], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "--full and --record go with --check" in done.stderr, done.stderr[-2000:]
 
 
 def test_input_changes_name_each_source_and_environment_difference(train_script):
