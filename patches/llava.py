@@ -209,7 +209,7 @@ def _prepare_pruned(original, model, config, input_ids, position_ids, attention_
     visual = valid & (sources == IGNORE_INDEX)
     batch = input_ids.shape[0]
     spans = spans_by_row(visual_spans(visual, counts), batch)
-    text_after = [question_positions(spans[b], valid[b] & ~visual[b]) for b in range(batch)]
+    text_after = [[question_positions(visual[b], valid[b])] * len(spans[b]) for b in range(batch)]
 
     def restore_labels(kept_sources: torch.Tensor) -> torch.Tensor | None:
         if labels is None:

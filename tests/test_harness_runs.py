@@ -329,6 +329,10 @@ def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
             {"methods": {"OTPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": None}}}},
             "methods.OTPrune.env.OTPRUNE_GAMMA=None (null) is not allowed; allowed: a string or a number",
         ),
+        (
+            {"methods": {"DivPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": 0.5}}}},
+            "tiny-llava-1.5 DivPrune: OTPRUNE_GAMMA='0.5' does not apply to BASELINE=DIVPRUNE: it takes no option 'gamma'",
+        ),
         ({"lmms_model": None}, "lmms_model=None (null) is not allowed; allowed: an lmms-eval model name"),
         ({"tasks": TASK}, f"tasks='{TASK}' (str) is not allowed; allowed: a list of task names"),
         ({"group_tasks": "yes"}, "group_tasks='yes' (str) is not allowed; allowed: true, false, or a list of lists of the config's tasks"),
