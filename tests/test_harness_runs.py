@@ -224,6 +224,20 @@ def test_a_pruning_run_without_the_entry_point_fails(tmp_path):
             "an image kept 576 of 576 visual tokens; OURS at ratio 0.098 keeps 56",
         ),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "loading model\nevaluating", 1, harness_run_check.NO_SELECTION),
+        # A merger keeps 1 <= m <= k: POOL's largest grid that fits 153 on LLaVA-NeXT's 1560 is 152.
+        ({"BASELINE": "POOL", "SUBSET_RATIO": "0.098"}, "otprune POOL: visual tokens 1560->152, 576->56; selector 0.1 ms", 1, None),
+        (
+            {"BASELINE": "POOL", "SUBSET_RATIO": "0.098"},
+            "otprune POOL: visual tokens 1560->154; selector 0.1 ms",
+            1,
+            "an image kept 154 of 1560 visual tokens; POOL a merger at ratio 0.098 keeps between 1 and 153",
+        ),
+        (
+            {"BASELINE": "POOL", "SUBSET_RATIO": "0.098"},
+            "otprune POOL: visual tokens 1560->0; selector 0.1 ms",
+            1,
+            "an image kept 0 of 1560 visual tokens; POOL a merger at ratio 0.098 keeps between 1 and 153",
+        ),
     ],
 )
 def test_pruning_problem(env, log, samples, problem):
@@ -499,9 +513,11 @@ def test_an_error_lmms_eval_logged_fails_the_attempt(tmp_path):
     assert harness_records.finished_tasks(folder) == {TASK}
 
 
-def test_results_of_other_code_are_run_again_unless_kept(tmp_path):
+@pytest.mark.parametrize("other", ["hash edited", "no identity"])
+def test_results_of_other_code_are_run_again_unless_kept(tmp_path, other):
     """A record holds the code identity it ran with; one of other code (here its pruning code's hash
-    edited, as after a change to a default) is not a finished run of this code."""
+    edited, as after a change to a default; or none, an older harness's record) is not a finished
+    run of this code, and where kept it is marked."""
     runs = runs_folder(tmp_path)
     config = write_config(tmp_path / "c.yaml")
     first = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180)
@@ -510,7 +526,10 @@ def test_results_of_other_code_are_run_again_unless_kept(tmp_path):
     (path,) = folder.glob("otprune_*.json")
     record = json.loads(path.read_text())
     assert set(record["code"]) >= {"otprune", "code_sha256", "torch", "transformers", "lmms_eval"} and record["code"]["code_sha256"]
-    record["code"]["code_sha256"] = "0" * 16
+    if other == "hash edited":
+        record["code"]["code_sha256"] = "0" * 16
+    else:
+        del record["code"]
     path.write_text(json.dumps(record))
     kept = subprocess.run(harness_cmd(config, runs, "--reuse-other-code"), env=fake_env(), capture_output=True, text=True, timeout=180)
     assert "1 runs, 1 finished before, 0 still running elsewhere, 0 to run" in kept.stdout, kept.stdout + kept.stderr
