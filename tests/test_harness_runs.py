@@ -385,6 +385,17 @@ def test_limits_that_are_not_a_sample_count_are_refused(tmp_path, capsys, limit,
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("flag", ["--jobs", "--num-processes"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_count_flag_below_one_is_refused_naming_flag_and_value(tmp_path, capsys, flag, value):
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as stop:
+        harness_cli.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(runs), flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: '{value}' is not allowed; give an integer >= 1" in capsys.readouterr().err
+    assert not runs.exists()
+
+
 def test_paths_that_lmms_eval_would_split_or_that_leave_the_runs_folder_are_refused(tmp_path, capsys):
     config = write_config(tmp_path / "c.yaml")
     assert harness_cli.main([str(config), "--runs-dir", str(tmp_path / "a,b")]) == 2
@@ -561,6 +572,35 @@ def test_a_runs_folder_held_from_another_host_is_refused_until_its_lease_runs_ou
     assert not (folder / ".lease.json").exists()
 
 
+# The harness, renewing its lease every 0.2 s instead of every RENEW_S.
+QUICK_RENEWAL = "import sys; import otprune.harness.folder_lock as f; f.RENEW_S = 0.2; from otprune.harness import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def test_a_harness_whose_lease_is_taken_over_stops_writing_and_exits_saying_why(tmp_path):
+    """Another host took the lease over (this harness stalled past LEASE_S): this one stops its
+    child, writes nothing more there and exits non-zero, naming the new holder."""
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    argv = [sys.executable, "-c", QUICK_RENEWAL, *harness_cmd(config, runs)[4:]]
+    first = subprocess.Popen(argv, env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (child,) = wait_for(lambda: child_files(runs), 60, "the harness's child")
+        pid = json.loads(child.read_text())["pid"]
+        lease = runs / "c" / ".lease.json"
+        taken = {"host": "node-b", "pid": 4242, "started": "2026-12-07 12:00:00", "renewed": time.time()}
+        lease.write_text(json.dumps(taken))
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode != 0
+    assert f"error: the lease of {runs / 'c'} was taken over by another harness (host node-b, pid 4242" in err
+    assert "stops submitting and writing there now" in err
+    wait_for(lambda: not alive(pid), 15, "the child to end")
+    # Nothing written after the take-over: no record of the stopped attempt; the new holder's lease stays.
+    assert not list((runs / "c").rglob("otprune_*.json"))
+    assert json.loads(lease.read_text()) == taken
+
+
 def test_a_lease_of_a_dead_harness_on_this_host_is_taken_over(tmp_path):
     """A fresh lease on this host is honoured while its process lives and taken over once it has
     died, whatever its renewal time says; the new lease names this process, and goes with it."""
@@ -592,7 +632,8 @@ def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_d
 
     def status() -> list[str]:
         shown = subprocess.run([sys.executable, "-m", "otprune", "status", str(runs / "c")], capture_output=True, text=True, timeout=60)
-        assert shown.returncode == 0, shown.stderr
+        # Non-zero where a run failed, as `otprune run` exits.
+        assert shown.returncode == (1 if "failed" in shown.stdout.splitlines()[-1] else 0), shown.stderr
         return shown.stdout.splitlines()
 
     first = subprocess.Popen(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -608,5 +649,6 @@ def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_d
         first.kill()
     lines = status()
     assert lines[0].startswith("failed      tiny-llava-1.5/Original_1 otprune_smoke_vqa  (stopped with the harness (SIGTERM to the harness); log: ")
+    assert lines[-1] == "1 failed, 1 not started"
     assert subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180).returncode == 0
     assert status()[-1] == "2 done"
