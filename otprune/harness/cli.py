@@ -33,8 +33,8 @@ from pathlib import Path
 
 from otprune import stack
 from otprune.harness.attempt import Attempt
-from otprune.harness.catalogue import MODELS, model_label
-from otprune.harness.checkpoints import checkpoint, quiet_torchvision_hint
+from otprune.harness.catalogue import MODELS
+from otprune.harness.checkpoints import checkpoint, checkpoint_path, quiet_torchvision_hint
 from otprune.harness.code_identity import describe_copy, otprune_copy
 from otprune.harness.config import EXECUTORS, Config, load_config
 from otprune.harness.errors import ConfigError
@@ -180,8 +180,7 @@ def main(argv=None) -> int:
         for line in plan_size(runs, pending, args.limit):
             print(line)
         for i, run in enumerate(pending, 1):
-            pretrained = model_label(run.model) if MODELS[run.model].tiny else run.model
-            cmd = command(config, run, pretrained, num_processes, args.limit, run.folder / "attempts" / "<stamp>")
+            cmd = command(config, run, checkpoint_path(run.model, runs_root), num_processes, args.limit, run.folder / "attempts" / "<stamp>")
             print(f"[{i}/{len(pending)}] {' '.join(f'{k}={v}' for k, v in run.env.items())} {' '.join(cmd)}")
         return 0
     try:
