@@ -101,9 +101,10 @@ def main(argv=None) -> int:
     )
     print("\n".join(table(found.rows)))
     if found.lock_found:
+        differing = [r for r in found.others if r.installed != r.locked]
         print(
-            f"\nOther locked packages: {found.others_matching} as locked, {len(found.others_differing)} not"
-            + (": " + ", ".join(f"{r.name} {r.installed or 'missing'} (lock {r.locked})" for r in found.others_differing) if found.others_differing else "")
+            f"\nOther locked packages: {len(found.others) - len(differing)} as locked, {len(differing)} not"
+            + (": " + ", ".join(f"{r.name} {r.installed or 'missing'} (lock {r.locked})" for r in differing) if differing else "")
         )
     print("\nKnown breaks: " + ("; ".join(found.breaks) if found.breaks else "none applies"))
     print(f"lmms-eval entry point: {entry_point_state() if 'lmms-eval' in stack_module.installed_versions() else 'lmms-eval is not installed'}")

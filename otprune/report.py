@@ -509,7 +509,9 @@ def nested_runs(runs_dir: Path) -> dict[Path, int]:
     return found
 
 
-def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path, str]:
+def write_report(runs_dir: Path, out_dir: Path | None = None, code: dict | None = None) -> tuple[Path, Path, str]:
+    """Table 1 of ``runs_dir`` written as Markdown and CSV; ``code``: this otprune's code identity
+    when the caller has it (the harness probed it already), else probed here."""
     catalogue = {**load_yaml("tasks.yaml")["paper"], **load_yaml("tasks.yaml")["local"]}
     paper = load_yaml("paper_results.yaml")
     runs, skipped = [], []
@@ -518,7 +520,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
         if run is not None:
             runs.append(run)
     lines = [f"# Table 1: {runs_dir.name}", ""]
-    current = current_code()
+    current = code if code is not None else current_code()
     for run in runs:
         run["other_code"] = current is not None and any(not same_code(code, current) for code in run["codes"])
     if any(r["other_code"] for r in runs):
@@ -552,7 +554,8 @@ def write_report(runs_dir: Path, out_dir: Path | None = None) -> tuple[Path, Pat
     return md_path, csv_path, markdown
 
 
-def main(argv=None) -> int:
+def main(argv=None, code: dict | None = None) -> int:
+    """``otprune report``; ``code``: as :func:`write_report`'s."""
     parser = argparse.ArgumentParser(prog="otprune report", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs_dir", help="RUNS/<config>, the folder holding <model>/<method>_<ratio>/")
     parser.add_argument("--out", help="where table1.md and table1.csv go (default: runs_dir)")
@@ -569,7 +572,7 @@ def main(argv=None) -> int:
         print(f"report one of them: otprune report {next(iter(nested))}", file=sys.stderr)
         return 2
     try:
-        md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None)
+        md_path, csv_path, markdown = write_report(runs_dir, Path(args.out) if args.out else None, code)
     except MissingResource as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

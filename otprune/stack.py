@@ -182,9 +182,13 @@ class Stack:
     environment: str
     lock_found: bool
     rows: list[Row]
-    others_matching: int
-    others_differing: list[Row]
+    others: list[Row]  # every other locked package: installed and locked version, no bound
     breaks: list[str]
+
+    @property
+    def apart(self) -> list[Row]:
+        """The packages, bounded or not, whose installed version is not the lock's."""
+        return [r for r in self.rows + self.others if r.installed != r.locked]
 
     @property
     def problems(self) -> list[str]:
@@ -215,9 +219,8 @@ def inspect(environment: str | None = None, installed: dict[str, str] | None = N
         elif bounds.get(name) and not _within(_release(version), bounds[name]):
             problem = f"outside the tested range {bounds[name]}"
         rows.append(Row(name, version, locked.get(name), bounds.get(name, ""), problem))
-    others = [n for n in locked if n not in named]
-    differing = [Row(n, installed.get(n), locked[n], "", "") for n in others if installed.get(n) != locked[n]]
-    return Stack(environment, bool(locked), rows, len(others) - len(differing), differing, known_breaks(installed))
+    others = [Row(n, installed.get(n), locked[n], "", "") for n in locked if n not in named]
+    return Stack(environment, bool(locked), rows, others, known_breaks(installed))
 
 
 def summary_here() -> str:
@@ -232,8 +235,8 @@ def summary_here() -> str:
 def summary(stack: Stack) -> str:
     """One line: lock agreement, untested versions, known breaks."""
     if stack.lock_found:
-        total = len(stack.rows) + stack.others_matching + len(stack.others_differing)
-        apart = [r for r in stack.rows + stack.others_differing if r.installed != r.locked]
+        total = len(stack.rows) + len(stack.others)
+        apart = stack.apart
         agreement = f"{total - len(apart)}/{total} packages as locks/{stack.environment}.txt"
         if apart:
             shown = ", ".join(f"{r.name} {r.installed or 'missing'} (lock {r.locked})" for r in apart[:3])

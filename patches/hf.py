@@ -6,7 +6,7 @@ computed first (the model's own ``get_image_features``: CLIP, projector and, for
 tiling, unpadding and newline vectors), and the model then receives ``inputs_embeds`` built here:
 its own token embeddings with each row's image features scattered into that row's placeholders.
 No version-specific argument is used (``mm_encoder_outputs`` exists only from transformers 5.23
-on), so every transformers in ``SUPPORTED_TRANSFORMERS`` behaves the same.
+on), so every transformers otprune declares (pyproject.toml) behaves the same.
 
 - ``LAYER_INDEX = 0``: each image's features are cut to the selector's picks (VTW: none) and
   the unkept placeholders removed from ``input_ids`` (and the attention mask, labels and position
@@ -30,30 +30,30 @@ from otprune.selection import select_per_image
 
 from .grids import image_grids
 from .layers import PrefillState, attach_state
+from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
 from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_FEATURE_KWARGS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
-# The lowest transformers the tests run on (CI runs this one and the newest) and the first major
-# version not claimed.
-SUPPORTED_TRANSFORMERS = ("5.17", "6")
 
 
 def check_transformers_version(version: str | None = None) -> None:
-    """Refuse a transformers outside ``SUPPORTED_TRANSFORMERS`` before any model runs."""
+    """Refuse a transformers outside the bound otprune declares (pyproject.toml's, read from the
+    installed metadata: one place; CI tests its lowest release and the newest) before any model runs."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    from otprune.stack import declared_bounds, declared_extras
+
+    bound = declared_bounds(declared_extras()).get("transformers")
     if version is None:
         try:
             import transformers
         except ImportError:
             return
         version = transformers.__version__
-    from packaging.version import Version
-
-    low, high = SUPPORTED_TRANSFORMERS
-    if not Version(low) <= Version(Version(version).base_version) < Version(high):
-        raise ValueError(
-            f"transformers {version} is not supported by otprune's patch; it needs transformers >= {low}, < {high} (pip install 'transformers>={low},<{high}')"
-        )
+    if bound and Version(Version(version).base_version) not in SpecifierSet(bound):
+        raise ValueError(f"transformers {version} is not supported by otprune's patch; it needs transformers{bound} (pip install 'transformers{bound}')")
 
 
 def decoder(model):
@@ -66,40 +66,9 @@ def vision_modules(model) -> tuple:
     return model.model.vision_tower, model.model.multi_modal_projector
 
 
-def wrap_model_classes(names, wrap) -> bool:
-    """Replace ``forward`` and ``generate`` of transformers' classes ``names`` (those this version
-    has) by ``wrap(original, generating)``, once; False without transformers."""
-    try:
-        import transformers
-    except ImportError:
-        return False
-    for name in names:
-        cls = getattr(transformers, name, None)
-        if cls is None or getattr(cls.forward, "otprune_original", None) is not None:
-            continue
-        cls.forward = wrap(cls.forward, generating=False)
-        cls.generate = wrap(cls.generate, generating=True)
-    return True
-
-
 def install() -> bool:
     """Wrap ``generate`` and ``forward`` of the supported classes; False without transformers."""
     return wrap_model_classes(CLASS_NAMES, _wrap)
-
-
-def _as_keywords(signature: inspect.Signature, model, args, kwargs) -> dict:
-    """Every argument by name (``generate`` calls its first one ``inputs``: that is ``input_ids``)."""
-    bound = signature.bind_partial(model, *args, **kwargs).arguments
-    named = {}
-    for name, value in bound.items():
-        parameter = signature.parameters[name]
-        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(value)
-        elif name != next(iter(signature.parameters)):
-            named[name] = value
-    if "inputs" in named and "input_ids" not in named:
-        named["input_ids"] = named.pop("inputs")
-    return named
 
 
 def _wrap(original, generating: bool):
@@ -109,7 +78,7 @@ def _wrap(original, generating: bool):
     def wrapped(self, *args, **kwargs):
         from . import active_config, check_model
 
-        kwargs = _as_keywords(signature, self, args, kwargs)
+        kwargs = as_keywords(signature, self, args, kwargs)
         config = active_config(self)
         if not config.enabled:
             return original(self, **kwargs)
@@ -138,7 +107,7 @@ def _wrap(original, generating: bool):
             del self._otprune_images, self._otprune_padding
         if config.layer_index > 0:
             return output
-        return _with_full_prompt(output, input_ids, kwargs["input_ids"].shape[1])
+        return with_full_prompt(output, input_ids, kwargs["input_ids"].shape[1])
 
     wrapped.otprune_original = original
     return wrapped
@@ -192,32 +161,6 @@ def _prefill_padding(model, input_ids: torch.Tensor, attention_mask) -> torch.Te
 
 def _attach(model, config, state) -> None:
     attach_state(model, config, decoder(model), state)
-
-
-def _with_full_prompt(output, input_ids: torch.Tensor, pruned_length: int):
-    """Put the caller's prompt back in front of the generated tokens (callers strip it by length);
-    with several sequences per prompt (``num_return_sequences``), in front of each."""
-    sequences = output if isinstance(output, torch.Tensor) else output.sequences
-    prompt = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)
-    sequences = torch.cat([prompt, sequences[:, pruned_length:]], dim=1)
-    if isinstance(output, torch.Tensor):
-        return sequences
-    output.sequences = sequences
-    return output
-
-
-def generation_padding(model, kwargs: dict) -> torch.Tensor:
-    """``(B, L)`` non-padding positions of a ``generate`` call: the caller's mask, else where
-    ``generate`` itself would find padding (its pad token, given or from the generation config).
-
-    The wrappers hand this mask on explicitly: once pruning has cut and re-padded the prompt,
-    ``generate`` could no longer infer it.
-    """
-    config = kwargs.get("generation_config") or model.generation_config
-    pad = kwargs.get("pad_token_id", getattr(config, "pad_token_id", None))
-    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    return padding_mask(kwargs["input_ids"], kwargs.get("attention_mask"), pad, eos)
 
 
 def _questions(valid: torch.Tensor, spans) -> list[list[torch.Tensor]]:

@@ -39,9 +39,10 @@ from otprune.contract import PatchGrid
 from otprune.selection import select_per_image
 
 from .grids import image_grids
-from .hf import _as_keywords, _with_full_prompt, decoder, generation_padding, wrap_model_classes
+from .hf import decoder
 from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
+from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
 from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, visual_spans
 
 QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
@@ -98,7 +99,7 @@ def _wrap(original, generating: bool):
     def wrapped(self, *args, **kwargs):
         from . import active_config, check_model
 
-        kwargs = _as_keywords(signature, self, args, kwargs)
+        kwargs = as_keywords(signature, self, args, kwargs)
         config = active_config(self)
         if config.enabled:
             check_model(self, config)
@@ -121,7 +122,7 @@ def _wrap(original, generating: bool):
             output = original(self, **prepared)
         if not generating or config.layer_index > 0:
             return output
-        return _with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
+        return with_full_prompt(output, input_ids, prepared["input_ids"].shape[1])
 
     wrapped.otprune_original = original
     return wrapped

@@ -316,7 +316,7 @@ def _run_locked(config: Config, runs: list[Run], label_dir: Path, runs_root: Pat
     if not args.no_report:
         from otprune import report
 
-        report.main([str(label_dir)])
+        report.main([str(label_dir)], code=copy.get("code"))
     return 1 if failed or stale else 0
 
 

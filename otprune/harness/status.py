@@ -22,7 +22,7 @@ from otprune.harness.code_identity import current_code
 from otprune.harness.executors.slurm import active_job, job_path, recorded_job_ids, scheduler_jobs
 from otprune.harness.files import read_results
 from otprune.harness.processes import stale_children
-from otprune.harness.records import finished_tasks, load_records
+from otprune.harness.records import load_records, same_code
 
 
 def planned(runs_dir: Path) -> list[dict]:
@@ -62,7 +62,7 @@ def run_state(folder: Path, tasks: tuple, jobs: dict, children: list[dict], code
         detail = f"{newest.get('wall_s', 0):.0f} s, {newest.get('executor', 'local')}" + (
             f" job {newest['slurm_job_id']}" if newest.get("slurm_job_id") else ""
         )
-        if code is not None and not set(tasks) <= finished_tasks(folder, code):
+        if code is not None and not set(tasks) <= {task for record in done if same_code(record.get("code"), code) for task in record["finished_tasks"]}:
             detail += "; by other code: `otprune run` runs it again (--reuse-other-code keeps it)"
         return "done", detail
     failed = [(path, record) for path, record in records if record["status"] != "done"]
