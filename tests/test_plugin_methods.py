@@ -208,27 +208,41 @@ def test_pool_llava15_budget_56_is_7_by_8():
 def test_pool_shapes():
     assert pooled_shape(24, 24, 56) == (7, 8)
     assert pooled_shape(24, 24, 144) == (12, 12)
-    # 53 is prime: the largest h'w' <= 53 with both sides >= 2 is 52 = 4 x 13 or 13 x 4 (2 x 26 does
-    # not fit 24 columns); equally far from square in log scale, the fewer rows win.
-    assert pooled_shape(24, 24, 53) == (4, 13)
+    # Near-square windows (aspect within 1.5 of the grid's): 46 is 6 x 7 = 42, not 2 x 23 = 46.
+    assert pooled_shape(24, 24, 46) == (6, 7)
+    # 53 is prime: the largest near-square h'w' <= 53 is 49 = 7 x 7 (6 x 9 = 54 is over, 5 x 10 too long).
+    assert pooled_shape(24, 24, 53) == (7, 7)
     assert pooled_shape(24, 24, 576) == (24, 24)
     assert pooled_shape(24, 24, 575) == (23, 24)
-    assert pooled_shape(24, 24, 3) == (1, 3)  # no 2 x 2 fits: degenerate shapes allowed
+    assert pooled_shape(24, 24, 3) == (1, 1)  # 1 x 3 would be windows of 24 x 8
     assert pooled_shape(24, 24, 0) is None
     assert pooled_shape(12, 24, 50) == (5, 10)  # 50 = 5 x 10, ratio 1/2 exactly as 12/24
     assert pooled_shape(24, 12, 50) == (10, 5)
-    assert pooled_shape(1, 30, 7) == (1, 7)  # a one-row grid
+    assert pooled_shape(1, 30, 7) == (1, 7)  # a one-row grid: no shape within the factor fits
     assert pooled_shape(3, 4, 8, newlines=True) == (2, 3)  # 2*3 + 2 newlines = 8
     assert pooled_shape(3, 4, 1, newlines=True) == (1, 1)  # pooled without its newline
+
+
+@pytest.mark.parametrize("h, w", [(24, 24), (24, 36), (27, 16), (16, 16)])
+def test_every_pool_budget_keeps_windows_near_square(h, w):
+    """Against a brute force written from METHOD.md's rule: over every budget, the shape is the
+    largest fitting count among shapes whose aspect is within 1.5 of the grid's."""
+    for budget in range(1, h * w + 1):
+        rows, cols = pooled_shape(h, w, budget)
+        assert rows * cols <= budget and rows <= h and cols <= w
+        near = [(a, b) for a in range(1, h + 1) for b in range(1, w + 1) if a * b <= budget and max(a * w / (b * h), b * h / (a * w)) <= 1.5 + 1e-12]
+        if near:
+            assert rows * cols == max(a * b for a, b in near), (budget, rows, cols)
+            assert max(rows * w / (cols * h), cols * h / (rows * w)) <= 1.5 + 1e-12, (budget, rows, cols)
 
 
 def test_pool_prime_budget_gives_fewer_tokens():
     tokens = randn(576, 6, seed=21, dtype=torch.float32)
     merged, positions = merge_pool(tokens, 53, grid=(PatchGrid(0, 24, 24),))
-    assert merged.shape == (52, 6)
-    torch.testing.assert_close(merged.double(), slow_pool(tokens.reshape(24, 24, 6), 4, 13), rtol=1e-6, atol=1e-6)
+    assert merged.shape == (49, 6)
+    torch.testing.assert_close(merged.double(), slow_pool(tokens.reshape(24, 24, 6), 7, 7), rtol=1e-6, atol=1e-6)
     rows = sorted({p // 24 for p in positions.tolist()})
-    assert rows == [2, 8, 14, 20]  # windows [0,6) [6,12) [12,18) [18,24)
+    assert rows == [1, 4, 8, 11, 15, 18, 21]  # windows [0,4) [3,7) [6,11) [10,14) [13,18) [17,21) [20,24)
     assert merge_fault((merged, positions), 576, 53, tokens) is None
 
 
@@ -250,7 +264,7 @@ def test_pool_newline_grid_by_hand():
     merged, positions = merge_pool(tokens, 10, grid=grids)
 
     # Budget 10 over sizes 4 and 15: 40/19 -> 2 (rem 2), 150/19 -> 7 (rem 17): the second gets the last.
-    # Base grid, budget 2: no 2 x 2 fits, so 1 x 2: rows [0,2), columns [0,1) and [1,2).
+    # Base grid, budget 2: no 2 x 2 fits, and 1 x 2 is twice as wide as the grid: 1 x 1, every token.
     # Newline grid, budget 8: 2 x 3 + 2 newlines. Rows [0,2) [1,3) (centres 0, 1); columns [0,2)
     # [1,3) [2,4) (centres 0, 1, 2).
     def mean(*idx):
@@ -260,8 +274,7 @@ def test_pool_newline_grid_by_hand():
         return 4 + 5 * r + c
 
     expected = [
-        mean(0, 2),
-        mean(1, 3),
+        mean(0, 1, 2, 3),
         mean(cell(0, 0), cell(0, 1), cell(1, 0), cell(1, 1)),
         mean(cell(0, 1), cell(0, 2), cell(1, 1), cell(1, 2)),
         mean(cell(0, 2), cell(0, 3), cell(1, 2), cell(1, 3)),
@@ -272,7 +285,7 @@ def test_pool_newline_grid_by_hand():
         tokens[13],
     ]
     torch.testing.assert_close(merged, torch.stack(expected))
-    assert positions.tolist() == [0, 1, 4, 5, 6, 8, 9, 10, 11, 13]
+    assert positions.tolist() == [0, 4, 5, 6, 8, 9, 10, 11, 13]
     assert merge_fault((merged, positions), 19, 10, tokens) is None
 
 

@@ -18,6 +18,10 @@ from otprune.contract import PatchGrid, check_grids, check_image_tokens
 __all__ = ["merge_pool", "pooled_shape", "split_budget"]
 
 
+# h'/w' within this factor (high / low) of h/w: METHOD.md's bound on a pooled grid's aspect.
+ASPECT_FACTOR = (3, 2)
+
+
 @torch.no_grad()
 def merge_pool(tokens: torch.Tensor, k: int, *, grid: tuple[PatchGrid, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """POOL: average-pool each patch grid of one image to a smaller grid that fits the budget.
@@ -39,15 +43,15 @@ def merge_pool(tokens: torch.Tensor, k: int, *, grid: tuple[PatchGrid, ...]) -> 
     - budget split: ``k`` is split over the grids in proportion to each grid's ``size`` (newline
       tokens included), ``k * size / N`` rounded down, the remaining tokens going to the largest
       remainders (the earlier grid on ties); a grid may get 0 and is then dropped whole;
-    - shape (:func:`pooled_shape`): the largest token count ``t = h' w'`` (``+ h'`` for a grid with
-      newline tokens: one kept newline per pooled row) with ``t <= k_g``, ``h' <= h``, ``w' <= w``,
-      among pairs with ``h', w' >= 2`` wherever one fits (so a ``k_g`` with a fitting factor pair
-      gets exactly ``k_g`` tokens: 24 x 24 at 56 -> 7 x 8, at 144 -> 12 x 12); among equal ``t``
-      the ratio ``h'/w'`` closest to ``h/w`` in log scale, then fewer rows. A ``k_g`` with no
-      fitting non-degenerate factor pair (a prime, or one whose pairs exceed the grid) gets
-      **fewer than** ``k_g`` tokens: 24 x 24 at 53 -> 4 x 13 = 52. Only when no ``h', w' >= 2`` pair
-      fits (``k_g < 4``, or a grid one row or column wide) are ``1 x w'`` / ``h' x 1`` shapes used; a
-      newline grid whose budget is 1 pools to 1 x 1 without its newline;
+    - shape (:func:`pooled_shape`, METHOD.md's rule): the largest token count ``t = h' w'`` (``+ h'``
+      for a grid with newline tokens: one kept newline per pooled row) with ``t <= k_g``,
+      ``h' <= h``, ``w' <= w`` and the aspect ``h'/w'`` within a factor 1.5 of ``h/w``, so that
+      windows stay near-square as plain 2-D pooling's do (24 x 24 at 56 -> 7 x 8, at 144 -> 12 x 12,
+      at 46 -> 6 x 7 = 42, not 2 x 23); among equal ``t`` the ratio closest to ``h/w`` in log scale,
+      then fewer rows. A budget without a fitting near-square factor pair gets **fewer than**
+      ``k_g`` tokens (24 x 24 at 53 -> 7 x 7 = 49). **Choice**: where no shape within the factor
+      fits (a grid one row wide with a small budget), the nearest aspect among all fitting shapes;
+      a newline grid whose budget is 1 pools to 1 x 1 without its newline;
     - positions: each pooled token takes the position of the cell nearest its window's centre
       (centre row ``floor((start + end - 1) / 2)``, column alike), so a rotary model reads it
       where its window sits, at that token's unpruned rotary position (Qwen's 3-D ``(t, h, w)``
@@ -124,10 +128,12 @@ def pooled_shape(h: int, w: int, budget: int, newlines: bool = False) -> tuple[i
     """The pooled ``(h', w')`` of an ``h x w`` grid for a ``budget`` of tokens (``None``: no token).
 
     Token count ``t = h' w'`` (``+ h'`` with ``newlines``), ``t <= budget``, ``h' <= h``,
-    ``w' <= w``. Candidates are the pairs with ``h', w' >= 2`` if any fits, else all pairs. Best:
-    the largest ``t``; then the ratio ``h'/w'`` closest to ``h/w`` in log scale (compared exactly,
-    in integers); then the fewer rows. A newline grid with budget 1 (1 x 1 plus a newline needs
-    2) gets ``(1, 1)``, pooled without its newline.
+    ``w' <= w``. Candidates are the pairs whose aspect ``h'/w'`` is within a factor
+    ``ASPECT_FACTOR`` (1.5) of ``h/w``, as plain 2-D pooling keeps its windows near-square
+    (METHOD.md); where none fits (a budget below a thin grid's narrowest such shape) every fitting
+    pair is a candidate (**choice**). Best: the largest ``t``; then the ratio ``h'/w'`` closest to
+    ``h/w`` in log scale (compared exactly, in integers); then the fewer rows. A newline grid with
+    budget 1 (1 x 1 plus a newline needs 2) gets ``(1, 1)``, pooled without its newline.
     """
     if budget < 1:
         return None
@@ -138,13 +144,19 @@ def pooled_shape(h: int, w: int, budget: int, newlines: bool = False) -> tuple[i
     fitting = [(a, b) for a in range(1, h + 1) for b in range(1, w + 1) if count(a, b) <= budget]
     if not fitting:
         return (1, 1)
-    proper = [(a, b) for a, b in fitting if a >= 2 and b >= 2]
-    candidates = proper or fitting
+    near = [(a, b) for a, b in fitting if _aspect_within(a, b, h, w)]
     best = None
-    for a, b in candidates:
+    for a, b in near or fitting:
         if best is None or _better((a, b), best, h, w, count):
             best = (a, b)
     return best
+
+
+def _aspect_within(a: int, b: int, h: int, w: int) -> bool:
+    """Whether ``a/b`` is within a factor ``ASPECT_FACTOR`` of ``h/w`` (exactly, in integers)."""
+    high, low = ASPECT_FACTOR
+    p, q = a * w, b * h
+    return low * max(p, q) <= high * min(p, q)
 
 
 def _better(one: tuple[int, int], other: tuple[int, int], h: int, w: int, count) -> bool:
