@@ -160,6 +160,8 @@ def brute_force_p(x, y):
 
 
 def test_spearman_with_its_exact_p_and_degenerate_inputs():
+    from scipy.stats import spearmanr
+
     from otprune.analysis.uncertainty import RankCorrelation, spearman_test
 
     # Perfectly monotone, n = 4: 1 pairing of 24 each side, p = 2/24.
@@ -173,6 +175,13 @@ def test_spearman_with_its_exact_p_and_degenerate_inputs():
     assert test.rho == pytest.approx(0.8) and test.p == pytest.approx(16 / 120) and test.n == 5
     for x, y in [([0.3, 0.1, 0.2, 0.5, 0.4, 0.9], [60, 50, 70, 40, 45, 80]), ([1, 2, 3, 4, 5, 6, 7], [3, 1, 2, 7, 5, 6, 4])]:
         assert spearman_test(x, y).p == pytest.approx(brute_force_p(x, y))
+    assert spearman_test([1, 2, 3, 4, 5, 6, 7, 8, 9], list(range(9))).exact
+    # Past 9 values, random pairings: 10 monotone values, reached by 1 pairing in 10! each side.
+    many = spearman_test(range(10), [3 * v for v in range(10)])
+    assert not many.exact and many.rho == pytest.approx(1.0) and many.p < 1e-4
+    # Away from the tails, the random pairings' p and the t approximation's (scipy) agree closely.
+    x, y = list(range(12)), [5, 1, 7, 3, 2, 9, 11, 4, 6, 12, 8, 10]
+    assert spearman_test(x, y).p == pytest.approx(spearmanr(x, y).pvalue, abs=0.02)
     assert math.isnan(spearman_test([1, 2, 3], [5, 5, 5]).rho) and math.isnan(spearman_test([1, 2], [1, 2]).p)
     with pytest.raises(ValueError, match="x and y must pair up; got 3 and 2 values"):
         spearman_test([1, 2, 3], [1, 2])

@@ -245,7 +245,7 @@ def test_markdown_tables(runs):
     # Intervals where the questions were logged (the K = 0 runs here), the bare score elsewhere.
     assert "| OTPrune 0.098 | 60 [" in markdown and "| Original | 95 | 95 | 95 | 95 |" in markdown
     assert "| OTPrune 0.098 | 1.5 | 1 | 1 | – |" in markdown  # the OT table
-    assert "| plain (85.0 %) | 0.098 | +0.500 (p = 1.000, n = 3) |" in markdown
+    assert "| plain (85.0 %) | 0.098 | +0.500 (p = 1.000, n = 3) |" in markdown  # exact: 3 methods
     assert "a crossover only where the interval excludes 0 on both sides" in markdown
 
 

@@ -4,8 +4,8 @@ closer to the full token set, in exact empirical OT distance, score higher?
 Input: a harness run folder (``runs/<config>``) whose pruned runs recorded per-image OT distances
 (``OTPRUNE_OT=1`` in the method's ``env``) and whose ``table1.csv`` the report step wrote. Per model
 and benchmark, each method contributes one point (mean OT distance over its images, score), and
-Spearman's rank correlation between the two is computed across methods, with its exact permutation
-p-value and n (``analysis.uncertainty``). The hypothesis predicts a negative correlation. Only each
+Spearman's rank correlation between the two is computed across methods, with its permutation p-value
+and n (``analysis.uncertainty``: exact up to 9 methods). The hypothesis predicts a negative correlation. Only each
 run folder's newest trusted record per task counts (``analysis.records``). A run that evaluated
 several tasks in one lmms-eval call (``group_tasks``) logged its distances for all of them
 together; those benchmarks share the pooled mean, and the report says so. Only runs that prune
@@ -26,7 +26,7 @@ import numpy as np
 from otprune.analysis.figures import clip_at_zero, grid, keyed_legend, keyed_points, point_keys, style
 from otprune.analysis.records import read_run_folder, table_scores
 from otprune.analysis.report import markdown_table
-from otprune.analysis.uncertainty import spearman_test
+from otprune.analysis.uncertainty import PAIRINGS, spearman_test
 
 __all__ = ["MethodPoint", "load_points", "render", "figure"]
 
@@ -101,8 +101,7 @@ def render(points: list[MethodPoint], source: Path, skipped: list[tuple[Path, st
         f"Source: `{source}`. Per model and benchmark: each method's mean exact OT distance between its kept "
         "and full visual tokens (over the images it logged) and its score; Spearman's rho across methods "
         "(negative supports the hypothesis; n/a when a side is constant or fewer than 3 methods), with its "
-        "exact two-sided permutation p-value (every pairing of the n methods): with n this small, p < 0.05 "
-        "needs |rho| near 1.",
+        f"two-sided permutation p-value ({PAIRINGS}): with n this small, p < 0.05 needs |rho| near 1.",
         "",
     ]
     if skipped:
@@ -118,9 +117,9 @@ def render(points: list[MethodPoint], source: Path, skipped: list[tuple[Path, st
         test = spearman_test([p.ot_distance for p in group], [p.score for p in group])
         methods = ", ".join(f"{p.method} {p.ratio:g}: OT {p.ot_distance:.4g} / score {p.score:.4g}" for p in group)
         note = " (OT pooled over the run's tasks)" if any(p.pooled for p in group) else ""
-        rho, p = ("n/a", "n/a") if math.isnan(test.rho) else (f"{test.rho:+.3f}", f"{test.p:.3f}")
+        rho, p = ("n/a", "n/a") if math.isnan(test.rho) else (f"{test.rho:+.3f}", f"{'' if test.exact else '~ '}{test.p:.3f}")
         rows.append([model, benchmark + note, test.n, rho, p, methods])
-    lines.append(markdown_table(["Model", "Benchmark", "n (methods)", "Spearman rho", "Exact p", "Mean OT / score"], rows))
+    lines.append(markdown_table(["Model", "Benchmark", "n (methods)", "Spearman rho", "p", "Mean OT / score"], rows))
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from otprune.analysis.figures import point_label
 from otprune.analysis.regimes import OURS, THEIRS, Regimes
 from otprune.analysis.regimes_stats import crossovers, level_rhos, score_intervals
 from otprune.analysis.report import markdown_table
-from otprune.analysis.uncertainty import CONFIDENCE, RESAMPLES
+from otprune.analysis.uncertainty import CONFIDENCE, PAIRINGS, RESAMPLES
 
 __all__ = ["CSV_FIELDS", "render", "to_csv", "unit_of"]
 
@@ -60,7 +60,7 @@ def _score_cell(score: float | None, interval) -> str:
 def _rho_cell(correlation) -> str:
     if math.isnan(correlation.rho):
         return f"n/a (n = {correlation.n})"
-    return f"{correlation.rho:+.3f} (p = {correlation.p:.3f}, n = {correlation.n})"
+    return f"{correlation.rho:+.3f} (p {'=' if correlation.exact else '~'} {correlation.p:.3f}, n = {correlation.n})"
 
 
 def _column(regimes: Regimes, model: str, level: str) -> str:
@@ -100,8 +100,8 @@ def render(regimes: Regimes, units: dict[str, str] | None = None) -> str:
         f"Uncertainty: [low, high] is a {PERCENT} percentile bootstrap interval over the questions ({RESAMPLES} "
         "resamples, fixed seed), a difference's paired (the same questions resampled for both methods). "
         "A crossover is called only where the difference's interval excludes 0 on both sides of the change "
-        "of sign; rho comes with its exact permutation p-value (two-sided, every pairing) and n, the methods "
-        "compared. Rho is across methods at one level, its n small: p < 0.05 needs |rho| near 1.",
+        f"of sign; rho comes with its two-sided permutation p-value and n, the methods compared ({PAIRINGS}). "
+        "Rho is across methods at one level, its n small: p < 0.05 needs |rho| near 1.",
         "",
     ]
     if regimes.skipped:
@@ -184,7 +184,7 @@ def render(regimes: Regimes, units: dict[str, str] | None = None) -> str:
             lines += [f"- ratio {c.ratio:g}, {bench.TASK_KINDS[c.kind][1]}: {c.describe()}" for c in found] + [""]
 
         rhos = [r for r in level_rhos(regimes) if r.model == model]
-        lines += ["### Hypothesis per level: Spearman's rho across methods, mean OT vs score (exact p, n)", ""]
+        lines += ["### Hypothesis per level: Spearman's rho across methods, mean OT vs score (p, n)", ""]
         if rhos:
             kinds = regimes.kinds(model)
             cells = {(r.level, r.ratio, r.kind): r for r in rhos}
@@ -201,7 +201,7 @@ def render(regimes: Regimes, units: dict[str, str] | None = None) -> str:
             lines += [
                 markdown_table(["Level", "Ratio"] + [bench.TASK_KINDS[k][1] for k in kinds], table),
                 "",
-                "Each cell: rho, its exact two-sided permutation p and n, the methods with both a mean OT distance and a score.",
+                "Each cell: rho, its two-sided permutation p and n, the methods with both a mean OT distance and a score.",
                 "",
             ]
         else:

@@ -15,11 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import bootstrap, permutation_test, rankdata
 
-__all__ = ["CONFIDENCE", "METRICS", "Interval", "RankCorrelation", "difference_interval", "score_interval", "spearman_test"]
+__all__ = ["CONFIDENCE", "METRICS", "PAIRINGS", "Interval", "RankCorrelation", "difference_interval", "score_interval", "spearman_test"]
 
 CONFIDENCE = 0.95
 RESAMPLES = 9999
 SEED = 20261207
+# Every pairing up to 9 values (9! = 362 880); above, that many random pairings (12! would be 479
+# million: the hypothesis across every method and ratio of a run).
+EXACT_PAIRINGS = math.factorial(9)
+PAIRINGS = f"p = : exact, over every pairing, for n <= 9; p ~ : over {EXACT_PAIRINGS} random pairings above"
 METRICS = ("yes_no_f1", "exact_match")
 
 
@@ -96,12 +100,14 @@ def difference_interval(metric: str, ours: dict, theirs: dict, scale: float = 10
 
 @dataclass(frozen=True)
 class RankCorrelation:
-    """Spearman's rho over ``n`` pairs and its two-sided p-value from the exact permutation
-    distribution (every pairing of the n values; ``nan`` when n < 3 or a side is constant)."""
+    """Spearman's rho over ``n`` pairs and its two-sided permutation p-value: ``exact`` over every
+    pairing of the n values (n <= 9), else over ``EXACT_PAIRINGS`` random ones (fixed seed);
+    ``nan`` when n < 3 or a side is constant."""
 
     rho: float
     p: float
     n: int
+    exact: bool = True
 
 
 def _rho(x, y, axis=-1):
@@ -119,10 +125,11 @@ def spearman_test(x, y) -> RankCorrelation:
         return RankCorrelation(math.nan, math.nan, len(x))
 
     # One sample, y, re-paired with the fixed x (scipy's documented form for a correlation: two
-    # samples would be permuted both, n!^2 orders); n_resamples=inf: every one of the n! pairings,
-    # an exact p for the few methods compared here.
+    # samples would be permuted both, n!^2 orders).
     def statistic(paired_y, axis=-1):
         return _rho(x, paired_y, axis)
 
-    result = permutation_test((y,), statistic, permutation_type="pairings", vectorized=True, n_resamples=np.inf, alternative="two-sided")
-    return RankCorrelation(float(result.statistic), float(result.pvalue), len(x))
+    exact = math.factorial(len(x)) <= EXACT_PAIRINGS
+    result = permutation_test((y,), statistic, permutation_type="pairings", vectorized=True, alternative="two-sided",
+                              n_resamples=np.inf if exact else EXACT_PAIRINGS, rng=np.random.default_rng(SEED))  # fmt: skip
+    return RankCorrelation(float(result.statistic), float(result.pvalue), len(x), exact)
