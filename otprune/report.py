@@ -34,13 +34,14 @@ import yaml
 from scipy.stats import rankdata, wilcoxon
 
 from otprune.analysis.figures import write_pareto_figures
+from otprune.analysis.records import read_run_folder
 from otprune.harness.catalogue import MODELS as MODEL_SPECS
 from otprune.harness.catalogue import baseline, method_labels
 from otprune.harness.checkpoints import tiny_llm_shape
 from otprune.harness.code_identity import current_code
 from otprune.harness.errors import MissingResource
 from otprune.harness.files import read_results
-from otprune.harness.records import load_records, recorded_limit, same_code
+from otprune.harness.records import recorded_limit, same_code
 from otprune.harness.resources import config_file
 from otprune.measures import MODELS, ModelShape, prefill_flops
 from otprune.sample_timer import spread
@@ -141,13 +142,14 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
     if problem:
         skipped.append((manifest, problem))
         return None
-    records, bad = load_records(folder)
-    skipped += bad
+    found = read_run_folder(folder)
+    skipped += found.skipped
+    records = found.trusted
     if not records:
         return None
     # Each task from its newest finished record only (a task run again, after a change of code, has two).
-    newest = {task: id(record) for _, record in records if record["status"] == "done" for task in record["finished_tasks"]}
-    done = [record for _, record in records if id(record) in newest.values()]
+    newest = {task: id(current.record) for current in found.current for task in current.tasks}
+    done = [current.record for current in found.current]
     scores, limits = {}, set()
     for record in done:
         for name in record["results"]:

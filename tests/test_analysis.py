@@ -118,9 +118,10 @@ def test_cli_rejects_bad_values(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def write_harness_runs(root, rows):
+def write_harness_runs(root, rows, layer_index=0, attempt="1"):
     """A minimal harness folder: table1.csv, and per (model, method, ratio) and benchmark a run
-    folder with a results file and the harness record naming its SHA-256."""
+    folder with its setting.json (the resolved ``layer_index``), a results file and the harness
+    record (``otprune_<attempt>.json``) naming its SHA-256."""
     import csv
     import hashlib
     import json
@@ -134,30 +135,79 @@ def write_harness_runs(root, rows):
     for model, method, ratio, ot, _, _ in rows:
         for benchmark in ("GQA", "POPE"):
             folder = root / model / f"{method}_{ratio}_{benchmark}"
-            folder.mkdir(parents=True)
-            results = folder / "attempt_1" / "results.json"
-            results.parent.mkdir()
+            results = folder / f"attempt_{attempt}" / "results.json"
+            results.parent.mkdir(parents=True)
             results.write_text(json.dumps({"results": {benchmark.lower(): {}}}))
             record = {
                 "model": model, "method": method, "ratio": ratio, "status": "done", "tasks": [benchmark.lower()],
-                "finished_tasks": [benchmark.lower()], "wall_s": 1.0, "benchmarks": [benchmark], "ot_distance": ot,
-                "results": {"attempt_1/results.json": hashlib.sha256(results.read_bytes()).hexdigest()},
+                "finished_tasks": [benchmark.lower()], "wall_s": 1.0, "benchmarks": [benchmark], "ot_distance": ot, "env": {},
+                "results": {f"attempt_{attempt}/results.json": hashlib.sha256(results.read_bytes()).hexdigest()},
             }  # fmt: skip
-            (folder / "otprune_1.json").write_text(json.dumps(record))
+            (folder / f"otprune_{attempt}.json").write_text(json.dumps(record))
+            (folder / "setting.json").write_text(json.dumps({"method": method, "ratio": ratio, "layer_index": layer_index}))
 
 
-def test_spearman_with_ties_and_degenerate_inputs():
-    from otprune.analysis.hypothesis import spearman
+def brute_force_p(x, y):
+    """Two-sided p of Spearman's rho over every pairing, counted one by one."""
+    import itertools
 
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
-    # Where Pearson's r differs (a large last value), by hand: ranks of y are 2, 1, 4, 3, 5, the rank
-    # differences -1, 1, -1, 1, 0, so rho = 1 - 6 * 4 / (5 * (25 - 1)) = 0.8 (Pearson's r: 0.73).
-    assert spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 50]) == pytest.approx(0.8)
-    assert spearman([1, 2, 3, 4, 5], [1, 2, 3, 4, 100]) == pytest.approx(1.0)
-    assert math.isnan(spearman([1, 2, 3], [5, 5, 5]))
-    assert math.isnan(spearman([1, 2], [1, 2]))
+    from scipy.stats import spearmanr
+
+    observed = spearmanr(x, y).statistic
+    rhos = [spearmanr(x, list(p)).statistic for p in itertools.permutations(y)]
+    tail = min(sum(r >= observed - 1e-12 for r in rhos), sum(r <= observed + 1e-12 for r in rhos))
+    return min(1.0, 2 * tail / len(rhos))
+
+
+def test_spearman_with_its_exact_p_and_degenerate_inputs():
+    from scipy.stats import spearmanr
+
+    from otprune.analysis.uncertainty import RankCorrelation, spearman_test
+
+    # Perfectly monotone, n = 4: 1 pairing of 24 each side, p = 2/24.
+    assert spearman_test([1, 2, 3, 4], [10, 20, 30, 40]) == RankCorrelation(pytest.approx(1.0), pytest.approx(1 / 12), 4)
+    assert spearman_test([1, 2, 3, 4], [4, 3, 2, 1]).rho == pytest.approx(-1.0)
+    assert spearman_test([1, 2, 2, 3], [1, 2, 3, 4]).rho == pytest.approx(0.9486832980505138)
+    # By hand: ranks of y are 2, 1, 4, 3, 5, rank differences -1, 1, -1, 1, 0, so rho = 1 - 6 * 4 /
+    # (5 * 24) = 0.8 (Pearson's r: 0.73). rho >= 0.8 means a sum of squared rank differences <= 4:
+    # the identity, 4 adjacent swaps, 3 pairs of disjoint adjacent swaps: 8 of 120, p = 16/120.
+    test = spearman_test([1, 2, 3, 4, 5], [2, 1, 4, 3, 50])
+    assert test.rho == pytest.approx(0.8) and test.p == pytest.approx(16 / 120) and test.n == 5
+    for x, y in [([0.3, 0.1, 0.2, 0.5, 0.4, 0.9], [60, 50, 70, 40, 45, 80]), ([1, 2, 3, 4, 5, 6, 7], [3, 1, 2, 7, 5, 6, 4])]:
+        assert spearman_test(x, y).p == pytest.approx(brute_force_p(x, y))
+    assert spearman_test([1, 2, 3, 4, 5, 6, 7, 8, 9], list(range(9))).exact
+    # Past 9 values, random pairings: 10 monotone values, reached by 1 pairing in 10! each side.
+    many = spearman_test(range(10), [3 * v for v in range(10)])
+    assert not many.exact and many.rho == pytest.approx(1.0) and many.p < 1e-4
+    # Away from the tails, the random pairings' p and the t approximation's (scipy) agree closely.
+    x, y = list(range(12)), [5, 1, 7, 3, 2, 9, 11, 4, 6, 12, 8, 10]
+    assert spearman_test(x, y).p == pytest.approx(spearmanr(x, y).pvalue, abs=0.02)
+    assert math.isnan(spearman_test([1, 2, 3], [5, 5, 5]).rho) and math.isnan(spearman_test([1, 2], [1, 2]).p)
+    with pytest.raises(ValueError, match="x and y must pair up; got 3 and 2 values"):
+        spearman_test([1, 2, 3], [1, 2])
+
+
+def test_score_intervals_against_hand_computed_bounds():
+    from otprune.analysis.uncertainty import Interval, difference_interval, score_interval
+
+    # Every answer the same: nothing varies under resampling.
+    assert score_interval("exact_match", [1.0] * 40) == Interval(100.0, 100.0, 100.0, 40)
+    pairs = [{"prediction": p, "answer": a} for p, a in [("yes", "yes")] * 15 + [("no", "yes")] * 5 + [("no", "no")] * 20]
+    f1 = score_interval("yes_no_f1", pairs)
+    # F1 of yes: 2 * 15 / (15 + 20) = 85.7; some resamples lose a miss or gain one.
+    assert f1.value == pytest.approx(600 / 7) and f1.low < f1.value < f1.high <= 100
+    # Paired: two methods that answered alike differ by exactly 0 on every resample; unpaired
+    # resampling would scatter the difference.
+    answers = {q: float(q % 3 == 0) for q in range(30)}
+    assert difference_interval("exact_match", answers, dict(answers)) == Interval(0.0, 0.0, 0.0, 30)
+    # One-way: ours right on 6 more of 40 questions. The count of those in a resample is about
+    # Binomial(40, 0.15): 95 % of its mass between 2 and 10, so 5-25 points.
+    ours = {q: float(q < 26) for q in range(40)}
+    theirs = {q: float(q < 20) for q in range(40)}
+    gap = difference_interval("exact_match", ours, theirs)
+    assert gap.value == pytest.approx(15.0) and 2.5 <= gap.low <= 7.5 and 22.5 <= gap.high <= 27.5 and gap.sign() == 1
+    with pytest.raises(ValueError, match="metric 'cider' has no per-question score here; allowed: yes_no_f1, exact_match"):
+        score_interval("cider", [0.5])
 
 
 def test_hypothesis_from_harness_results(tmp_path):
@@ -177,11 +227,30 @@ def test_hypothesis_from_harness_results(tmp_path):
     gqa = {p.method: p for p in points if p.benchmark == "GQA"}
     assert gqa["OTPrune"].ot_distance == pytest.approx(1.5) and gqa["DivPrune"].images == 1
     markdown = hypothesis.render(points, runs, skipped)
-    assert "| m | GQA | 3 | -1.000 |" in markdown  # lower OT, higher GQA score throughout
-    assert "| m | POPE | 3 | -0.500 |" in markdown
+    # Lower OT, higher GQA score throughout: rho -1, 1 pairing of 6 each side, p = 2/6.
+    assert "| m | GQA | 3 | -1.000 | 0.333 |" in markdown
+    assert "| m | POPE | 3 | -0.500 | 1.000 |" in markdown
     out = tmp_path / "out"
     assert cli.main(["hypothesis", str(runs), "--out", str(out)]) == 0
     assert (out / "hypothesis.md").exists() and (out / "hypothesis.png").exists()
+
+
+def test_hypothesis_counts_the_newest_record_and_k_from_the_setting(tmp_path):
+    """A rerun's record replaces the old one's OT distances (0.50 then 0.10: 0.10, not their mean);
+    FastV left at its default K = 2 (in its setting.json, not its env) is inside the LLM: no point."""
+    from otprune.analysis import hypothesis
+
+    runs = tmp_path / "runs" / "demo"
+    rows = [("m", "OTPrune", 0.098, [0.50], 60.0, 80.0), ("m", "DivPrune", 0.098, [3.0], 55.0, 85.0)]
+    write_harness_runs(runs, rows, attempt="20261201_000000")
+    write_harness_runs(runs, [("m", "OTPrune", 0.098, [0.10], 60.0, 80.0)], attempt="20261202_000000")
+    write_harness_runs(runs / "fastv", [("m", "FastV", 0.098, [100.0], 70.0, 90.0)], layer_index=2)
+    for folder in (runs / "fastv" / "m").iterdir():
+        folder.rename(runs / "m" / folder.name)
+    points, _ = hypothesis.load_points(runs)
+    gqa = {p.method: p for p in points if p.benchmark == "GQA"}
+    assert gqa["OTPrune"].ot_distance == pytest.approx(0.10) and gqa["OTPrune"].images == 1
+    assert "FastV" not in gqa
 
 
 def test_hypothesis_leaves_out_records_it_cannot_trust_and_says_why(tmp_path):

@@ -1,5 +1,6 @@
-"""The regimes analysis (otprune.analysis.regimes) on a hand-built harness folder whose redundancy,
-OT distances and scores are known, so every number it reports can be checked by hand."""
+"""The regimes analysis (otprune.analysis.regimes and its stats, report and figure) on a hand-built
+harness folder whose redundancy, OT distances, scores and questions are known, so every number it
+reports can be checked by hand."""
 
 import csv
 import hashlib
@@ -10,32 +11,39 @@ import pytest
 from otprune import cli as otprune_cli
 from otprune import synthetic_benchmark as bench
 from otprune.analysis import __main__ as cli
-from otprune.analysis import regimes
+from otprune.analysis import regimes, regimes_figure, regimes_report, regimes_stats
+from otprune.analysis.uncertainty import Interval
 
-KINDS = ("presence", "count")
+# Both exact-match kinds: a score of s % is s of the QUESTIONS answered right (see answers()).
+KINDS = ("attribute", "count")
+QUESTIONS = 100
 LEVELS = ("plain", "gradient", "texture", "clutter")
 NAN = float("nan")
 
 # (method, ratio) -> kind -> level -> score. Measured redundancy (below) orders the levels
 # plain (85 %), clutter (58.3 %), texture (40 %); gradient has scores but no measurement.
 SCORES = {
-    ("Original", 1.0): {"presence": dict.fromkeys(LEVELS, 95.0), "count": dict.fromkeys(LEVELS, 80.0)},
-    ("VTW", 0.0): {"presence": dict.fromkeys(LEVELS, 50.0), "count": dict.fromkeys(LEVELS, 30.0)},
+    ("Original", 1.0): {"attribute": dict.fromkeys(LEVELS, 95.0), "count": dict.fromkeys(LEVELS, 80.0)},
+    ("VTW", 0.0): {"attribute": dict.fromkeys(LEVELS, 50.0), "count": dict.fromkeys(LEVELS, 30.0)},
     # 0.098: OTPrune behind DivPrune at the most redundant level, ahead at the least.
-    ("OTPrune", 0.098): {"presence": {"plain": 60.0, "clutter": 70.0, "texture": 80.0, "gradient": 1.0},
+    ("OTPrune", 0.098): {"attribute": {"plain": 60.0, "clutter": 70.0, "texture": 80.0, "gradient": 1.0},
                          "count": {"plain": 50.0, "clutter": 60.0, "texture": 70.0, "gradient": 1.0}},
-    ("DivPrune", 0.098): {"presence": {"plain": 70.0, "clutter": 70.0, "texture": 75.0, "gradient": 99.0},
+    ("DivPrune", 0.098): {"attribute": {"plain": 70.0, "clutter": 70.0, "texture": 75.0, "gradient": 99.0},
                           "count": {"plain": 55.0, "clutter": 58.0, "texture": 65.0, "gradient": 99.0}},
-    ("DPP", 0.098): {"presence": {"plain": 65.0, "clutter": 66.0, "texture": 67.0, "gradient": 1.0},
+    ("DPP", 0.098): {"attribute": {"plain": 65.0, "clutter": 66.0, "texture": 67.0, "gradient": 1.0},
                      "count": {"plain": 40.0, "clutter": 41.0, "texture": 42.0, "gradient": 1.0}},
     # 0.25: no crossover over the measured levels (gradient, unmeasured, would make one).
-    ("OTPrune", 0.25): {"presence": {"plain": 90.0, "clutter": 90.0, "texture": 90.0, "gradient": 10.0},
+    ("OTPrune", 0.25): {"attribute": {"plain": 90.0, "clutter": 90.0, "texture": 90.0, "gradient": 10.0},
                         "count": {"plain": 75.0, "clutter": 75.0, "texture": 75.0, "gradient": 99.0}},
-    ("DivPrune", 0.25): {"presence": {"plain": 85.0, "clutter": 85.0, "texture": 85.0, "gradient": 85.0},
+    ("DivPrune", 0.25): {"attribute": {"plain": 85.0, "clutter": 85.0, "texture": 85.0, "gradient": 85.0},
                          "count": {"plain": 80.0, "clutter": 75.0, "texture": 78.0, "gradient": 1.0}},
-    ("DPP", 0.25): {"presence": dict.fromkeys(LEVELS, 80.0), "count": dict.fromkeys(LEVELS, 70.0)},
-    ("FastV", 0.098): {"presence": dict.fromkeys(LEVELS, 90.0), "count": dict.fromkeys(LEVELS, 60.0)},
+    ("DPP", 0.25): {"attribute": dict.fromkeys(LEVELS, 80.0), "count": dict.fromkeys(LEVELS, 70.0)},
+    ("FastV", 0.098): {"attribute": dict.fromkeys(LEVELS, 90.0), "count": dict.fromkeys(LEVELS, 60.0)},
 }  # fmt: skip
+
+# (method, ratio) -> where its right answers start (answers()): DivPrune 0.25 differs from OTPrune
+# 0.25 both ways, on 25 to 45 of the 100 questions, so its 5-point gaps are within noise.
+SHIFTS = {("DivPrune", 0.25): 20}
 
 # Per-image near-duplicate shares each K=0 pruned run logs, per level (clutter: OTPrune's runs differ).
 SHARES = {"plain": [0.9, 0.8], "texture": [0.5, 0.3], "clutter": [0.6, 0.5]}
@@ -62,17 +70,32 @@ def write_table(root, scores, model="m", kinds=KINDS, levels=LEVELS):
             writer.writerow([model, method, ratio, ""] + [x for v in values for x in (v, "", "")] + [""])
 
 
-def write_record(root, model, folder_name, **fields):
-    """A finished harness record trusted by load_records: its results file's SHA-256 inside."""
+def answers(score, shift=0):
+    """{question id: exact match} of QUESTIONS questions, ``score`` of them right: ids shift ..
+    shift + score - 1 (mod QUESTIONS). Two methods with the same shift differ one way only, on
+    |score difference| questions; different shifts make them differ both ways."""
+    right = {(shift + i) % QUESTIONS for i in range(round(score))}
+    return {q: float(q in right) for q in range(QUESTIONS)}
+
+
+def write_record(root, model, folder_name, attempt="1", layer_index=0, questions=None, **fields):
+    """A finished harness record trusted by load_records (its results file's SHA-256 inside), the
+    folder's setting.json with the resolved ``layer_index``, and, for each task of ``questions``
+    (task -> {question id: exact match}), the samples file lmms-eval logs beside the results."""
     folder = root / model / folder_name
-    results = folder / "attempt_1" / "results.json"
+    results = folder / "attempts" / attempt / "results.json"
     results.parent.mkdir(parents=True)
     results.write_text(json.dumps({"results": {}}))
+    for task, items in (questions or {}).items():
+        lines = [json.dumps({"doc_id": q, "exact_match": v}) for q, v in items.items()]
+        (results.parent / f"2026_samples_{task}.jsonl").write_text("\n".join(lines) + "\n")
+    tasks = [bench.task_name(*bench.task_level(b)) if bench.task_level(b) else b for b in fields.get("benchmarks", [])]
     record = {
-        "status": "done", "tasks": [], "finished_tasks": [], "wall_s": 1.0, "env": {},
-        "results": {"attempt_1/results.json": hashlib.sha256(results.read_bytes()).hexdigest()}, **fields,
+        "status": "done", "tasks": tasks, "finished_tasks": tasks, "wall_s": 1.0, "env": {},
+        "results": {f"attempts/{attempt}/results.json": hashlib.sha256(results.read_bytes()).hexdigest()}, **fields,
     }  # fmt: skip
-    (folder / "otprune_1.json").write_text(json.dumps(record))
+    (folder / f"otprune_{attempt}.json").write_text(json.dumps(record))
+    (folder / "setting.json").write_text(json.dumps({"method": fields.get("method"), "ratio": fields.get("ratio"), "layer_index": layer_index}))
 
 
 def level_benchmarks(level):
@@ -91,12 +114,15 @@ def runs(tmp_path):
         for level, distances in by_level.items():
             shares = OTPRUNE_CLUTTER_SHARES if (method, level) == ("OTPrune", "clutter") else SHARES[level]
             env = {"SUBSET_RATIO": str(ratio), "OTPRUNE_OT": "1"}
+            shift = SHIFTS.get((method, ratio), 0)
+            questions = {bench.task_name(kind, level): answers(SCORES[(method, ratio)][kind][level], shift) for kind in KINDS}
             write_record(root, "m", f"{method}_{ratio}_{level}", method=method, ratio=ratio, benchmarks=level_benchmarks(level),
-                         env=env, ot_distance=distances, near_duplicate_share=shares)  # fmt: skip
-    # Pruning inside the LLM: values in another space, which would change every mean if counted.
+                         env=env, ot_distance=distances, near_duplicate_share=shares, questions=questions)  # fmt: skip
+    # Pruning inside the LLM at FastV's default K (2): in its resolved setting, not in its env. Its
+    # values are in another space, which would change every mean and rho if counted.
     for level in SHARES:
-        write_record(root, "m", f"FastV_0.098_{level}", method="FastV", ratio=0.098, benchmarks=level_benchmarks(level),
-                     env={"LAYER_INDEX": "2", "OTPRUNE_OT": "1"}, ot_distance=[100.0], near_duplicate_share=[0.0, 0.0])  # fmt: skip
+        write_record(root, "m", f"FastV_0.098_{level}", method="FastV", ratio=0.098, benchmarks=level_benchmarks(level), layer_index=2,
+                     env={"OTPRUNE_OT": "1"}, ot_distance=[100.0], near_duplicate_share=[0.0, 0.0])  # fmt: skip
     # Two levels in one process: its values cannot be attributed (they would change plain and clutter).
     write_record(root, "m", "DPP_0.098_mixed", method="DPP", ratio=0.098, benchmarks=level_benchmarks("plain") + level_benchmarks("clutter"),
                  env={"OTPRUNE_OT": "1"}, ot_distance=[99.0], near_duplicate_share=[0.0, 0.0])  # fmt: skip
@@ -120,64 +146,107 @@ def test_redundancy_and_mean_ot_per_level(runs):
     assert found.ot[("m", "DPP", 0.098, "clutter")][0] == pytest.approx(3.0)
     assert not any(method == "FastV" for _, method, _, _ in found.ot)
     assert found.score("m", "FastV", 0.098, "count", "texture") == 60.0  # its scores stay
-    assert found.score("m", "VTW", 0.0, "presence", "gradient") == 50.0
+    assert found.score("m", "VTW", 0.0, "attribute", "gradient") == 50.0
+
+
+def test_only_the_newest_record_of_a_task_counts(tmp_path):
+    """A run done again (after a change of code): its old record logged OT 0.50, the rerun 0.10.
+    Its score is the rerun's; so must be its OT distance and redundancy, not a mean of both."""
+    root = tmp_path / "runs" / "rerun"
+    write_table(root, {("OTPrune", 0.25): {"attribute": {"plain": 70.0}}}, kinds=("attribute",), levels=("plain",))
+    benchmarks = [bench.task_benchmark("attribute", "plain")]
+    task = bench.task_name("attribute", "plain")
+    for attempt, ot, share, score in (("20261201_000000", 0.50, 0.2, 40), ("20261202_000000", 0.10, 0.8, 70)):
+        write_record(root, "m", "OTPrune_0.25", attempt=attempt, method="OTPrune", ratio=0.25, benchmarks=benchmarks,
+                     ot_distance=[ot], near_duplicate_share=[share], questions={task: answers(score)})  # fmt: skip
+    found = regimes.load_regimes(root)
+    assert found.ot[("m", "OTPrune", 0.25, "plain")] == (pytest.approx(0.10), 1)
+    assert found.redundancy[("m", "plain")].share == pytest.approx(0.8) and found.redundancy[("m", "plain")].runs == 1
+    (interval,) = regimes_stats.score_intervals(found).values()
+    assert interval.value == pytest.approx(70.0) and interval.questions == QUESTIONS
 
 
 def test_mixed_level_and_inside_llm_records_are_reported(runs):
     found = regimes.load_regimes(runs)
     assert [(path.parent.name, reason) for path, reason in found.unattributed] == [("DPP_0.098_mixed", "tasks of levels plain, clutter together")]
+    # FastV at its default K = 2 (no LAYER_INDEX in its env): inside the LLM all the same.
     assert sorted(path.parent.name for path in found.inside_llm) == ["FastV_0.098_clutter", "FastV_0.098_plain", "FastV_0.098_texture"]
-    markdown = regimes.render(found)
+    markdown = regimes_report.render(found)
     assert "1 record(s) evaluated several levels" in markdown
     assert "- `m/DPP_0.098_mixed/otprune_1.json`: tasks of levels plain, clutter together" in markdown
     assert "3 record(s) prune inside the LLM (LAYER_INDEX > 0)" in markdown
 
 
-def test_crossover_between_the_right_levels_and_none(runs):
-    found = {(c.ratio, c.kind): c for c in regimes.crossovers(regimes.load_regimes(runs))}
+def test_score_intervals_over_the_questions(runs):
+    intervals = regimes_stats.score_intervals(regimes.load_regimes(runs))
+    # 60 of 100 right: the binomial 95 % range of the count is 50-70 (60 ± 1.96 * 4.9).
+    sixty = intervals[("m", "OTPrune", 0.098, "attribute", "plain")]
+    assert sixty.value == pytest.approx(60.0) and sixty.questions == QUESTIONS
+    assert 49 <= sixty.low <= 52 and 68 <= sixty.high <= 71
+    # The table's scores and the ones recomputed from the logged questions agree.
+    assert intervals[("m", "DivPrune", 0.25, "count", "texture")].value == pytest.approx(78.0)
+
+
+def test_crossover_only_where_the_paired_interval_excludes_zero(runs):
+    found = {(c.ratio, c.kind): c for c in regimes_stats.crossovers(regimes.load_regimes(runs))}
     assert set(found) == {(r, k) for r in (0.098, 0.25) for k in KINDS}
-    presence = found[(0.098, "presence")]
-    assert [(level, d) for level, _, d in presence.steps] == [("plain", -10.0), ("clutter", 0.0), ("texture", 5.0)]
-    assert presence.crossings == [("plain", "texture")] and presence.ties == ["clutter"] and presence.leader is None
-    assert "crosses between plain (85.0 %) and texture (40.0 %) (DivPrune ahead on the more redundant side, OTPrune on the less)" in presence.describe()
-    assert "tied at clutter (58.3 %)" in presence.describe()
+    # 0.098: both methods right on the same questions but for the gap (one-way differences):
+    # -10 and +5 are clear of 0; 0 at clutter shows no difference.
+    attribute = found[(0.098, "attribute")]
+    assert [(level, d.value) for level, _, d in attribute.steps] == [("plain", pytest.approx(-10.0)), ("clutter", 0.0), ("texture", pytest.approx(5.0))]
+    assert attribute.signs() == [-1, 0, 1] and attribute.crossings == [("plain", "texture")] and attribute.unresolved == ["clutter"]
+    assert "crosses between plain (85.0 %) and texture (40.0 %) (DivPrune ahead on the more redundant side, OTPrune on the less)" in attribute.describe()
+    assert "no difference shown at clutter (58.3 %)" in attribute.describe()
+    # Count: -5, +2, +5; two questions in 100 are within noise (the interval reaches 0).
     count = found[(0.098, "count")]
-    assert count.crossings == [("plain", "clutter")] and count.ties == []
-    # Gradient (unmeasured) is no step: with it, 0.25 presence would cross.
-    assert found[(0.25, "presence")].crossings == [] and found[(0.25, "presence")].leader == "OTPrune"
-    assert found[(0.25, "presence")].describe().endswith("no crossover: OTPrune ahead at every level")
-    assert found[(0.25, "count")].leader == "DivPrune" and found[(0.25, "count")].ties == ["clutter"]
-    assert found[(0.25, "count")].describe().endswith("no crossover: DivPrune ahead at every untied level; tied at clutter (58.3 %)")
+    assert count.signs() == [-1, 0, 1] and count.crossings == [("plain", "texture")]
+    # 0.25: OTPrune 5 points ahead (attribute) or behind (count) at every level, but the two
+    # differ both ways on 25-45 questions: no difference shown, no leader, no crossover.
+    for kind in KINDS:
+        assert found[(0.25, kind)].signs() == [0, 0, 0] and found[(0.25, kind)].leader is None
+        assert found[(0.25, kind)].describe().endswith("no crossover: no difference shown at any level (every interval includes 0)")
+        assert all(d.low < 0 < d.high for _, _, d in found[(0.25, kind)].steps)
 
 
-def test_crossover_with_several_sign_changes_and_all_ties():
-    steps = (("a", 0.9, 1.0), ("b", 0.5, -1.0), ("c", 0.3, 2.0))
-    twice = regimes.Crossover("m", 0.1, "count", steps)
-    assert twice.crossings == [("a", "b"), ("b", "c")] and "crosses 2 times" in twice.describe()
-    tied = regimes.Crossover("m", 0.1, "count", (("a", 0.9, 0.0), ("b", 0.5, 0.0)))
-    assert tied.crossings == [] and tied.leader is None and tied.describe().endswith("no crossover: tied at every level")
+def test_crossover_with_several_sign_changes_and_none_shown():
+    def diff(low, high):
+        return Interval((low + high) / 2, low, high, 40)
+
+    steps = (("a", 0.9, diff(1, 3)), ("b", 0.5, diff(-3, -1)), ("c", 0.4, diff(-1, 4)), ("d", 0.3, diff(2, 5)))
+    twice = regimes_stats.Crossover("m", 0.1, "count", steps)
+    assert twice.crossings == [("a", "b"), ("b", "d")] and "crosses 2 times" in twice.describe()
+    # The issue's case: differences of -2.5, -2.5, +2.3 whose intervals all include 0.
+    noise = regimes_stats.Crossover("m", 0.1, "count", tuple((lv, 0.5, diff(d - 8, d + 8)) for lv, d in (("a", -2.5), ("b", -2.5), ("c", 2.3))))
+    assert noise.crossings == [] and noise.leader is None and "no difference shown at any level" in noise.describe()
 
 
-def test_rho_per_level(runs):
-    rhos = {(r.level, r.ratio, r.kind): r for r in regimes.level_rhos(regimes.load_regimes(runs))}
-    # plain, 0.098, presence: OT 1.5 / 3 / 5 (OTPrune, DivPrune, DPP), scores 60 / 70 / 65: d = 0, -1, 1.
-    plain = rhos[("plain", 0.098, "presence")]
+def test_rho_per_level_with_its_exact_p(runs):
+    rhos = {(r.level, r.ratio, r.kind): r for r in regimes_stats.level_rhos(regimes.load_regimes(runs))}
+    # plain, 0.098, attribute: OT 1.5 / 3 / 5 (OTPrune, DivPrune, DPP), scores 60 / 70 / 65: d = 0, -1, 1.
+    # Of the 3! pairings, rho is 1, 0.5, 0.5, -0.5, -0.5, -1: |rho| >= 0.5 in all six, p = 1.
+    plain = rhos[("plain", 0.098, "attribute")]
     assert plain.methods == ("OTPrune", "DivPrune", "DPP") and plain.rho == pytest.approx(0.5)
-    # 0.25: OT 0.5 / 1 / 1.5, presence 90 / 85 / 80 -> lower OT, higher score.
-    assert rhos[("texture", 0.25, "presence")].rho == pytest.approx(-1.0)
-    assert ("gradient", 0.098, "presence") not in rhos  # no OT measured there
+    assert plain.p == pytest.approx(1.0) and plain.correlation.n == 3
+    # 0.25: OT 0.5 / 1 / 1.5, attribute 90 / 85 / 80 -> rho -1, reached by 1 pairing in 6 each side: p = 2/6.
+    texture = rhos[("texture", 0.25, "attribute")]
+    assert texture.rho == pytest.approx(-1.0) and texture.p == pytest.approx(1 / 3)
+    assert ("gradient", 0.098, "attribute") not in rhos  # no OT measured there
+    # FastV (K = 2 by default) has no OT distance here: it is in no rho.
+    assert not any("FastV" in r.methods for r in rhos.values())
 
 
 def test_markdown_tables(runs):
-    markdown = regimes.render(regimes.load_regimes(runs), {"SynYesNo": "F1"})
+    markdown = regimes_report.render(regimes.load_regimes(runs), {"SynAttr": "EM"})
     assert "| plain | 85.0 % | 2 | 6 |" in markdown
     assert "| clutter | 58.3 % (runs 55.0–65.0 %) | 2 | 6 |" in markdown
     assert "| gradient | not measured | – | 0 |" in markdown
-    assert "### Scores: SynYesNo (presence, F1)" in markdown and "### Scores: SynCount (count)" in markdown
+    assert "### Scores: SynAttr (attribute, EM), 95 % interval" in markdown and "### Scores: SynCount (count), 95 % interval" in markdown
     assert "| Method | plain (85.0 %) | clutter (58.3 %) | texture (40.0 %) | gradient (not measured) |" in markdown
-    assert "| OTPrune 0.098 | 60 | 70 | 80 | 1 |" in markdown and "| Original | 95 | 95 | 95 | 95 |" in markdown
+    # Intervals where the questions were logged (the K = 0 runs here), the bare score elsewhere.
+    assert "| OTPrune 0.098 | 60 [" in markdown and "| Original | 95 | 95 | 95 | 95 |" in markdown
     assert "| OTPrune 0.098 | 1.5 | 1 | 1 | – |" in markdown  # the OT table
-    assert "| plain (85.0 %) | 0.098 | +0.500 (3) |" in markdown
+    assert "| plain (85.0 %) | 0.098 | +0.500 (p = 1.000, n = 3) |" in markdown  # exact: 3 methods
+    assert "a crossover only where the interval excludes 0 on both sides" in markdown
 
 
 def test_cli_writes_markdown_figure_and_csv(runs, tmp_path):
@@ -186,11 +255,12 @@ def test_cli_writes_markdown_figure_and_csv(runs, tmp_path):
     assert (out / "regimes.md").exists() and (out / "regimes.png").stat().st_size > 0
     with (out / "regimes.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == list(regimes.CSV_FIELDS)
-    row = next(r for r in rows if (r["method"], r["ratio"], r["kind"], r["level"]) == ("OTPrune", "0.098", "presence", "plain"))
+    assert list(rows[0]) == list(regimes_report.CSV_FIELDS)
+    row = next(r for r in rows if (r["method"], r["ratio"], r["kind"], r["level"]) == ("OTPrune", "0.098", "attribute", "plain"))
     assert float(row["redundancy"]) == pytest.approx(0.85) and float(row["score"]) == 60 and float(row["mean_ot"]) == pytest.approx(1.5)
+    assert 49 <= float(row["score_low"]) <= 52 and 68 <= float(row["score_high"]) <= 71 and row["questions"] == "100"
     gradient = next(r for r in rows if (r["method"], r["kind"], r["level"]) == ("Original", "count", "gradient"))
-    assert gradient["redundancy"] == "" and gradient["mean_ot"] == "" and float(gradient["score"]) == 80
+    assert gradient["redundancy"] == "" and gradient["mean_ot"] == "" and gradient["score_low"] == "" and float(gradient["score"]) == 80
     assert len(rows) == len(SCORES) * len(KINDS) * len(LEVELS)
     # The otprune command forwards to the same entry point.
     out2 = tmp_path / "out2"
@@ -200,22 +270,22 @@ def test_cli_writes_markdown_figure_and_csv(runs, tmp_path):
 
 def test_figure_with_one_level_and_one_method(tmp_path):
     root = tmp_path / "one"
-    write_table(root, {("OTPrune", 0.25): {"presence": {"plain": 70.0}}}, kinds=("presence",), levels=("plain",))
+    write_table(root, {("OTPrune", 0.25): {"attribute": {"plain": 70.0}}}, kinds=("attribute",), levels=("plain",))
     write_record(root, "m", "OTPrune_0.25", method="OTPrune", ratio=0.25, benchmarks=["SynYesNo"], ot_distance=[0.2], near_duplicate_share=[0.9])
     found = regimes.load_regimes(root)
     assert found.redundancy[("m", "plain")].share == pytest.approx(0.9)
-    fig = regimes.figure(found, {"SynYesNo": "F1"})
+    fig = regimes_figure.figure(found, {"SynYesNo": "F1"})
     fig.savefig(tmp_path / "one.png")
-    assert "A crossover needs at least two levels with measured redundancy; measured: plain." in regimes.render(found)
+    assert "A crossover needs at least two levels with measured redundancy; measured: plain." in regimes_report.render(found)
 
 
 def test_no_measurement_and_no_level_columns(tmp_path):
     unmeasured = tmp_path / "unmeasured"
-    write_table(unmeasured, {("OTPrune", 0.25): {"presence": {"plain": 70.0, "clutter": 60.0}}}, kinds=("presence",), levels=("plain", "clutter"))
+    write_table(unmeasured, {("OTPrune", 0.25): {"attribute": {"plain": 70.0, "clutter": 60.0}}}, kinds=("attribute",), levels=("plain", "clutter"))
     found = regimes.load_regimes(unmeasured)
-    markdown = regimes.render(found)
+    markdown = regimes_report.render(found)
     assert "| plain | not measured | – | 0 |" in markdown and "measured: none" in markdown
-    regimes.figure(found).savefig(tmp_path / "unmeasured.png")
+    regimes_figure.figure(found).savefig(tmp_path / "unmeasured.png")
 
     other = tmp_path / "other"
     other.mkdir()
@@ -223,7 +293,7 @@ def test_no_measurement_and_no_level_columns(tmp_path):
     out = tmp_path / "out"
     assert cli.main(["regimes", str(other), "--out", str(out)]) == 0
     assert "No synthetic-benchmark level column" in (out / "regimes.md").read_text()
-    assert (out / "regimes.png").exists() and (out / "regimes.csv").read_text().strip() == ",".join(regimes.CSV_FIELDS)
+    assert (out / "regimes.png").exists() and (out / "regimes.csv").read_text().strip() == ",".join(regimes_report.CSV_FIELDS)
 
 
 def test_regimes_needs_a_report(tmp_path, capsys):
@@ -263,7 +333,7 @@ def test_quick_regimes_end_to_end_through_the_harness(tmp_path):
         assert measured.images == 3 * 2 and measured.runs == 2 and measured.low == measured.high, (level, measured)
         assert 0 <= measured.share <= 1
     assert {(method, level) for (_, method, _, level) in found.ot} == {(m, lv) for m in ("OTPrune", "DivPrune") for lv in ("plain", "clutter")}
-    assert regimes.crossovers(found)
+    assert regimes_stats.crossovers(found)
     # The values against the runs' own lmms-eval logs, read here line by line: each attempt is one
     # level's process (its results file names its tasks); each logged image has its OT distance and
     # near-duplicate share.

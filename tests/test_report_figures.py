@@ -45,6 +45,42 @@ def scatter_points(ax):
     return sorted(tuple(map(float, xy)) for c in ax.collections for xy in c.get_offsets())
 
 
+def names(ax):
+    """The points' names: each scatter is one row, named by its label."""
+    return {c.get_label() for c in ax.collections}
+
+
+def assert_points_keyed(figure, rows, x_of, y_of):
+    """Every visible axes starts at 0 or above and holds no text; every row's point is drawn where
+    it belongs in its method's legend colour and its ratio's legend marker, and no two settings
+    share a (colour, marker) pair: the legend names every point, and only it."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.markers import MarkerStyle
+
+    (legend,) = figure.legends
+    key = {handle.get_label(): handle for handle in legend.legend_handles}
+
+    def shape(marker):
+        style = MarkerStyle(marker)
+        return style.get_path().transformed(style.get_transform()).vertices.round(6).tolist()
+
+    for ax in (a for a in figure.axes if a.get_visible()):
+        assert ax.get_xlim()[0] >= 0 and ax.get_ylim()[0] >= 0, (ax.get_title(), ax.get_xlim(), ax.get_ylim())
+        assert len(ax.texts) == 0
+        drawn = {c.get_label(): c for c in ax.collections}
+        pairs = {}
+        for row in rows:
+            label = figures.point_label(row)
+            scatter = drawn[label]
+            assert tuple(map(float, scatter.get_offsets()[0])) == (x_of(row), y_of(ax, row))
+            colour = to_rgba(key[row["method"]].get_color())
+            marker = key[figures.marker_key(row)].get_marker()
+            assert tuple(scatter.get_facecolor()[0]) == pytest.approx(colour), label
+            assert scatter.get_paths()[0].vertices.round(6).tolist() == shape(marker), label
+            pairs.setdefault((colour, marker), set()).add(label)
+        assert all(len(labels) == 1 for labels in pairs.values()), pairs
+
+
 def test_figure_plots_the_rows_and_their_front():
     rows = [
         {"model": "m", "method": "Original", "ratio": 1.0, "tflop": 3.0, "visual_tokens_after": 576, "VQA": 60.0},
@@ -59,24 +95,59 @@ def test_figure_plots_the_rows_and_their_front():
     assert scatter_points(ax) == [(0.4, 50.0), (0.4, 55.0), (0.9, 54.0), (3.0, 60.0)]
     (front,) = [line for line in ax.get_lines() if line.get_label() == "Pareto front"]
     assert sorted(set(zip(front.get_xdata(), front.get_ydata()))) == [(0.4, 55.0), (3.0, 60.0)]
-    assert {t.get_text() for t in ax.texts} == {"Original", "OTPrune 0.098", "DivPrune 0.098", "OTPrune 0.25"}
+    assert names(ax) == {"Original", "OTPrune 0.098", "DivPrune 0.098", "OTPrune 0.25"}
 
 
-def test_labels_sit_level_with_their_points_where_there_is_room():
-    """Points of one cost far apart in score (methods at one ratio that keep or lose the image):
-    each label is drawn beside its own point, not in a block by the highest."""
-    rows = [
-        {"model": "m", "method": method, "ratio": 0.098, "tflop": 0.4, "visual_tokens_after": 56, "VQA": score}
-        for method, score in [("DivPrune", 90.0), ("Random", 46.0), ("OTPrune", 16.0)]
-    ]
-    figure = figures.pareto_figure(rows, {"VQA": "EM"})
-    renderer = figure.canvas.get_renderer()
-    (ax,) = [a for a in figure.axes if a.get_visible()]
-    for text in ax.texts:
-        (score,) = [r["VQA"] for r in rows if f"{r['method']} 0.098" == text.get_text()]
-        extent = text.get_window_extent(renderer)
-        point_y = ax.transData.transform((0.4, score))[1]
-        assert extent.y0 < point_y < extent.y1, (text.get_text(), extent, point_y)
+# The regimes run's yes/no F1 on gradient (README): columns of methods at one cost, some scores
+# a point apart, two pairs at one place.
+CROWDED = [
+    ("Original", 1.0, 94.74), ("VTW", 0.0, 0.0),
+    ("OTPrune", 0.098, 68.75), ("DivPrune", 0.098, 82.35), ("DPP", 0.098, 86.49), ("CDPruner", 0.098, 85.71),
+    ("FastV", 0.098, 88.89), ("Random", 0.098, 33.33), ("Uniform", 0.098, 40.0), ("POOL", 0.098, 0.0),
+    ("OTPrune", 0.25, 74.29), ("DivPrune", 0.25, 88.89), ("DPP", 0.25, 89.47), ("CDPruner", 0.25, 87.18),
+    ("FastV", 0.25, 91.89), ("Random", 0.25, 62.07), ("Uniform", 0.25, 62.07), ("POOL", 0.25, 46.15),
+]  # fmt: skip
+
+
+def crowded_rows():
+    cost = {0.098: (0.06, 56), 0.25: (0.15, 144), 1.0: (0.55, 576), 0.0: (0.01, 0)}
+    return [{"model": "m", "method": m, "ratio": r, "tflop": cost[r][0], "visual_tokens_after": cost[r][1], "SynYesNo": s, "SynAttr": s / 2}
+            for m, r, s in CROWDED]  # fmt: skip
+
+
+@pytest.mark.parametrize("x", ["tflop", "visual_tokens_after"])
+def test_pareto_points_keyed_by_the_legend_and_axes_from_zero(x):
+    rows = crowded_rows()
+    figure = figures.pareto_figure(rows, {"SynYesNo": "F1", "SynAttr": "EM"}, x=x)
+    assert_points_keyed(figure, rows, lambda row: float(row[x]), lambda ax, row: float(row[ax.get_title()]))
+    # Random 0.25 and Uniform 0.25 at one place: two rings, each its own colour, the same marker.
+    (ax,) = [a for a in figure.axes if a.get_title() == "SynYesNo"]
+    sizes = {c.get_label(): c.get_sizes()[0] for c in ax.collections}
+    assert sizes["Random 0.25"] != sizes["Uniform 0.25"]
+
+
+def test_hypothesis_panels_in_a_grid_keyed_by_the_legend():
+    from otprune.analysis import hypothesis
+
+    points = [
+        hypothesis.MethodPoint("m", method, ratio, bench, ot, score - shift, 40, False)
+        for bench, shift in [("A", 0), ("B", 5), ("C", 10), ("D", 1), ("E", 2)]
+        for method, ratio, ot, score in [("OTPrune", 0.098, 0.114, 68.75), ("DivPrune", 0.098, 0.078, 82.35), ("DPP", 0.098, 0.136, 86.49),
+                                         ("CDPruner", 0.098, 0.131, 85.71), ("Random", 0.098, 0.014, 33.33), ("OTPrune", 0.25, 0.060, 74.29)]
+    ]  # fmt: skip
+    figure = hypothesis.figure(points, {})
+    visible = [ax for ax in figure.axes if ax.get_visible()]
+    assert len(visible) == 5 and len({round(ax.get_position().y0, 3) for ax in visible}) == 2  # 3 + 2, not one row
+    width, height = figure.get_size_inches()
+    assert width < 2 * height
+    by_panel = {(p.benchmark, f"{p.method} {p.ratio:g}"): p for p in points}
+    rows = [{"model": "m", "method": p.method, "ratio": p.ratio} for p in points if p.benchmark == "A"]
+    assert_points_keyed(
+        figure,
+        rows,
+        lambda row: by_panel[("A", figures.point_label(row))].ot_distance,
+        lambda ax, row: by_panel[(ax.get_title().split(": ")[1], figures.point_label(row))].score,
+    )
 
 
 def test_figure_refuses_an_unknown_axis():
@@ -103,7 +174,7 @@ def test_report_writes_the_figures_of_the_recorded_runs(tmp_path, monkeypatch, c
         for bench, ax in axes.items():
             assert scatter_points(ax) == sorted((float(r[x]), float(r[bench])) for r in rows)
     tokens = {ax.get_title(): ax for ax in drawn["visual_tokens_after"].axes}["VQA"]
-    assert {t.get_text() for t in tokens.texts} == {"Original", "DivPrune 0.098, OTPrune 0.098"}
+    assert names(tokens) == {"Original", "DivPrune 0.098", "OTPrune 0.098"}
 
 
 def test_report_without_matplotlib_writes_tables_and_says_why(tmp_path, monkeypatch, capsys):
@@ -124,28 +195,7 @@ def test_hypothesis_figure_names_methods_and_units():
     (ax,) = hypothesis.figure(points, {"GQA": "EM"}).axes
     assert ax.get_ylabel() == "GQA (EM)"
     assert scatter_points(ax) == [(0.8, 57.0), (1.2, 56.5), (1.2, 56.5)]
-    assert sorted(t.get_text() for t in ax.texts) == ["DivPrune 0.098, DPP 0.098", "OTPrune 0.098"]
-
-
-def test_labels_of_close_columns_do_not_overlap():
-    rows = [
-        {"model": "m", "method": method, "ratio": ratio, "tflop": tflop, "visual_tokens_after": 0, "VQA": score}
-        for method, ratio, tflop, score in [
-            ("OTPrune", 0.098, 0.40, 57.0),
-            ("DivPrune", 0.098, 0.40, 56.9),
-            ("DPP", 0.098, 0.40, 56.8),
-            ("OTPrune", 0.11, 0.42, 57.0),
-            ("DivPrune", 0.11, 0.42, 56.9),
-            ("Original", 1.0, 3.0, 60.0),
-        ]
-    ]
-    figure = figures.pareto_figure(rows, {"VQA": "EM"})
-    renderer = figure.canvas.get_renderer()
-    (ax,) = [a for a in figure.axes if a.get_visible()]
-    extents = [t.get_window_extent(renderer) for t in ax.texts]
-    assert len(extents) == len(rows)
-    # Not even touching: a pixel apart at least.
-    assert not any(a.padded(1).overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1 :])
+    assert names(ax) == {"DivPrune 0.098", "DPP 0.098", "OTPrune 0.098"}
 
 
 def test_runs_with_scores_but_no_cost_are_skipped_per_axis(tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from otprune.analysis import gamma as gamma_analysis
-from otprune.analysis import hypothesis, ot_vs_ratio, regimes, table2
+from otprune.analysis import hypothesis, ot_vs_ratio, regimes, regimes_figure, regimes_report, table2
 from otprune.analysis.report import write_report
 from otprune.selectors import DEFAULT_GAMMA, SELECTORS
 
@@ -177,7 +177,7 @@ def _regimes(parser, args) -> tuple[str, dict, dict]:
     except ValueError as error:
         parser.error(str(error))
     units = _units()
-    return regimes.render(found, units), {"regimes": regimes.figure(found, units)}, {"regimes.csv": regimes.to_csv(found)}
+    return regimes_report.render(found, units), {"regimes": regimes_figure.figure(found, units)}, {"regimes.csv": regimes_report.to_csv(found)}
 
 
 def _log(message: str) -> None:

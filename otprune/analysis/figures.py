@@ -1,5 +1,10 @@
 """Figures shared by the report and the analyses: the accuracy-vs-cost Pareto plot of a harness run,
-method display names, and the sizes every figure is written at.
+method display names, panels in a grid, points keyed by a legend (a colour per method, a marker per
+ratio), axes that stop at 0, and the sizes every figure is written at.
+
+Why a legend and no labels beside the points: a run's methods share one cost per ratio, so its
+points stand in columns a score point apart; labels moved apart to be legible end up beside other
+points (a label placer included), and the reader takes one method's score for another's.
 
 matplotlib is an optional extra (``pip install otprune[analysis]``): this module imports it only
 inside the functions that draw, so ``otprune report`` can still write its tables without it.
@@ -16,12 +21,14 @@ __all__ = [
     "AXES",
     "DPI",
     "SELECTOR_NAMES",
-    "annotate",
+    "clip_at_zero",
     "display_name",
+    "grid",
+    "keyed_legend",
+    "keyed_points",
     "pareto_figure",
     "pareto_front",
     "point_label",
-    "separate_labels",
     "style",
     "write_pareto_figures",
 ]
@@ -85,50 +92,83 @@ def point_label(row: dict) -> str:
     return f"{row['method']} {float(row['ratio']):g}"
 
 
-def annotate(ax, labelled: Sequence[tuple[tuple[float, float], str]]) -> None:
-    """Writes each point's label beside it, level with it (the names of points at one place joined
-    on one line); ``separate_labels`` then moves apart the labels of nearby points."""
-    names = defaultdict(list)
-    for point, text in labelled:
-        names[point].append(text)
-    for point, texts in names.items():
-        # On a white box, so that the Pareto front's dashes do not cross the text; under the points
-        # (zorder 3 and up), so that a label moved down by separate_labels never hides one.
-        ax.annotate(
-            ", ".join(texts),
-            point,
-            xytext=(6, 0),
-            textcoords="offset points",
-            fontsize=8,
-            va="center",
-            zorder=2.5,
-            bbox={"boxstyle": "round,pad=0.15", "facecolor": "white", "edgecolor": "none", "alpha": 0.85},
-        )
+def grid(panels: int, columns: int = 3, width: float = 5.0, height: float = 4.2, extra_height: float = 0.0):
+    """A figure of ``panels`` axes in rows of at most ``columns`` (the unused ones hidden):
+    ``(figure, axes)``, axes in reading order."""
+    from matplotlib.figure import Figure
+
+    columns = max(1, min(columns, panels))
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(width * columns, height * rows + extra_height), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return figure, list(axes[:panels])
 
 
-LABEL_GAP = 2  # pixels between two labels
+def clip_at_zero(ax) -> None:
+    """Stops both axes at 0 where the margins would run them below it (costs and scores are >= 0)."""
+    low, high = ax.get_xlim()
+    ax.set_xlim(max(0.0, low), high)
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(0.0, low), high)
 
 
-def separate_labels(figure) -> None:
-    """Moves each axes' labels down, top first, until each is ``LABEL_GAP`` pixels clear of the
-    others: blocks of nearby columns (two close ratios) would otherwise be drawn over each other,
-    or touch and read as one. Lays the figure out to measure the labels, so call it once
-    everything is drawn."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+MARKERS = "os^Dv<>phP"
+REFERENCE_MARKER = "*"
+REFERENCE_METHODS = ("Original", "VTW")
+NO_RATIO = "no ratio"
 
-    if not isinstance(figure.canvas, FigureCanvasAgg):
-        FigureCanvasAgg(figure)
-    figure.draw_without_rendering()
-    renderer = figure.canvas.get_renderer()
-    for ax in figure.axes:
-        placed = []
-        for text in sorted(ax.texts, key=lambda t: -t.get_window_extent(renderer).y1):
-            extent = text.get_window_extent(renderer)
-            shift = 0.0
-            while clash := next((p for p in placed if extent.translated(0, -shift).padded(LABEL_GAP).overlaps(p)), None):
-                shift = extent.y1 + LABEL_GAP - clash.y0 + 1
-            text.xyann = (text.xyann[0], text.xyann[1] - shift * 72 / figure.dpi)
-            placed.append(extent.translated(0, -shift))
+
+def point_keys(rows: Sequence[dict]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(colours, markers)``: a colour per method and a marker per ``marker_key`` of ``rows``
+    (dicts with ``model``, ``method``, ``ratio``), so that (colour, marker) names one row's setting."""
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    palette = "tab10" if len(methods) <= 10 else "tab20"
+    colours = {m: f"C{i}" if palette == "tab10" else _tab20(i) for i, m in enumerate(methods)}
+    several = len({row["model"] for row in rows}) > 1
+    keys = list(dict.fromkeys(marker_key(row, several) for row in sorted(rows, key=lambda r: (r["method"] not in REFERENCE_METHODS, float(r["ratio"])))))
+    markers, plain = {}, iter(MARKERS * (1 + len(keys) // len(MARKERS)))
+    for key in keys:
+        markers[key] = REFERENCE_MARKER if key.startswith(NO_RATIO) else next(plain)
+    return colours, markers
+
+
+def _tab20(i: int):
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](i % 20)
+
+
+def marker_key(row: dict, several_models: bool = False) -> str:
+    """The legend's marker entry of a row: its ratio (the methods without one, Original and VTW,
+    share one), and its model when the figure holds several."""
+    key = f"{NO_RATIO} (Original, VTW)" if row["method"] in REFERENCE_METHODS else f"ratio {float(row['ratio']):g}"
+    return key + (f", {row['model']}" if several_models else "")
+
+
+def keyed_points(ax, placed: Sequence[tuple[tuple[float, float], dict]], colours: dict, markers: dict, several_models: bool = False) -> None:
+    """Draws each ``(point, row)`` in its method's colour and its ratio's marker, the scatter named
+    by ``point_label``; points at one place drawn largest first, each a ring around the next. Not
+    clipped: a score of 0 sits on the axis that stops at 0, whole."""
+    together = defaultdict(list)
+    for point, row in placed:
+        together[point].append(row)
+    for point, rows in together.items():
+        for depth, row in enumerate(rows):
+            ax.scatter(*point, color=colours[row["method"]], marker=markers[marker_key(row, several_models)], zorder=3 + depth,
+                       s=40 * (len(rows) - depth) ** 1.5, clip_on=False, label=point_label(row) + (f" ({row['model']})" if several_models else ""))  # fmt: skip
+
+
+def keyed_legend(figure, colours: dict, markers: dict, extra: Sequence = ()) -> None:
+    """The figure's legend under its panels: the methods' colours, then the ratios' markers, then
+    ``extra`` handles (a Pareto front's line)."""
+    from matplotlib.lines import Line2D
+
+    methods = [Line2D([], [], linestyle="", marker="o", markersize=7, color=colour, label=method) for method, colour in colours.items()]
+    ratios = [Line2D([], [], linestyle="", marker=marker, markersize=7, color="0.35", label=key) for key, marker in markers.items()]
+    handles = methods + ratios + list(extra)
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(6, len(handles)))
 
 
 def plotted_benchmarks(rows: Sequence[dict], units: dict[str, str], x: str) -> list[str]:
@@ -139,59 +179,34 @@ def plotted_benchmarks(rows: Sequence[dict], units: dict[str, str], x: str) -> l
 def pareto_figure(rows: Sequence[dict], units: dict[str, str], x: str = "tflop"):
     """Score vs cost, one panel per benchmark of ``units`` (benchmark -> unit) that a row has a
     score for; rows are the report's CSV rows (``model``, ``method``, ``ratio``, ``x``, one key per
-    benchmark). Each model's Pareto front (lower ``x``, higher score) is drawn as a step line;
-    points at the same place share one label. Returns a ``matplotlib.figure.Figure``."""
+    benchmark), in a grid of at most three columns. Each model's Pareto front (lower ``x``, higher
+    score) is drawn as a step line; each point in its method's colour and its ratio's marker, keyed
+    by the legend (``keyed_points``); both axes stop at 0. Returns a ``matplotlib.figure.Figure``."""
     if x not in AXES:
         raise ValueError(f"x must be one of {', '.join(AXES)}; got {x!r}")
-    from matplotlib.figure import Figure
-
     benchmarks = plotted_benchmarks(rows, units, x)
     if not benchmarks:
         raise ValueError(f"no row has both {x} and a score for any of the benchmarks " + ", ".join(units))
+    from matplotlib.lines import Line2D
+
     models = sorted({row["model"] for row in rows})
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    columns = min(3, len(benchmarks))
-    lines = math.ceil(len(benchmarks) / columns)
+    colours, markers = point_keys(rows)
     with style():
-        figure = Figure(figsize=(5.0 * columns, 4.2 * lines + 0.6), layout="constrained")
-        axes = figure.subplots(lines, columns, squeeze=False).ravel()
-        colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
-        markers = {m: "osD^v<>"[i % 7] for i, m in enumerate(models)}
+        figure, axes = grid(len(benchmarks), extra_height=0.6 + 0.25 * math.ceil((len(colours) + len(markers) + 1) / 6))
         for ax, bench in zip(axes, benchmarks):
             for model in models:
-                placed = [r for r in rows if r["model"] == model and r.get(bench) is not None and r.get(x) is not None]
-                points = [(float(r[x]), float(r[bench])) for r in placed]
-                labels = defaultdict(list)
-                for row, point in zip(placed, points):
-                    labels[point].append(row)
-                for point, together in labels.items():
-                    # Points at one place drawn largest first, so each shows as a ring around the next.
-                    for depth, row in enumerate(together):
-                        ax.scatter(
-                            *point,
-                            color=colours[row["method"]],
-                            marker=markers[model],
-                            zorder=3 + depth,
-                            s=40 * (len(together) - depth) ** 1.5,
-                            label=row["method"] + (f" ({model})" if len(models) > 1 else ""),
-                        )
-                annotate(ax, [(point, point_label(row)) for point, row in zip(points, placed)])
-                front = sorted(points[i] for i in pareto_front(points))
+                placed = [((float(r[x]), float(r[bench])), r) for r in rows if r["model"] == model and r.get(bench) is not None and r.get(x) is not None]
+                keyed_points(ax, placed, colours, markers, several_models=len(models) > 1)
+                front = sorted(placed[i][0] for i in pareto_front([point for point, _ in placed]))
                 if front:
                     ax.step(*zip(*front), where="post", color="black", linewidth=1, linestyle="--", zorder=2, label="Pareto front")
             ax.set_xlabel(AXES[x])
             ax.set_ylabel(f"{bench} ({units[bench]})")
             ax.set_title(bench)
-            ax.margins(x=0.25, y=0.15)
-        for ax in axes[len(benchmarks) :]:
-            ax.set_visible(False)
-        handles = dict(zip(*reversed(axes[0].get_legend_handles_labels())))
-        legend = figure.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=min(6, len(handles)))
-        for handle in legend.legend_handles:
-            if hasattr(handle, "set_sizes"):
-                handle.set_sizes([40])
+            ax.margins(x=0.08, y=0.08)
+            clip_at_zero(ax)
+        keyed_legend(figure, colours, markers, [Line2D([], [], color="black", linewidth=1, linestyle="--", label="Pareto front")])
         figure.suptitle(f"Score vs {AXES[x]}" + (f": {models[0]}" if len(models) == 1 else ""))
-        separate_labels(figure)
     return figure
 
 
