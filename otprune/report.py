@@ -36,7 +36,7 @@ from scipy.stats import rankdata, wilcoxon
 from otprune.analysis.figures import write_pareto_figures
 from otprune.analysis.records import read_run_folder
 from otprune.harness.catalogue import MODELS as MODEL_SPECS
-from otprune.harness.catalogue import baseline, method_labels
+from otprune.harness.catalogue import baseline, method_labels, ratio_label
 from otprune.harness.checkpoints import tiny_llm_shape
 from otprune.harness.code_identity import current_code
 from otprune.harness.errors import MissingResource
@@ -398,9 +398,11 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
         if ours and theirs:
             improvements = relative_improvements([ours["scores"].get(t) for t in block_tasks], [theirs["scores"].get(t) for t in block_tasks])
             p = wilcoxon_greater(improvements)
+            units = sorted({catalogue[t]["unit"] for t in block_tasks if ours["scores"].get(t) is not None and theirs["scores"].get(t) is not None})
             lines += [
                 "",
-                f"Wilcoxon signed-rank, OTPrune > DivPrune (one-sided, {len(improvements)} benchmarks with DivPrune ≠ 0): "
+                f"Wilcoxon signed-rank, OTPrune > DivPrune at ratio {ratio_label(ours['ratio'])} (one-sided, on the relative improvement "
+                f"(OTPrune − DivPrune) / DivPrune of each of {len(improvements)} benchmarks with DivPrune ≠ 0, pooling {', '.join(units)}): "
                 f"p = {fmt(p, 4) if p is not None else 'n/a (no nonzero difference)'}; paper: p = {paper['wilcoxon_p']}",
             ]
         lines += [""]
@@ -524,7 +526,7 @@ def write_report(runs_dir: Path, out_dir: Path | None = None, code: dict | None 
     lines = [f"# Table 1: {runs_dir.name}", ""]
     current = code if code is not None else current_code()
     for run in runs:
-        run["other_code"] = current is not None and any(not same_code(code, current) for code in run["codes"])
+        run["other_code"] = current is not None and any(not same_code(recorded, current) for recorded in run["codes"])
     if any(r["other_code"] for r in runs):
         lines += [OTHER_CODE_NOTE.format(current=current), ""]
     if any(r["tiny"] and not r["trained"] for r in runs):
