@@ -252,7 +252,9 @@ def test_report_on_recorded_runs(tmp_path):
     # The fixture's records carry no code identity (an older harness's): marked as other code's.
     assert "| OTPrune 0.098 † | 576 → 56 |" in markdown and "Rows marked † hold results finished by other code" in markdown
     # The test line names what it compares: the ratio, and the metrics its benchmarks pool.
-    assert "Wilcoxon signed-rank, OTPrune > DivPrune at ratio 0.098 (one-sided, on the relative improvement (OTPrune − DivPrune) / DivPrune of each of" in markdown
+    assert (
+        "Wilcoxon signed-rank, OTPrune > DivPrune at ratio 0.098 (one-sided, on the relative improvement (OTPrune − DivPrune) / DivPrune of each of" in markdown
+    )
     assert "pooling CIDEr, EM, F1)" in markdown
 
 

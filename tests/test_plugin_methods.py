@@ -12,7 +12,7 @@ import otprune.plugins.cdpruner as cdpruner_module
 import otprune.plugins.pool as pool_module
 from otprune.contract import PatchGrid, kept_indices_fault, merge_fault
 from otprune.methods import get_method
-from otprune.plugins.cdpruner import select_cdpruner
+from otprune.plugins.cdpruner import crop_budgets, crops_of, select_cdpruner
 from otprune.plugins.pool import merge_pool, pooled_shape, split_budget
 from otprune.selectors import __all__ as SELECTORS_PUBLIC
 from otprune.selectors import select_dpp
@@ -57,14 +57,19 @@ def test_plugins_import_only_the_public_api(module):
 # CDPRUNER
 
 
-def slow_cdpruner(tokens, text, k, theta=0.5, negate=False):
+def whole(tokens):
+    """One grid over every token: one DPP, as on LLaVA-1.5."""
+    return (PatchGrid(0, 1, tokens.shape[0]),)
+
+
+def slow_cdpruner(tokens, text, k, theta=1.0, negate=True):
     """Step-by-step greedy on the kernel, each step's gain from torch.logdet (float64)."""
     x = tokens.double()
     t = text.double()
     similarity = torch.nn.functional.cosine_similarity(x[:, None, :], x[None, :, :], dim=-1)
     cos = torch.nn.functional.cosine_similarity(x[:, None, :], t[None, :, :], dim=-1)
     r = (-cos if negate else cos).mean(1)
-    r = (r - r.min()) / (r.max() - r.min())
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())
     q = r if theta == 1 else torch.exp(theta / (2 * (1 - theta)) * r)
     kernel = q[:, None] * similarity * q[None, :]
     chosen = []
@@ -79,8 +84,85 @@ def slow_cdpruner(tokens, text, k, theta=0.5, negate=False):
 @pytest.mark.parametrize("negate", [False, True])
 def test_cdpruner_matches_slow_greedy(seed, theta, negate):
     tokens, text = randn(8, 6, seed=seed), randn(3, 6, seed=100 + seed)
-    picks = select_cdpruner(tokens, 3, text=text, theta=theta, negate_relevance=negate)
+    picks = select_cdpruner(tokens, 3, grid=whole(tokens), text=text, theta=theta, negate_relevance=negate)
     assert picks.tolist() == slow_cdpruner(tokens, text, 3, theta, negate)
+
+
+def public_code_cdpruner(tokens, text, k):
+    """The public code's computation (Theia-4869/CDPruner, ``encode_images``), as read there and
+    written anew: cosine similarity of the unit rows in float32; relevance the mean of minus the
+    cosine with each text row, then ``(r - min + 1e-6) / (max - min)``; kernel ``r_i S_ij r_j``; its
+    greedy keeps, per pick, the residual variances ``d2`` and one row of ``c`` per pick so far."""
+    x = tokens.float() / tokens.float().norm(dim=-1, keepdim=True)
+    t = text.float() / text.float().norm(dim=-1, keepdim=True)
+    similarity = x @ x.T
+    r = -(x @ t.T).mean(-1)
+    r = (r - r.min() + 1e-6) / (r.max() - r.min())
+    kernel = r[:, None] * similarity * r[None, :]
+    c = torch.zeros(k, len(x))
+    d2 = kernel.diagonal().clone()
+    picks = []
+    for i in range(k):
+        j = int(torch.argmax(d2))
+        picks.append(j)
+        row = (kernel[j] - c[:i, j] @ c[:i]) / torch.sqrt(d2[j])
+        c[i] = row
+        d2 = d2 - row**2
+        d2[j] = -float("inf")
+    return sorted(picks)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cdpruner_default_picks_what_the_public_code_picks(seed):
+    """Fixed inputs through the default and through an emulation of the authors' code."""
+    tokens, text = randn(120, 32, seed=40 + seed, dtype=torch.float32), randn(7, 32, seed=60 + seed, dtype=torch.float32)
+    for k in (1, 12, 29):
+        assert select_cdpruner(tokens, k, grid=whole(tokens), text=text).tolist() == public_code_cdpruner(tokens, text, k)
+
+
+def public_code_cdpruner_by_crops(tokens, text, crops, per_crop):
+    """The public code on LLaVA-1.6: each crop's tokens through the kernel and greedy of
+    :func:`public_code_cdpruner`, but with relevance min-max normalised over every crop at once."""
+    x = tokens.float() / tokens.float().norm(dim=-1, keepdim=True)
+    t = text.float() / text.float().norm(dim=-1, keepdim=True)
+    r_all = -(x @ t.T).mean(-1)
+    everything = torch.cat(crops)
+    low, high = r_all[everything].min(), r_all[everything].max()
+    picks = []
+    for crop in crops:
+        r = (r_all[crop] - low + 1e-6) / (high - low)
+        kernel = r[:, None] * (x[crop] @ x[crop].T) * r[None, :]
+        c, d2 = torch.zeros(per_crop, len(crop)), kernel.diagonal().clone()
+        for i in range(per_crop):
+            j = int(torch.argmax(d2))
+            picks.append(int(crop[j]))
+            row = (kernel[j] - c[:i, j] @ c[:i]) / torch.sqrt(d2[j])
+            c[i], d2 = row, d2 - row**2
+            d2[j] = -float("inf")
+    return picks
+
+
+def test_cdpruner_on_any_resolution_tiles_runs_one_dpp_per_crop_and_keeps_the_newlines():
+    # A 4 x 4 base image (tokens 0-15), then 8 x 8 tiles each row ended by a newline (tokens 16-87):
+    # five crops of 16 patches (the base, four 4 x 4 tile blocks) and 8 newlines.
+    tokens, text = randn(88, 12, seed=70, dtype=torch.float32), randn(5, 12, seed=71, dtype=torch.float32)
+    grids = (PatchGrid(0, 4, 4), PatchGrid(16, 8, 8, newlines=True))
+    crops, kept = crops_of(grids, 88)
+    cell = lambda r, c: 16 + 9 * r + c  # noqa: E731
+    assert kept.tolist() == [16 + 9 * r + 8 for r in range(8)]
+    assert [c.tolist() for c in crops[1:]] == [[cell(r, c) for r in range(top, top + 4) for c in range(left, left + 4)] for top in (0, 4) for left in (0, 4)]
+    picks = select_cdpruner(tokens, 8 + 5 * 3, grid=grids, text=text)
+    expected = sorted(kept.tolist() + public_code_cdpruner_by_crops(tokens, text, crops, 3))
+    assert picks.tolist() == expected
+    # A budget below the newlines plus a token a crop: one DPP over every token.
+    assert select_cdpruner(tokens, 12, grid=grids, text=text).tolist() == select_cdpruner(tokens, 12, grid=whole(tokens), text=text).tolist()
+
+
+def test_crop_budgets_split_evenly_and_pass_on_what_a_small_crop_cannot_take():
+    assert crop_budgets(15, [16] * 5) == [3] * 5
+    assert crop_budgets(17, [16] * 5) == [4, 4, 3, 3, 3]
+    assert crop_budgets(20, [16, 2, 16]) == [9, 2, 9]
+    assert crop_budgets(0, [4, 4]) == [0, 0]
 
 
 def test_cdpruner_first_two_steps_by_hand():
@@ -88,11 +170,11 @@ def test_cdpruner_first_two_steps_by_hand():
     tokens, text = randn(8, 6, seed=3), randn(4, 6, seed=4)
     x = torch.nn.functional.normalize(tokens, dim=-1)
     r = (x @ torch.nn.functional.normalize(text, dim=-1).T).mean(1)
-    q = torch.exp(0.5 * (r - r.min()) / (r.max() - r.min()))
+    q = torch.exp(0.5 * (r - r.min() + 1e-6) / (r.max() - r.min()))
     kernel = q[:, None] * (x @ x.T) * q[None, :]
     first = int(kernel.diagonal().argmax())
     second = max((i for i in range(8) if i != first), key=lambda i: float(torch.logdet(kernel[[first, i]][:, [first, i]])))
-    assert select_cdpruner(tokens, 2, text=text).tolist() == sorted([first, second])
+    assert select_cdpruner(tokens, 2, grid=whole(tokens), text=text, theta=0.5, negate_relevance=False).tolist() == sorted([first, second])
 
 
 @pytest.mark.parametrize("theta", [0.5, 0.9, 1.0])
@@ -103,16 +185,17 @@ def test_cdpruner_constant_relevance_is_plain_dpp(theta):
     text = torch.zeros(2, 8, dtype=torch.float64)
     text[:, -1] = torch.tensor([1.0, 3.0])
     for k in (1, 5, 12, 30):
-        assert select_cdpruner(tokens, k, text=text, theta=theta).tolist() == select_dpp(tokens, k).tolist()
+        assert select_cdpruner(tokens, k, grid=whole(tokens), text=text, theta=theta).tolist() == select_dpp(tokens, k).tolist()
 
 
 def test_cdpruner_negate_relevance_changes_picks():
-    # k = 1 picks the largest diagonal q_i^2: the most relevant token; negated, the least.
+    # k = 1 picks the largest diagonal q_i^2: negated (the public code's default), the token least
+    # like the question; with the paper text's sign, the most.
     text = torch.tensor([[1.0, 0.0, 0.0]])
     tokens = torch.tensor([[1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.1], [0.0, 0.0, 1.0]])
-    assert select_cdpruner(tokens, 1, text=text).tolist() == [0]
-    assert select_cdpruner(tokens, 1, text=text, negate_relevance=True).tolist() == [2]
-    assert select_cdpruner(tokens, 1, text=text, theta=1.0, negate_relevance=True).tolist() == [2]
+    assert select_cdpruner(tokens, 1, grid=whole(tokens), text=text).tolist() == [2]
+    assert select_cdpruner(tokens, 1, grid=whole(tokens), text=text, negate_relevance=False).tolist() == [0]
+    assert select_cdpruner(tokens, 1, grid=whole(tokens), text=text, theta=0.5, negate_relevance=False).tolist() == [0]
 
 
 @pytest.mark.parametrize("scale", [1e20, 1e-20, 2.0**100, 2.0**-100])
@@ -122,14 +205,14 @@ def test_cdpruner_scale_invariant(scale):
     tokens, text = randn(60, 16, seed=6, dtype=torch.float32), randn(5, 16, seed=7, dtype=torch.float32)
     exact = math.frexp(scale)[0] == 0.5
     for k in (1, 9, 16) + ((30, 60) if exact else ()):
-        expected = select_cdpruner(tokens, k, text=text).tolist()
-        assert select_cdpruner(tokens * scale, k, text=text).tolist() == expected
-        assert select_cdpruner(tokens, k, text=text * scale).tolist() == expected
+        expected = select_cdpruner(tokens, k, grid=whole(tokens), text=text).tolist()
+        assert select_cdpruner(tokens * scale, k, grid=whole(tokens * scale), text=text).tolist() == expected
+        assert select_cdpruner(tokens, k, grid=whole(tokens), text=text * scale).tolist() == expected
 
 
 def test_cdpruner_theta_near_one_does_not_overflow():
     tokens, text = randn(40, 8, seed=8, dtype=torch.float32), randn(3, 8, seed=9, dtype=torch.float32)
-    picks = select_cdpruner(tokens, 10, text=text, theta=1 - 1e-7)
+    picks = select_cdpruner(tokens, 10, grid=whole(tokens), text=text, theta=1 - 1e-7)
     assert kept_indices_fault(picks, 40, 10, tokens.device) is None
 
 
@@ -139,10 +222,10 @@ def test_cdpruner_contract(dtype, device):
     tokens = randn(50, 12, seed=10, dtype=torch.float32).to(device, dtype).requires_grad_(dtype != torch.bfloat16)
     text = randn(4, 12, seed=11, dtype=torch.float32).to(device, dtype)
     for k in (1, 7, 49, 50):
-        picks = select_cdpruner(tokens, k, text=text)
+        picks = select_cdpruner(tokens, k, grid=whole(tokens), text=text)
         assert kept_indices_fault(picks, 50, k, tokens.device) is None
     dup = torch.cat([tokens.detach()[:5]] * 4)  # rank <= 5: the greedy fills past it
-    assert kept_indices_fault(select_cdpruner(dup, 12, text=text), 20, 12, tokens.device) is None
+    assert kept_indices_fault(select_cdpruner(dup, 12, grid=whole(dup), text=text), 20, 12, tokens.device) is None
 
 
 def test_cdpruner_refuses_bad_input():
@@ -150,26 +233,26 @@ def test_cdpruner_refuses_bad_input():
     bad = tokens.clone()
     bad[3, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        select_cdpruner(bad, 3, text=text)
+        select_cdpruner(bad, 3, grid=whole(bad), text=text)
     bad_text = text.clone()
     bad_text[0, 0] = float("inf")
     with pytest.raises(ValueError, match="text"):
-        select_cdpruner(tokens, 3, text=bad_text)
+        select_cdpruner(tokens, 3, grid=whole(tokens), text=bad_text)
     for k in (0, 11, 2.5, True):
         with pytest.raises(ValueError, match="k must be"):
-            select_cdpruner(tokens, k, text=text)
+            select_cdpruner(tokens, k, grid=whole(tokens), text=text)
     for theta in (0, -0.5, 1.5, float("nan"), True, "0.5"):
         with pytest.raises(ValueError, match="theta"):
-            select_cdpruner(tokens, 3, text=text, theta=theta)
+            select_cdpruner(tokens, 3, grid=whole(tokens), text=text, theta=theta)
     for shape in ((2, 5), (0, 4), (4,)):
         with pytest.raises(ValueError, match="text must have shape"):
-            select_cdpruner(tokens, 3, text=torch.randn(*shape, dtype=torch.float64))
+            select_cdpruner(tokens, 3, grid=whole(tokens), text=torch.randn(*shape, dtype=torch.float64))
     with pytest.raises(ValueError, match="tokens must have shape"):
-        select_cdpruner(tokens[None], 3, text=text)
+        select_cdpruner(tokens[None], 3, grid=whole(tokens[None]), text=text)
     with pytest.raises(ValueError, match="dtype"):
-        select_cdpruner(tokens.long(), 3, text=text)
+        select_cdpruner(tokens.long(), 3, grid=whole(tokens.long()), text=text)
     with pytest.raises(ValueError, match="negate_relevance"):
-        select_cdpruner(tokens, 3, text=text, negate_relevance=1)
+        select_cdpruner(tokens, 3, grid=whole(tokens), text=text, negate_relevance=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from otprune.contract import check_image_tokens
+from otprune.contract import PatchGrid, check_grids, check_image_tokens
 from otprune.selectors import greedy_logdet
 
-__all__ = ["DEFAULT_THETA", "select_cdpruner"]
+__all__ = ["DEFAULT_THETA", "RELEVANCE_OFFSET", "crop_budgets", "crops_of", "select_cdpruner"]
 
-DEFAULT_THETA = 0.5
+# The public code's kernel: q = r (its theta lines are commented out), relevance from -cos.
+DEFAULT_THETA = 1.0
+# The public code's min-max normalisation adds this to the numerator: the least relevant token keeps
+# a small weight instead of none.
+RELEVANCE_OFFSET = 1e-6
 
 
 @torch.no_grad()
@@ -24,8 +28,9 @@ def select_cdpruner(
     k: int,
     *,
     text: torch.Tensor,
+    grid: tuple[PatchGrid, ...],
     theta: float = DEFAULT_THETA,
-    negate_relevance: bool = False,
+    negate_relevance: bool = True,
 ) -> torch.Tensor:
     """CDPruner: greedy MAP of a relevance-weighted DPP on the visual tokens.
 
@@ -37,10 +42,11 @@ def select_cdpruner(
     With ``x~_i`` the unit-norm rows of ``tokens`` and ``t~_j`` those of ``text``:
 
     - similarity ``S_il = <x~_i, x~_l>`` (cosine, ``(N, N)``);
-    - relevance ``r_i = mean_j <x~_i, t~_j>`` (``-<x~_i, t~_j>`` with ``negate_relevance``),
-      min-max normalised over the N tokens to ``[0, 1]``;
-    - weight ``q_i = exp(alpha r_i)``, ``alpha = theta / (2 (1 - theta))``, ``theta`` in ``(0, 1]``;
-      ``theta = 1`` means ``q_i = r_i`` (no exponential);
+    - relevance ``r_i = mean_j -<x~_i, t~_j>`` (``+<x~_i, t~_j>`` with ``negate_relevance=False``),
+      min-max normalised over the N tokens as the public code does:
+      ``(r_i - min r + RELEVANCE_OFFSET) / (max r - min r)``;
+    - weight ``q_i = r_i`` (``theta = 1``, the default); with ``theta`` in ``(0, 1)`` the paper
+      text's ``q_i = exp(alpha r_i)``, ``alpha = theta / (2 (1 - theta))``;
     - kernel ``L = diag(q) S diag(q)``; the ``k`` picks are ``greedy_logdet(L, k)``'s greedy MAP of
       ``log det L_S`` (incremental Cholesky; past the kernel's rank it fills with the unchosen
       tokens of largest residual variance, as DPP does).
@@ -51,10 +57,18 @@ def select_cdpruner(
       encoder's embedding of the instruction; the models here have no CLIP text encoder, so
       relevance is measured in the LLM's input space, between the projected visual tokens (the
       ``tokens`` selected on) and the LLM-embedded question (``text``), as TRIM's text context is;
-    - ``theta = 0.5`` (``alpha = 0.5``), the paper's default;
-    - the sign: ``r_i`` uses ``+cos`` as the paper's text describes (``negate_relevance=False``,
-      the default); ``negate_relevance=True`` is the public code's LLaVA-1.5 variant, which negates
-      the cosine before averaging;
+    - the default is the authors' public code (github Theia-4869/CDPruner, ``encode_images``),
+      which produced their numbers: ``q = r`` from the negated cosine with its ``+1e-6`` offset; the
+      paper text's weighting (``theta = 0.5``, its stated default) and sign (``negate_relevance=False``)
+      are options;
+    - crops (``grid``, :func:`crops_of`): as the public code on LLaVA-1.6, one DPP per crop (the
+      base image, and each base-sized block of the any-resolution tiles), the budget split evenly
+      over them (:func:`crop_budgets`) after every newline vector is kept; relevance normalised
+      over all the image's patch tokens at once, as the code normalises over all its crops. A
+      single grid (LLaVA-1.5, Qwen) is one crop. A budget below the newlines plus one token a crop
+      runs one DPP over all tokens;
+    - not done here: the short-answer instruction the public code strips from the question (the
+      ``text`` context is the whole question the patches give, embedded: a plugin gets no words);
     - a zero span (every ``r_i`` equal, to within float rounding of ``16 eps``): min-max is
       undefined; every token is then equally relevant, ``r_i = 1``, and ``L`` is ``S`` up to one
       scale, so the picks are plain DPP's (``select_dpp``).
@@ -67,27 +81,74 @@ def select_cdpruner(
     stays float64), without autograd. Called one image at a time (no ``accepts_batches``).
     """
     k = _check_inputs(tokens, k, text)
+    check_grids(grid, tokens.shape[0])
     theta = _check_theta(theta)
     if not isinstance(negate_relevance, bool):
         raise ValueError(f"negate_relevance must be True or False; got {negate_relevance!r}")
     work = torch.float64 if tokens.dtype == torch.float64 else torch.float32
-    x = _unit_rows(tokens.detach().to(work))
+    crops, kept = crops_of(grid, tokens.shape[0], tokens.device)
+    if k < kept.numel() + len(crops):
+        # Too small a budget to keep every newline and a token of every crop: one DPP over all tokens.
+        crops, kept = [torch.arange(tokens.shape[0], device=tokens.device)], kept[:0]
+    patches = torch.cat(crops)
+    x = _unit_rows(tokens.detach()[patches].to(work))
     t = _unit_rows(text.detach().to(device=tokens.device, dtype=work))
-    similarity = x @ x.T
     cosine = x @ t.T
     relevance = (-cosine if negate_relevance else cosine).mean(-1)
     low, high = torch.aminmax(relevance)
     span = high - low
     zero_span = span <= 16 * torch.finfo(work).eps
-    relevance = torch.where(zero_span, torch.ones_like(relevance), (relevance - low) / torch.where(zero_span, 1.0, span))
+    relevance = torch.where(zero_span, torch.ones_like(relevance), (relevance - low + RELEVANCE_OFFSET) / torch.where(zero_span, 1.0, span))
     if theta == 1.0:
         weight = relevance
     else:
         alpha = theta / (2.0 * (1.0 - theta))
         weight = torch.exp(alpha * (relevance - 1.0))
-    kernel = weight[:, None] * similarity * weight[None, :]
-    picks = greedy_logdet(kernel[None], k)[0]
-    return picks.sort().values
+    picks = [kept]
+    start = 0
+    for crop, share in zip(crops, crop_budgets(k - kept.numel(), [c.numel() for c in crops]), strict=True):
+        rows = slice(start, start + crop.numel())
+        start += crop.numel()
+        if share:
+            kernel = weight[rows, None] * (x[rows] @ x[rows].T) * weight[None, rows]
+            picks.append(crop[greedy_logdet(kernel[None], share)[0]])
+    return torch.cat(picks).sort().values
+
+
+def crops_of(grid: tuple[PatchGrid, ...], n: int, device=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(crops, kept)``: the token indices of each crop one DPP runs on, and the tokens kept
+    whatever the budget (newline vectors, and tokens in no grid such as a single tile's lone
+    newline). A grid is one crop, but for any-resolution tiles (a grid with newline rows after a
+    first, base grid): those are cut into the base grid's ``rows x cols`` blocks from their top-left
+    (**choice**: the public code cuts its crops before unpadding, which removes up to half a crop
+    from both ends of one side; the unpadded grid here does not say where, so the last block of a
+    row or column may be partial)."""
+    crops: list[torch.Tensor] = []
+    covered = torch.zeros(n, dtype=torch.bool, device=device)
+    for index, patch_grid in enumerate(grid):
+        cells = patch_grid.cell_positions(device)
+        covered[cells.flatten()] = True
+        if index == 0 or not patch_grid.newlines:
+            crops.append(cells.flatten())
+            continue
+        tall, wide = grid[0].rows, grid[0].cols
+        for top in range(0, patch_grid.rows, tall):
+            for left in range(0, patch_grid.cols, wide):
+                crops.append(cells[top : top + tall, left : left + wide].flatten())
+    return crops, (~covered).nonzero().flatten()
+
+
+def crop_budgets(total: int, sizes: list[int]) -> list[int]:
+    """``total`` dealt one token at a time to the crops in turn (an even split, the earlier crops
+    first for a remainder), skipping a crop once it is full."""
+    shares = [0] * len(sizes)
+    left = min(total, sum(sizes))
+    while left:
+        for i, size in enumerate(sizes):
+            if left and shares[i] < size:
+                shares[i] += 1
+                left -= 1
+    return shares
 
 
 def _check_inputs(tokens, k, text) -> int:
