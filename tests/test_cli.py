@@ -23,7 +23,7 @@ def test_report_command_writes_the_modules_table(tmp_path):
     assert cli.main(["report", str(FIXTURES), "--out", str(tmp_path / "cli")]) == 0
     report.write_report(FIXTURES, tmp_path / "module")
     assert (tmp_path / "cli" / "table1.md").read_text() == (tmp_path / "module" / "table1.md").read_text()
-    assert "| OTPrune 0.098 |" in (tmp_path / "cli" / "table1.md").read_text()
+    assert "| OTPrune 0.098 † |" in (tmp_path / "cli" / "table1.md").read_text()  # the fixture predates code identities
 
 
 def test_unknown_command_is_refused_naming_the_allowed_ones(capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, this_code
 
 from otprune import report
 from otprune.harness import attempt as harness_attempt
@@ -297,6 +297,7 @@ def write_run(folder: Path, model: str, method: str, ratio: float, method_spec: 
         "visual_tokens": [],
         "selector_ms": [],
         "text_tokens": {},
+        "code": this_code(),
         **record,
     }
     (folder / "otprune_a.json").write_text(json.dumps(record))
@@ -368,7 +369,7 @@ def test_report_of_the_trained_model_uses_its_own_llm_shape_and_calls_its_scores
     assert "trained on the synthetic benchmark" in markdown and "3 layers of width 48, FFN 96" in markdown
     rows = [r for r in csv.DictReader(open(csv_path))]
     assert [r["method"] for r in rows] == ["Original", "VTW", "Uniform"]
-    assert "| VTW K=0 (no visual tokens) † | 576 → 0 |" in markdown  # a fixture without code identity
+    assert "| VTW K=0 (no visual tokens) | 576 → 0 |" in markdown
     own = ModelShape(hidden=48, ffn=96, layers=3)
     for row, kept in zip(rows, (576, 0, 144)):
         assert float(row["tiny_llm_mflop"]) == pytest.approx(prefill_flops(20 + kept, own) / 1e6)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, stamp_records
 
 from otprune import report
 from otprune.harness import cli as harness_cli
@@ -418,8 +418,10 @@ def test_an_unwritable_runs_folder_names_the_path_and_the_fix(tmp_path, capsys):
 
 
 def copy_fixture(tmp_path: Path) -> Path:
+    """The shipped runs, each record stamped with this code's identity (as this harness writes them)."""
     runs = tmp_path / "smoke"
     shutil.copytree(FIXTURES, runs)
+    stamp_records(runs)
     return runs
 
 
