@@ -4,7 +4,7 @@
 (``N = 64`` as one 8 x 8 patch grid, ``d = 32``, budget ``k = 16``) and returns one
 :class:`CheckResult` per check, validated with ``kept_indices_fault`` / ``merge_fault``. The
 context a method asks for is made up here: ``text`` ``(5, d)`` random, ``grid``
-``(PatchGrid(0, 8, 8),)``, ``attention`` ``(N,)`` a softmax of random logits, ``layer_index`` 2.
+``(PatchGrid(0, 8, 8),)``, ``attention`` ``(N,)``, ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)`` softmaxes of random logits, ``layer_index`` 2.
 
 Checks (``CHECKS``):
 
@@ -106,6 +106,8 @@ class _Battery:
         # Made once in float32 on the host, then cast: the same context whatever the dtype.
         self.text = _tokens(1, (TEXT_TOKENS, DIM))
         self.attention = torch.softmax(_tokens(2, (N_TOKENS,)), dim=0)
+        self.text_attention = torch.softmax(_tokens(3, (TEXT_TOKENS, N_TOKENS)), dim=1)
+        self.visual_attention = torch.softmax(_tokens(4, (N_TOKENS, N_TOKENS)), dim=1)
 
     # -- calling and validating ---------------------------------------------------------------
 
@@ -114,8 +116,8 @@ class _Battery:
         for name in self.method.context:
             if name == "text":
                 given[name] = self.text.to(device=tokens.device, dtype=tokens.dtype)
-            elif name == "attention":
-                given[name] = self.attention.to(device=tokens.device, dtype=tokens.dtype)
+            elif name in ("attention", "text_attention", "visual_attention"):
+                given[name] = getattr(self, name).to(device=tokens.device, dtype=tokens.dtype)
             elif name == "grid":
                 given[name] = (GRID,)
             elif name == "layer_index":

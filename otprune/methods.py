@@ -48,6 +48,7 @@ BUNDLED = {
     "CDPRUNER": ("selector", "otprune.plugins.cdpruner:select_cdpruner"),
     "POOL": ("merger", "otprune.plugins.pool:merge_pool"),
     "PYRAMIDDROP": ("selector", "otprune.plugins.pyramiddrop:select_pyramiddrop"),
+    "FITPRUNE": ("selector", "otprune.plugins.fitprune:select_fitprune"),
 }
 BUNDLED_ORIGIN = "otprune (bundled)"
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")

@@ -52,8 +52,8 @@ class PrefillState:
     non-padding positions; ``text_after[b]``: per image, the positions of its question (the
     ``text`` context); ``grids[b]``: per image, its patch grids (the ``grid`` context, told from
     the tokens entering the LLM), when the method asks for them. Filled while the prefill runs:
-    ``kept[i]`` ``(B, L_i)`` the sorted positions held from stage i's layer on; ``measured`` the
-    attention measured for the next stage.
+    ``kept_by_stage[i]`` ``(B, L_i)`` the sorted positions held from stage i's layer on (``kept``:
+    the last stage's); ``measured`` the attention measured for the next stage.
     """
 
     spans: list[list[tuple[int, int]]]
@@ -61,13 +61,22 @@ class PrefillState:
     text_after: list[list[torch.Tensor]]
     grids: list[list] | None = None
     pending: bool = True
-    kept: list[torch.Tensor] = field(default_factory=list)
+    kept_by_stage: list[torch.Tensor] = field(default_factory=list)
     decoding: bool = False
     measured: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+    @property
+    def kept(self) -> torch.Tensor | None:
+        """``(B, L')`` the positions the last layers hold (``None`` before the first stage)."""
+        return self.kept_by_stage[-1] if self.kept_by_stage else None
+
+    @kept.setter
+    def kept(self, positions: torch.Tensor) -> None:
+        self.kept_by_stage = [positions]
 
     def repeated(self, rows: int) -> PrefillState:
         """The state of a batch whose every row is repeated ``rows / B`` times in place (beams)."""
@@ -84,7 +93,7 @@ class PrefillState:
     def alive(self, stage: int, device) -> torch.Tensor:
         """``(B, L')`` sorted positions entering stage ``stage``: all, or the previous stage's kept."""
         if stage:
-            return self.kept[stage - 1].to(device)
+            return self.kept_by_stage[stage - 1].to(device)
         return torch.arange(self.length, device=device).expand(self.valid.shape[0], -1)
 
 
@@ -101,7 +110,8 @@ class LayerPruner:
         # The stage whose kept positions layer j holds.
         self.holds = {j: sum(stage.layer <= j for stage in self.stages) - 1 for j in range(first, len(layers))}
         self.handles = [decoder.register_forward_pre_hook(self._check_prompt, with_kwargs=True)]
-        self.handles += [layers[j].register_forward_pre_hook(partial(self._enter, j), with_kwargs=True) for j in range(first, len(layers))]
+        self.layer_of = {id(layers[j]): j for j in range(first, len(layers))}
+        self.handles += [layers[j].register_forward_pre_hook(self._enter, with_kwargs=True) for j in range(first, len(layers))]
         self.handles.append(final_norm.register_forward_hook(self._restore_length))
         self.measures = ATTENTION_CONTEXT & set(config.spec.context)
         if self.measures:
@@ -131,39 +141,41 @@ class LayerPruner:
             self.state = state.repeated(rows)
         return None
 
-    def _enter(self, layer: int, module, args, kwargs):
-        """Layer ``layer``'s pre-hook: a stage's selection where one prunes, then the cut."""
+    def _enter(self, module, args, kwargs):
+        """A decoder layer's pre-hook: a stage's selection where one prunes, then the cut."""
         state = self.state
         if state is None:
             return None
         hidden = args[0]
-        stage = self.stage_at.get(layer)
+        stage = self.stage_at.get(self.layer_of[id(module)])
         if stage == 0:
             if state.pending and hidden.shape[1] == state.length:
-                state.pending, state.decoding, state.kept = False, False, []
-            elif state.kept:
+                state.pending, state.decoding, state.kept_by_stage = False, False, []
+            elif state.kept_by_stage:
                 state.decoding = True
             else:
                 return None
-        if stage is not None and not state.decoding and len(state.kept) == stage:
+        if stage is not None and not state.decoding and len(state.kept_by_stage) == stage:
             args = (self._select(stage, hidden, state), *args[1:])
-        return self._cut(layer, module, args, kwargs)
+        return self._cut(module, args, kwargs)
 
-    def _cut(self, layer: int, module, args, kwargs):
+    def _cut(self, module, args, kwargs):
         state = self.state
-        if state is None or not state.kept:
+        if state is None or not state.kept_by_stage:
             return None
         hidden, *rest = args
-        stage = self.holds[layer]
-        kept = state.kept[stage]
+        stage = self.holds[self.layer_of[id(module)]]
+        kept = state.kept_by_stage[stage]
         mask = kwargs.get("attention_mask")
         fixed = _fixed_length_cache(module, kwargs)
         if state.decoding:
             if isinstance(mask, torch.Tensor):
                 kwargs["attention_mask"] = cut_key_columns(mask, kept, state.length, fixed)
             return (hidden, *rest), kwargs
-        if layer == self.stages[stage].layer:
-            hidden = take(hidden, torch.searchsorted(state.kept[stage - 1].to(kept.device), kept) if stage else kept, dim=1)
+        entering = state.alive(stage, kept.device)
+        if hidden.shape[1] == entering.shape[1] != kept.shape[1]:
+            # The stage's layer: the hidden states of the tokens alive before it, cut to those it keeps.
+            hidden = take(hidden, torch.searchsorted(entering.contiguous(), kept), dim=1)
         if isinstance(mask, torch.Tensor) and mask.shape[-1] >= state.length:
             kwargs["attention_mask"] = cut_mask(mask, kept, state.length, fixed)
         cos_sin = kwargs.get("position_embeddings")
@@ -176,10 +188,10 @@ class LayerPruner:
 
     def _restore_length(self, module, args, output):
         state = self.state
-        if state is None or not state.kept or state.decoding or output.shape[1] != state.kept[-1].shape[1]:
+        if state is None or state.kept is None or state.decoding or output.shape[1] != state.kept.shape[1]:
             return None
         full = output.new_zeros(output.shape[0], state.length, output.shape[-1])
-        kept = state.kept[-1].to(output.device)
+        kept = state.kept.to(output.device)
         return full.scatter(1, kept[..., None].expand(-1, -1, output.shape[-1]), output)
 
     def _measure_attention(self, stage: int, module, args, kwargs):
@@ -191,7 +203,7 @@ class LayerPruner:
         if stage == 0:
             prefill = state.pending and hidden.shape[1] == state.length
         else:
-            prefill = not state.decoding and len(state.kept) == stage and hidden.shape[1] == state.kept[stage - 1].shape[1]
+            prefill = not state.decoding and len(state.kept_by_stage) == stage and hidden.shape[1] == state.kept_by_stage[stage - 1].shape[1]
         if not prefill:
             return None
         valid = take(state.valid, state.alive(stage, state.valid.device), dim=1).to(hidden.device)
@@ -209,7 +221,7 @@ class LayerPruner:
     # -- selection ---------------------------------------------------------------------------
 
     def _select(self, stage: int, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
-        """Stage ``stage``'s choice, appended to ``state.kept``; the hidden states entering its
+        """Stage ``stage``'s choice, appended to ``state.kept_by_stage``; the hidden states entering its
         layer, a merger's tokens put in the places of the tokens they stand for."""
         config, layer = self.config, self.stages[stage].layer
         detached = hidden.detach()
@@ -258,7 +270,7 @@ class LayerPruner:
                 "returned fewer tokens for one of them): use batch size 1",
                 ValueError,
             )
-        state.kept.append(alive[keep].view(keep.shape[0], -1))
+        state.kept_by_stage.append(alive[keep].view(keep.shape[0], -1))
         state.measured = None
         return hidden
 

@@ -86,18 +86,18 @@ def test_every_index_moves_to_the_device_of_the_tensor_it_indexes(mask_dims):
     stack = Stack()
     pruner = LayerPruner(PruneConfig("OURS", 0.5, 1), stack, stack.layers, stack.norm)
     state = PrefillState(spans=[[(1, 5)]], valid=torch.ones(1, 6, dtype=torch.bool), text_after=[[torch.tensor([5])]])
-    state.kept, state.pending = [torch.tensor([[0, 2, 3, 5]])], False  # selection made on the first device
+    state.kept, state.pending = torch.tensor([[0, 2, 3, 5]]), False  # selection made on the first device
     pruner.state = state
     far = "meta"  # a later layer's device
     hidden = torch.zeros(1, 6, 8, device=far)
     mask = torch.ones(1, 6, dtype=torch.bool, device=far) if mask_dims == 2 else torch.zeros(1, 1, 6, 6, device=far)
     kwargs = dict(attention_mask=mask, position_embeddings=(torch.zeros(1, 6, 4, device=far),) * 2, position_ids=torch.arange(6, device=far)[None])
     with DeviceStrict():
-        (cut,), new_kwargs = pruner._cut(1, stack.layers[1], (hidden,), kwargs)
+        (cut,), new_kwargs = pruner._cut(stack.layers[2], (hidden,), kwargs)
         restored = pruner._restore_length(stack.norm, (cut,), cut)
         state.decoding = True
         decode_mask = torch.ones(1, 7, dtype=torch.bool, device=far) if mask_dims == 2 else torch.zeros(1, 1, 1, 7, device=far)
-        _, decode_kwargs = pruner._cut(2, stack.layers[2], (hidden[:, :1],), {"attention_mask": decode_mask})
+        _, decode_kwargs = pruner._cut(stack.layers[2], (hidden[:, :1],), {"attention_mask": decode_mask})
     assert cut.shape == (1, 4, 8) and restored.shape == (1, 6, 8)
     assert new_kwargs["attention_mask"].shape[-1] == 4 and new_kwargs["position_ids"].shape == (1, 4)
     assert decode_kwargs["attention_mask"].shape[-1] == 5

@@ -131,7 +131,7 @@ def test_each_stage_keeps_what_the_last_token_attends_to_most_in_eager_attention
     pyramid(model)
     with torch.no_grad():
         model(**inputs, use_cache=False)
-    chosen = model._otprune_layer_pruner.state.kept
+    chosen = model._otprune_layer_pruner.state.kept_by_stage
     weights = {}
 
     def record(k):

@@ -30,6 +30,8 @@ def select_pyramiddrop(tokens: torch.Tensor, k: int, *, attention: torch.Tensor)
     """The ``k`` of the image's ``(N, d)`` alive tokens the last instruction token attends to most
     (``attention`` ``(N,)``, the stage's layer K - 1); ``(k,)`` sorted ``torch.long`` indices."""
     k = check_image_tokens(tokens, k)
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError("tokens must be finite; they hold NaN or Inf")
     if attention.shape != (tokens.shape[0],):
         raise ValueError(f"attention must have shape ({tokens.shape[0]},), one weight per token; got {tuple(attention.shape)}")
     return select_top_scores(attention, k).to(tokens.device)

@@ -1,0 +1,48 @@
+"""FitPrune (``BASELINE=FITPRUNE``; Ye et al., AAAI 2025, public code github ywh187/FitPrune) as an
+outside plugin: a calibrated recipe of how many visual tokens to drop before each LLM layer
+(``otprune calibrate fitprune``, ``otprune.fitprune``), applied per image by attention.
+
+Written against the public API (``otprune.contract``, ``otprune.selectors``, the recipe reader
+``otprune.fitprune``); found as the selector ``FITPRUNE = "otprune.plugins.fitprune:select_fitprune"``
+(``otprune.methods.BUNDLED``), whose ``stages`` reads the recipe (``OTPRUNE_OPTIONS='{"recipe": PATH}'``).
+
+**Choice**: at each stage the tokens kept are those of largest cross plus self weight, each the
+share of its total (the weights the calibration fits on: the mean attention of the question's
+tokens and of the image's tokens, at the layer before), so both count alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from otprune.contract import check_image_tokens
+from otprune.fitprune import load_recipe, recipe_stages
+from otprune.selectors import select_top_scores
+
+__all__ = ["select_fitprune", "stages"]
+
+
+@torch.no_grad()
+def select_fitprune(tokens: torch.Tensor, k: int, *, text_attention: torch.Tensor, visual_attention: torch.Tensor) -> torch.Tensor:
+    """The ``k`` of the image's ``(N, d)`` alive tokens of largest cross + self weight
+    (``text_attention`` ``(T, N)``, ``visual_attention`` ``(N, N)``); ``(k,)`` sorted indices."""
+    k = check_image_tokens(tokens, k)
+    if not bool(torch.isfinite(tokens).all()):
+        raise ValueError("tokens must be finite; they hold NaN or Inf")
+    n = tokens.shape[0]
+    if text_attention.dim() != 2 or text_attention.shape[1] != n or visual_attention.shape != (n, n):
+        raise ValueError(
+            f"text_attention must be (T, {n}) and visual_attention ({n}, {n}); got {tuple(text_attention.shape)} and {tuple(visual_attention.shape)}"
+        )
+    cross, own = text_attention.double().mean(0), visual_attention.double().mean(0)
+    score = cross / cross.sum().clamp_min(1e-300) + own / own.sum().clamp_min(1e-300)
+    return select_top_scores(score, k).to(tokens.device)
+
+
+def stages(*, recipe: str) -> tuple[tuple[int, float], ...]:
+    """The recipe file's drops as a schedule (``otprune.fitprune.recipe_stages``)."""
+    loaded = load_recipe(recipe)
+    return recipe_stages(loaded["drops"], loaded["visual_tokens"])
+
+
+select_fitprune.stages = stages
