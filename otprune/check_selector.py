@@ -49,6 +49,9 @@ def _load(spec: str, merger: bool):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda is not allowed here: torch sees no CUDA GPU; run on a GPU machine, or use --device cpu", file=sys.stderr)
+        return 2
     try:
         method = _load(args.method, args.merger)
         options = {} if args.options is None else json.loads(args.options)
@@ -78,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         context = ", ".join(method.context) or "none"
-        device = args.device
-        if device == "cuda" and not torch.cuda.is_available():
-            device = "cuda requested, not available: ran on cpu"
-        print(f"{method.name}: {method.kind} ({method.origin}), context: {context}, device: {device}")
+        print(f"{method.name}: {method.kind} ({method.origin}), context: {context}, device: {args.device}")
         width = max(len(result.name) for result in results)
         for result in results:
             print(f"{result.status.upper():<4}  {result.name:<{width}}  {result.detail}")

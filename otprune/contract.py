@@ -24,8 +24,10 @@ instead of a subset (pooling, merging, VisionZip's contextual tokens).
   decide the merged tokens' order among the kept ones.
 
 **Context**, given only to a function that names it as a keyword-only parameter (``CONTEXT``):
-``text`` the prompt's text tokens ``(T, d)`` (the text after the image, its question) in the
-tokens' own space: embedded at K = 0, their hidden states entering layer K at K > 0;
+``text`` the prompt's question ``(T, d)`` in the tokens' own space (embedded at K = 0, their
+hidden states entering layer K at K > 0): its text after its last image, the same for every image of
+the prompt (a prompt ending with an image: its text before the first), never the separators between
+images or the tokens that frame an image (Qwen's vision start and end);
 ``attention`` ``(N,)`` the last prompt token's attention over the image's tokens at layer K - 1,
 mean over heads (only where ``LAYER_INDEX = K > 0``); ``grid`` the image's patch grids, a tuple of
 :class:`PatchGrid` in token order (``check_grids``); ``layer_index`` the K it prunes before.
@@ -55,7 +57,7 @@ from otprune.selectors import TOKEN_DTYPES
 __all__ = ["ATTENTION_CONTEXT", "CONTEXT", "PER_IMAGE_CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
 
 CONTEXT = {
-    "text": "the question that follows the image, (T, d): its embedded tokens at K = 0, their hidden states entering layer K at K > 0",
+    "text": "the prompt's question, its text after its last image, (T, d): its embedded tokens at K = 0, their hidden states entering layer K at K > 0",
     "attention": "(N,) the last prompt token's attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
     "grid": "the image's patch grids: a tuple of otprune.contract.PatchGrid in token order (see check_grids)",
     "layer_index": "the decoder layer K pruned before (0: before the LLM)",

@@ -35,7 +35,7 @@ from otprune.methods import Method, get_method, method_names
 from otprune.schedule import Stage, check_stages
 from otprune.selectors import check_gamma, check_greedy_path, check_seed
 
-__all__ = ["PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
+__all__ = ["OPTION_VARIABLES", "PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
 
 # Defaults of K for the methods that only act inside the LLM. VTW's is a **choice**: the K the
 # paper's Table 1 uses for LLaVA-1.5 (configs/paper_table1.yaml), a per-model setting there.
@@ -48,7 +48,7 @@ def default_layer_index(method: str | None) -> int:
 
 
 # OTPRUNE_* variable -> (selector option, parser)
-_OPTION_VARIABLES = {
+OPTION_VARIABLES = {
     "OTPRUNE_GAMMA": ("gamma", float),
     "OTPRUNE_SEED": ("seed", int),
     "OTPRUNE_STP_ALPHA": ("alpha", float),
@@ -169,25 +169,31 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     env = os.environ if environ is None else environ
     raw_method = env.get("BASELINE", "").strip()
     method = raw_method.upper() or None
-    if method in (None, "ORIG"):
-        # The log stays on without pruning: unpruned runs are timed too (patches/generate_timing.py).
-        return PruneConfig(log=_log_flags(env)[0])
-    spec = get_method(method)
+    known = (*OPTION_VARIABLES, *_FLAG_VARIABLES, OPTIONS_VARIABLE)
+    unknown = sorted(name for name in env if name.startswith("OTPRUNE_") and name not in known)
+    if unknown:
+        raise ValueError(f"unknown variable(s) {', '.join(unknown)}; the OTPRUNE_ variables are: {', '.join(known)}")
     raw_ratio = env.get("SUBSET_RATIO", "").strip()
     ratio = _parse_value("SUBSET_RATIO", raw_ratio, float) if raw_ratio else None
     raw_layer = env.get("LAYER_INDEX", "").strip()
     layer_index = _parse_value("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer_index(method)
-    known = (*_OPTION_VARIABLES, *_FLAG_VARIABLES, OPTIONS_VARIABLE)
-    unknown = sorted(name for name in env if name.startswith("OTPRUNE_") and name not in known)
-    if unknown:
-        raise ValueError(f"unknown variable(s) {', '.join(unknown)}; the OTPRUNE_ variables are: {', '.join(known)}")
     options = _options_json(env.get(OPTIONS_VARIABLE, ""))
-    for variable, (option, kind) in _OPTION_VARIABLES.items():
-        if variable in env and option in spec.all_options:
-            if option in options:
-                raise ValueError(f"option {option!r} is given twice, by {variable} and by {OPTIONS_VARIABLE}; give it once")
-            options[option] = _parse_value(variable, env[variable].strip(), kind)
+    takes = () if method in (None, "ORIG") else get_method(method).all_options
+    for variable, (option, kind) in OPTION_VARIABLES.items():
+        if variable not in env:
+            continue
+        if option not in takes:
+            raise ValueError(
+                f"{variable}={env[variable]!r} does not apply to BASELINE={method or 'ORIG'}: it takes no option {option!r} (its options: {', '.join(takes) or 'none'})"
+            )
+        if option in options:
+            raise ValueError(f"option {option!r} is given twice, by {variable} and by {OPTIONS_VARIABLE}; give it once")
+        options[option] = _parse_value(variable, env[variable].strip(), kind)
     log, record_ot = _log_flags(env)
+    if method in (None, "ORIG"):
+        _check_unpruned_setting(ratio, layer_index, options)
+        # The log stays on without pruning: unpruned runs are timed too (patches/generate_timing.py).
+        return PruneConfig(log=log)
     return PruneConfig(
         method=method,
         ratio=ratio,
@@ -198,6 +204,17 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
         dump_dir=env.get("OTPRUNE_DUMP") or None,
         from_environment=True,
     )
+
+
+def _check_unpruned_setting(ratio, layer_index, options: Mapping) -> None:
+    """No pruning (``BASELINE`` unset or ``ORIG``): a ratio or K given anyway must still be one that
+    a method could take (the reference scripts set them on every run), and no option is taken."""
+    if ratio is not None and not 0 < ratio <= 1:
+        raise ValueError(f"SUBSET_RATIO={ratio!r} is not allowed; it must be a number in (0, 1] (BASELINE=ORIG prunes nothing, but the value is checked)")
+    if layer_index < 0:
+        raise ValueError(f"LAYER_INDEX={layer_index!r} is not allowed; it must be an integer >= 0")
+    if options:
+        raise ValueError(f"{OPTIONS_VARIABLE} sets {', '.join(options)}, which BASELINE=ORIG does not take: it prunes nothing and has no options")
 
 
 def _options_json(raw: str) -> dict:

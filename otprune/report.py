@@ -204,7 +204,7 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         "peak_rss_mb": max((r["peak_rss_mb"] for r in done if "peak_rss_mb" in r), default=None),
         "wall_s": sum(r["wall_s"] for _, r in records),
         "failed_invocations": sum(1 for _, r in records if r["status"] != "done"),
-        "codes": [r["code"] for r in done if r.get("code")],
+        "codes": [r.get("code") for r in done],
     }
 
 

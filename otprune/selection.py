@@ -131,10 +131,16 @@ def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, conte
     if not spec.plugin:
         return Kept(spec.function(tokens, k, **context, **options))
     label = f"{spec.kind} plugin {spec.name} ({spec.origin})"
+    # The model reads these tensors after the call; a write shows in a tensor's version counter.
+    inputs = {"tokens": tokens, **{name: value for name, value in context.items() if isinstance(value, torch.Tensor)}}
+    versions = {name: value._version for name, value in inputs.items()}
     try:
         answer = spec.function(tokens, k, **context, **options)
     except Exception as error:
         stop_run(config, f"{label} raised {type(error).__name__}: {error}")
+    written = [name for name, value in inputs.items() if value._version != versions[name]]
+    if written:
+        stop_run(config, f"{label} wrote its input {' and '.join(written)} in place, which the model reads next; work on a copy (tokens.clone())")
     n = tokens.shape[-2]
     if spec.kind == "merger":
         fault = merge_fault(answer, n, k, tokens)

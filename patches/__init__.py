@@ -23,6 +23,11 @@ __all__ = ["activate_from_env", "active_config", "lmms_eval_plugin", "prune"]
 _env_config = PruneConfig()
 
 
+# On import, before any checkpoint loads: lmms-eval's entry point and a script that loads a model
+# after importing otprune both load LLaVA checkpoints whose tower is named inside their folder.
+llava.install_tower_beside_checkpoint()
+
+
 def active_config(model) -> PruneConfig:
     """The model's own setting from :func:`prune`, else the one read from the environment."""
     return getattr(model, "_otprune_config", None) or _env_config

@@ -30,7 +30,7 @@ from otprune.selection import select_per_image
 
 from .grids import image_grids
 from .layers import PrefillState, attach_state
-from .splice import IGNORE_INDEX, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
+from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_FEATURE_KWARGS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
@@ -116,11 +116,7 @@ def _wrap(original, generating: bool):
         check_model(self, config)
         input_ids = kwargs.get("input_ids")
         images = None
-        if input_ids is None and kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
-            raise ValueError(
-                "with pruning on, give the images as pixel_values together with input_ids (the placeholders "
-                "show where each image's tokens go); inputs_embeds or mm_encoder_outputs would go in unpruned"
-            )
+        check_prunable_images(kwargs, ("pixel_values",))
         if kwargs.get("pixel_values") is not None:
             if generating and kwargs.get("attention_mask") is None:
                 kwargs["attention_mask"] = generation_padding(self, kwargs).long()
@@ -225,12 +221,12 @@ def generation_padding(model, kwargs: dict) -> torch.Tensor:
 
 
 def _questions(valid: torch.Tensor, spans) -> list[list[torch.Tensor]]:
-    """Per row, per image, the text positions of its question."""
+    """Per row, per image, the text positions of its question (the row's one question)."""
     visual = torch.zeros_like(valid)
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
             visual[b, start:end] = True
-    return [question_positions(row_spans, valid[b] & ~visual[b]) for b, row_spans in enumerate(spans)]
+    return [[question_positions(visual[b], valid[b])] * len(row_spans) for b, row_spans in enumerate(spans)]
 
 
 def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[list[torch.Tensor]]]:

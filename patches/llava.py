@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 
 import torch
 
@@ -67,6 +68,39 @@ def install_cache_keyword() -> list[str]:
         cls.forward = _forward_taking_cache(cls.forward)
         patched.append(class_name)
     return patched
+
+
+def install_tower_beside_checkpoint() -> bool:
+    """Let an original-LLaVA checkpoint name its vision tower by a path relative to its own folder
+    (the shipped ``configs/otprune_synth/synth-llava-1.5`` names ``vision``); whether it is in.
+
+    LLaVA's ``build_vision_tower`` accepts a local tower only where the path exists as given, so
+    from any working directory but the checkpoint's own such a checkpoint fails to load ("Unknown
+    vision tower"). The wrapper rewrites a relative path that does not exist from the working
+    directory but does inside the checkpoint (``config._name_or_path``) to that absolute path in
+    the config; every other tower name goes to LLaVA unchanged.
+    """
+    try:
+        arch = importlib.import_module("llava.model.llava_arch")
+    except ImportError:
+        return False
+    build = arch.build_vision_tower
+    if getattr(build, "otprune_tower_beside_checkpoint", False):
+        return True
+
+    @functools.wraps(build)
+    def wrapper(config, **kwargs):
+        tower = getattr(config, "mm_vision_tower", None)
+        folder = getattr(config, "_name_or_path", None)
+        if isinstance(tower, str) and folder and not os.path.isabs(tower) and not os.path.exists(tower):
+            beside = os.path.join(folder, tower)
+            if os.path.isdir(beside):
+                config.mm_vision_tower = os.path.abspath(beside)
+        return build(config, **kwargs)
+
+    wrapper.otprune_tower_beside_checkpoint = True
+    arch.build_vision_tower = wrapper
+    return True
 
 
 def _forward_taking_cache(forward):
@@ -209,7 +243,7 @@ def _prepare_pruned(original, model, config, input_ids, position_ids, attention_
     visual = valid & (sources == IGNORE_INDEX)
     batch = input_ids.shape[0]
     spans = spans_by_row(visual_spans(visual, counts), batch)
-    text_after = [question_positions(spans[b], valid[b] & ~visual[b]) for b in range(batch)]
+    text_after = [[question_positions(visual[b], valid[b])] * len(spans[b]) for b in range(batch)]
 
     def restore_labels(kept_sources: torch.Tensor) -> torch.Tensor | None:
         if labels is None:

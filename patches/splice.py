@@ -91,17 +91,32 @@ def padding_side(valid: torch.Tensor, default: str = "right") -> str:
     )
 
 
-def question_positions(spans: list[tuple[int, int]], text: torch.Tensor) -> list[torch.Tensor]:
-    """Per image, the text positions after it up to the next image (before it, if none follow)."""
-    bounds = [end for _, end in spans]
-    starts = [start for start, _ in spans[1:]] + [text.shape[0]]
-    result = []
-    for i, (lo, hi) in enumerate(zip(bounds, starts)):
-        after = text[lo:hi].nonzero().flatten() + lo
-        if after.numel() == 0:
-            after = text[: spans[i][0]].nonzero().flatten()
-        result.append(after)
-    return result
+def check_prunable_images(kwargs: dict, visual_keys: Sequence[str]) -> None:
+    """Raise ``ValueError`` where a pruned call gives its images in a form the patch cannot prune:
+    pixels without ``input_ids`` (whose placeholders show where each image's tokens go), or
+    features the model would insert unseen (``mm_encoder_outputs``)."""
+    has_pixels = any(kwargs.get(key) is not None for key in visual_keys)
+    if has_pixels and kwargs.get("input_ids") is None or kwargs.get("mm_encoder_outputs"):
+        raise ValueError(
+            f"with pruning on, give the images as {' or '.join(visual_keys)} together with input_ids (the placeholders "
+            "show where each image's tokens go); inputs_embeds or mm_encoder_outputs would go in unpruned"
+        )
+
+
+def question_positions(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``(T,)`` long: the positions of a prompt's question, the ``text`` context of each of its images.
+
+    ``visual``, ``valid``: ``(L,)`` bool, one prompt's visual and non-padding positions. The
+    question is the text after the prompt's last image, the same for every image of the prompt
+    (METHOD.md, TRIM: **choice**), so that an image followed by another gets the question and not
+    the separator between them; a prompt ending with an image has its text before the first one.
+    """
+    text = valid & ~visual
+    at = visual.nonzero().flatten()
+    if at.numel() == 0:
+        return text.nonzero().flatten()
+    after = text[int(at[-1]) + 1 :].nonzero().flatten() + int(at[-1]) + 1
+    return after if after.numel() else text[: int(at[0])].nonzero().flatten()
 
 
 def repad(keep: torch.Tensor, side: str, *columns: tuple[torch.Tensor, object]):

@@ -42,11 +42,12 @@ from .grids import image_grids
 from .hf import _as_keywords, _with_full_prompt, decoder, generation_padding, wrap_model_classes
 from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
-from .splice import IGNORE_INDEX, padding_mask, padding_side, question_positions, repad, visual_spans
+from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, visual_spans
 
 QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 ONEVISION_CLASS = "LlavaOnevisionForConditionalGeneration"
 CLASS_NAMES = (*QWEN_CLASSES, ONEVISION_CLASS)
+PIXEL_INPUTS = ("pixel_values", "pixel_values_videos")
 # Inputs that only describe the images and videos: the pruned call gets embeddings instead.
 VISUAL_INPUTS = (
     "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts", "mm_token_type_ids",
@@ -101,8 +102,9 @@ def _wrap(original, generating: bool):
         config = active_config(self)
         if config.enabled:
             check_model(self, config)
+            check_prunable_images(kwargs, PIXEL_INPUTS)
         input_ids = kwargs.get("input_ids")
-        has_visual = kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None
+        has_visual = any(kwargs.get(key) is not None for key in PIXEL_INPUTS)
         if not config.enabled or not has_visual or input_ids is None:
             if input_ids is not None and input_ids.shape[1] > 1:
                 _attach(self, config, None)
@@ -232,33 +234,20 @@ def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Ten
     return [(row, torch.arange(start, end, device=device), selectable, grids) for (row, start, end), (_, selectable, grids) in zip(spans, visual.units)]
 
 
-def _questions(units, text: torch.Tensor) -> list[torch.Tensor]:
-    """Per unit, the text TRIM scores against: ``splice.question_positions`` of its run of adjacent
-    units (a video's frames share the text after the video)."""
-    by_row: dict[int, list[int]] = {}
-    for i, (b, _, _, _) in enumerate(units):
-        by_row.setdefault(b, []).append(i)
-    result: list[torch.Tensor | None] = [None] * len(units)
-    for b, members in by_row.items():
-        members.sort(key=lambda i: int(units[i][1][0]))
-        runs: list[list[int]] = []
-        for i in members:
-            if runs and int(units[runs[-1][-1]][1][-1]) + 1 == int(units[i][1][0]):
-                runs[-1].append(i)
-            else:
-                runs.append([i])
-        spans = [(int(units[run[0]][1][0]), int(units[run[-1]][1][-1]) + 1) for run in runs]
-        for run, positions in zip(runs, question_positions(spans, text[b])):
-            for i in run:
-                result[i] = positions
-    return result
+def _questions(units, full: UnprunedInputs) -> list[torch.Tensor]:
+    """Per unit, the text positions of its prompt's question (``splice.question_positions``)."""
+    rows = {b for b, _, _, _ in units}
+    question = {b: question_positions(full.visual_mask[b] | full.markers[b], full.valid[b]) for b in rows}
+    return [question[b] for b, _, _, _ in units]
 
 
 @dataclass
 class UnprunedInputs:
     """What the unpruned model's LLM would get, over the caller's full ``(B, L)`` sequence:
     ``embeds`` with the visual features scattered in, ``positions`` ``(R, B, L)``, the selection
-    ``units`` (``(row, positions, selectable, grids)``), and Qwen3-VL's per-level DeepStack ``(B, L, d)``."""
+    ``units`` (``(row, positions, selectable, grids)``), Qwen3-VL's per-level DeepStack ``(B, L, d)``,
+    and ``markers`` ``(B, L)``: the text tokens that frame an image (Qwen's vision start and end),
+    part of no question."""
 
     input_ids: torch.Tensor
     valid: torch.Tensor
@@ -267,6 +256,7 @@ class UnprunedInputs:
     visual_mask: torch.Tensor
     units: list[tuple[int, torch.Tensor, bool, tuple | None]]
     deepstack: list[torch.Tensor] | None
+    markers: torch.Tensor
 
 
 def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
@@ -286,7 +276,9 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
             deepstack = deepstack or [embeds.new_zeros(embeds.shape) for _ in visual.deepstack]
             deepstack = [d.masked_scatter(where[..., None], f.to(d.device, d.dtype)) for d, f in zip(deepstack, visual.deepstack)]
         units += _units(input_ids, visual)
-    return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack)
+    frame_ids = [getattr(model.config, name, None) for name in ("vision_start_token_id", "vision_end_token_id")]
+    markers = torch.isin(input_ids, torch.tensor([i for i in frame_ids if i is not None], dtype=input_ids.dtype, device=input_ids.device))
+    return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack, markers)
 
 
 # -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
@@ -301,7 +293,7 @@ def _kept_before_llm(config, full: UnprunedInputs) -> torch.Tensor:
     selectable = [u for u in full.units if u[2]]
     context = {}
     if "text" in config.spec.context:
-        questions = _questions(selectable, full.valid & ~full.visual_mask)
+        questions = _questions(selectable, full)
         context["text"] = [full.embeds[b, q] for (b, _, _, _), q in zip(selectable, questions)]
     if "grid" in config.spec.context:
         context["grid"] = [grids for _, _, _, grids in selectable]
@@ -394,7 +386,7 @@ def _deepstack_injected(model, deepstack):
 def _prefill_state(full: UnprunedInputs) -> PrefillState:
     """Where each selection unit sits, for the layer hooks (each unit is one run of placeholders)."""
     selectable = sorted((u for u in full.units if u[2]), key=lambda u: (u[0], int(u[1][0])))
-    questions = _questions(selectable, full.valid & ~full.visual_mask)
+    questions = _questions(selectable, full)
     spans: list[list[tuple[int, int]]] = [[] for _ in range(full.input_ids.shape[0])]
     text_after: list[list[torch.Tensor]] = [[] for _ in spans]
     grids: list[list] = [[] for _ in spans]

@@ -20,11 +20,11 @@ from otprune.synthetic_benchmark import LEVELS, level_rows, question_rows, task_
 
 PER_KIND = 40
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE = Path("configs") / "otprune_synth"
 
 
 def data_file(kind: str, level: str) -> Path:
-    """Where ``kind``'s rows on ``level`` backgrounds live, relative to the task folder."""
+    """Where ``kind``'s rows on ``level`` backgrounds live, relative to the task folder (a yaml names
+    its data file relative to its own folder, where lmms-eval reads it whatever the working directory)."""
     return Path("data") / ("" if level == "plain" else level) / f"{kind}.jsonl"
 
 
@@ -36,7 +36,7 @@ def level_task(kind: str, level: str) -> str:
         f"include: ../{plain}.yaml\n"
         f"task: {task_name(kind, level)}\n"
         "dataset_kwargs:\n"
-        f"  data_files: {(PACKAGE / data_file(kind, level)).as_posix()}\n"
+        f"  data_files: ../{data_file(kind, level).as_posix()}\n"
     )
 
 
@@ -55,7 +55,7 @@ def write(out_dir: Path, per_kind: int = PER_KIND) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out_dir", nargs="?", default=str(ROOT / PACKAGE))
+    parser.add_argument("out_dir", nargs="?", default=str(ROOT / "configs" / "otprune_synth"))
     parser.add_argument("--per-kind", type=int, default=PER_KIND, help="questions per kind")
     args = parser.parse_args(argv)
     write(Path(args.out_dir), args.per_kind)

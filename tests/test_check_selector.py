@@ -172,6 +172,14 @@ def test_command_exit_status(capsys):
     capsys.readouterr()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_the_command_on_cuda_without_cuda_exits_2_and_reports_no_cuda_result(capsys, json_flag):
+    assert cli.main(["check-selector", "OURS", "--device", "cuda", *json_flag]) == 2
+    captured = capsys.readouterr()
+    assert "--device cuda is not allowed here: torch sees no CUDA GPU" in captured.err and '"device"' not in captured.out
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

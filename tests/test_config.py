@@ -12,6 +12,8 @@ def test_unset_and_orig_mean_no_pruning():
     assert not config_from_env({}).enabled
     assert not config_from_env({"BASELINE": "orig"}).enabled
     assert not config_from_env({"BASELINE": ""}).enabled
+    # The reference scripts set a ratio and K on every run, the unpruned one too.
+    assert not config_from_env({"BASELINE": "ORIG", "SUBSET_RATIO": "0.098", "LAYER_INDEX": "2"}).enabled
 
 
 def test_full_setting_is_read_case_insensitively():
@@ -25,8 +27,6 @@ def test_defaults_and_method_specific_options():
     assert config_from_env({"BASELINE": "VTW", "LAYER_INDEX": "2"}).ratio is None
     # K = 0 withdraws every visual token before the LLM: the no-image control.
     assert config_from_env({"BASELINE": "VTW", "LAYER_INDEX": "0"}) == PruneConfig("VTW", None, 0)
-    # An option for another method is ignored, so one environment can drive a sweep.
-    assert config_from_env({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "1"}).options == {}
     assert config_from_env({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "4"}).options == {"seed": 4}
 
 
@@ -50,6 +50,23 @@ def test_defaults_and_method_specific_options():
         ({"BASELINE": "RANDOM", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "-1"}, r"OTPRUNE_SEED \(seed\) must be an int in \[0, 2\*\*64 - 1\]; got -1"),
         ({"BASELINE": "STP", "SUBSET_RATIO": "0.1", "OTPRUNE_STP_ALPHA": "2"}, r"OTPRUNE_STP_ALPHA \(alpha\) must be a number in \[0, 1\]"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
+        # An option variable of a method that has no such option is refused, as OTPRUNE_OPTIONS is.
+        (
+            {"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "OTPRUNE_GAMMA": "0.5"},
+            r"OTPRUNE_GAMMA='0.5' does not apply to BASELINE=DIVPRUNE: it takes no option 'gamma' \(its options: none\)",
+        ),
+        (
+            {"BASELINE": "CDPRUNER", "SUBSET_RATIO": "0.1", "OTPRUNE_SEED": "3"},
+            r"OTPRUNE_SEED='3' does not apply to BASELINE=CDPRUNER: it takes no option 'seed'",
+        ),
+        ({"BASELINE": "DIVPRUNE", "SUBSET_RATIO": "0.1", "OTPRUNE_OPTIONS": '{"gamma": 0.5}'}, r"option\(s\) gamma do not apply to BASELINE=DIVPRUNE"),
+        # No pruning still checks what is set.
+        ({"BASELINE": "ORIG", "SUBSET_RATIO": "1.5"}, r"SUBSET_RATIO=1.5 is not allowed; it must be a number in \(0, 1\]"),
+        ({"SUBSET_RATIO": "ten"}, r"SUBSET_RATIO='ten' is not allowed; it must be a number"),
+        ({"BASELINE": "ORIG", "LAYER_INDEX": "-2"}, r"LAYER_INDEX=-2 is not allowed"),
+        ({"BASELINE": "ORIG", "OTPRUNE_GAMMA": "0.5"}, r"OTPRUNE_GAMMA='0.5' does not apply to BASELINE=ORIG"),
+        ({"BASELINE": "ORIG", "OTPRUNE_OPTIONS": '{"gamma": 0.5}'}, r"OTPRUNE_OPTIONS sets gamma, which BASELINE=ORIG does not take"),
+        ({"BASELINE": "ORIG", "OTPRUNE_GAMA": "1"}, r"unknown variable\(s\) OTPRUNE_GAMA"),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.1", "OTPRUNE_LOG": "yes"}, r"OTPRUNE_LOG='yes' is not allowed; use 1 \(on\) or 0"),
         (
             {"BASELINE": "DPP", "SUBSET_RATIO": "0.1", "OTPRUNE_GREEDY": "fast"},

@@ -224,6 +224,20 @@ def test_a_pruning_run_without_the_entry_point_fails(tmp_path):
             "an image kept 576 of 576 visual tokens; OURS at ratio 0.098 keeps 56",
         ),
         ({"BASELINE": "OURS", "SUBSET_RATIO": "0.098"}, "loading model\nevaluating", 1, harness_run_check.NO_SELECTION),
+        # A merger keeps 1 <= m <= k: POOL's largest grid that fits 153 on LLaVA-NeXT's 1560 is 152.
+        ({"BASELINE": "POOL", "SUBSET_RATIO": "0.098"}, "otprune POOL: visual tokens 1560->152, 576->56; selector 0.1 ms", 1, None),
+        (
+            {"BASELINE": "POOL", "SUBSET_RATIO": "0.098"},
+            "otprune POOL: visual tokens 1560->154; selector 0.1 ms",
+            1,
+            "an image kept 154 of 1560 visual tokens; POOL a merger at ratio 0.098 keeps between 1 and 153",
+        ),
+        (
+            {"BASELINE": "POOL", "SUBSET_RATIO": "0.098"},
+            "otprune POOL: visual tokens 1560->0; selector 0.1 ms",
+            1,
+            "an image kept 0 of 1560 visual tokens; POOL a merger at ratio 0.098 keeps between 1 and 153",
+        ),
     ],
 )
 def test_pruning_problem(env, log, samples, problem):
@@ -329,6 +343,10 @@ def test_k_comes_from_the_method_key_and_a_models_override(tmp_path):
             {"methods": {"OTPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": None}}}},
             "methods.OTPrune.env.OTPRUNE_GAMMA=None (null) is not allowed; allowed: a string or a number",
         ),
+        (
+            {"methods": {"DivPrune": {"ratios": [0.25], "env": {"OTPRUNE_GAMMA": 0.5}}}},
+            "tiny-llava-1.5 DivPrune: OTPRUNE_GAMMA='0.5' does not apply to BASELINE=DIVPRUNE: it takes no option 'gamma'",
+        ),
         ({"lmms_model": None}, "lmms_model=None (null) is not allowed; allowed: an lmms-eval model name"),
         ({"tasks": TASK}, f"tasks='{TASK}' (str) is not allowed; allowed: a list of task names"),
         ({"group_tasks": "yes"}, "group_tasks='yes' (str) is not allowed; allowed: true, false, or a list of lists of the config's tasks"),
@@ -364,6 +382,17 @@ def test_limits_that_are_not_a_sample_count_are_refused(tmp_path, capsys, limit,
     runs = tmp_path / "runs"
     assert harness_cli.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(runs), "--limit", limit]) == 2
     assert message in capsys.readouterr().err
+    assert not runs.exists()
+
+
+@pytest.mark.parametrize("flag", ["--jobs", "--num-processes"])
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_a_count_flag_below_one_is_refused_naming_flag_and_value(tmp_path, capsys, flag, value):
+    runs = tmp_path / "runs"
+    with pytest.raises(SystemExit) as stop:
+        harness_cli.main([str(write_config(tmp_path / "c.yaml")), "--runs-dir", str(runs), flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: '{value}' is not allowed; give an integer >= 1" in capsys.readouterr().err
     assert not runs.exists()
 
 
@@ -495,9 +524,11 @@ def test_an_error_lmms_eval_logged_fails_the_attempt(tmp_path):
     assert harness_records.finished_tasks(folder) == {TASK}
 
 
-def test_results_of_other_code_are_run_again_unless_kept(tmp_path):
+@pytest.mark.parametrize("other", ["hash edited", "no identity"])
+def test_results_of_other_code_are_run_again_unless_kept(tmp_path, other):
     """A record holds the code identity it ran with; one of other code (here its pruning code's hash
-    edited, as after a change to a default) is not a finished run of this code."""
+    edited, as after a change to a default; or none, an older harness's record) is not a finished
+    run of this code, and where kept it is marked."""
     runs = runs_folder(tmp_path)
     config = write_config(tmp_path / "c.yaml")
     first = subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180)
@@ -506,7 +537,10 @@ def test_results_of_other_code_are_run_again_unless_kept(tmp_path):
     (path,) = folder.glob("otprune_*.json")
     record = json.loads(path.read_text())
     assert set(record["code"]) >= {"otprune", "code_sha256", "torch", "transformers", "lmms_eval"} and record["code"]["code_sha256"]
-    record["code"]["code_sha256"] = "0" * 16
+    if other == "hash edited":
+        record["code"]["code_sha256"] = "0" * 16
+    else:
+        del record["code"]
     path.write_text(json.dumps(record))
     kept = subprocess.run(harness_cmd(config, runs, "--reuse-other-code"), env=fake_env(), capture_output=True, text=True, timeout=180)
     assert "1 runs, 1 finished before, 0 still running elsewhere, 0 to run" in kept.stdout, kept.stdout + kept.stderr
@@ -536,6 +570,35 @@ def test_a_runs_folder_held_from_another_host_is_refused_until_its_lease_runs_ou
     assert json.loads((folder / ".lease.json").read_text())["pid"] == os.getpid()
     held.release()
     assert not (folder / ".lease.json").exists()
+
+
+# The harness, renewing its lease every 0.2 s instead of every RENEW_S.
+QUICK_RENEWAL = "import sys; import otprune.harness.folder_lock as f; f.RENEW_S = 0.2; from otprune.harness import cli; sys.exit(cli.main(sys.argv[1:]))"
+
+
+def test_a_harness_whose_lease_is_taken_over_stops_writing_and_exits_saying_why(tmp_path):
+    """Another host took the lease over (this harness stalled past LEASE_S): this one stops its
+    child, writes nothing more there and exits non-zero, naming the new holder."""
+    runs = runs_folder(tmp_path)
+    config = write_config(tmp_path / "c.yaml")
+    argv = [sys.executable, "-c", QUICK_RENEWAL, *harness_cmd(config, runs)[4:]]
+    first = subprocess.Popen(argv, env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (child,) = wait_for(lambda: child_files(runs), 60, "the harness's child")
+        pid = json.loads(child.read_text())["pid"]
+        lease = runs / "c" / ".lease.json"
+        taken = {"host": "node-b", "pid": 4242, "started": "2026-12-07 12:00:00", "renewed": time.time()}
+        lease.write_text(json.dumps(taken))
+        out, err = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode != 0
+    assert f"error: the lease of {runs / 'c'} was taken over by another harness (host node-b, pid 4242" in err
+    assert "stops submitting and writing there now" in err
+    wait_for(lambda: not alive(pid), 15, "the child to end")
+    # Nothing written after the take-over: no record of the stopped attempt; the new holder's lease stays.
+    assert not list((runs / "c").rglob("otprune_*.json"))
+    assert json.loads(lease.read_text()) == taken
 
 
 def test_a_lease_of_a_dead_harness_on_this_host_is_taken_over(tmp_path):
@@ -569,7 +632,8 @@ def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_d
 
     def status() -> list[str]:
         shown = subprocess.run([sys.executable, "-m", "otprune", "status", str(runs / "c")], capture_output=True, text=True, timeout=60)
-        assert shown.returncode == 0, shown.stderr
+        # Non-zero where a run failed, as `otprune run` exits.
+        assert shown.returncode == (1 if "failed" in shown.stdout.splitlines()[-1] else 0), shown.stderr
         return shown.stdout.splitlines()
 
     first = subprocess.Popen(harness_cmd(config, runs), env=fake_env(FAKE_LMMS="sleep"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -585,5 +649,6 @@ def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_d
         first.kill()
     lines = status()
     assert lines[0].startswith("failed      tiny-llava-1.5/Original_1 otprune_smoke_vqa  (stopped with the harness (SIGTERM to the harness); log: ")
+    assert lines[-1] == "1 failed, 1 not started"
     assert subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180).returncode == 0
     assert status()[-1] == "2 done"

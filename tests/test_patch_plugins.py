@@ -54,6 +54,17 @@ def select_recording_attention(tokens, k, *, text, grid, layer_index, attention)
     return torch.arange(k, device=tokens.device)
 
 
+def select_normalising_in_place(tokens, k):
+    """A common slip: normalising the tokens it was handed, in place."""
+    tokens /= tokens.norm(dim=-1, keepdim=True)
+    return torch.arange(k, device=tokens.device)
+
+
+def select_writing_the_question(tokens, k, *, text):
+    text.zero_()
+    return torch.arange(k, device=tokens.device)
+
+
 def merge_windows(tokens, k):
     """k windows along the token axis (torch.tensor_split), each merged into its mean, placed at its centre."""
     windows = torch.arange(tokens.shape[0], device=tokens.device).tensor_split(k)
@@ -100,6 +111,8 @@ RECORDATT = otprune_test_plugins:select_recording_attention
 UNSORTED = otprune_test_plugins:select_unsorted
 UNIFORMBATCH = otprune_test_plugins:select_uniform_batch
 GRIDONLY = otprune_test_plugins:select_needing_grid
+INPLACE = otprune_test_plugins:select_normalising_in_place
+TEXTWRITER = otprune_test_plugins:select_writing_the_question
 
 [otprune.mergers]
 WINDOWS = otprune_test_plugins:merge_windows
@@ -229,6 +242,7 @@ class OriginalLlava(Family):
         with torch.no_grad():
             full = self.model.prepare_inputs_labels_for_multimodal(ids, None, inputs["attention_mask"], None, None, pixel, [image.size])[4]
         self.n = full.shape[1] - (ids.shape[1] - 1)
+        self.question_start = self.start + self.n
 
     def generate_inputs(self):
         # LLaVA's own generate takes the prompt as ``inputs``.
@@ -247,10 +261,13 @@ class HfModel(Family):
         inputs = processor(images=[image], text=[prompt], return_tensors="pt")
         placeholders = (inputs["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
         super().__init__(name, model, dict(inputs), int(placeholders[0]), placeholders.numel())
+        # Qwen frames an image with vision start and end tokens: the question begins after the end.
+        after = int(inputs["input_ids"][0, self.start + self.n])
+        self.question_start = self.start + self.n + int(after == getattr(model.config, "vision_end_token_id", None))
 
     def text_embeddings(self):
         with torch.no_grad():
-            return self.model.get_input_embeddings()(self.inputs["input_ids"][0, self.start + self.n :])
+            return self.model.get_input_embeddings()(self.inputs["input_ids"][0, self.question_start :])
 
 
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
@@ -457,7 +474,7 @@ def test_a_plugin_gets_its_context_before_the_llm(request, plugins, name):
     if name.startswith("qwen"):
         assert seen["grid"][0].rows * seen["grid"][0].cols == fam.n
     assert torch.equal(seen["text"], fam.text_embeddings())
-    assert torch.equal(seen["text"], full[fam.start + fam.n :])
+    assert torch.equal(seen["text"], full[fam.question_start :])
 
 
 def eager_last_token_attention(fam, layer):
@@ -487,7 +504,7 @@ def test_a_plugin_gets_its_context_inside_the_llm(request, plugins, name):
     assert torch.equal(seen["tokens"], hidden[fam.start : fam.start + fam.n])
     assert seen["grid"] == expected_grid(fam)
     # The question's hidden states entering layer K, as the image's tokens are.
-    assert torch.equal(seen["text"], hidden[fam.start + fam.n :])
+    assert torch.equal(seen["text"], hidden[fam.question_start :])
     got = seen["attention"]
     assert got.shape == (fam.n,) and bool((got >= 0).all()) and float(got.sum()) <= 1 + 1e-6
     assert torch.allclose(got, attention, atol=1e-5)
@@ -562,6 +579,55 @@ def test_each_image_of_a_onevision_multi_image_prompt_is_its_base_grid_and_a_lon
             assert tokens.shape[0] == side * side + 1
             grids.append(seen["grid"])
     assert grids == [(PatchGrid(0, side, side),)] * 4
+
+
+TWO_IMAGES_TAIL = "\nWhat is in the image? ASSISTANT:"
+
+
+def two_images_then_question(request, name):
+    """``name`` with a prompt of two images, then the question ``TWO_IMAGES_TAIL`` (no chat
+    template: the text after the last image is exactly that string), and the question tokenised
+    on its own."""
+    images = [make_image(500, 300, 33), make_image(300, 500, 34)]
+    if name == "llava-1.5":
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        tokenizer, model, processor = request.getfixturevalue("original_models")[name]
+        prompt = "USER: <image>\n<image>" + TWO_IMAGES_TAIL
+        ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+        pixel = torch.stack([processor.preprocess(im, return_tensors="pt")["pixel_values"][0] for im in images])
+        inputs = dict(input_ids=ids, images=pixel, image_sizes=[im.size for im in images], attention_mask=torch.ones_like(ids))
+        question = tokenizer(TWO_IMAGES_TAIL, add_special_tokens=False).input_ids
+        return Family(name, model, inputs, None, None), torch.tensor(question), model.get_model().embed_tokens
+    processor, model = request.getfixturevalue("qwen_model") if name == "qwen2.5-vl" else request.getfixturevalue("hf_models")[name]
+    image = "<|vision_start|><|image_pad|><|vision_end|>" if name == "qwen2.5-vl" else "<image>"
+    inputs = processor(images=images, text=["USER: " + image + "\n" + image + TWO_IMAGES_TAIL], return_tensors="pt")
+    question = processor.tokenizer(TWO_IMAGES_TAIL, add_special_tokens=False).input_ids
+    return Family(name, model, dict(inputs), None, None), torch.tensor(question), model.get_input_embeddings()
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf", "qwen2.5-vl"])
+def test_every_image_of_a_prompt_gets_the_question_after_its_last_image(request, plugins, name):
+    fam, question, embed = two_images_then_question(request, name)
+    if name != "llava-1.5":
+        assert fam.inputs["input_ids"][0, -question.numel() :].tolist() == question.tolist()
+    patches.prune(fam.model, "RECORD", RATIO)
+    fam.forward()
+    assert len(plugins["SEEN"]) == 2
+    with torch.no_grad():
+        expected = embed(question)
+    for seen in plugins["SEEN"]:
+        assert torch.equal(seen["text"], expected)
+    # Inside the LLM: the question's hidden states entering layer K, for both images alike.
+    reset(fam.model)
+    hidden, _, _ = fam.layer_inputs(2)
+    plugins["SEEN"].clear()
+    patches.prune(fam.model, "RECORD", RATIO, layer_index=2)
+    fam.forward()
+    assert len(plugins["SEEN"]) == 2
+    for seen in plugins["SEEN"]:
+        assert torch.equal(seen["text"], hidden[-question.numel() :])
 
 
 def qwen_video(processor, model, t, h, w, seed):
@@ -677,6 +743,16 @@ def test_a_plugin_returning_unsorted_indices_is_stopped(request, plugins, name, 
             fam.forward()
     finally:
         patches.activate_from_env({})
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf", "qwen2.5-vl"])
+def test_a_plugin_writing_its_input_in_place_is_stopped_before_the_model_reads_it(request, plugins, name, layer_index):
+    fam = family(request, name, image_seed=9)
+    for method, written in (("INPLACE", "tokens"), ("TEXTWRITER", "text")):
+        patches.prune(fam.model, method, RATIO, layer_index=layer_index)
+        with pytest.raises(PluginFault, match=f"selector plugin {method} \\(otprune-test-plugins 0.1\\) wrote its input {written} in place"):
+            fam.forward()
 
 
 def test_a_plugin_fault_from_the_environment_stops_even_after_the_same_setting_in_code(request, plugins):

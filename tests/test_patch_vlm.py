@@ -72,6 +72,14 @@ def image_runs(model, input_ids):
     return runs
 
 
+def question(model, inputs, full, row, after):
+    """Row ``row``'s question: its text after position ``after - 1`` (the end of its last image),
+    past Qwen's vision end token, padding left out."""
+    ids = inputs["input_ids"][row]
+    start = after + int(int(ids[after]) == getattr(model.config, "vision_end_token_id", None))
+    return full[row, start:][inputs["attention_mask"][row, start:].bool()]
+
+
 def expected_kept(model, inputs, full, method):
     """Per row, the positions an independent selection keeps: all text plus each image's picks."""
     kept = []
@@ -79,8 +87,8 @@ def expected_kept(model, inputs, full, method):
         keep = inputs["attention_mask"][b].bool().clone()
         for run in row_runs:
             keep[run] = False
+        options = {"text": question(model, inputs, full, b, int(row_runs[-1][-1]) + 1)} if method == "TRIM" else {}
         for run in row_runs:
-            options = {"text": full[b, run[-1] + 1 :][inputs["attention_mask"][b, run[-1] + 1 :].bool()]} if method == "TRIM" else {}
             keep[run[SELECTORS[method](full[b, run], budget(RATIO, run.numel()), **options)]] = True
         kept.append(keep.nonzero().flatten())
     return kept
@@ -409,14 +417,14 @@ def test_trim_scores_every_video_frame_against_the_question_after_the_video(mode
     inputs = qwen_video_inputs(processor, model, (2, 8, 8), seed=20)  # a seed where the text before the video picks otherwise
     full = llm_embeds(model, inputs)[0]
     video = (inputs["input_ids"][0] == model.config.video_token_id).nonzero().flatten()
-    question = full[int(video[-1]) + 1 :]
+    text = question(model, inputs, full[None], 0, int(video[-1]) + 1)
     per_frame = 16
     patches.prune(model, "TRIM", RATIO)
     pruned = llm_embeds(model, inputs)[0]
     start = int(video[0])
     for frame in range(2):
         positions = video[frame * per_frame : (frame + 1) * per_frame]
-        picks = SELECTORS["TRIM"](full[positions], budget(RATIO, per_frame), text=question)
+        picks = SELECTORS["TRIM"](full[positions], budget(RATIO, per_frame), text=text)
         kept = pruned[start + frame * budget(RATIO, per_frame) :][: picks.numel()]
         assert torch.equal(kept, full[positions[picks]])
 
@@ -431,3 +439,16 @@ def test_layer_k_batch_with_padding_generates_as_each_alone(models, variant):
     together = generate(model, inputs_for(processor, questions, images))
     for row, expected in enumerate(alone):
         assert together[row, -5:].tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("variant", FAMILIES)
+def test_images_given_in_a_form_the_patch_cannot_prune_are_refused(models, variant):
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 16)]])
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    patches.prune(model, "OURS", RATIO)
+    with pytest.raises(ValueError, match="give the images as pixel_values or pixel_values_videos together with input_ids"):
+        model(inputs_embeds=embeds, **inputs)
+    # Pruning off: the model's own handling, unchanged.
+    model._otprune_config = None
+    assert model(inputs_embeds=embeds, **inputs).logits.shape[1] == embeds.shape[1]

@@ -179,7 +179,7 @@ def tiny_runs(tmp_path: Path, tasks: list[str]) -> tuple[Path, Path]:
 
 def states(runs_dir: Path) -> dict[str, str]:
     shown = otprune("status", str(runs_dir), timeout=120)
-    assert shown.returncode == 0, shown.stderr
+    assert shown.returncode == (1 if "failed" in shown.stdout.splitlines()[-1] else 0), shown.stderr
     return {line.split()[2]: line.split()[0] for line in shown.stdout.splitlines()[:-1]}
 
 
@@ -217,7 +217,7 @@ def test_a_failing_job_is_reported_failed_with_its_log(cluster, tmp_path):
     assert "no results file for otprune_smoke_vqa" in line and log.is_file() and log.name == "lmms_eval.log"
     assert "Traceback" in log.read_text() or "Error" in log.read_text()
     shown = otprune("status", str(runs / "two_limit1"), timeout=120)
-    assert shown.stdout.startswith("failed ") and f"log: {log}" in shown.stdout
+    assert shown.returncode == 1 and shown.stdout.startswith("failed ") and f"log: {log}" in shown.stdout
 
 
 def test_a_requeued_job_runs_its_attempt_again_and_finishes(cluster, tmp_path):
@@ -236,3 +236,32 @@ def test_a_requeued_job_runs_its_attempt_again_and_finishes(cluster, tmp_path):
     records = [json.loads(p.read_text()) for p in folder.glob("otprune_*.json")]
     done = [r for r in records if r["status"] == "done"]
     assert len(done) == 1 and done[0]["slurm_job_id"] == job and done[0]["samples"] == {"otprune_smoke_vqa": 2}
+
+
+def test_another_users_job_in_a_shared_runs_folder_is_not_taken_for_ended(cluster, tmp_path):
+    """A runs folder shared by two users: the job one of them submitted is asked for by its id, so
+    the other sees it queued or running, and does not submit it again."""
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("submitting as another user needs root and runuser")
+    config, runs = tiny_runs(tmp_path, ["otprune_smoke_vqa"])
+    label = runs / "two_limit2"
+    submitted = otprune("run", str(config), "--limit", "2", "--executor", "slurm", "--runs-dir", str(runs), env=fake_env(FAKE_LMMS="sleep"))
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    (path,) = label.glob("*/*/job_*.json")
+    submission = json.loads(path.read_text())
+    subprocess.run(["scancel", submission["job_id"]], check=True, timeout=60)
+    # The other user's job, standing in for the submission the folder records.
+    theirs = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "sbatch", "--parsable", "--output=/dev/null", "--wrap", "sleep 300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.strip()
+    try:
+        path.write_text(json.dumps({**submission, "job_id": theirs}))
+        assert set(states(label).values()) <= {"queued", "running"}, states(label)
+        again = otprune("run", str(config), "--limit", "2", "--executor", "slurm", "--runs-dir", str(runs), env=fake_env())
+        assert again.returncode == 0 and f"Slurm job {theirs}" in again.stdout and "submitted " not in again.stdout, again.stdout + again.stderr
+    finally:
+        subprocess.run(["scancel", theirs], timeout=60)

@@ -23,14 +23,20 @@ def checkpoint(model: str, runs_root: Path) -> str:
     spec = MODELS[model]
     if spec.tiny is None:
         return model
-    folder = runs_root / "checkpoints" / model
+    folder = Path(checkpoint_path(model, runs_root))
     folder.parent.mkdir(parents=True, exist_ok=True)
     with open(folder.parent / ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         stale = spec.trained and (not (folder / WEIGHTS).is_file() or sha256(folder / WEIGHTS) != trained_weights_sha256(model))
         if stale or not (folder / "otprune_tiny.json").exists():
             tiny_builder().build(folder, spec.tiny)
-    return str(folder.resolve())
+    return str(folder)
+
+
+def checkpoint_path(model: str, runs_root: Path) -> str:
+    """What lmms-eval is given as ``pretrained=`` for ``model``, without building anything: the hub
+    id, or the absolute path of its tiny checkpoint under RUNS/checkpoints."""
+    return model if MODELS[model].tiny is None else str((runs_root / "checkpoints" / model).resolve())
 
 
 def trained_weights_sha256(model: str) -> str:

@@ -33,14 +33,14 @@ from pathlib import Path
 
 from otprune import stack
 from otprune.harness.attempt import Attempt
-from otprune.harness.catalogue import MODELS, model_label
-from otprune.harness.checkpoints import checkpoint, quiet_torchvision_hint
+from otprune.harness.catalogue import MODELS
+from otprune.harness.checkpoints import checkpoint, checkpoint_path, quiet_torchvision_hint
 from otprune.harness.code_identity import describe_copy, otprune_copy
 from otprune.harness.config import EXECUTORS, Config, load_config
 from otprune.harness.errors import ConfigError
 from otprune.harness.executors.local import run_local
-from otprune.harness.executors.slurm import SlurmOptions, SubmissionFailed, active_job, run_slurm, scheduler_jobs, slurm_parameters
-from otprune.harness.files import write_atomically
+from otprune.harness.executors.slurm import SlurmOptions, SubmissionFailed, active_job, recorded_job_ids, run_slurm, scheduler_jobs, slurm_parameters
+from otprune.harness.files import LeaseLost, write_atomically
 from otprune.harness.folder_lock import FolderBusy, lock_runs_folder
 from otprune.harness.plan import Run, check_paths, check_setting, child_env, command, pending_runs, plan_runs
 from otprune.harness.prerequisites import default_config, prerequisites
@@ -66,11 +66,22 @@ def check_limit(limit: int | None) -> None:
         raise ConfigError(f"--limit {limit} is not allowed: it {meaning}; give N >= 1 samples per task, or omit --limit for a full run")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the flag with the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give an integer >= 1")
+    return value
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="otprune run", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="a name in configs/ or a .yaml path (default: see above)")
-    parser.add_argument("--num-processes", type=int, help="lmms-eval processes per run, one per GPU (accelerate launch)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at once (local executor, CPU only; timings then share the cores)")
+    parser.add_argument("--num-processes", type=positive_int, help="lmms-eval processes per run, one per GPU (accelerate launch)")
+    parser.add_argument("--jobs", type=positive_int, default=1, help="runs at once (local executor, CPU only; timings then share the cores)")
     parser.add_argument("--limit", type=int, help="samples per task (lmms-eval --limit), for a quick look; goes to RUNS/<config>_limitN")
     parser.add_argument("--runs-dir", default=str(DEFAULT_RUNS), help=f"where <config>/... go (default: {DEFAULT_RUNS})")
     parser.add_argument("--dry-run", action="store_true", help="print the plan, its size and the commands; run nothing")
@@ -149,10 +160,7 @@ def main(argv=None) -> int:
         return 2
     for note in config.notes:
         print(f"note: {note}")
-    num_processes = args.num_processes or config.num_processes
-    if num_processes < 1 or args.jobs < 1:
-        print("error: --num-processes and --jobs must be >= 1", file=sys.stderr)
-        return 2
+    num_processes = config.num_processes if args.num_processes is None else args.num_processes
     if executor == "slurm" and args.jobs > 1:
         print("error: --jobs is the local executor's; with --executor slurm, --slurm-max-parallel caps the jobs at once", file=sys.stderr)
         return 2
@@ -172,8 +180,7 @@ def main(argv=None) -> int:
         for line in plan_size(runs, pending, args.limit):
             print(line)
         for i, run in enumerate(pending, 1):
-            pretrained = model_label(run.model) if MODELS[run.model].tiny else run.model
-            cmd = command(config, run, pretrained, num_processes, args.limit, run.folder / "attempts" / "<stamp>")
+            cmd = command(config, run, checkpoint_path(run.model, runs_root), num_processes, args.limit, run.folder / "attempts" / "<stamp>")
             print(f"[{i}/{len(pending)}] {' '.join(f'{k}={v}' for k, v in run.env.items())} {' '.join(cmd)}")
         return 0
     try:
@@ -189,6 +196,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return _run_locked(config, runs, label_dir, runs_root, num_processes, executor, options, args)
+    except LeaseLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(
             f"error: {error.filename or label_dir}: {error.strerror}; check that the runs folder is writable "
@@ -221,7 +231,7 @@ def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, boo
     }
     if executor == "slurm" or any(any(run.folder.glob("job_*.json")) for run in runs):
         # Without the scheduler's answer a queued run would be submitted twice: stop instead.
-        jobs = scheduler_jobs()
+        jobs = scheduler_jobs(recorded_job_ids({run.folder for run in runs}))
         for run in runs:
             job = active_job(run.folder, run.tasks, jobs)
             if job:

@@ -1,5 +1,6 @@
 """Which otprune a child imports, and the identity of the code that decides its results: the
-pruning code's content hash and the versions of torch, transformers, lmms-eval and llava-torch (the
+content hash of the files a run loads (otprune.harness.loaded_code: otprune's modules it imports,
+the task folders) and the versions of torch, transformers, lmms-eval and llava-torch (the
 ones compared, otprune.harness.records.CODE_KEYS), with otprune's version for the reader, all as
 the child's interpreter sees them. Every record holds it; a record of other
 code is not taken for a finished run of this one (otprune.harness.records.same_code)."""
@@ -10,30 +11,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from otprune.harness import resources
 
-# The modules whose source decides what a pruned run computes (the packages otprune.patches and
-# otprune.plugins: every file of them). An outside plugin's package is named in the run's setting.
-PRUNING_CODE = (
-    "otprune.patches",
-    "otprune.plugins",
-    "otprune.methods",
-    "otprune.contract",
-    "otprune.selectors",
-    "otprune.selection",
-    "otprune.prune_config",
-    "otprune.measures",
-    "otprune.sample_timer",
-    "otprune.greedy_triton",
-    "otprune.checks",
-    "otprune.stack",
-)
-
-_PROBE = (
-    f"MODULES = {PRUNING_CODE!r}\n"
-    + """
-import hashlib, importlib.metadata as md, importlib.util, json, pathlib
+_PROBE = """
+import importlib.metadata as md, importlib.util, json, pathlib, sys
 eps = [e.value for e in md.entry_points(group="lmms_eval.models") if e.name == "otprune"]
 def origin(name):
     try:
@@ -46,22 +29,11 @@ def version(name):
         return md.version(name)
     except md.PackageNotFoundError:
         return None
-def code_sha256():
-    # The code that decides a run's result: the patches and the otprune modules they import.
-    files = []
-    for name in MODULES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            return None
-        folder = pathlib.Path(spec.origin).parent
-        files += sorted(folder.glob("*.py")) if name in ("otprune.patches", "otprune.plugins") else [pathlib.Path(spec.origin)]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode() + b"\\0" + path.read_bytes() + b"\\0")
-    return digest.hexdigest()[:16]
 try:
-    code = code_sha256()
-except (ImportError, OSError):
+    # The child's own otprune tells which of its files decide a run (an older one cannot: None).
+    from otprune.harness.loaded_code import code_sha256
+    code = code_sha256(pathlib.Path(folder) for folder in sys.argv[1:])
+except (ImportError, OSError, SyntaxError):
     code = None
 print(json.dumps({"entry_point": eps[0] if eps else None, "otprune": origin("otprune"),
                   "patches": origin("otprune.patches"), "version": version("otprune"),
@@ -69,14 +41,20 @@ print(json.dumps({"entry_point": eps[0] if eps else None, "otprune": origin("otp
                            "transformers": version("transformers"), "lmms_eval": version("lmms_eval"),
                            "llava": version("llava-torch")}}))
 """
-)
+
+
+def task_folders() -> list[Path]:
+    """The task folders a child's lmms-eval may read (each ``include_path`` of the task catalogue)."""
+    return sorted({resources.ROOT / spec["include_path"] for spec in resources.load_catalogue().values() if "include_path" in spec})
 
 
 def otprune_copy(env: dict) -> dict:
     """Which otprune a child started with ``env`` imports, its version and entry point, and the
     checkout's commit (``+dirty`` with uncommitted changes; None when not run from a checkout)."""
     try:
-        probe = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=resources.ROOT, capture_output=True, text=True, timeout=120)
+        probe = subprocess.run(
+            [sys.executable, "-c", _PROBE, *map(str, task_folders())], env=env, cwd=resources.ROOT, capture_output=True, text=True, timeout=120
+        )
         info = json.loads(probe.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, IndexError, json.JSONDecodeError):
         info = {"entry_point": None, "otprune": None, "patches": None, "version": None, "code": None}

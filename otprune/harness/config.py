@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from otprune import prune_config
 from otprune.harness import resources
 from otprune.harness.catalogue import MODELS, RATIO_FREE, baseline, method_labels, ratio_label
 from otprune.harness.errors import ConfigError
@@ -44,7 +45,7 @@ METHOD_OWNED = {
 }
 # What a config's env may set: selector options, and variables that change no code the child loads.
 # Anything else (PYTHONPATH, LD_PRELOAD, ...) could run foreign code inside the child.
-OPTION_VARIABLES = ("OTPRUNE_GAMMA", "OTPRUNE_SEED", "OTPRUNE_STP_ALPHA", "OTPRUNE_TRIM_KEEP_RATIO", "OTPRUNE_GREEDY", "OTPRUNE_OT")
+OPTION_VARIABLES = (*prune_config.OPTION_VARIABLES, "OTPRUNE_OT")
 HARMLESS_VARIABLES = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",

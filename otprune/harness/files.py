@@ -9,8 +9,26 @@ import threading
 from pathlib import Path
 
 
+class LeaseLost(OSError):
+    """A write under a runs folder whose lease another harness took over (otprune.harness.folder_lock)."""
+
+
+# Runs folders this process no longer holds -> why: nothing more is written under them.
+_LOST: dict[Path, str] = {}
+
+
+def refuse_writes_under(folder: Path, why: str) -> None:
+    """From now on, :func:`write_atomically` under ``folder`` raises :class:`LeaseLost` with ``why``."""
+    _LOST[Path(folder).resolve()] = why
+
+
 def write_atomically(path: Path, text: str) -> None:
-    """Readers see the old file or the whole new one, never a part (a crash leaves a hidden .tmp)."""
+    """Readers see the old file or the whole new one, never a part (a crash leaves a hidden .tmp).
+    Raises :class:`LeaseLost` under a runs folder whose lease this process lost."""
+    target = Path(path).resolve()
+    for folder, why in list(_LOST.items()):
+        if target.is_relative_to(folder):
+            raise LeaseLost(f"not writing {path}: {why}")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text)

@@ -13,13 +13,14 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
-from otprune.harness.files import read_results, write_atomically
+from otprune.harness.files import read_results, refuse_writes_under, write_atomically
 
 LEASE_S = 120.0
 RENEW_S = 20.0
@@ -68,6 +69,7 @@ class FolderLock:
         except BaseException:
             self.handle.close()
             raise
+        self.lost: str | None = None
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew, daemon=True)
         self._renewer.start()
@@ -93,16 +95,22 @@ class FolderLock:
         while not self._stop.wait(RENEW_S):
             holder = read_results(self.lease_path)
             if (holder.get("host"), holder.get("pid")) != (self.me["host"], self.me["pid"]):
-                print(
-                    f"warning: the lease of {self.lease_path.parent} was taken over ({_holder(holder)}): two harnesses may now write there",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                self._lose(holder)
                 return
             try:
                 write_atomically(self.lease_path, json.dumps({**self.me, "renewed": time.time()}) + "\n")
             except OSError as error:
                 print(f"warning: cannot renew the lease {self.lease_path} ({error.strerror}); trying again in {RENEW_S:.0f} s", file=sys.stderr, flush=True)
+
+    def _lose(self, holder: dict) -> None:
+        """Another harness took the lease over (this one stalled past ``LEASE_S``): from now on it
+        writes nothing there, and the process stops as on SIGTERM (the local executor stops its
+        children; without a handler the process ends), so that one harness writes, not two."""
+        folder = self.lease_path.parent
+        self.lost = f"the lease of {folder} was taken over by another harness ({_holder(holder)})"
+        refuse_writes_under(folder, self.lost)
+        print(f"error: {self.lost}; this harness stops submitting and writing there now. Its finished runs are kept", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def release(self) -> None:
         self._stop.set()

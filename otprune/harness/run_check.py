@@ -58,11 +58,19 @@ def pruning_problem(env: dict, log: dict, samples: int) -> str | None:
     others = [m for m in log["logged_methods"] if m != config.method]
     if others:
         return f"the log shows a selection by {', '.join(others)}, not {config.method}"
+    merger = config.method != "VTW" and config.spec.kind == "merger"
     for before, after in log["visual_tokens"]:
         expected = 0 if config.method == "VTW" else budget(config.ratio, before)
-        if after != expected:
-            rule = "keeps none" if config.method == "VTW" else f"at ratio {config.ratio:g} keeps {expected}"
-            return f"an image kept {after} of {before} visual tokens; {config.method} {rule}"
+        # A merger keeps 1 <= m <= k tokens (POOL: the largest grid that fits the budget).
+        if (1 <= after <= expected) if merger else after == expected:
+            continue
+        if config.method == "VTW":
+            rule = "keeps none"
+        elif merger:
+            rule = f"a merger at ratio {config.ratio:g} keeps between 1 and {expected}"
+        else:
+            rule = f"at ratio {config.ratio:g} keeps {expected}"
+        return f"an image kept {after} of {before} visual tokens; {config.method} {rule}"
     if len(log["visual_tokens"]) < samples:
         return f"{samples} samples evaluated but only {len(log['visual_tokens'])} images' selections logged"
     return None

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from otprune.harness.code_identity import current_code
-from otprune.harness.executors.slurm import active_job, job_path, scheduler_jobs
+from otprune.harness.executors.slurm import active_job, job_path, recorded_job_ids, scheduler_jobs
 from otprune.harness.files import read_results
 from otprune.harness.processes import stale_children
 from otprune.harness.records import finished_tasks, load_records
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         print(f"error: {runs_dir} holds no runs of this harness (no plan.json, no run folder with records)", file=sys.stderr)
         return 2
     try:
-        jobs = scheduler_jobs() if any(runs_dir.glob("*/*/job_*.json")) else {}
+        jobs = scheduler_jobs(recorded_job_ids(runs_dir.glob("*/*")))
     except RuntimeError as error:
         print(f"warning: {error}; Slurm jobs are shown as ended", file=sys.stderr)
         jobs = {}
@@ -105,7 +105,8 @@ def main(argv=None) -> int:
         name = f"{item['folder'].relative_to(runs_dir)} {','.join(item['tasks'])}"
         print(f"{state:<11} {name}" + (f"  ({detail})" if detail else ""))
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
-    return 0
+    # As `otprune run`: a failed run is an exit status a script can see.
+    return 1 if counts.get("failed") else 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from otprune.harness.attempt import Attempt, execute
 from otprune.harness.executors import Outcome
+from otprune.harness.files import LeaseLost
 from otprune.harness.plan import describe
 from otprune.harness.processes import Children
 
@@ -42,6 +43,8 @@ def run_local(attempts: list[Attempt], jobs: int) -> Outcome:
             print(f"[{index}/{len(attempts)}] {describe(run)} ...", end=" ", flush=True)
         try:
             record = execute(attempt, children)
+        except LeaseLost:
+            return  # another harness holds the folder now; the lock said so and stops this one
         except OSError as error:
             print(f"FAILED: {error.filename or run.folder}: {error.strerror}; check that the runs folder is writable and has free space", flush=True)
             outcome.failed.append(attempt)

@@ -14,7 +14,6 @@ and each submission is written to ``job_<tasks>.json`` in the run folder, so tha
 from __future__ import annotations
 
 import dataclasses
-import getpass
 import json
 import shlex
 import shutil
@@ -104,12 +103,25 @@ class SlurmAttempt:
         return submitit.helpers.DelayedSubmission(SlurmAttempt(self.attempt))
 
 
-def scheduler_jobs() -> dict[str, dict]:
-    """This user's jobs Slurm still holds: ``{job id: {state, elapsed}}`` (array tasks as ``A_i``)."""
+def recorded_job_ids(folders) -> list[str]:
+    """The job ids the submissions in run ``folders`` recorded (``job_*.json``)."""
+    return sorted({str(read_results(path).get("job_id")) for folder in folders for path in Path(folder).glob("job_*.json")} - {"None"})
+
+
+def scheduler_jobs(job_ids) -> dict[str, dict]:
+    """Of ``job_ids`` (the ones this runs folder recorded), those Slurm still holds: ``{job id:
+    {state, elapsed}}`` (array tasks as ``A_i``). Asked by id, not by user: in a shared runs folder
+    another user's job is still running, not ended."""
+    ids = sorted({str(job_id) for job_id in job_ids})
+    if not ids:
+        return {}
     if shutil.which("squeue") is None:
         raise RuntimeError("squeue is not on PATH: the Slurm client is not installed here")
-    done = subprocess.run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%M"], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
+        # squeue refuses a list of which Slurm holds none any more: all of them have ended.
+        if "Invalid job id" in done.stderr:
+            return {}
         raise RuntimeError(f"squeue failed: {done.stderr.strip() or done.returncode}")
     jobs = {}
     for line in done.stdout.splitlines():
@@ -191,7 +203,7 @@ def run_slurm(attempts: list[Attempt], options: SlurmOptions, folder: Path, wait
     last = {}
     while True:
         try:
-            jobs = scheduler_jobs()
+            jobs = scheduler_jobs(submitted)
         except RuntimeError as error:
             print(f"warning: {error}; asking again in {poll_s:.0f} s", file=sys.stderr, flush=True)
             time.sleep(poll_s)
