@@ -2,9 +2,9 @@
 tokens to drop before each LLM layer, fitted to a prefill-FLOPs budget from attention statistics.
 
 **Statistics** (a calibration's JSON, ``otprune calibrate fitprune``): per calibration sample its
-text tokens and, per layer ``l`` of the unpruned model, each visual token's ``cross`` weight (the
-mean attention the question's tokens pay it) and ``self`` weight (the mean attention the image's
-tokens pay it), mean over heads.
+text tokens and, per layer ``l`` of the unpruned model but its last (a drop after the last layer
+saves nothing), each visual token's ``cross`` weight (the mean attention the question's tokens pay
+it) and ``self`` weight (the mean attention the image's tokens pay it), mean over heads.
 
 **The fit**, for a share ``alpha`` of attention a layer may lose: layer by layer, while the mean
 forecast prefill FLOPs (what the layers so far cost, plus the rest at the current counts) exceed
@@ -19,8 +19,9 @@ layer ``l + 1``. A binary search on ``alpha`` in ``[0, 1]`` to a width of 0.01 k
 model's, measured once (the public code re-runs each layer on the tokens its fit keeps), so the fit
 is a function of the statistics file alone; weights are the mean over heads (the ``attention``
 contexts' definition; the public code takes the maximum); FLOPs are the project's prefill formula
-(``otprune.measures``); the recipe kept is the smallest ``alpha`` that reached the budget (the
-public code prints the last one tried, which may not reach it).
+(``otprune.measures``); the recipe kept is the smallest ``alpha`` whose recipe itself (the mean
+drops, rounded down) reaches the budget on the samples (the public code prints the last one tried,
+which may not reach it).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def _fit(samples: Sequence[Mapping], n_visual: int, alpha: float, target: float,
         forecast = [spent[s] + (shape.layers - layer) * layer_cost(sample["text_tokens"] + int(alive[s].sum())) for s, sample in enumerate(samples)]
         if sum(forecast) / len(samples) <= target:
             return True, [count // len(samples) for count in dropped]
+        if layer == shape.layers - 1:
+            # A drop after the last layer saves nothing: its statistics are never needed.
+            break
         for s, sample in enumerate(samples):
             held = alive[s].nonzero()[:, 0]
             n_before = len(held)
@@ -81,11 +85,20 @@ def fit_recipe(statistics: Mapping, target_flops: float, shape: ModelShape) -> t
     samples, n_visual = statistics["samples"], statistics["visual_tokens"]
     if not samples:
         raise ValueError("the statistics hold no calibration sample; calibrate on at least one (--limit N >= 1)")
+    for i, sample in enumerate(samples):
+        for kind in ("cross", "self"):
+            rows = sample[kind]
+            if len(rows) < shape.layers - 1 or any(len(row) != n_visual for row in rows[: shape.layers - 1]):
+                raise ValueError(
+                    f"calibration sample {i}'s {kind!r} weights are {len(rows)} layers of {sorted({len(r) for r in rows})} tokens; "
+                    f"a {shape.layers}-layer model needs {shape.layers - 1} layers of {n_visual}"
+                )
     low, high, best = 0.0, 1.0, None
     while high - low > SEARCH_WIDTH + 1e-6:
         middle = (low + high) / 2
         reached, drops = _fit(samples, n_visual, middle, target_flops, shape)
-        if reached:
+        # The recipe drops the samples' mean count, rounded down: it must reach the budget itself.
+        if reached and recipe_tflop(drops, n_visual, [sample["text_tokens"] for sample in samples], shape) * 1e12 <= target_flops:
             high, best = middle, (middle, drops)
         else:
             low = middle
@@ -106,14 +119,15 @@ def recipe_stages(drops: Sequence[int], n_visual: int) -> tuple[tuple[int, float
     return tuple(stages)
 
 
-def recipe_tflop(drops: Sequence[int], n_visual: int, n_text: float, shape: ModelShape) -> float:
-    """The recipe's prefill TFLOP for an image of ``n_visual`` tokens and ``n_text`` text tokens."""
+def recipe_tflop(drops: Sequence[int], n_visual: int, text_tokens: Sequence[int], shape: ModelShape) -> float:
+    """The recipe's prefill TFLOP for an image of ``n_visual`` tokens: the mean over prompts of
+    ``text_tokens`` text tokens each."""
     counts, left = [], n_visual
     for layer, count in enumerate(drops):
         if count:
             left -= count
             counts.append((layer + 1, left))
-    return staged_prefill_flops(round(n_text), n_visual, counts, shape) / 1e12
+    return sum(staged_prefill_flops(n_text, n_visual, counts, shape) for n_text in text_tokens) / len(text_tokens) / 1e12
 
 
 def load_recipe(path) -> dict:

@@ -60,7 +60,9 @@ def emulated_search(stats: dict, target: float) -> tuple[float, list[int]]:
     while high - low > 0.01 + 1e-6:
         alpha = (low + high) / 2
         reached, drops = one_fit(alpha)
-        if reached:
+        kept = [N_VISUAL - sum(drops[: layer + 1]) for layer in range(layers)]
+        recipe = sum(sum(layer_flops(x["text_tokens"] + ([N_VISUAL] + kept)[layer]) for layer in range(layers)) for x in samples) / len(samples)
+        if reached and recipe <= target:
             high, best = alpha, (alpha, drops)
         else:
             low = alpha
@@ -96,7 +98,7 @@ def test_a_recipe_is_a_schedule_and_its_tflop_counts_each_stage(tmp_path):
     assert config.layer_index == 2 and [s.layer for s in config.stages] == [2, 3]
     shape = ModelShape(hidden=8, ffn=16, layers=4)
     per_layer = [staged_prefill_flops(10 + n, 0, [], ModelShape(8, 16, 1)) for n in (576, 576, 476, 276)]
-    assert recipe_tflop([0, 100, 200, 0], 576, 10, shape) == pytest.approx(sum(per_layer) / 1e12)
+    assert recipe_tflop([0, 100, 200, 0], 576, [10], shape) == pytest.approx(sum(per_layer) / 1e12)
 
 
 @pytest.mark.parametrize(

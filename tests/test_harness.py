@@ -527,3 +527,31 @@ def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
     assert "liuhaotian/llava-v1.5-13b: 55 benchmark runs, about 99 A100-hours" in out
     assert "liuhaotian/llava-v1.6-vicuna-7b: 55 benchmark runs, about 148 A100-hours" in out
     assert out.count("] BASELINE=") == 165
+
+
+def test_the_tflop_of_a_schedule_counts_each_stages_logged_tokens(tmp_path):
+    """PyramidDrop at layers 1, 2, 3 keeping 288, 144, 72 of 576: each layer's prefill at the count
+    it held, summed by hand, in the paper LLM's TFLOP and the tiny LLM's own MFLOP."""
+    shape = {"layers": 4, "hidden": 48, "ffn": 96}
+    results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}}}
+    runs = tmp_path / "synth" / "synth-llava-1.5"
+    common = {"text_tokens": {"otprune_synth_count": 20}, "llm_shape": shape}
+    write_run(runs / "Original_1", "synth-llava-1.5", "Original", 1.0, {}, results, **common)
+    write_run(
+        runs / "PyramidDrop_0.5",
+        "synth-llava-1.5",
+        "PyramidDrop",
+        0.5,
+        {"options": {"layers": [1, 2, 3]}},
+        results,
+        visual_tokens=[[576, 72]],
+        stage_tokens=[[[1, 288], [2, 144], [3, 72]]],
+        **common,
+    )
+    _, csv_path, _ = report.write_report(tmp_path / "synth", tmp_path)
+    row = next(r for r in csv.DictReader(open(csv_path)) if r["method"] == "PyramidDrop")
+    held = [596, 308, 164, 92]  # 20 text tokens + the visual tokens each layer holds
+    own = ModelShape(hidden=48, ffn=96, layers=4)
+    assert float(row["tiny_llm_mflop"]) == pytest.approx(sum(prefill_flops(n, own) for n in held) / 4 / 1e6)
+    paper_llm = (sum(prefill_flops(n) for n in held[:3]) + 29 * prefill_flops(held[3])) / 32
+    assert float(row["tflop"]) == pytest.approx(paper_llm / 1e12)
