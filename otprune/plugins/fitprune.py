@@ -47,7 +47,9 @@ def select_fitprune(
         )
     cross, own = text_attention.double().mean(0), visual_attention.double().mean(0)
     if statistics is not None:
-        line = {"layer": layer_index - 1, "text_tokens": text_attention.shape[0], "cross": cross.tolist(), "self": own.tolist()}
+        # Six significant digits: the fit reads the file back, so it fits exactly what is kept.
+        weights = {name: [float(f"{v:.6g}") for v in values.tolist()] for name, values in (("cross", cross), ("self", own))}
+        line = {"layer": layer_index - 1, "text_tokens": text_attention.shape[0], **weights}
         with open(statistics, "a") as file:
             file.write(json.dumps(line) + "\n")
     score = cross / cross.sum().clamp_min(1e-300) + own / own.sum().clamp_min(1e-300)
