@@ -83,7 +83,7 @@ def write_recipe(statistics: dict, shape: ModelShape, target_flops: float, about
     try:
         alpha, drops = fit_recipe(statistics, target_flops, shape)
     except ValueError as error:
-        raise CalibrationError(f"--tflop {target_flops / 1e12:.6g}: {error}") from None
+        raise CalibrationError(f"the budget {target_flops / 1e12:.6g} TFLOP (--tflop, or --ratio of the unpruned prefill): {error}") from None
     n_visual = statistics["visual_tokens"]
     tflop = recipe_tflop(drops, n_visual, [s["text_tokens"] for s in statistics["samples"]], shape)
     recipe = {

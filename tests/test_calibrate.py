@@ -75,7 +75,7 @@ def test_a_calibrated_recipe_meets_its_budget_and_an_unchanged_lmms_eval_run_app
     assert recipe["tflop"] <= target and recipe["tflop"] == pytest.approx(recomputed_tflop(recipe), rel=1e-12)
     assert f"<= budget {target:.6g} TFLOP" in capsys.readouterr().out
     # A budget below what dropping all it may reaches: refused naming it, no recipe written.
-    with pytest.raises(calibrate.CalibrationError, match="--tflop 1e-09"):
+    with pytest.raises(calibrate.CalibrationError, match="the budget 1e-09 TFLOP"):
         calibrate.write_recipe(recipe["statistics"], ModelShape(**recipe["llm_shape"]), 1e-9 * 1e12, {}, tmp_path / "none.json")
     assert not (tmp_path / "none.json").exists()
 

@@ -223,6 +223,7 @@ def test_prune_log_parsing():
     )
     assert harness_run_check.parse_prune_log(text) == {
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
+        "stage_tokens": [],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
         "near_duplicate_share": [0.5, 0.25],
