@@ -7,6 +7,7 @@
     otprune bench selectors|prefill    # the benchmarks of the selectors and of the prefill
     otprune doctor                     # the installed stack against the lock and the known breaks
     otprune check-selector NAME        # the contract battery on a selector or merger (or module:function)
+    otprune calibrate fitprune MODEL   # FitPrune's recipe fitted to a TFLOP budget on a task sample
 
 Each subcommand's module is imported only when it runs, so a missing optional dependency of one
 (lmms-eval's stack for ``run``, scipy for ``report``) is named instead of breaking the others.
@@ -26,6 +27,7 @@ SUBCOMMANDS = {
     "doctor": ("otprune.doctor", "the installed stack against the lock, the tested range and the known breaks"),
     "status": ("otprune.harness.status", "each run's state in a runs folder: done, failed, queued, running, not started"),
     "check-selector": ("otprune.check_selector", "run the selector/merger contract battery on a built-in, a plugin or module:function"),
+    "calibrate": ("otprune.calibrate", "fit FitPrune's recipe to a TFLOP budget on a sample of tasks (otprune calibrate fitprune MODEL ...)"),
 }
 EXTRAS = "pip install 'otprune[llava]' (or bash scripts/install.sh --llava in a checkout)"
 

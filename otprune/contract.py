@@ -31,6 +31,16 @@ images or the tokens that frame an image (Qwen's vision start and end);
 ``attention`` ``(N,)`` the last prompt token's attention over the image's tokens at layer K - 1,
 mean over heads (only where ``LAYER_INDEX = K > 0``); ``grid`` the image's patch grids, a tuple of
 :class:`PatchGrid` in token order (``check_grids``); ``layer_index`` the K it prunes before.
+``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)``: the attention of the question's
+tokens, and of the image's own tokens, over the image's tokens at layer K - 1, mean over heads
+(rows as the causal softmax over the whole sequence gives them; K >= 1 only).
+
+**Schedule**: a selector may carry ``select.stages``, a function ``stages(*, <options>)`` returning
+``((K_1, f_1), (K_2, f_2), ...)``: it prunes before each layer ``K_1 < K_2 < ...`` (``>= 1``), each
+image of ``N`` tokens keeping ``budget(f_i, N)`` from ``K_i`` on (``otprune.schedule``); at each
+stage the selector gets the tokens still alive, as hidden states entering ``K_i``, the context
+measured at that stage, ``layer_index = K_i`` and ``k`` the stage's count. ``stages`` gets the
+options it names (``ratio``: ``SUBSET_RATIO``).
 Every other keyword-only parameter is an **option**, set with ``OTPRUNE_OPTIONS`` (a JSON object)
 or a harness config method's ``options:``; one without a default must be set.
 """
@@ -44,16 +54,20 @@ import torch
 
 from otprune.selectors import TOKEN_DTYPES
 
-__all__ = ["CONTEXT", "PER_IMAGE_CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
+__all__ = ["ATTENTION_CONTEXT", "CONTEXT", "PER_IMAGE_CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
 
 CONTEXT = {
     "text": "the prompt's question, its text after its last image, (T, d): its embedded tokens at K = 0, their hidden states entering layer K at K > 0",
     "attention": "(N,) the last prompt token's attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
     "grid": "the image's patch grids: a tuple of otprune.contract.PatchGrid in token order (see check_grids)",
     "layer_index": "the decoder layer K pruned before (0: before the LLM)",
+    "text_attention": "(T, N) the question's tokens' attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
+    "visual_attention": "(N, N) the image's tokens' attention over themselves at layer K - 1 (LAYER_INDEX >= 1 only)",
 }
 # Context that differs from image to image: a function asking for any of it is called image by image.
-PER_IMAGE_CONTEXT = ("text", "attention", "grid")
+PER_IMAGE_CONTEXT = ("text", "attention", "grid", "text_attention", "visual_attention")
+# Context measured from the LLM's attention: only inside it (K >= 1).
+ATTENTION_CONTEXT = frozenset({"attention", "text_attention", "visual_attention"})
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 (``N = 64`` as one 8 x 8 patch grid, ``d = 32``, budget ``k = 16``) and returns one
 :class:`CheckResult` per check, validated with ``kept_indices_fault`` / ``merge_fault``. The
 context a method asks for is made up here: ``text`` ``(5, d)`` random, ``grid``
-``(PatchGrid(0, 8, 8),)``, ``attention`` ``(N,)`` a softmax of random logits, ``layer_index`` 2.
+``(PatchGrid(0, 8, 8),)``, ``attention`` ``(N,)``, ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)`` softmaxes of random logits, ``layer_index`` 2.
 
 Checks (``CHECKS``):
 
@@ -24,6 +24,10 @@ Checks (``CHECKS``):
 - ``nan-refused``: tokens with one NaN entry are refused with a ``ValueError`` (or ``TypeError``);
   an answer is a failure ("accepted NaN"), and so is any other exception, which refuses NaN only
   by accident.
+- ``schedule``: a selector that names several stages (``select.stages``) makes a valid schedule
+  (``otprune.schedule.check_stages``) from the options given (``SUBSET_RATIO`` 0.5 where it takes
+  one); skipped, naming what it lacks, when it needs options none of which were given (FITPRUNE's
+  recipe).
 - ``host-sync`` (CUDA only): synchronisations of one warmed-up call counted with
   ``torch.cuda.set_sync_debug_mode("warn")``; more than one (the built-ins' budget: their
   finiteness check) fails.
@@ -34,6 +38,7 @@ battery itself never raises for what the method does.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from otprune.contract import PER_IMAGE_CONTEXT, PatchGrid, kept_indices_fault, merge_fault
+from otprune.schedule import check_stages
 
 __all__ = ["BUDGET", "CHECKS", "DIM", "GRID", "HOST_SYNC_BUDGET", "N_TOKENS", "CheckResult", "run_battery"]
 
@@ -65,7 +71,9 @@ CHECKS = (
     "no-grad",
     "nan-refused",
     "host-sync",
+    "schedule",
 )
+SCHEDULE_RATIO = 0.5
 _DETAIL_LIMIT = 300
 
 
@@ -100,12 +108,16 @@ class _Battery:
     def __init__(self, method, device: torch.device, options: dict):
         self.method = method
         self.device = device
-        self.options = options
+        # The function's options go to every call; its schedule's only to ``stages``.
+        self.options = {name: value for name, value in options.items() if name in method.options}
+        self.stage_options = {name: value for name, value in options.items() if name in method.stage_options}
         self.merger = method.kind == "merger"
         self.image = _tokens(0, (N_TOKENS, DIM)).to(device)
         # Made once in float32 on the host, then cast: the same context whatever the dtype.
         self.text = _tokens(1, (TEXT_TOKENS, DIM))
         self.attention = torch.softmax(_tokens(2, (N_TOKENS,)), dim=0)
+        self.text_attention = torch.softmax(_tokens(3, (TEXT_TOKENS, N_TOKENS)), dim=1)
+        self.visual_attention = torch.softmax(_tokens(4, (N_TOKENS, N_TOKENS)), dim=1)
 
     # -- calling and validating ---------------------------------------------------------------
 
@@ -114,8 +126,8 @@ class _Battery:
         for name in self.method.context:
             if name == "text":
                 given[name] = self.text.to(device=tokens.device, dtype=tokens.dtype)
-            elif name == "attention":
-                given[name] = self.attention.to(device=tokens.device, dtype=tokens.dtype)
+            elif name in ("attention", "text_attention", "visual_attention"):
+                given[name] = getattr(self, name).to(device=tokens.device, dtype=tokens.dtype)
             elif name == "grid":
                 given[name] = (GRID,)
             elif name == "layer_index":
@@ -270,6 +282,21 @@ class _Battery:
             raise _Fault(text)
         return text
 
+    def schedule(self) -> str:
+        stages = self.method.stages
+        if stages is None:
+            raise _Skip("no schedule of its own: one stage (LAYER_INDEX, SUBSET_RATIO)")
+        given = dict(self.stage_options)
+        if "ratio" in inspect.signature(stages).parameters:
+            given["ratio"] = SCHEDULE_RATIO
+        try:
+            made = check_stages(stages(**given), self.method.name)
+        except Exception as error:
+            if not self.stage_options:
+                raise _Skip(f"not made without its options (give them with --options): {_describe(error)}") from None
+            raise _Fault(f"no schedule from {given}: {_describe(error)}") from None
+        return ", ".join(f"{stage.kept:.3g} kept from layer {stage.layer}" for stage in made)
+
 
 def _resolve_device(device) -> tuple[torch.device, str | None]:
     """The device the checks run on, and why CUDA checks skip (``None``: they run)."""
@@ -293,9 +320,9 @@ def run_battery(method, device="cpu", options: dict | None = None) -> list[Check
     if method.kind not in ("selector", "merger") or method.function is None:
         raise ValueError(f"{method.name} acts inside the LLM and has no standalone function to check")
     options = dict(options or {})
-    unknown = sorted(set(options) - set(method.options))
+    unknown = sorted(set(options) - set(method.all_options))
     if unknown:
-        raise ValueError(f"{method.name} takes no option {', '.join(unknown)}; its options: {', '.join(method.options) or 'none'}")
+        raise ValueError(f"{method.name} takes no option {', '.join(unknown)}; its options: {', '.join(method.all_options) or 'none'}")
     missing = [name for name in method.required if name not in options]
     if missing:
         raise ValueError(f"{method.name} needs the option(s) {', '.join(missing)}, which have no default")
@@ -312,6 +339,7 @@ def run_battery(method, device="cpu", options: dict | None = None) -> list[Check
         "no-grad": battery.no_grad,
         "nan-refused": battery.nan_refused,
         "host-sync": battery.host_sync,
+        "schedule": battery.schedule,
     }
     results = []
     for name in CHECKS:

@@ -26,6 +26,7 @@ __all__ = [
     "near_duplicate_share",
     "prefill_flops",
     "pruned_prefill_flops",
+    "staged_prefill_flops",
     "w2_trace_term",
 ]
 
@@ -191,12 +192,23 @@ def pruned_prefill_flops(
         raise ValueError(f"token counts must be >= 0; got n_text={n_text}, n_visual={n_visual}")
     if not 0 <= layer_index <= shape.layers:
         raise ValueError(f"layer_index must be in [0, {shape.layers}]; got {layer_index}")
-    full = n_text + n_visual
     if ratio is None:
         kept = n_visual
     elif ratio == 0:
         kept = 0
     else:
         kept = budget(ratio, n_visual)
-    pruned = n_text + kept
-    return layer_index * _layer_flops(full, shape) + (shape.layers - layer_index) * _layer_flops(pruned, shape)
+    return staged_prefill_flops(n_text, n_visual, [(layer_index, kept)], shape)
+
+
+def staged_prefill_flops(n_text: int, n_visual: int, stages, model: str | ModelShape = "llava-1.5-7b") -> float:
+    """Prefill FLOPs of a schedule: ``stages`` ``[(K_i, kept_i), ...]`` (``K`` increasing), layers
+    before ``K_1`` at ``n_text + n_visual`` tokens, layers ``K_i .. K_{i+1} - 1`` at ``n_text + kept_i``."""
+    shape = _model(model)
+    total, at, visual = 0.0, 0, n_visual
+    for layer, kept in (*stages, (shape.layers, None)):
+        if not at <= layer <= shape.layers:
+            raise ValueError(f"stage layers must increase within [0, {shape.layers}]; got {[s[0] for s in stages]}")
+        total += (layer - at) * _layer_flops(n_text + visual, shape)
+        at, visual = layer, kept
+    return total

@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from otprune.contract import CONTEXT
-from otprune.selectors import SELECTORS
+from otprune.selectors import SELECTORS, select_by_attention
 
 __all__ = [
     "GROUPS",
@@ -47,6 +47,8 @@ RESERVED = ("ORIG",)
 BUNDLED = {
     "CDPRUNER": ("selector", "otprune.plugins.cdpruner:select_cdpruner"),
     "POOL": ("merger", "otprune.plugins.pool:merge_pool"),
+    "PYRAMIDDROP": ("selector", "otprune.plugins.pyramiddrop:select_pyramiddrop"),
+    "FITPRUNE": ("selector", "otprune.plugins.fitprune:select_fitprune"),
 }
 BUNDLED_ORIGIN = "otprune (bundled)"
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
@@ -58,9 +60,11 @@ class PluginError(ValueError):
 
 @dataclass(frozen=True)
 class Method:
-    """One method: ``kind`` is ``"selector"``, ``"merger"`` or ``"layer"`` (FASTV, VTW: inside the
-    LLM, no function); ``context`` the context it asks for; ``options`` its options and
-    ``required`` those without a default; ``origin`` ``"built-in"`` or where a plugin comes from."""
+    """One method: ``kind`` is ``"selector"``, ``"merger"`` or ``"layer"`` (FASTV, VTW: only inside
+    the LLM; VTW has no function); ``context`` the context it asks for; ``options`` its function's
+    options and ``required`` those without a default (its schedule's included); ``origin``
+    ``"built-in"`` or where a plugin comes from; ``stages`` a selector's schedule
+    (``select.stages``, ``otprune.contract``) and ``stage_options`` the options it takes."""
 
     name: str
     kind: str
@@ -70,6 +74,13 @@ class Method:
     options: tuple[str, ...] = ()
     required: tuple[str, ...] = ()
     accepts_batches: bool = False
+    stages: Callable | None = None
+    stage_options: tuple[str, ...] = ()
+
+    @property
+    def all_options(self) -> tuple[str, ...]:
+        """The options of the method and of its schedule (``stages``), each once."""
+        return (*self.options, *(name for name in self.stage_options if name not in self.options))
 
     @property
     def plugin(self) -> bool:
@@ -104,8 +115,10 @@ def _signature_parts(function: Callable, label: str) -> tuple[tuple[str, ...], t
 
 
 def _builtin(name: str) -> Method:
+    if name == "FASTV":
+        return Method(name, "layer", select_by_attention, context=("attention",))
     if name in LAYER_METHODS:
-        return Method(name, "layer", None, context=("attention",) if name == "FASTV" else ())
+        return Method(name, "layer", None)
     function = SELECTORS[name]
     context, options, required = _signature_parts(function.__wrapped__, f"built-in {name}")
     return Method(name, "selector", function, context=context, options=options, required=required, accepts_batches=True)
@@ -192,6 +205,13 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
     if not callable(function):
         raise PluginError(f"{label} is a {type(function).__name__}, not a function")
     context, options, required = _signature_parts(function, label)
+    stages = getattr(function, "stages", None)
+    stage_options: tuple[str, ...] = ()
+    if stages is not None:
+        if kind != "selector" or not callable(stages):
+            raise PluginError(f"{label}: its stages must be a function, on a selector; got {type(stages).__name__} on a {kind}")
+        stage_options, stage_required = _stage_signature(stages, label)
+        required = (*required, *(r for r in stage_required if r not in required))
     return Method(
         name,
         kind,
@@ -201,7 +221,20 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
         options=options,
         required=required,
         accepts_batches=getattr(function, "accepts_batches", False) is True,
+        stages=stages,
+        stage_options=stage_options,
     )
+
+
+def _stage_signature(stages: Callable, label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(options, required options)`` of a schedule ``stages(*, <options>)``: keyword-only
+    parameters (``ratio``: ``SUBSET_RATIO``), or a ``PluginError``."""
+    signature = inspect.signature(stages)
+    loose = [p.name for p in signature.parameters.values() if p.kind is not p.KEYWORD_ONLY]
+    if loose:
+        raise PluginError(f"{label}: its stages{signature} must take keyword-only options only (stages(*, <options>)); {', '.join(loose)} are not")
+    keywords = [p for p in signature.parameters.values() if p.name != "ratio"]
+    return tuple(p.name for p in keywords), tuple(p.name for p in keywords if p.default is p.empty)
 
 
 def plugin_source_sha256(method: Method) -> str | None:

@@ -20,6 +20,7 @@ Variables (names as in the reference code; values case-insensitive):
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -29,7 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otprune.checks import check_unit_interval
+from otprune.contract import ATTENTION_CONTEXT
 from otprune.methods import Method, get_method, method_names
+from otprune.schedule import Stage, check_stages
 from otprune.selectors import check_gamma, check_greedy_path, check_seed
 
 __all__ = ["OPTION_VARIABLES", "PruneConfig", "check_runnable_here", "config_from_env", "default_layer_index"]
@@ -88,6 +91,8 @@ class PruneConfig:
     record_ot: bool = False
     dump_dir: str | None = None
     from_environment: bool = field(default=False, compare=False)
+    # Derived in __post_init__ from the method, ratio, layer index and options.
+    stages: tuple[Stage, ...] = field(default=(), init=False, compare=False, repr=False)
 
     def __post_init__(self):
         method = self.method.strip().upper() if isinstance(self.method, str) else self.method
@@ -99,18 +104,21 @@ class PruneConfig:
         if method is None:
             return
         spec = get_method(method)
-        if method != "VTW":
+        if method != "VTW" and (spec.stages is None or "ratio" in inspect.signature(spec.stages).parameters):
             if self.ratio is None:
                 raise ValueError(f"BASELINE={method} needs SUBSET_RATIO, a number in (0, 1]; it is not set")
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
                 raise ValueError(f"SUBSET_RATIO={self.ratio!r} is not allowed; it must be a number in (0, 1]")
         if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int) or self.layer_index < 0:
             raise ValueError(f"LAYER_INDEX={self.layer_index!r} is not allowed; it must be an integer >= 0")
-        if "attention" in spec.context and self.layer_index < 1:
+        _check_options(spec, self.options)
+        stages = _stages(spec, self.ratio, self.layer_index, self.options)
+        object.__setattr__(self, "stages", stages)
+        object.__setattr__(self, "layer_index", stages[0].layer)
+        if ATTENTION_CONTEXT & set(spec.context) and stages[0].layer < 1:
             raise ValueError(
                 f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method}: it ranks tokens by the attention of layer K-1, so K must be >= 1"
             )
-        _check_options(spec, self.options)
 
     @property
     def spec(self) -> Method:
@@ -120,6 +128,27 @@ class PruneConfig:
     @property
     def enabled(self) -> bool:
         return self.method is not None
+
+
+def _stages(spec: Method, ratio, layer_index: int, options: Mapping[str, object]) -> tuple[Stage, ...]:
+    """The method's schedule: its own (``select.stages``; ``LAYER_INDEX`` unset, 0 or its first
+    layer), else the one stage ``(LAYER_INDEX, SUBSET_RATIO)`` (VTW: none kept)."""
+    if spec.stages is None:
+        return (Stage(layer_index, 0.0 if spec.name == "VTW" else float(ratio)),)
+    given = {name: options[name] for name in spec.stage_options if name in options}
+    if "ratio" in inspect.signature(spec.stages).parameters:
+        given["ratio"] = ratio
+    try:
+        raw = spec.stages(**given)
+    except Exception as error:
+        raise ValueError(f"BASELINE={spec.name}'s schedule cannot be made from {given}: {type(error).__name__}: {error}") from None
+    stages = check_stages(raw, spec.name)
+    if layer_index not in (0, stages[0].layer):
+        raise ValueError(
+            f"LAYER_INDEX={layer_index} is not allowed with BASELINE={spec.name}: its schedule prunes at layers "
+            f"{[stage.layer for stage in stages]}; leave LAYER_INDEX unset"
+        )
+    return stages
 
 
 def _parse_value(name: str, raw: str, kind: type):
@@ -149,7 +178,7 @@ def config_from_env(environ: Mapping[str, str] | None = None) -> PruneConfig:
     raw_layer = env.get("LAYER_INDEX", "").strip()
     layer_index = _parse_value("LAYER_INDEX", raw_layer, int) if raw_layer else default_layer_index(method)
     options = _options_json(env.get(OPTIONS_VARIABLE, ""))
-    takes = () if method in (None, "ORIG") else get_method(method).options
+    takes = () if method in (None, "ORIG") else get_method(method).all_options
     for variable, (option, kind) in OPTION_VARIABLES.items():
         if variable not in env:
             continue
@@ -203,9 +232,9 @@ def _options_json(raw: str) -> dict:
 
 def _check_options(spec: Method, options: Mapping[str, object]) -> None:
     """Options against the method's signature (names), and the built-ins' own ranges (values)."""
-    unknown = [name for name in options if name not in spec.options]
+    unknown = [name for name in options if name not in spec.all_options]
     if unknown:
-        raise ValueError(f"option(s) {', '.join(unknown)} do not apply to BASELINE={spec.name}; it takes: {', '.join(spec.options) or 'none'}")
+        raise ValueError(f"option(s) {', '.join(unknown)} do not apply to BASELINE={spec.name}; it takes: {', '.join(spec.all_options) or 'none'}")
     missing = [name for name in spec.required if name not in options]
     if missing:
         raise ValueError(f"BASELINE={spec.name} needs option(s) {', '.join(missing)}; set them in {OPTIONS_VARIABLE} (a JSON object)")

@@ -43,7 +43,7 @@ from otprune.harness.errors import MissingResource
 from otprune.harness.files import read_results
 from otprune.harness.records import recorded_limit, same_code
 from otprune.harness.resources import config_file
-from otprune.measures import MODELS, ModelShape, prefill_flops
+from otprune.measures import MODELS, ModelShape, prefill_flops, staged_prefill_flops
 from otprune.sample_timer import spread
 from otprune.selectors import budget
 
@@ -109,6 +109,15 @@ def prefill(n_text: float, before: float, after: float, layer_index: int, shape:
     return layer_index * per_layer_full + (shape.layers - layer_index) * per_layer_kept
 
 
+def image_prefill(run: dict, n_text: float, before: int, after: int, shape: ModelShape) -> float:
+    """One image's prefill FLOPs in ``run``: at each stage's logged count for a schedule of
+    several stages (``staged_prefill_flops``), else ``before`` tokens below K and ``after`` from K on."""
+    stages = run.get("stages_by_tokens", {}).get(before)
+    if stages:
+        return staged_prefill_flops(round(n_text), before, stages, shape)
+    return prefill(n_text, before, after, run["layer_index"], shape)
+
+
 # -- reading runs ---------------------------------------------------------------------------
 
 
@@ -172,6 +181,8 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
                     continue
                 scores[task] = value * spec["scale"]
     tokens = [pair for r in done for pair in r.get("visual_tokens", [])]
+    # A schedule's counts at each stage depend on the image's count alone: one logged image of each count says them.
+    stages = {before: stage for r in done for (before, _), stage in zip(r.get("visual_tokens", []), r.get("stage_tokens", [])) if stage}
     by_task = {}
     for record in done:
         per_task = record.get("tokens_by_task") or (
@@ -199,6 +210,7 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         "layer_index": setting.get("layer_index") or 0,
         "scores": scores,
         "visual_tokens": tokens,
+        "stages_by_tokens": stages,
         "tokens_by_task": {task: pairs for task, pairs in by_task.items() if pairs},
         "text_tokens": text,
         "samples": samples,
@@ -276,7 +288,7 @@ def flops_of(run: dict, tasks: list[str], catalogue: dict, shape: ModelShape, si
         before, after = task_tokens(run, task, siblings)
         if n_text is None or not before:
             continue
-        per_task.append(statistics.mean(prefill(n_text, b, a, run["layer_index"], shape) for b, a in zip(before, after)))
+        per_task.append(statistics.mean(image_prefill(run, n_text, b, a, shape) for b, a in zip(before, after)))
     return statistics.mean(per_task) if per_task else None
 
 

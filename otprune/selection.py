@@ -24,9 +24,9 @@ from otprune.measures import empirical_ot_distance, near_duplicate_share
 from otprune.methods import Method
 from otprune.prune_config import PruneConfig
 from otprune.sample_timer import phase
-from otprune.selectors import budget
+from otprune.schedule import stage_counts
 
-__all__ = ["Kept", "PluginFault", "log_selection", "select_per_image", "select_top_scores", "selection_clock", "stop_run"]
+__all__ = ["Kept", "PluginFault", "log_selection", "select_per_image", "selection_clock", "stop_run"]
 
 logger = logging.getLogger("otprune")
 
@@ -45,12 +45,6 @@ class PluginFault(RuntimeError):
     environment the process stops instead, see ``PruneConfig.from_environment``)."""
 
 
-def select_top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """``(N,)`` scores -> the sorted indices of the ``k`` largest (ties: lower index first)."""
-    order = scores.float().argsort(descending=True, stable=True)
-    return order[:k].sort().values
-
-
 # Kept indices carry no gradient, and the selectors' in-place kernels (``out=``) refuse tokens that
 # require one, as a caller's ``generate`` outside ``no_grad`` (lmms-eval's llava_hf) passes them.
 @torch.no_grad()
@@ -58,56 +52,59 @@ def select_per_image(
     config: PruneConfig,
     images: Sequence[torch.Tensor],
     context: Mapping[str, Sequence] | None = None,
+    stage: tuple[int, Sequence[int]] | None = None,
 ) -> list[Kept]:
     """What to keep of each image's ``(N_i, d)`` tokens under ``config`` (a selector or merger, or
     ``VTW`` at ``LAYER_INDEX = 0``, which keeps none: the prompt's text alone reaches the LLM).
 
     ``context``: per image, the context the method asks for (``config.spec.context``): ``text``,
     ``attention`` and ``grid`` as lists with one entry per image (``None`` where the adapter cannot
-    tell it); ``layer_index`` comes from ``config``. Images with the same ``N`` (all of LLaVA-1.5's)
+    tell it); ``layer_index`` comes from ``config``. ``stage``: ``(layer, counts)`` for one stage of
+    a schedule, ``counts[i]`` the tokens image ``i`` keeps (its ``layer_index``; by default
+    ``budget(config.ratio, N_i)``). Images with the same ``N`` (all of LLaVA-1.5's)
     go through a batching selector that asks for no per-image context as one ``(B, N, d)`` batch;
     each is still pruned to its own budget ``budget(config.ratio, N_i)``. Runs without autograd: a
     choice of indices has no gradient, and the caller's indexing of its own tensors keeps theirs.
     """
     with phase("selection"):
-        kept = _select(config, images, context or {})
+        kept = _select(config, images, context or {}, stage)
     if config.dump_dir:
         _dump(config.dump_dir, images)
     return kept
 
 
-def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mapping[str, Sequence]) -> list[Kept]:
+def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mapping[str, Sequence], stage) -> list[Kept]:
     start = selection_clock(config, images)
-    if config.method == "VTW":
-        kept = [Kept(torch.empty(0, dtype=torch.long, device=tokens.device)) for tokens in images]
-        log_selection(config, images, kept, start)
-        return kept
+    layer, counts = stage if stage is not None else (config.layer_index, [stage_counts(config.stages[:1], t.shape[0])[0] for t in images])
     spec = config.spec
-    groups: dict[int, list[int]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, tokens in enumerate(images):
-        groups[tokens.shape[0]].append(i)
+        groups[tokens.shape[0], counts[i]].append(i)
     kept: list[Kept | None] = [None] * len(images)
     one_by_one = spec.kind != "selector" or not spec.accepts_batches or any(name in PER_IMAGE_CONTEXT for name in spec.context)
-    for n, members in groups.items():
-        k = budget(config.ratio, n)
-        if one_by_one:
+    for (n, k), members in groups.items():
+        if k == 0:
             for i in members:
-                kept[i] = _call(config, spec, images[i], k, _context_for(config, spec, context, i, n))
-            continue
-        batch = torch.stack([images[i] for i in members])
-        answer = _call(config, spec, batch, k, _context_for(config, spec, context, None, n))
-        for i, indices in zip(members, answer.indices):
-            kept[i] = Kept(indices)
-    log_selection(config, images, kept, start)
+                kept[i] = Kept(torch.arange(k, device=images[i].device))
+        elif one_by_one:
+            for i in members:
+                kept[i] = _call(config, spec, images[i], k, _context_for(config, spec, context, i, n, layer))
+        else:
+            batch = torch.stack([images[i] for i in members])
+            answer = _call(config, spec, batch, k, _context_for(config, spec, context, None, n, layer))
+            for i, indices in zip(members, answer.indices):
+                kept[i] = Kept(indices)
+    log_selection(config, images, kept, start, layer if stage is not None and len(config.stages) > 1 else None)
     return kept
 
 
-def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequence], i: int | None, n: int) -> dict:
-    """The keyword arguments of the context ``spec`` asks for, for image ``i`` of ``n`` tokens."""
+def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequence], i: int | None, n: int, layer: int) -> dict:
+    """The keyword arguments of the context ``spec`` asks for, for image ``i`` of ``n`` tokens
+    pruned before ``layer``."""
     given = {}
     for name in spec.context:
         if name == "layer_index":
-            given[name] = config.layer_index
+            given[name] = layer
             continue
         values = context.get(name)
         value = None if values is None or i is None else values[i]
@@ -129,14 +126,16 @@ def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequen
 def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, context: dict) -> Kept:
     """One image ``(N, d)`` (or a selector's batch ``(B, N, d)``) through ``spec``; a plugin's
     answer is checked before anything uses it."""
+    # A schedule's own options (``select.stages``'s) are not the function's.
+    options = {name: value for name, value in config.options.items() if name in spec.options}
     if not spec.plugin:
-        return Kept(spec.function(tokens, k, **context, **config.options))
+        return Kept(spec.function(tokens, k, **context, **options))
     label = f"{spec.kind} plugin {spec.name} ({spec.origin})"
     # The model reads these tensors after the call; a write shows in a tensor's version counter.
     inputs = {"tokens": tokens, **{name: value for name, value in context.items() if isinstance(value, torch.Tensor)}}
     versions = {name: value._version for name, value in inputs.items()}
     try:
-        answer = spec.function(tokens, k, **context, **config.options)
+        answer = spec.function(tokens, k, **context, **options)
     except Exception as error:
         stop_run(config, f"{label} raised {type(error).__name__}: {error}")
     written = [name for name, value in inputs.items() if value._version != versions[name]]
@@ -172,9 +171,10 @@ def selection_clock(config: PruneConfig, images: Sequence[torch.Tensor]) -> floa
     return time.perf_counter()
 
 
-def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Sequence[Kept], start: float) -> None:
-    """With ``OTPRUNE_LOG=1``: one line per forward, each image's tokens before -> after and the
-    selection's wall time since ``start`` (``time.perf_counter()``). With ``OTPRUNE_OT=1`` also each
+def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Sequence[Kept], start: float, layer: int | None = None) -> None:
+    """With ``OTPRUNE_LOG=1``: one line per forward (per stage of a schedule of several, ``layer``
+    its layer), each image's tokens before -> after and the selection's wall time since ``start``
+    (``time.perf_counter()``). With ``OTPRUNE_OT=1`` also each
     image's exact empirical OT distance between its kept and full token sets (``nan`` when none is
     kept, and for a merger, whose tokens are no subset: not measured) and each image's redundancy
     (``near_duplicate_share`` of its full token set), measured after the timing."""
@@ -182,7 +182,8 @@ def log_selection(config: PruneConfig, images: Sequence[torch.Tensor], kept: Seq
         return
     seconds = selection_clock(config, images) - start
     pairs = ", ".join(f"{t.shape[0]}->{k.indices.numel()}" for t, k in zip(images, kept))
-    line = f"otprune {config.method}: visual tokens {pairs}; selector {seconds * 1e3:.2f} ms"
+    stage = "" if layer is None else f" at layer {layer}"
+    line = f"otprune {config.method}{stage}: visual tokens {pairs}; selector {seconds * 1e3:.2f} ms"
     if config.record_ot:
         distances = [empirical_ot_distance(t, k.indices) if k.indices.numel() and k.tokens is None else math.nan for t, k in zip(images, kept)]
         line += "; ot " + ", ".join(f"{v:.6g}" for v in distances)

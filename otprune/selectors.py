@@ -47,6 +47,7 @@ __all__ = [
     "get_selector",
     "greedy_logdet",
     "otprune_kernel",
+    "select_by_attention",
     "select_divprune",
     "select_dpp",
     "select_first",
@@ -54,6 +55,7 @@ __all__ = [
     "select_otprune",
     "select_random",
     "select_stp",
+    "select_top_scores",
     "select_trim",
     "select_uniform",
 ]
@@ -506,6 +508,17 @@ def select_random(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
     b, n, _ = x.shape
     scores = torch.rand(n, generator=generator)
     return scores.argsort(stable=True)[:k].to(x.device).expand(b, k)
+
+
+def select_top_scores(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``(N,)`` scores -> the sorted indices of the ``k`` largest (ties: lower index first)."""
+    order = scores.float().argsort(descending=True, stable=True)
+    return order[:k].sort().values
+
+
+def select_by_attention(tokens: torch.Tensor, k: int, *, attention: torch.Tensor) -> torch.Tensor:
+    """FastV: the ``k`` tokens the last prompt token attends to most (``attention`` ``(N,)``)."""
+    return select_top_scores(attention, k).to(tokens.device)
 
 
 @_selector

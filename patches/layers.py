@@ -1,13 +1,16 @@
-"""Pruning inside the LLM (``LAYER_INDEX = K > 0``) through hooks on its decoder layers.
+"""Pruning inside the LLM (``LAYER_INDEX = K > 0``, or a schedule of stages ``K_1 < K_2 < ...``,
+``otprune.schedule``) through hooks on its decoder layers.
 
-Layers ``0 .. K-1`` run on the full sequence. A pre-hook on layer K picks the kept visual tokens
-from the hidden states entering it (or, for FASTV, from the attention of the last prompt token
-at layer K-1; VTW keeps none) and cuts the hidden states, the attention mask, the position
-embeddings and the position ids down to the kept positions; the pre-hooks of later layers cut
-their inputs the same way, so their KV cache holds only kept tokens. Kept tokens keep their
+Layers ``0 .. K_1-1`` run on the full sequence. A pre-hook on each stage's layer ``K_i`` has the
+method pick, among the visual tokens still alive, those kept from there on (from the hidden states
+entering it and the context it asks for; the attention context is measured from ``q`` and ``k`` in
+a pre-hook on layer ``K_i - 1``'s self-attention, whatever the backend) and cuts the hidden states
+to them; every layer from ``K_1`` on cuts the attention mask, the position embeddings and the
+position ids (computed once for the full sequence) down to the positions it holds, so its KV
+cache holds only those. A single ``LAYER_INDEX`` is the one-stage schedule. Kept tokens keep their
 original positions: whatever the layers receive per position (rotary ``(cos, sin)``, position
 ids) is gathered by kept index, so 1-D and multi-axis positions are cut alike. During decoding
-the mask's columns of dropped tokens are removed for layers >= K. A hook on the final norm
+the mask's columns of the tokens a layer does not hold are removed. A hook on the final norm
 scatters the hidden states back to the full length, so logits (and a loss against labels) keep
 the shape callers expect; dropped visual positions get zero hidden states, and their labels are
 ignored anyway.
@@ -30,13 +33,15 @@ of transformers 5.x, as used by the original LLaVA and by ``LlavaForConditionalG
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
+from otprune.contract import ATTENTION_CONTEXT, PER_IMAGE_CONTEXT
 from otprune.prune_config import PruneConfig
-from otprune.selection import Kept, log_selection, select_per_image, select_top_scores, selection_clock, stop_run
-from otprune.selectors import budget
+from otprune.schedule import stage_counts
+from otprune.selection import select_per_image, stop_run
 
 
 @dataclass
@@ -46,7 +51,9 @@ class PrefillState:
     ``spans[b]``: ``(start, end)`` of each image's visual tokens in row b; ``valid``: ``(B, L)``
     non-padding positions; ``text_after[b]``: per image, the positions of its question (the
     ``text`` context); ``grids[b]``: per image, its patch grids (the ``grid`` context, told from
-    the tokens entering the LLM), when the method asks for them.
+    the tokens entering the LLM), when the method asks for them. Filled while the prefill runs:
+    ``kept_by_stage[i]`` ``(B, L_i)`` the sorted positions held from stage i's layer on (``kept``:
+    the last stage's); ``measured`` the attention measured for the next stage.
     """
 
     spans: list[list[tuple[int, int]]]
@@ -54,13 +61,22 @@ class PrefillState:
     text_after: list[list[torch.Tensor]]
     grids: list[list] | None = None
     pending: bool = True
-    kept: torch.Tensor | None = None
+    kept_by_stage: list[torch.Tensor] = field(default_factory=list)
     decoding: bool = False
-    attention_scores: torch.Tensor | None = None
+    measured: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+    @property
+    def kept(self) -> torch.Tensor | None:
+        """``(B, L')`` the positions the last layers hold (``None`` before the first stage)."""
+        return self.kept_by_stage[-1] if self.kept_by_stage else None
+
+    @kept.setter
+    def kept(self, positions: torch.Tensor) -> None:
+        self.kept_by_stage = [positions]
 
     def repeated(self, rows: int) -> PrefillState:
         """The state of a batch whose every row is repeated ``rows / B`` times in place (beams)."""
@@ -74,6 +90,12 @@ class PrefillState:
             grids=None if self.grids is None else [g for g in self.grids for _ in range(times)],
         )
 
+    def alive(self, stage: int, device) -> torch.Tensor:
+        """``(B, L')`` sorted positions entering stage ``stage``: all, or the previous stage's kept."""
+        if stage:
+            return self.kept_by_stage[stage - 1].to(device)
+        return torch.arange(self.length, device=device).expand(self.valid.shape[0], -1)
+
 
 class LayerPruner:
     """Holds the hooks of one model; ``state`` is replaced before every multimodal prefill."""
@@ -81,14 +103,22 @@ class LayerPruner:
     def __init__(self, config: PruneConfig, decoder, layers, final_norm):
         self.config = config
         self.state: PrefillState | None = None
-        k = config.layer_index
         check_layer_index(config, len(layers))
+        self.stages = config.stages
+        first = self.stages[0].layer
+        self.stage_at = {stage.layer: i for i, stage in enumerate(self.stages)}
+        # The stage whose kept positions layer j holds.
+        self.holds = {j: sum(stage.layer <= j for stage in self.stages) - 1 for j in range(first, len(layers))}
         self.handles = [decoder.register_forward_pre_hook(self._check_prompt, with_kwargs=True)]
-        self.handles.append(layers[k].register_forward_pre_hook(self._select_and_cut, with_kwargs=True))
-        self.handles += [layer.register_forward_pre_hook(self._cut, with_kwargs=True) for layer in layers[k + 1 :]]
+        self.layer_of = {id(layers[j]): j for j in range(first, len(layers))}
+        self.handles += [layers[j].register_forward_pre_hook(self._enter, with_kwargs=True) for j in range(first, len(layers))]
         self.handles.append(final_norm.register_forward_hook(self._restore_length))
-        if "attention" in config.spec.context:
-            self.handles.append(layers[k - 1].self_attn.register_forward_pre_hook(self._record_attention, with_kwargs=True))
+        self.measures = ATTENTION_CONTEXT & set(config.spec.context)
+        if self.measures:
+            self.handles += [
+                layers[stage.layer - 1].self_attn.register_forward_pre_hook(partial(self._measure_attention, i), with_kwargs=True)
+                for i, stage in enumerate(self.stages)
+            ]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -111,41 +141,41 @@ class LayerPruner:
             self.state = state.repeated(rows)
         return None
 
-    def _select_and_cut(self, module, args, kwargs):
+    def _enter(self, module, args, kwargs):
+        """A decoder layer's pre-hook: a stage's selection where one prunes, then the cut."""
         state = self.state
         if state is None:
             return None
         hidden = args[0]
-        if state.pending and hidden.shape[1] == state.length:
-            state.kept, merged = self._kept_positions(hidden, state)
-            state.pending = False
-            state.decoding = False
-            if merged:
-                # A merger's tokens take the places of the tokens they stand for.
-                hidden = hidden.clone()
-                for b, positions, tokens in merged:
-                    hidden[b, positions.to(hidden.device)] = tokens.to(hidden.device, hidden.dtype)
-                args = (hidden, *args[1:])
-        elif state.kept is not None:
-            state.decoding = True
-        else:
-            return None
+        stage = self.stage_at.get(self.layer_of[id(module)])
+        if stage == 0:
+            if state.pending and hidden.shape[1] == state.length:
+                state.pending, state.decoding, state.kept_by_stage = False, False, []
+            elif state.kept_by_stage:
+                state.decoding = True
+            else:
+                return None
+        if stage is not None and not state.decoding and len(state.kept_by_stage) == stage:
+            args = (self._select(stage, hidden, state), *args[1:])
         return self._cut(module, args, kwargs)
 
     def _cut(self, module, args, kwargs):
         state = self.state
-        if state is None or state.kept is None:
+        if state is None or not state.kept_by_stage:
             return None
         hidden, *rest = args
-        kept = state.kept
+        stage = self.holds[self.layer_of[id(module)]]
+        kept = state.kept_by_stage[stage]
         mask = kwargs.get("attention_mask")
         fixed = _fixed_length_cache(module, kwargs)
         if state.decoding:
             if isinstance(mask, torch.Tensor):
                 kwargs["attention_mask"] = cut_key_columns(mask, kept, state.length, fixed)
             return (hidden, *rest), kwargs
-        if hidden.shape[1] == state.length:
-            hidden = take(hidden, kept, dim=1)
+        entering = state.alive(stage, kept.device)
+        if hidden.shape[1] == entering.shape[1] != kept.shape[1]:
+            # The stage's layer: the hidden states of the tokens alive before it, cut to those it keeps.
+            hidden = take(hidden, torch.searchsorted(entering.contiguous(), kept), dim=1)
         if isinstance(mask, torch.Tensor) and mask.shape[-1] >= state.length:
             kwargs["attention_mask"] = cut_mask(mask, kept, state.length, fixed)
         cos_sin = kwargs.get("position_embeddings")
@@ -164,66 +194,85 @@ class LayerPruner:
         kept = state.kept.to(output.device)
         return full.scatter(1, kept[..., None].expand(-1, -1, output.shape[-1]), output)
 
-    def _record_attention(self, module, args, kwargs):
+    def _measure_attention(self, stage: int, module, args, kwargs):
+        """Self-attention pre-hook of the layer before stage ``stage``: the rows its method needs."""
         state = self.state
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        if state is None or not state.pending or hidden.shape[1] != state.length:
+        if state is None or hidden is None:
             return None
+        if stage == 0:
+            prefill = state.pending and hidden.shape[1] == state.length
+        else:
+            prefill = not state.decoding and len(state.kept_by_stage) == stage and hidden.shape[1] == state.kept_by_stage[stage - 1].shape[1]
+        if not prefill:
+            return None
+        valid = take(state.valid, state.alive(stage, state.valid.device), dim=1).to(hidden.device)
+        last = last_positions(valid)
+        if self.measures == {"attention"}:
+            queries, last_row = last[:, None], torch.zeros_like(last)
+        else:
+            queries, last_row = torch.arange(hidden.shape[1], device=hidden.device).expand(hidden.shape[0], -1), last
         with torch.no_grad():
-            state.attention_scores = last_token_attention(module, hidden, kwargs["position_embeddings"], state.valid)
+            rows = attention_rows(module, hidden.detach(), kwargs["position_embeddings"], valid, queries)
+        # The last prompt token's row (the ``attention`` context), then every row measured.
+        state.measured = (rows[torch.arange(rows.shape[0], device=rows.device), last_row.to(rows.device)], rows)
         return None
 
     # -- selection ---------------------------------------------------------------------------
 
-    def _kept_positions(self, hidden: torch.Tensor, state: PrefillState):
-        """``(B, L')`` sorted positions kept from layer K on (all but the dropped visual tokens), and
-        a merger's ``(row, positions, tokens)`` that replace the hidden states there."""
-        hidden = hidden.detach()
-        _check_prompts_end_with_text(state, self.config.layer_index)
-        keep = torch.ones_like(state.valid, device=hidden.device)
-        method = self.config.method
-        needs = self.config.spec.context
-        images, where = [], []
-        context = {name: [] for name in ("text", "attention", "grid") if name in needs and method != "FASTV"}
+    def _select(self, stage: int, hidden: torch.Tensor, state: PrefillState) -> torch.Tensor:
+        """Stage ``stage``'s choice, appended to ``state.kept_by_stage``; the hidden states entering its
+        layer, a merger's tokens put in the places of the tokens they stand for."""
+        config, layer = self.config, self.stages[stage].layer
+        detached = hidden.detach()
+        if stage == 0:
+            _check_prompts_end_with_text(state, layer)
+        alive = state.alive(stage, hidden.device)
+        keep = torch.ones(alive.shape, dtype=torch.bool, device=hidden.device)
+        needs = config.spec.context
+        images, where, counts = [], [], []
+        context = {name: [] for name in PER_IMAGE_CONTEXT if name in needs}
+        last_row, rows = state.measured if state.measured is not None else (None, None)
         for b, spans in enumerate(state.spans):
             for i, (start, end) in enumerate(spans):
-                keep[b, start:end] = False
-                images.append(hidden[b, start:end])
-                where.append((b, start))
+                inside = (alive[b] >= start) & (alive[b] < end)
+                held = inside.nonzero()[:, 0]
+                keep[b] &= ~inside
+                images.append(detached[b, held])
+                where.append((b, held))
+                counts.append(stage_counts(self.stages, end - start)[stage])
+                text = torch.searchsorted(alive[b], state.text_after[b][i].to(hidden.device))
                 if "text" in context:
-                    context["text"].append(hidden[b, state.text_after[b][i].to(hidden.device)])
+                    context["text"].append(detached[b, text])
                 if "attention" in context:
-                    context["attention"].append(state.attention_scores[b, start:end].to(hidden.device))
+                    context["attention"].append(last_row[b, held.to(last_row.device)].to(hidden.device))
+                if "text_attention" in context:
+                    context["text_attention"].append(rows[b][text.to(rows.device)][:, held.to(rows.device)].to(hidden.device))
+                if "visual_attention" in context:
+                    context["visual_attention"].append(rows[b][held.to(rows.device)][:, held.to(rows.device)].to(hidden.device))
                 if "grid" in context:
-                    context["grid"].append(None if state.grids is None else state.grids[b][i])
-        began = selection_clock(self.config, images)
-        if method == "VTW":
-            chosen = [Kept(torch.zeros(0, dtype=torch.long, device=hidden.device)) for _ in images]
-        elif method == "FASTV":
-            scores = state.attention_scores
-            chosen = [
-                Kept(select_top_scores(scores[b, start : start + len(tokens)], budget(self.config.ratio, len(tokens))))
-                for (b, start), tokens in zip(where, images)
-            ]
-        else:
-            chosen = select_per_image(self.config, images, context)
-        if method in ("VTW", "FASTV"):
-            log_selection(self.config, images, chosen, began)
-        merged = []
-        for (b, start), (indices, tokens) in zip(where, chosen):
-            keep[b, start + indices.to(keep.device)] = True
+                    context["grid"].append(None if state.grids is None or stage else state.grids[b][i])
+        chosen = select_per_image(config, images, context, stage=(layer, counts))
+        if any(tokens is not None for _, tokens in chosen):
+            hidden = hidden.clone()
+        for (b, held), (indices, tokens) in zip(where, chosen):
+            positions = held[indices.to(held.device)]
+            keep[b, positions] = True
             if tokens is not None:
-                merged.append((b, start + indices, tokens))
-        counts = keep.sum(1)
-        if bool((counts != counts[0]).any()):
+                # A merger's tokens take the places of the tokens they stand for.
+                hidden[b, positions.to(hidden.device)] = tokens.to(hidden.device, hidden.dtype)
+        row_counts = keep.sum(1)
+        if bool((row_counts != row_counts[0]).any()):
             stop_run(
-                self.config,
-                f"LAYER_INDEX={self.config.layer_index} needs every sample of a batch to keep the same number of "
-                f"tokens; got {counts.tolist()} (samples with different image counts or sizes, or a merger that "
+                config,
+                f"LAYER_INDEX={layer} needs every sample of a batch to keep the same number of "
+                f"tokens; got {row_counts.tolist()} (samples with different image counts or sizes, or a merger that "
                 "returned fewer tokens for one of them): use batch size 1",
                 ValueError,
             )
-        return keep.nonzero()[:, 1].view(keep.shape[0], -1), merged
+        state.kept_by_stage.append(alive[keep].view(keep.shape[0], -1))
+        state.measured = None
+        return hidden
 
 
 def _check_prompts_end_with_text(state: PrefillState, layer_index: int) -> None:
@@ -240,32 +289,38 @@ def _check_prompts_end_with_text(state: PrefillState, layer_index: int) -> None:
             )
 
 
-def last_token_attention(attention, hidden, position_embeddings, valid) -> torch.Tensor:
-    """``(B, L)`` attention of each row's last prompt token over all positions, mean over heads.
+def attention_rows(attention, hidden, position_embeddings, valid, queries: torch.Tensor) -> torch.Tensor:
+    """``(B, Q, L)``: the attention of the positions ``queries`` ``(B, Q)`` over all positions of
+    their row, mean over heads.
 
-    Recomputes the one query row FASTV needs from ``attention``'s projections (LLaMA layout:
-    ``q_proj``, ``k_proj``, ``head_dim``, rotary ``(cos, sin)``), since SDPA returns no weights.
+    Recomputed from ``attention``'s projections (LLaMA layout: ``q_proj``, ``k_proj``,
+    ``head_dim``, rotary ``(cos, sin)``), since SDPA and flash-attention return no weights; the
+    softmax is the causal one over the non-padding positions ``valid`` ``(B, L)``.
     """
     from transformers.models.llama.modeling_llama import rotate_half
 
     b, length, _ = hidden.shape
     head_dim = attention.head_dim
     valid = valid.to(hidden.device)
-    last = (valid.long() * torch.arange(length, device=hidden.device)).argmax(1)
-    rows = torch.arange(b, device=hidden.device)
-    query = attention.q_proj(hidden[rows, last]).view(b, -1, head_dim)
+    queries = queries.to(hidden.device)
+    query = attention.q_proj(take(hidden, queries, dim=1)).view(b, queries.shape[1], -1, head_dim).transpose(1, 2)
     keys = attention.k_proj(hidden).view(b, length, -1, head_dim).transpose(1, 2)
     if hasattr(attention, "q_norm"):
         # Qwen3 normalises each head's query and key before the rotary.
         query, keys = attention.q_norm(query), attention.k_norm(keys)
     cos, sin = (t.expand(b, -1, -1) for t in position_embeddings)
-    query = query * cos[rows, last][:, None] + rotate_half(query) * sin[rows, last][:, None]
+    query = query * take(cos, queries, dim=1)[:, None] + rotate_half(query) * take(sin, queries, dim=1)[:, None]
     keys = keys * cos[:, None] + rotate_half(keys) * sin[:, None]
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-    scores = torch.einsum("bhd,bhld->bhl", query.float(), keys.float()) / head_dim**0.5
-    visible = valid & (torch.arange(length, device=hidden.device) <= last[:, None])
+    scores = torch.einsum("bhqd,bhld->bhql", query.float(), keys.float()) / head_dim**0.5
+    visible = valid[:, None, :] & (torch.arange(length, device=hidden.device) <= queries[..., None])
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     return scores.softmax(-1).mean(1)
+
+
+def last_positions(valid: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` each row's last non-padding position."""
+    return (valid.long() * torch.arange(valid.shape[1], device=valid.device)).argmax(1)
 
 
 def take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -327,9 +382,13 @@ def _fixed_length_cache(layer, kwargs) -> bool:
 
 
 def check_layer_index(config: PruneConfig, n_layers: int) -> None:
-    """Refuse a ``LAYER_INDEX`` the model does not have before anything runs."""
-    if config.enabled and config.layer_index >= n_layers:
-        raise ValueError(f"LAYER_INDEX={config.layer_index} is not allowed for this model; it has {n_layers} layers (0 .. {n_layers - 1})")
+    """Refuse a ``LAYER_INDEX`` (or a schedule's layer) the model does not have before anything runs."""
+    if not config.enabled:
+        return
+    last = config.stages[-1].layer
+    if last >= n_layers:
+        name = "LAYER_INDEX" if len(config.stages) == 1 else f"BASELINE={config.method}'s schedule layer"
+        raise ValueError(f"{name}={last} is not allowed for this model; it has {n_layers} layers (0 .. {n_layers - 1})")
 
 
 def attach_state(model, config: PruneConfig, decoder, state: PrefillState | None) -> None:

@@ -209,3 +209,18 @@ def test_the_command_runs_as_python_m_otprune():
     assert done.returncode == 0, done.stderr
     assert "PASS  nan-refused" in done.stdout
     assert "check-selector" in subprocess.run([sys.executable, "-m", "otprune", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+
+
+def test_a_schedule_is_checked_from_the_options_given_and_skipped_naming_what_it_lacks(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"kind": "otprune fitprune recipe", "visual_tokens": 576, "drops": [288, 144, 0, 0]}))
+    assert cli.main(["check-selector", "FITPRUNE", "--options", json.dumps({"recipe": str(recipe)})]) == 0
+    # 576 - 288 = 288 kept from layer 1 (0.5), 144 from layer 2 (0.25): by hand.
+    assert "PASS  schedule        0.5 kept from layer 1, 0.25 kept from layer 2" in capsys.readouterr().out
+    assert cli.main(["check-selector", "FITPRUNE"]) == 0
+    assert (
+        "SKIP  schedule        not made without its options (give them with --options): ValueError: FITPRUNE needs the option 'recipe'"
+        in capsys.readouterr().out
+    )
+    assert cli.main(["check-selector", "FITPRUNE", "--options", json.dumps({"recipe": str(tmp_path / "none.json")})]) == 1
+    assert "none.json' is not a file" in capsys.readouterr().out

@@ -200,7 +200,10 @@ def test_bad_config_fails_before_any_run(tmp_path, capsys, changes, message):
 
 def test_unknown_config_name_lists_the_shipped_ones(capsys):
     assert harness_cli.main(["no_such_config"]) == 2
-    assert "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, regimes, smoke, synth" in capsys.readouterr().err
+    assert (
+        "no config 'no_such_config'; allowed: llava_onevision_7b, paper_table1, qwen2_5_vl_7b, qwen3_vl_8b, regimes, smoke, synth, synth_schedules"
+        in capsys.readouterr().err
+    )
 
 
 def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
@@ -220,6 +223,7 @@ def test_prune_log_parsing():
     )
     assert harness_run_check.parse_prune_log(text) == {
         "visual_tokens": [[576, 56], [2144, 210], [600, 59]],
+        "stage_tokens": [],
         "selector_ms": [12.5, 3.0],
         "ot_distance": [6.25, 1.5, 2.0],
         "near_duplicate_share": [0.5, 0.25],
@@ -533,3 +537,55 @@ def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
     assert "liuhaotian/llava-v1.5-13b: 55 benchmark runs, about 99 A100-hours" in out
     assert "liuhaotian/llava-v1.6-vicuna-7b: 55 benchmark runs, about 148 A100-hours" in out
     assert out.count("] BASELINE=") == 165
+
+
+def test_the_tflop_of_a_schedule_counts_each_stages_logged_tokens(tmp_path):
+    """PyramidDrop at layers 1, 2, 3 keeping 288, 144, 72 of 576: each layer's prefill at the count
+    it held, summed by hand, in the paper LLM's TFLOP and the tiny LLM's own MFLOP."""
+    shape = {"layers": 4, "hidden": 48, "ffn": 96}
+    results = {"results": {"otprune_synth_count": {"exact_match,none": 0.5}}}
+    runs = tmp_path / "synth" / "synth-llava-1.5"
+    common = {"text_tokens": {"otprune_synth_count": 20}, "llm_shape": shape}
+    write_run(runs / "Original_1", "synth-llava-1.5", "Original", 1.0, {}, results, **common)
+    write_run(
+        runs / "PyramidDrop_0.5",
+        "synth-llava-1.5",
+        "PyramidDrop",
+        0.5,
+        {"options": {"layers": [1, 2, 3]}},
+        results,
+        visual_tokens=[[576, 72]],
+        stage_tokens=[[[1, 288], [2, 144], [3, 72]]],
+        **common,
+    )
+    _, csv_path, _ = report.write_report(tmp_path / "synth", tmp_path)
+    row = next(r for r in csv.DictReader(open(csv_path)) if r["method"] == "PyramidDrop")
+    held = [596, 308, 164, 92]  # 20 text tokens + the visual tokens each layer holds
+    own = ModelShape(hidden=48, ffn=96, layers=4)
+    assert float(row["tiny_llm_mflop"]) == pytest.approx(sum(prefill_flops(n, own) for n in held) / 4 / 1e6)
+    paper_llm = (sum(prefill_flops(n) for n in held[:3]) + 29 * prefill_flops(held[3])) / 32
+    assert float(row["tflop"]) == pytest.approx(paper_llm / 1e12)
+
+
+def test_a_recipe_is_named_from_its_configs_folder_and_its_content_is_part_of_the_setting(tmp_path):
+    recipe = tmp_path / "recipes" / "r.json"
+    recipe.parent.mkdir()
+    recipe.write_text(json.dumps({"kind": "otprune fitprune recipe", "visual_tokens": 576, "drops": [100, 0, 0, 0]}))
+    path = write_config(tmp_path / "c.yaml", methods={"FitPrune": {"ratios": [0.5], "options": {"recipe": "recipes/r.json"}}})
+    (run,) = harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path / "runs")
+    assert json.loads(run.env["OTPRUNE_OPTIONS"]) == {"recipe": str(recipe.resolve())}
+    assert run.setting["recipe_sha256"] == hashlib.sha256(recipe.read_bytes()).hexdigest()
+    # The same file name with other drops: another setting, so its runs run again.
+    recipe.write_text(json.dumps({"kind": "otprune fitprune recipe", "visual_tokens": 576, "drops": [200, 0, 0, 0]}))
+    (edited,) = harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path / "runs")
+    assert edited.setting["hash"] != run.setting["hash"] and edited.env == run.env
+
+
+def test_the_schedules_config_runs_the_unpruned_model_pyramiddrop_and_its_calibrated_fitprune():
+    from otprune.fitprune import load_recipe
+
+    runs = harness_plan.plan_runs(harness_config.load_config("synth_schedules"), Path("runs"))
+    assert [(r.method, r.ratio) for r in runs] == [("Original", 1.0), ("PyramidDrop", 0.5), ("FitPrune", 0.5)]
+    recipe = load_recipe(json.loads(runs[2].env["OTPRUNE_OPTIONS"])["recipe"])
+    assert recipe["model"] == "synth-llava-1.5" and recipe["tflop"] <= recipe["budget"]["tflop"]
+    assert recipe["budget"]["tflop"] == pytest.approx(0.5 * recipe["budget"]["unpruned_tflop"])

@@ -654,3 +654,53 @@ def test_status_shows_a_local_run_running_the_next_not_started_then_failed_and_d
     assert lines[-1] == "1 failed, 1 not started"
     assert subprocess.run(harness_cmd(config, runs), env=fake_env(), capture_output=True, text=True, timeout=180).returncode == 0
     assert status()[-1] == "2 done"
+
+
+PYRAMID = {"BASELINE": "PYRAMIDDROP", "SUBSET_RATIO": "0.5", "OTPRUNE_OPTIONS": '{"layers": [1, 2, 3]}'}
+
+
+def stage_log(*stages: str) -> str:
+    """One forward of PYRAMIDDROP at layers 1, 2, 3: each stage's ``before->after`` pairs."""
+    return "".join(f"otprune PYRAMIDDROP at layer {layer}: visual tokens {pairs}; selector 0.1 ms\n" for layer, pairs in zip((1, 2, 3), stages))
+
+
+FULL_FORWARD = stage_log("576->288", "288->144", "144->72")
+
+
+@pytest.mark.parametrize(
+    "log, samples, problem",
+    [
+        # Two prompts, each keeping 1/2, 1/4, 1/8 of 576 (hand-computed) at its three stages.
+        (FULL_FORWARD * 2, 2, None),
+        # A batch of two images: each stage's line lists both.
+        (stage_log("576->288, 576->288", "288->144, 288->144", "144->72, 144->72"), 2, None),
+        (
+            stage_log("576->288", "288->144", "144->100"),
+            1,
+            "an image of 576 visual tokens kept 288 at layer 1, 144 at layer 2, 100 at layer 3; "
+            "PYRAMIDDROP's schedule keeps 288 at layer 1, 144 at layer 2, 72 at layer 3",
+        ),
+        (
+            stage_log("576->288", "288->144"),
+            1,
+            "an image of 576 visual tokens kept 288 at layer 1, 144 at layer 2; PYRAMIDDROP's schedule keeps 288 at layer 1, 144 at layer 2, 72 at layer 3",
+        ),
+        (FULL_FORWARD * 2, 3, "3 samples evaluated but only 2 images' selections logged"),
+        # A one-stage line for a schedule of three: no stage logged.
+        (
+            "otprune PYRAMIDDROP: visual tokens 576->72; selector 0.1 ms",
+            1,
+            "an image of 576 visual tokens kept no stage; PYRAMIDDROP's schedule keeps 288 at layer 1, 144 at layer 2, 72 at layer 3",
+        ),
+    ],
+)
+def test_a_schedule_passes_the_run_check_only_where_each_stage_keeps_its_count(log, samples, problem):
+    assert harness_run_check.pruning_problem(PYRAMID, harness_run_check.parse_prune_log(log), samples) == problem
+
+
+def test_a_schedules_log_gives_each_image_its_first_and_last_count_and_every_stage():
+    log = harness_run_check.parse_prune_log(FULL_FORWARD + stage_log("576->288, 576->288", "288->144, 288->144", "144->72, 144->72"))
+    assert log["visual_tokens"] == [[576, 72]] * 3
+    assert log["stage_tokens"] == [[[1, 288], [2, 144], [3, 72]]] * 3
+    assert len(log["selector_ms"]) == 6
+    assert harness_run_check.parse_prune_log("otprune OURS: visual tokens 576->56; selector 0.1 ms")["stage_tokens"] == []

@@ -37,6 +37,16 @@ ELSEWHERE = {
     "python -m otprune.analysis table2 --quick": "tests/test_analysis.py::test_table2_cli_writes_report",
     "python -m otprune.analysis hypothesis runs/synth": "tests/test_analysis.py::test_hypothesis_from_harness_results",
     "python -m otprune.analysis regimes runs/regimes": "tests/test_regimes.py::test_quick_regimes_end_to_end_through_the_harness",
+    "otprune calibrate fitprune synth-llava-1.5 --limit 2 --ratio 0.5 --tasks otprune_synth_yesno,otprune_synth_attribute,otprune_synth_count,"
+    "otprune_synth_clutter_yesno,otprune_synth_clutter_attribute,otprune_synth_clutter_count --out configs/recipes/fitprune_synth-llava-1.5.json": (
+        "tests/test_calibrate.py::test_a_calibrated_recipe_meets_its_budget_and_an_unchanged_lmms_eval_run_applies_it"
+    ),
+    'otprune check-selector FITPRUNE --options \'{"recipe": "configs/recipes/fitprune_synth-llava-1.5.json"}\'': (
+        "tests/test_check_selector.py::test_a_schedule_is_checked_from_the_options_given_and_skipped_naming_what_it_lacks"
+    ),
+    "otprune run synth_schedules": "not run: 3 runs of about a minute each on 2 cores; its plan, recipe, run check and TFLOP are tested in tests/test_harness*.py",
+    "otprune calibrate fitprune liuhaotian/llava-v1.5-7b --tasks gqa,pope,mme --limit 16 --tflop 0.513 --model-args device_map=auto "
+    "--out configs/recipes/fitprune_llava-v1.5-7b.json": "not run: needs the 7B weights from the hub and a GPU",
     "BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098 accelerate launch --num_processes=1 -m lmms_eval --model llava "
     "--model_args pretrained=liuhaotian/llava-v1.5-7b --tasks gqa,pope,mme --batch_size 1": (
         "not run: needs the 7B weights from the hub; the same unchanged lmms-eval run on the shipped checkpoint is "

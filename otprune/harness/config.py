@@ -58,6 +58,9 @@ HARMLESS_VARIABLES = (
     "TRANSFORMERS_OFFLINE",
 )
 ALLOWED_ENV = OPTION_VARIABLES + HARMLESS_VARIABLES
+# Options that name an input file of the run (FITPRUNE's recipe): named relative to the config's
+# folder, and the file's SHA-256 is part of the run's setting (otprune.harness.plan.run_setting).
+FILE_OPTIONS = ("recipe",)
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -295,7 +298,12 @@ def _check_keys(spec: dict, allowed: set, key: str, path: Path) -> None:
 def _method_settings(spec: dict, key: str, check: _Checker) -> dict:
     settings = {"env": check.env(spec.get("env"), f"{key}.env")}
     if "options" in spec:
-        settings["options"] = check.mapping(spec["options"], f"{key}.options", "a mapping option: value (the method's keyword-only parameters)")
+        options = dict(check.mapping(spec["options"], f"{key}.options", "a mapping option: value (the method's keyword-only parameters)"))
+        for name in FILE_OPTIONS:
+            if isinstance(options.get(name), str):
+                # lmms-eval runs in its attempt folder: the file is named from the config's folder, for any.
+                options[name] = str((check.path.parent / options[name]).expanduser().resolve())
+        settings["options"] = options
         try:
             json.dumps(settings["options"], allow_nan=False)
         except (TypeError, ValueError):

@@ -14,9 +14,9 @@ from pathlib import Path
 from otprune.harness import resources
 from otprune.harness.catalogue import MODELS, RATIO_FREE, model_label, ratio_label
 from otprune.harness.checkpoints import trained_weights_sha256
-from otprune.harness.config import METHOD_OWNED, SAFE_NAME, Config, run_env
+from otprune.harness.config import FILE_OPTIONS, METHOD_OWNED, SAFE_NAME, Config, run_env
 from otprune.harness.errors import ConfigError
-from otprune.harness.files import read_results
+from otprune.harness.files import read_results, sha256
 from otprune.harness.records import finished_tasks
 from otprune.methods import plugin_source_sha256
 from otprune.prune_config import config_from_env
@@ -57,6 +57,10 @@ def run_setting(config: Config, model: str, method: str, ratio: float, env: dict
     }
     if MODELS[model].trained:
         setting["weights_sha256"] = trained_weights_sha256(model)
+    for name in FILE_OPTIONS:
+        if pruning.enabled and name in pruning.options:
+            # The file's content, not its name, decides the run: an edited recipe runs again.
+            setting[f"{name}_sha256"] = sha256(Path(pruning.options[name]).expanduser())
     if pruning.enabled and pruning.spec.plugin:
         # Code outside otprune's code identity: its package, version and source are part of the setting.
         setting["plugin"] = pruning.spec.origin

@@ -20,6 +20,7 @@ RECORD_FIELDS = {
     "samples": (dict, False),
     "text_tokens": (dict, False),
     "visual_tokens": (list, False),
+    "stage_tokens": (list, False),
     "selector_ms": (list, False),
     "timing": (list, False),
     "method": (str, False),

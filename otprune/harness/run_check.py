@@ -10,11 +10,11 @@ import re
 
 from otprune.prune_config import config_from_env
 from otprune.sample_timer import TIMING_PREFIX
-from otprune.selectors import budget
+from otprune.schedule import stage_counts
 
 # A progress bar may share the line (it ends in a carriage return, not a newline): found anywhere.
 TIMING_LINE = re.compile(re.escape(TIMING_PREFIX) + r"(\{[^{}\n]*\})")
-LOG_LINE = re.compile(r"otprune (\w+): visual tokens ([\d\->, ]+); selector ([\d.]+) ms(?:; ot ([^;\n]+))?(?:; redundancy ([^;\n]+))?")
+LOG_LINE = re.compile(r"otprune (\w+)(?: at layer (\d+))?: visual tokens ([\d\->, ]+); selector ([\d.]+) ms(?:; ot ([^;\n]+))?(?:; redundancy ([^;\n]+))?")
 NO_SELECTION = "no selection logged: is otprune installed in this environment? (pip install -e . in it)"
 
 
@@ -22,21 +22,36 @@ def parse_prune_log(text: str) -> dict:
     """Per-image ``[before, after]`` visual tokens, per-call selector ms and, where OTPRUNE_OT=1
     recorded them, per-image OT distances (kept vs full set) and near-duplicate shares (of the full
     set) from OTPRUNE_LOG lines; ``timing``:
-    each ``generate`` call's record (``otprune.sample_timer``) from its timing line."""
-    tokens, selector_ms, ot, redundancy, methods = [], [], [], [], []
+    each ``generate`` call's record (``otprune.sample_timer``) from its timing line.
+
+    A schedule of several stages logs one line per stage ("at layer K"), in layer order within a
+    forward: an image's ``before`` is its first stage's, its ``after`` its last stage's, and
+    ``stage_tokens`` lists, per image, each stage's ``[layer, kept]`` (empty for a one-stage run)."""
+    tokens, stage_tokens, selector_ms, ot, redundancy, methods = [], [], [], [], [], []
     timing = [json.loads(match.group(1)) for match in TIMING_LINE.finditer(text)]
+    forward_start, last_layer = 0, None
     for match in LOG_LINE.finditer(text):
         methods.append(match.group(1))
-        for pair in match.group(2).split(","):
-            before, after = pair.strip().split("->")
-            tokens.append([int(before), int(after)])
-        selector_ms.append(float(match.group(3)))
-        if match.group(4):
-            ot += [float(v) for v in match.group(4).split(",")]
+        pairs = [[int(v) for v in pair.strip().split("->")] for pair in match.group(3).split(",")]
+        layer = None if match.group(2) is None else int(match.group(2))
+        if layer is not None and last_layer is not None and layer > last_layer:
+            # A later stage of the same forward: its images, in order, are that forward's.
+            for i, (_, after) in enumerate(pairs):
+                tokens[forward_start + i][1] = after
+                stage_tokens[forward_start + i].append([layer, after])
+        else:
+            forward_start = len(tokens)
+            tokens += pairs
+            stage_tokens += [[] if layer is None else [[layer, after]] for _, after in pairs]
+        last_layer = layer
+        selector_ms.append(float(match.group(4)))
         if match.group(5):
-            redundancy += [float(v) for v in match.group(5).split(",")]
+            ot += [float(v) for v in match.group(5).split(",")]
+        if match.group(6):
+            redundancy += [float(v) for v in match.group(6).split(",")]
     return {
         "visual_tokens": tokens,
+        "stage_tokens": stage_tokens if any(stage_tokens) else [],
         "selector_ms": selector_ms,
         "ot_distance": ot,
         "near_duplicate_share": redundancy,
@@ -58,9 +73,19 @@ def pruning_problem(env: dict, log: dict, samples: int) -> str | None:
     others = [m for m in log["logged_methods"] if m != config.method]
     if others:
         return f"the log shows a selection by {', '.join(others)}, not {config.method}"
+    problem = schedule_problem(config, log) if len(config.stages) > 1 else one_stage_problem(config, log)
+    if problem:
+        return problem
+    if len(log["visual_tokens"]) < samples:
+        return f"{samples} samples evaluated but only {len(log['visual_tokens'])} images' selections logged"
+    return None
+
+
+def one_stage_problem(config, log: dict) -> str | None:
+    """Why a one-stage run's log does not show every image kept to its budget (``None`` when it does)."""
     merger = config.method != "VTW" and config.spec.kind == "merger"
     for before, after in log["visual_tokens"]:
-        expected = 0 if config.method == "VTW" else budget(config.ratio, before)
+        expected = stage_counts(config.stages, before)[0]
         # A merger keeps 1 <= m <= k tokens (POOL: the largest grid that fits the budget).
         if (1 <= after <= expected) if merger else after == expected:
             continue
@@ -68,11 +93,24 @@ def pruning_problem(env: dict, log: dict, samples: int) -> str | None:
             rule = "keeps none"
         elif merger:
             rule = f"a merger at ratio {config.ratio:g} keeps between 1 and {expected}"
+        elif config.ratio is None:
+            rule = f"keeps {expected} (its schedule's one stage)"
         else:
             rule = f"at ratio {config.ratio:g} keeps {expected}"
         return f"an image kept {after} of {before} visual tokens; {config.method} {rule}"
-    if len(log["visual_tokens"]) < samples:
-        return f"{samples} samples evaluated but only {len(log['visual_tokens'])} images' selections logged"
+    return None
+
+
+def schedule_problem(config, log: dict) -> str | None:
+    """Why a schedule's log does not show every image kept, at each of its stages, what the
+    schedule says (``None`` when it does)."""
+    layers = [stage.layer for stage in config.stages]
+    for (before, _), logged in zip(log["visual_tokens"], log["stage_tokens"] or [[]] * len(log["visual_tokens"])):
+        expected = [[layer, count] for layer, count in zip(layers, stage_counts(config.stages, before))]
+        if logged != expected:
+            shown = ", ".join(f"{count} at layer {layer}" for layer, count in logged) or "no stage"
+            wanted = ", ".join(f"{count} at layer {layer}" for layer, count in expected)
+            return f"an image of {before} visual tokens kept {shown}; {config.method}'s schedule keeps {wanted}"
     return None
 
 
