@@ -30,7 +30,10 @@ the prompt (a prompt ending with an image: its text before the first), never the
 images or the tokens that frame an image (Qwen's vision start and end);
 ``attention`` ``(N,)`` the last prompt token's attention over the image's tokens at layer K - 1,
 mean over heads (only where ``LAYER_INDEX = K > 0``); ``grid`` the image's patch grids, a tuple of
-:class:`PatchGrid` in token order (``check_grids``); ``layer_index`` the K it prunes before.
+:class:`PatchGrid` in token order (``check_grids``: LLaVA-1.5 one 24 x 24 grid; LLaVA-NeXT/1.6 and
+OneVision the base grid, then the tiles' grid with a newline token ending each row, a single tile's
+lone newline in no grid; Qwen ``(h/2) x (w/2)`` from ``image_grid_thw``, one per video frame);
+``layer_index`` the K it prunes before.
 ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)``: the attention of the question's
 tokens, and of the image's own tokens, over the image's tokens at layer K - 1, mean over heads
 (rows as the causal softmax over the whole sequence gives them; K >= 1 only).
@@ -43,6 +46,10 @@ measured at that stage, ``layer_index = K_i`` and ``k`` the stage's count. ``sta
 options it names (``ratio``: ``SUBSET_RATIO``).
 Every other keyword-only parameter is an **option**, set with ``OTPRUNE_OPTIONS`` (a JSON object)
 or a harness config method's ``options:``; one without a default must be set.
+
+A method reads ``tokens`` and its context and never writes them: the model reads them next, so a
+plugin that writes one in place (its version counter moves) stops the run, as does an answer that
+breaks the contract (:func:`kept_indices_fault`, :func:`merge_fault`).
 """
 
 from __future__ import annotations
