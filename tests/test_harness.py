@@ -210,7 +210,7 @@ def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
     path = write_config(tmp_path / "m.yaml", methods={"Uniformly": {"ratios": [0.1]}})
     with pytest.raises(
         harness_errors.ConfigError,
-        match="unknown method .Uniformly.; allowed: CDPruner, DPP, DivPrune, FIRST, FastV, LAST, OTPrune, Original, POOL, Random, STP, TrimTokenator, Uniform, VTW",
+        match="unknown method .Uniformly.; allowed: CDPruner, DPP, DivPrune, FIRST, FITPRUNE, FastV, LAST, OTPrune, Original, POOL, PYRAMIDDROP, Random, STP, TrimTokenator, Uniform, VTW",
     ):
         harness_config.load_config(str(path))
 

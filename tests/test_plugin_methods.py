@@ -31,7 +31,7 @@ def randn(*shape, seed=0, dtype=torch.float64):
 def test_both_load_by_entry_point():
     cd = get_method("cdpruner")
     assert cd.kind == "selector" and cd.function is select_cdpruner
-    assert cd.context == ("text",) and set(cd.options) == {"theta", "negate_relevance"} and cd.required == ()
+    assert cd.context == ("text", "grid") and set(cd.options) == {"theta", "negate_relevance"} and cd.required == ()
     assert not cd.accepts_batches and cd.plugin
     pool = get_method("pool")
     assert pool.kind == "merger" and pool.function is merge_pool
