@@ -543,7 +543,9 @@ def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
     assert "liuhaotian/llava-v1.6-vicuna-7b: 55 benchmark runs, about 148 A100-hours" in out
     assert out.count("] BASELINE=") == 176
     # FitPrune's recipe is calibrated first, at the paper's 0.513 TFLOP, into the runs folder.
-    recipe = "/nonexistent/runs/paper_table1/calibrations/fitprune_llava-v1.5-7b.json"
+    (step,) = harness_plan.plan_calibrations(harness_config.load_config("paper_table1"), Path("/nonexistent/runs"))
+    recipe = step.recipe
+    assert recipe.parent == Path("/nonexistent/runs/paper_table1/calibrations")
     assert (
         "[calibration fitprune_llava-v1.5-7b] otprune calibrate fitprune liuhaotian/llava-v1.5-7b --tasks gqa,pope --limit 16 --tflop 0.513 "
         f"--out {recipe} --runs-dir /nonexistent/runs --lmms-model llava --model-args device_map=auto" in out

@@ -723,7 +723,9 @@ def calibrated_config(path: Path, **calibration_changes) -> Path:
 
 def test_a_calibration_step_is_planned_first_until_its_recipe_exists(tmp_path, capsys):
     config, runs = calibrated_config(tmp_path / "c.yaml"), tmp_path / "runs"
-    recipe = runs / "c" / "calibrations" / "half.json"
+    (step,) = harness_plan.plan_calibrations(harness_config.load_config(str(config)), runs)
+    recipe = step.recipe
+    assert recipe.parent == runs / "c" / "calibrations" and recipe.name.startswith("half_")
     (run,) = harness_plan.plan_runs(harness_config.load_config(str(config)), runs)
     assert run.setting == {} and json.loads(run.env["OTPRUNE_OPTIONS"]) == {"recipe": str(recipe)}
     assert harness_cli.main([str(config), "--runs-dir", str(runs), "--dry-run"]) == 0
@@ -738,11 +740,15 @@ def test_a_calibration_step_is_planned_first_until_its_recipe_exists(tmp_path, c
     assert harness_cli.main([str(config), "--runs-dir", str(runs), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "plan: 1 runs" in out and "[calibration half]" not in out
+    # An edited calibration is another recipe, calibrated again.
+    (edited,) = harness_plan.plan_calibrations(harness_config.load_config(str(calibrated_config(config, limit=2))), runs)
+    assert edited.recipe != recipe and not edited.recipe.exists()
 
 
 def test_a_runs_setting_holds_its_calibrated_recipes_content(tmp_path):
     config, runs = calibrated_config(tmp_path / "c.yaml"), tmp_path / "runs"
-    recipe = runs / "c" / "calibrations" / "half.json"
+    (step,) = harness_plan.plan_calibrations(harness_config.load_config(str(config)), runs)
+    recipe = step.recipe
     recipe.parent.mkdir(parents=True)
     shutil.copy(SHIPPED_RECIPE, recipe)
     (run,) = harness_plan.plan_runs(harness_config.load_config(str(config)), runs)
@@ -754,7 +760,7 @@ def test_a_runs_setting_holds_its_calibrated_recipes_content(tmp_path):
     assert recalibrated.setting["hash"] != run.setting["hash"] and recalibrated.env == run.env
 
 
-def test_a_run_calibrates_first_then_runs_with_the_recipe_written(tmp_path, monkeypatch, capsys):
+def test_a_run_calibrates_first_then_runs_with_the_recipe_written(tmp_path, monkeypatch):
     from otprune import calibrate
 
     calls = []
@@ -769,13 +775,14 @@ def test_a_run_calibrates_first_then_runs_with_the_recipe_written(tmp_path, monk
     monkeypatch.setattr(calibrate, "main", write_the_shipped_recipe)
     monkeypatch.setenv("PYTHONPATH", str(FAKE))
     config, runs = calibrated_config(tmp_path / "c.yaml"), runs_folder(tmp_path)
-    harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"])
+    # The stand-in model gives FitPrune no attention, so the run itself fails, after its start.
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 1
     assert [argv[:2] for argv in calls] == [["fitprune", "tiny-llava-1.5"]]
-    setting = json.loads((runs / "c" / "tiny-llava-1.5" / "FitPrune_0.5" / "setting.json").read_text())
-    assert setting["recipe_sha256"] == hashlib.sha256(SHIPPED_RECIPE.read_bytes()).hexdigest()
-    # Written once: the next run uses it without calibrating again.
-    harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"])
-    assert len(calls) == 1
+    (recipe,) = (runs / "c" / "calibrations").glob("half_*.json")
+    run = runs / "c" / "tiny-llava-1.5" / "FitPrune_0.5"
+    assert json.loads((run / "setting.json").read_text())["recipe_sha256"] == hashlib.sha256(SHIPPED_RECIPE.read_bytes()).hexdigest()
+    (log,) = run.glob("attempts/*/lmms_eval.log")
+    assert f'OTPRUNE_OPTIONS={{"recipe": "{recipe}"}}' in log.read_text().splitlines()[0]
 
 
 def test_a_failed_calibration_starts_no_run(tmp_path, monkeypatch, capsys):

@@ -50,10 +50,12 @@ class Calibration:
 
 def plan_calibrations(config: Config, runs_root: Path) -> list[Calibration]:
     """Every calibration of ``config``, its recipe under ``runs_root/<config>/calibrations`` (one
-    for the config's full and ``--limit`` runs alike: the calibration has its own limit)."""
+    for the config's full and ``--limit`` runs alike: the calibration has its own limit), named by
+    what makes it, so that an edited calibration block writes a new recipe, not reuses the old."""
     steps = []
     for name, block in config.calibrations.items():
-        recipe = runs_root / config.name / "calibrations" / f"{name}.json"
+        made_by = json.dumps({**block, "lmms_model": config.lmms_model, "model_args": config.model_args}, sort_keys=True)
+        recipe = runs_root / config.name / "calibrations" / f"{name}_{hashlib.sha256(made_by.encode()).hexdigest()[:8]}.json"
         budget = "tflop" if "tflop" in block else "ratio"
         args = [CALIBRATED[block["method"]], block["model"], "--tasks", ",".join(block["tasks"]), "--limit", str(block["limit"])]
         args += [f"--{budget}", str(block[budget]), "--out", str(recipe), "--runs-dir", str(runs_root)]
