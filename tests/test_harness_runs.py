@@ -846,3 +846,27 @@ def test_a_calibration_of_another_model_is_refused_for_a_models_run(tmp_path):
     )
     with pytest.raises(harness_errors.ConfigError, match=r"tiny-llava-1.6 FitPrune names calibration 'half', made for tiny-llava-1.5"):
         harness_config.load_config(str(config))
+
+
+@pytest.mark.slow
+def test_a_config_calibrates_fitprune_on_the_trained_model_then_runs_it_with_the_recipe(tmp_path):
+    """End to end, real lmms-eval: the calibration step writes a recipe meeting its budget, and the
+    FitPrune run applies it (its run check verifies every stage's count)."""
+    task = "otprune_synth_yesno"
+    config = write_config(
+        tmp_path / "e2e.yaml",
+        model_args="device=cpu,device_map=auto",
+        models=["synth-llava-1.5"],
+        methods={"FitPrune": {"ratios": [0.5], "options": {"recipe": {"calibration": "half"}}}},
+        calibrations={"half": {"method": "FitPrune", "model": "synth-llava-1.5", "tasks": [task], "limit": 1, "ratio": 0.5}},
+        tasks=[task],
+    )
+    runs = tmp_path / "runs"
+    done = subprocess.run(harness_cmd(config, runs, "--limit", "1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (recipe_file,) = (runs / "e2e" / "calibrations").glob("half_*.json")
+    recipe = json.loads(recipe_file.read_text())
+    assert recipe["tflop"] <= recipe["budget"]["tflop"] == pytest.approx(0.5 * recipe["budget"]["unpruned_tflop"])
+    run = runs / "e2e_limit1" / "synth-llava-1.5" / "FitPrune_0.5"
+    assert json.loads((run / "setting.json").read_text())["recipe_sha256"] == hashlib.sha256(recipe_file.read_bytes()).hexdigest()
+    assert harness_records.finished_tasks(run) == {task}
