@@ -173,7 +173,8 @@ def test_child_threads(monkeypatch, model, caller, config_env, jobs, expected):
 def test_paper_config_plans_every_model_method_task():
     config = harness_config.load_config("paper_table1")
     runs = harness_plan.plan_runs(config, Path("runs"))
-    assert len(runs) == 3 * 5 * 11
+    assert len(runs) == 3 * 5 * 11 + 11  # FitPrune on LLaVA-1.5-7B alone, the paper's row
+    assert {r.model for r in runs if r.method == "FitPrune"} == {"liuhaotian/llava-v1.5-7b"}
     vtw = {r.model: r.env["LAYER_INDEX"] for r in runs if r.method == "VTW"}
     assert vtw == {"liuhaotian/llava-v1.5-7b": "4", "liuhaotian/llava-v1.5-13b": "4", "liuhaotian/llava-v1.6-vicuna-7b": "3"}
     assert str(runs[0].folder) == "runs/paper_table1/llava-v1.5-7b/Original_1"
@@ -531,12 +532,25 @@ def test_bad_ratios_fail_before_any_run(tmp_path, ratios):
 def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
     assert harness_cli.main(["paper_table1", "--dry-run", "--runs-dir", "/nonexistent/runs"]) == 0
     out = capsys.readouterr().out
-    assert "plan: 165 runs (model x method x ratio x task group), 165 to run: 165 lmms-eval invocations, or 165 Slurm jobs" in out
-    # 5 methods x 11 benchmarks per model, at the catalogue's rough hours per benchmark (0.9, 1.8, 2.7).
-    assert "liuhaotian/llava-v1.5-7b: 55 benchmark runs, about 50 A100-hours" in out
+    assert (
+        "plan: 1 calibration(s) first (here, one lmms-eval invocation each), then 176 runs (model x method x ratio x task group), "
+        "176 to run: 176 lmms-eval invocations, or 176 Slurm jobs" in out
+    )
+    # 5 methods x 11 benchmarks per model, and FitPrune's 11 on 1.5-7B alone, at the catalogue's
+    # rough hours per benchmark (0.9, 1.8, 2.7).
+    assert "liuhaotian/llava-v1.5-7b: 66 benchmark runs, about 59 A100-hours" in out
     assert "liuhaotian/llava-v1.5-13b: 55 benchmark runs, about 99 A100-hours" in out
     assert "liuhaotian/llava-v1.6-vicuna-7b: 55 benchmark runs, about 148 A100-hours" in out
-    assert out.count("] BASELINE=") == 165
+    assert out.count("] BASELINE=") == 176
+    # FitPrune's recipe is calibrated first, at the paper's 0.513 TFLOP, into the runs folder.
+    (step,) = harness_plan.plan_calibrations(harness_config.load_config("paper_table1"), Path("/nonexistent/runs"))
+    recipe = step.recipe
+    assert recipe.parent == Path("/nonexistent/runs/paper_table1/calibrations")
+    assert (
+        "[calibration fitprune_llava-v1.5-7b] otprune calibrate fitprune liuhaotian/llava-v1.5-7b --tasks gqa,pope --limit 16 --tflop 0.513 "
+        f"--out {recipe} --runs-dir /nonexistent/runs --lmms-model llava --model-args device_map=auto" in out
+    )
+    assert out.count(f'"recipe": "{recipe}"') == 11
 
 
 def test_the_tflop_of_a_schedule_counts_each_stages_logged_tokens(tmp_path):

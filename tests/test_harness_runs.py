@@ -22,6 +22,7 @@ from conftest import ROOT, stamp_records
 from otprune import report
 from otprune.harness import cli as harness_cli
 from otprune.harness import config as harness_config
+from otprune.harness import errors as harness_errors
 from otprune.harness import plan as harness_plan
 from otprune.harness import records as harness_records
 from otprune.harness import run_check as harness_run_check
@@ -704,3 +705,168 @@ def test_a_schedules_log_gives_each_image_its_first_and_last_count_and_every_sta
     assert log["stage_tokens"] == [[[1, 288], [2, 144], [3, 72]]] * 3
     assert len(log["selector_ms"]) == 6
     assert harness_run_check.parse_prune_log("otprune OURS: visual tokens 576->56; selector 0.1 ms")["stage_tokens"] == []
+
+
+# -- calibration steps ------------------------------------------------------------------------
+
+SHIPPED_RECIPE = ROOT / "configs" / "recipes" / "fitprune_synth-llava-1.5.json"
+CALIBRATION = {"method": "FitPrune", "model": "tiny-llava-1.5", "tasks": [TASK], "limit": 1, "ratio": 0.5}
+
+
+def calibrated_config(path: Path, **calibration_changes) -> Path:
+    return write_config(
+        path,
+        methods={"FitPrune": {"ratios": [0.5], "options": {"recipe": {"calibration": "half"}}}},
+        calibrations={"half": {**CALIBRATION, **calibration_changes}},
+    )
+
+
+def test_a_calibration_step_is_planned_first_until_its_recipe_exists(tmp_path, capsys):
+    config, runs = calibrated_config(tmp_path / "c.yaml"), tmp_path / "runs"
+    (step,) = harness_plan.plan_calibrations(harness_config.load_config(str(config)), runs)
+    recipe = step.recipe
+    assert recipe.parent == runs / "c" / "calibrations" and recipe.name.startswith("half_")
+    (run,) = harness_plan.plan_runs(harness_config.load_config(str(config)), runs)
+    assert run.setting == {} and json.loads(run.env["OTPRUNE_OPTIONS"]) == {"recipe": str(recipe)}
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 1 calibration(s) first (here, one lmms-eval invocation each), then 1 runs" in out
+    assert (
+        f"[calibration half] otprune calibrate fitprune tiny-llava-1.5 --tasks {TASK} --limit 1 --ratio 0.5 --out {recipe} "
+        f"--runs-dir {runs} --lmms-model llava --model-args device=cpu"
+    ) in out
+    recipe.parent.mkdir(parents=True)
+    shutil.copy(SHIPPED_RECIPE, recipe)
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "plan: 1 runs" in out and "[calibration half]" not in out
+    # An edited calibration is another recipe, calibrated again.
+    (edited,) = harness_plan.plan_calibrations(harness_config.load_config(str(calibrated_config(config, limit=2))), runs)
+    assert edited.recipe != recipe and not edited.recipe.exists()
+
+
+def test_a_runs_setting_holds_its_calibrated_recipes_content(tmp_path):
+    config, runs = calibrated_config(tmp_path / "c.yaml"), tmp_path / "runs"
+    (step,) = harness_plan.plan_calibrations(harness_config.load_config(str(config)), runs)
+    recipe = step.recipe
+    recipe.parent.mkdir(parents=True)
+    shutil.copy(SHIPPED_RECIPE, recipe)
+    (run,) = harness_plan.plan_runs(harness_config.load_config(str(config)), runs)
+    assert run.setting["recipe_sha256"] == hashlib.sha256(SHIPPED_RECIPE.read_bytes()).hexdigest()
+    edited = json.loads(recipe.read_text())
+    edited["drops"] = [100, 0, 0, 0]
+    recipe.write_text(json.dumps(edited))
+    (recalibrated,) = harness_plan.plan_runs(harness_config.load_config(str(config)), runs)
+    assert recalibrated.setting["hash"] != run.setting["hash"] and recalibrated.env == run.env
+
+
+def test_a_run_calibrates_first_then_runs_with_the_recipe_written(tmp_path, monkeypatch):
+    from otprune import calibrate
+
+    calls = []
+
+    def write_the_shipped_recipe(argv):
+        calls.append(argv)
+        out = Path(argv[argv.index("--out") + 1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHIPPED_RECIPE, out)
+        return 0
+
+    monkeypatch.setattr(calibrate, "main", write_the_shipped_recipe)
+    monkeypatch.setenv("PYTHONPATH", str(FAKE))
+    config, runs = calibrated_config(tmp_path / "c.yaml"), runs_folder(tmp_path)
+    # The stand-in model gives FitPrune no attention, so the run itself fails, after its start.
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 1
+    assert [argv[:2] for argv in calls] == [["fitprune", "tiny-llava-1.5"]]
+    (recipe,) = (runs / "c" / "calibrations").glob("half_*.json")
+    run = runs / "c" / "tiny-llava-1.5" / "FitPrune_0.5"
+    assert json.loads((run / "setting.json").read_text())["recipe_sha256"] == hashlib.sha256(SHIPPED_RECIPE.read_bytes()).hexdigest()
+    (log,) = run.glob("attempts/*/lmms_eval.log")
+    assert f'OTPRUNE_OPTIONS={{"recipe": "{recipe}"}}' in log.read_text().splitlines()[0]
+
+
+def test_a_failed_calibration_starts_no_run(tmp_path, monkeypatch, capsys):
+    from otprune import calibrate
+
+    monkeypatch.setattr(calibrate, "main", lambda argv: 1)
+    config, runs = calibrated_config(tmp_path / "c.yaml"), runs_folder(tmp_path)
+    assert harness_cli.main([str(config), "--runs-dir", str(runs), "--no-report"]) == 1
+    assert "calibration half failed (above); no run started" in capsys.readouterr().err
+    assert not (runs / "c" / "tiny-llava-1.5").exists()
+
+
+@pytest.mark.parametrize(
+    "methods, calibrations, message",
+    [
+        (
+            {"FitPrune": {"ratios": [0.5], "options": {"recipe": {"calibration": "nope"}}}},
+            {"half": CALIBRATION},
+            "methods.FitPrune.options.recipe={'calibration': 'nope'} (dict) is not allowed; allowed: a file named from the config's folder, "
+            "or {calibration: NAME} of calibrations: half",
+        ),
+        (
+            {"Original": {}},
+            {"half": {**CALIBRATION, "model": "tiny-llava-1.6"}},
+            "calibrations.half.model='tiny-llava-1.6' (str) is not allowed; allowed: a model of the config's models: tiny-llava-1.5",
+        ),
+        (
+            {"Original": {}},
+            {"half": {k: v for k, v in CALIBRATION.items() if k != "ratio"}},
+            "calibrations.half budget=[] (list) is not allowed; allowed: exactly one of tflop (a number > 0) and ratio (a number in (0, 1))",
+        ),
+        ({"Original": {}}, {"half": {**CALIBRATION, "ratio": 1.5}}, "calibrations.half.ratio=1.5 (float) is not allowed; allowed: the budget as a share"),
+        ({"Original": {}}, {"half": {**CALIBRATION, "method": "OTPrune"}}, "calibrations.half.method='OTPrune' (str) is not allowed; allowed: one of FitPrune"),
+        (
+            {"Original": {}},
+            {"half": {**CALIBRATION, "limits": 2}},
+            "calibrations.half has unknown key(s) limits; allowed: limit, method, model, ratio, tasks, tflop",
+        ),
+        ({"Original": {}}, {"half": {k: v for k, v in CALIBRATION.items() if k != "tasks"}}, "calibrations.half has no 'tasks'; give a list of task names"),
+        (
+            {"FitPrune": {"ratios": [0.5], "models": ["tiny-llava-1.6"], "options": {"recipe": {"calibration": "half"}}}},
+            {"half": CALIBRATION},
+            "methods.FitPrune.models=['tiny-llava-1.6'] (list) is not allowed; allowed: models of the config's models: tiny-llava-1.5",
+        ),
+    ],
+)
+def test_a_bad_calibration_is_refused_naming_key_value_and_what_is_allowed(tmp_path, capsys, methods, calibrations, message):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path / "bad.yaml", methods=methods, calibrations=calibrations)
+    assert harness_cli.main([str(config), "--runs-dir", str(runs)]) == 2
+    assert message in capsys.readouterr().err
+    assert not runs.exists()
+
+
+def test_a_calibration_of_another_model_is_refused_for_a_models_run(tmp_path):
+    config = write_config(
+        tmp_path / "other.yaml",
+        models=["tiny-llava-1.5", "tiny-llava-1.6"],
+        methods={"FitPrune": {"ratios": [0.5], "options": {"recipe": {"calibration": "half"}}}},
+        calibrations={"half": CALIBRATION},
+    )
+    with pytest.raises(harness_errors.ConfigError, match=r"tiny-llava-1.6 FitPrune names calibration 'half', made for tiny-llava-1.5"):
+        harness_config.load_config(str(config))
+
+
+@pytest.mark.slow
+def test_a_config_calibrates_fitprune_on_the_trained_model_then_runs_it_with_the_recipe(tmp_path):
+    """End to end, real lmms-eval: the calibration step writes a recipe meeting its budget, and the
+    FitPrune run applies it (its run check verifies every stage's count)."""
+    task = "otprune_synth_yesno"
+    config = write_config(
+        tmp_path / "e2e.yaml",
+        model_args="device=cpu,device_map=auto",
+        models=["synth-llava-1.5"],
+        methods={"FitPrune": {"ratios": [0.5], "options": {"recipe": {"calibration": "half"}}}},
+        calibrations={"half": {"method": "FitPrune", "model": "synth-llava-1.5", "tasks": [task], "limit": 1, "ratio": 0.5}},
+        tasks=[task],
+    )
+    runs = tmp_path / "runs"
+    done = subprocess.run(harness_cmd(config, runs, "--limit", "1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (recipe_file,) = (runs / "e2e" / "calibrations").glob("half_*.json")
+    recipe = json.loads(recipe_file.read_text())
+    assert recipe["tflop"] <= recipe["budget"]["tflop"] == pytest.approx(0.5 * recipe["budget"]["unpruned_tflop"])
+    run = runs / "e2e_limit1" / "synth-llava-1.5" / "FitPrune_0.5"
+    assert json.loads((run / "setting.json").read_text())["recipe_sha256"] == hashlib.sha256(recipe_file.read_bytes()).hexdigest()
+    assert harness_records.finished_tasks(run) == {task}

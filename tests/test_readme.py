@@ -45,8 +45,6 @@ ELSEWHERE = {
         "tests/test_check_selector.py::test_a_schedule_is_checked_from_the_options_given_and_skipped_naming_what_it_lacks"
     ),
     "otprune run synth_schedules": "not run: 3 runs of about a minute each on 2 cores; its plan, recipe, run check and TFLOP are tested in tests/test_harness*.py",
-    "otprune calibrate fitprune liuhaotian/llava-v1.5-7b --tasks gqa,pope,mme --limit 16 --tflop 0.513 --model-args device_map=auto "
-    "--out configs/recipes/fitprune_llava-v1.5-7b.json": "not run: needs the 7B weights from the hub and a GPU",
     "BASELINE=OURS LAYER_INDEX=0 SUBSET_RATIO=0.098 accelerate launch --num_processes=1 -m lmms_eval --model llava "
     "--model_args pretrained=liuhaotian/llava-v1.5-7b --tasks gqa,pope,mme --batch_size 1": (
         "not run: needs the 7B weights from the hub; the same unchanged lmms-eval run on the shipped checkpoint is "

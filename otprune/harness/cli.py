@@ -42,7 +42,7 @@ from otprune.harness.executors.local import run_local
 from otprune.harness.executors.slurm import SlurmOptions, SubmissionFailed, active_job, recorded_job_ids, run_slurm, scheduler_jobs, slurm_parameters
 from otprune.harness.files import LeaseLost, write_atomically
 from otprune.harness.folder_lock import FolderBusy, lock_runs_folder
-from otprune.harness.plan import Run, check_paths, check_setting, child_env, command, pending_runs, plan_runs
+from otprune.harness.plan import Calibration, Run, check_paths, check_setting, child_env, command, pending_runs, plan_calibrations, plan_runs
 from otprune.harness.prerequisites import default_config, prerequisites
 from otprune.harness.processes import stale_children
 from otprune.harness.records import finished_tasks
@@ -111,10 +111,12 @@ def slurm_options(config: Config, args) -> SlurmOptions:
     return SlurmOptions(**settings)
 
 
-def plan_size(runs: list[Run], pending: list[Run], limit: int | None) -> list[str]:
-    """The plan's size: runs and jobs, and the rough A100-hours per model (catalogue.ModelSpec)."""
+def plan_size(runs: list[Run], pending: list[Run], limit: int | None, calibrations: list[Calibration] = ()) -> list[str]:
+    """The plan's size: calibrations to run first, runs and jobs, and the rough A100-hours per model
+    (catalogue.ModelSpec)."""
+    first = f"{len(calibrations)} calibration(s) first (here, one lmms-eval invocation each), then " if calibrations else ""
     lines = [
-        f"plan: {len(runs)} runs (model x method x ratio x task group), {len(pending)} to run: "
+        f"plan: {first}{len(runs)} runs (model x method x ratio x task group), {len(pending)} to run: "
         f"{len(pending)} lmms-eval invocations, or {len(pending)} Slurm jobs with --executor slurm"
     ]
     for model in dict.fromkeys(run.model for run in pending):
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
         # Runs cut short by --limit go to their own folder, so they never pass for finished full runs.
         label = config.name + (f"_limit{args.limit}" if args.limit else "")
         runs_root = Path(args.runs_dir)
-        runs = list({(r.folder, r.tasks): r for r in plan_runs(config, runs_root, label, args.limit)}.values())
+        calibrations = [step for step in plan_calibrations(config, runs_root) if not step.recipe.exists()]
+        runs = planned_runs(config, runs_root, label, args.limit)
         check_paths(runs_root, label, runs)
         executor = args.executor or config.executor.get("name", "local")
         options = slurm_options(config, args) if executor == "slurm" else None
@@ -177,8 +180,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         pending = pending_runs(runs, code=None if args.reuse_other_code else otprune_copy(child_env(runs[0], args.jobs)).get("code"))
         print(f"{label}: {len(runs)} runs, {len(runs) - len(pending)} finished before, {len(pending)} to run -> {label_dir}")
-        for line in plan_size(runs, pending, args.limit):
+        for line in plan_size(runs, pending, args.limit, calibrations):
             print(line)
+        for step in calibrations:
+            print(f"[calibration {step.name}] {step.shell()}")
         for i, run in enumerate(pending, 1):
             cmd = command(config, run, checkpoint_path(run.model, runs_root), num_processes, args.limit, run.folder / "attempts" / "<stamp>")
             print(f"[{i}/{len(pending)}] {' '.join(f'{k}={v}' for k, v in run.env.items())} {' '.join(cmd)}")
@@ -195,7 +200,14 @@ def main(argv=None) -> int:
         )
         return 2
     try:
+        if calibrations:
+            if not calibrate(calibrations):
+                return 1
+            runs = planned_runs(config, runs_root, label, args.limit)
         return _run_locked(config, runs, label_dir, runs_root, num_processes, executor, options, args)
+    except ConfigError as error:  # a calibrated recipe the runs cannot use
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except LeaseLost as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -208,6 +220,23 @@ def main(argv=None) -> int:
         return 2
     finally:
         lock.release()
+
+
+def planned_runs(config: Config, runs_root: Path, label: str, limit: int | None) -> list[Run]:
+    """The config's runs, each (folder, tasks) once."""
+    return list({(r.folder, r.tasks): r for r in plan_runs(config, runs_root, label, limit)}.values())
+
+
+def calibrate(steps: list[Calibration]) -> bool:
+    """Run each calibration step here (``otprune calibrate``); whether all wrote their recipe."""
+    from otprune import calibrate as calibration
+
+    for step in steps:
+        print(f"calibration {step.name}: {step.shell()}", flush=True)
+        if calibration.main(list(step.args)) != 0:
+            print(f"error: calibration {step.name} failed (above); no run started", file=sys.stderr)
+            return False
+    return True
 
 
 def busy_runs(runs: list[Run], label_dir: Path, executor: str) -> tuple[set, bool]:

@@ -18,7 +18,7 @@ from otprune.harness.files import describe_type
 from otprune.harness.resources import config_file, load_catalogue
 from otprune.prune_config import config_from_env
 
-CONFIG_KEYS = {"lmms_model", "model_args", "models", "methods", "tasks", "batch_size", "num_processes", "group_tasks", "executor"}
+CONFIG_KEYS = {"lmms_model", "model_args", "models", "methods", "tasks", "batch_size", "num_processes", "group_tasks", "executor", "calibrations"}
 # The executor block: where runs happen, and the scheduler's settings (a command-line flag wins).
 EXECUTORS = ("local", "slurm")
 EXECUTOR_KEYS = {
@@ -32,7 +32,7 @@ EXECUTOR_KEYS = {
     "max_parallel": "an integer >= 1 (jobs of the array running at once)",
     "setup": "shell lines each job runs before lmms-eval (module load ..., source venv/bin/activate)",
 }
-METHOD_KEYS = {"ratios", "layer_index", "env", "options"}
+METHOD_KEYS = {"ratios", "layer_index", "env", "options", "models"}
 OVERRIDE_KEYS = {"layer_index", "env", "options"}
 # Variables the harness derives from the method: a config setting them would run one method under
 # another's label.
@@ -61,6 +61,18 @@ ALLOWED_ENV = OPTION_VARIABLES + HARMLESS_VARIABLES
 # Options that name an input file of the run (FITPRUNE's recipe): named relative to the config's
 # folder, and the file's SHA-256 is part of the run's setting (otprune.harness.plan.run_setting).
 FILE_OPTIONS = ("recipe",)
+# A calibration step (``calibrations: {NAME: {...}}``): how a file option's file is made, by
+# ``otprune calibrate``, when a method names it as ``{recipe: {calibration: NAME}}``. The harness
+# runs it first when its file is missing (otprune.harness.plan.plan_calibrations).
+CALIBRATED = {"FitPrune": "fitprune"}  # a method's label -> otprune calibrate's METHOD
+CALIBRATION_KEYS = {
+    "method": "one of " + ", ".join(CALIBRATED),
+    "model": "a model of the config's models",
+    "tasks": "a list of task names from configs/tasks.yaml",
+    "limit": "samples of each task, an integer >= 1",
+    "tflop": "the prefill budget in TFLOP, a number > 0 (give tflop or ratio)",
+    "ratio": "the budget as a share of the unpruned prefill, a number in (0, 1) (give tflop or ratio)",
+}
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -77,6 +89,8 @@ class Config:
     # The tasks each lmms-eval process of a run evaluates together (``group_tasks``).
     task_groups: list = field(default_factory=list)
     executor: dict = field(default_factory=dict)
+    # NAME -> the checked calibration block (CALIBRATION_KEYS).
+    calibrations: dict = field(default_factory=dict)
     catalogue: dict = field(default_factory=dict)
     notes: list = field(default_factory=list)
 
@@ -202,6 +216,7 @@ def load_config(name_or_path: str) -> Config:
             raise ConfigError(f"config {path.name}: '{key}' is missing or empty")
     notes = []
     catalogue = load_catalogue()
+    calibrations = _calibrations(data.get("calibrations"), list(_as_mapping(data["models"], "models", check)), catalogue, check)
     models = {}
     for model, overrides in _as_mapping(data["models"], "models", check).items():
         if model not in MODELS:
@@ -213,7 +228,7 @@ def load_config(name_or_path: str) -> Config:
                 raise ConfigError(f"config {path.name}: model {model!r} overrides unknown method {method!r}; allowed: {_names(method_labels())}")
             spec = check.mapping(spec, f"models.{model}.{method}", f"a mapping with keys {_names(OVERRIDE_KEYS)}")
             _check_keys(spec, OVERRIDE_KEYS, f"models.{model}.{method}", path)
-            models[model][method] = _method_settings(spec, f"models.{model}.{method}", check)
+            models[model][method] = _method_settings(spec, f"models.{model}.{method}", check, calibrations)
     methods = {}
     for method, spec in _as_mapping(data["methods"], "methods", check).items():
         if baseline(method) is None:
@@ -232,7 +247,13 @@ def load_config(name_or_path: str) -> Config:
         merged = list(dict.fromkeys(float(ratio_label(r)) for r in ratios))
         if len(merged) < len(ratios):
             notes.append(f"method {method}: ratios {ratios} run once each as {[ratio_label(r) for r in merged]} (the child sees them as equal)")
-        methods[method] = {"ratios": merged, **_method_settings(spec, f"methods.{method}", check)}
+        methods[method] = {"ratios": merged, **_method_settings(spec, f"methods.{method}", check, calibrations)}
+        if "models" in spec:
+            runs_on = check.names(spec["models"], f"methods.{method}.models", "a list of the config's models (default: all)")
+            unknown = [m for m in runs_on if m not in models]
+            if unknown:
+                check.fail(f"methods.{method}.models", runs_on, f"models of the config's models: {_names(models)}")
+            methods[method]["models"] = runs_on
     tasks = check.names(data["tasks"], "tasks", "a list of task names from configs/tasks.yaml")
     for task in tasks:
         if task not in catalogue:
@@ -258,11 +279,23 @@ def load_config(name_or_path: str) -> Config:
         num_processes=_positive_int(data.get("num_processes", 1), "num_processes", check),
         task_groups=task_groups,
         executor=executor_settings(data.get("executor"), check),
+        calibrations=calibrations,
         catalogue=catalogue,
         notes=notes,
     )
     for model, overrides in models.items():
         for method, spec in methods.items():
+            if model not in spec.get("models", models):
+                continue
+            calibration = calibration_named(spec, overrides.get(method, {}))
+            if calibration is not None:
+                if calibrations[calibration]["model"] != model:
+                    raise ConfigError(
+                        f"config {path.name}: {model} {method} names calibration {calibration!r}, made for {calibrations[calibration]['model']}; "
+                        f"allowed: a calibration of {model} (or the method's 'models' leaving {model} out)"
+                    )
+                # Its recipe may not be made yet: the schedule is checked when the runs are planned with it.
+                continue
             env = run_env(method, spec["ratios"][0] if spec["ratios"] else RATIO_FREE[method], spec, overrides.get(method, {}))
             try:
                 config_from_env(env)
@@ -295,7 +328,46 @@ def _check_keys(spec: dict, allowed: set, key: str, path: Path) -> None:
         raise ConfigError(f"config {path.name}: {key} has unknown key(s) {_names(map(str, extra))}; allowed: {_names(allowed)}")
 
 
-def _method_settings(spec: dict, key: str, check: _Checker) -> dict:
+def _calibrations(value, model_names: list, catalogue: dict, check: _Checker) -> dict:
+    """The ``calibrations:`` block, checked: NAME -> its settings."""
+    blocks = check.mapping(value, "calibrations", f"a mapping NAME: {{{', '.join(CALIBRATION_KEYS)}}}")
+    calibrations = {}
+    for name, block in blocks.items():
+        key = f"calibrations.{name}"
+        if not SAFE_NAME.fullmatch(name):
+            check.fail("calibrations", name, "names of letters, digits, '.', '_', '-' (the recipe's file name)")
+        block = check.mapping(block, key, f"a mapping with keys {_names(CALIBRATION_KEYS)}", empty_ok=False)
+        _check_keys(block, set(CALIBRATION_KEYS), key, check.path)
+        for required in ("method", "model", "tasks", "limit"):
+            if required not in block:
+                raise ConfigError(f"config {check.path.name}: {key} has no {required!r}; give {CALIBRATION_KEYS[required]}")
+        if block["method"] not in CALIBRATED:
+            check.fail(f"{key}.method", block["method"], CALIBRATION_KEYS["method"])
+        if block["model"] not in model_names:
+            check.fail(f"{key}.model", block["model"], f"a model of the config's models: {_names(map(str, model_names))}")
+        tasks = check.names(block["tasks"], f"{key}.tasks", CALIBRATION_KEYS["tasks"])
+        unknown = [task for task in tasks if task not in catalogue]
+        if unknown:
+            check.fail(f"{key}.tasks", tasks, f"task names from configs/tasks.yaml ({', '.join(unknown)}: unknown)")
+        _positive_int(block["limit"], f"{key}.limit", check)
+        budgets = [b for b in ("tflop", "ratio") if b in block]
+        if len(budgets) != 1:
+            check.fail(f"{key} budget", budgets, "exactly one of tflop (a number > 0) and ratio (a number in (0, 1))")
+        budget = block[budgets[0]]
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (budget > 0 if budgets[0] == "tflop" else 0 < budget < 1):
+            check.fail(f"{key}.{budgets[0]}", budget, CALIBRATION_KEYS[budgets[0]])
+        calibrations[name] = dict(block)
+    return calibrations
+
+
+def calibration_named(method_spec: dict, model_override: dict) -> str | None:
+    """The calibration whose file a run's options name (the model's override first), else ``None``."""
+    options = {**method_spec.get("options", {}), **model_override.get("options", {})}
+    named = [options[name]["calibration"] for name in FILE_OPTIONS if isinstance(options.get(name), dict)]
+    return named[0] if named else None
+
+
+def _method_settings(spec: dict, key: str, check: _Checker, calibrations: dict) -> dict:
     settings = {"env": check.env(spec.get("env"), f"{key}.env")}
     if "options" in spec:
         options = dict(check.mapping(spec["options"], f"{key}.options", "a mapping option: value (the method's keyword-only parameters)"))
@@ -303,6 +375,14 @@ def _method_settings(spec: dict, key: str, check: _Checker) -> dict:
             if isinstance(options.get(name), str):
                 # lmms-eval runs in its attempt folder: the file is named from the config's folder, for any.
                 options[name] = str((check.path.parent / options[name]).expanduser().resolve())
+            elif name in options and (
+                not isinstance(options[name], dict) or set(options[name]) != {"calibration"} or options[name]["calibration"] not in calibrations
+            ):
+                check.fail(
+                    f"{key}.options.{name}",
+                    options[name],
+                    f"a file named from the config's folder, or {{calibration: NAME}} of calibrations: {_names(calibrations) or 'none given'}",
+                )
         settings["options"] = options
         try:
             json.dumps(settings["options"], allow_nan=False)
@@ -328,9 +408,10 @@ def _positive_int(value, key: str, check: _Checker) -> int:
     return value
 
 
-def run_env(method: str, ratio: float, method_spec: dict, model_override: dict) -> dict:
+def run_env(method: str, ratio: float, method_spec: dict, model_override: dict, recipes: dict | None = None) -> dict:
     """The pruning variables of one run, as strings (the patch reads them in every process): the
-    method's, then the model's override of it."""
+    method's, then the model's override of it; a file option naming a calibration becomes the
+    file ``recipes`` gives it (calibration NAME -> path)."""
     env = {"BASELINE": baseline(method)}
     if method not in RATIO_FREE:
         env["SUBSET_RATIO"] = ratio_label(ratio)
@@ -339,6 +420,9 @@ def run_env(method: str, ratio: float, method_spec: dict, model_override: dict) 
         env["LAYER_INDEX"] = str(layer_index)
     env.update({**method_spec.get("env", {}), **model_override.get("env", {})})
     options = {**method_spec.get("options", {}), **model_override.get("options", {})}
+    calibration = calibration_named(method_spec, model_override)
+    if calibration is not None:
+        options.update({name: str(recipes[calibration]) for name in FILE_OPTIONS if isinstance(options.get(name), dict)})
     if options:
         env["OTPRUNE_OPTIONS"] = json.dumps(options, sort_keys=True)
     return env

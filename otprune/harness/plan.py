@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 from otprune.harness import resources
 from otprune.harness.catalogue import MODELS, RATIO_FREE, model_label, ratio_label
 from otprune.harness.checkpoints import trained_weights_sha256
-from otprune.harness.config import FILE_OPTIONS, METHOD_OWNED, SAFE_NAME, Config, run_env
+from otprune.harness.config import CALIBRATED, FILE_OPTIONS, METHOD_OWNED, SAFE_NAME, Config, calibration_named, run_env
 from otprune.harness.errors import ConfigError
 from otprune.harness.files import read_results, sha256
 from otprune.harness.records import finished_tasks
@@ -33,6 +34,34 @@ class Run:
     tasks: tuple[str, ...]
     folder: Path
     setting: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A config's calibration step: ``otprune calibrate ARGS`` writes ``recipe``."""
+
+    name: str
+    recipe: Path
+    args: tuple[str, ...]
+
+    def shell(self) -> str:
+        return shlex.join(["otprune", "calibrate", *self.args])
+
+
+def plan_calibrations(config: Config, runs_root: Path) -> list[Calibration]:
+    """Every calibration of ``config``, its recipe under ``runs_root/<config>/calibrations`` (one
+    for the config's full and ``--limit`` runs alike: the calibration has its own limit), named by
+    what makes it, so that an edited calibration block writes a new recipe, not reuses the old."""
+    steps = []
+    for name, block in config.calibrations.items():
+        made_by = json.dumps({**block, "lmms_model": config.lmms_model, "model_args": config.model_args}, sort_keys=True)
+        recipe = runs_root / config.name / "calibrations" / f"{name}_{hashlib.sha256(made_by.encode()).hexdigest()[:8]}.json"
+        budget = "tflop" if "tflop" in block else "ratio"
+        args = [CALIBRATED[block["method"]], block["model"], "--tasks", ",".join(block["tasks"]), "--limit", str(block["limit"])]
+        args += [f"--{budget}", str(block[budget]), "--out", str(recipe), "--runs-dir", str(runs_root)]
+        args += ["--lmms-model", config.lmms_model, "--model-args", config.model_args]
+        steps.append(Calibration(name, recipe, tuple(args)))
+    return steps
 
 
 def task_key(tasks) -> str:
@@ -72,15 +101,25 @@ def run_setting(config: Config, model: str, method: str, ratio: float, env: dict
 
 def plan_runs(config: Config, runs_root: Path, label: str | None = None, limit: int | None = None) -> list[Run]:
     """Every run of ``config`` in order: model, method, ratio, then task (or the tasks together),
-    under ``runs_root/<label>`` (default: the config's name)."""
+    under ``runs_root/<label>`` (default: the config's name). A run whose calibration's recipe is
+    not written yet has an empty setting."""
+    recipes = {step.name: step.recipe for step in plan_calibrations(config, runs_root)}
     runs = []
     for model, overrides in config.models.items():
         for method, spec in config.methods.items():
+            if model not in spec.get("models", config.models):
+                continue
             ratios = [RATIO_FREE[method]] if method in RATIO_FREE else spec["ratios"]
+            calibration = calibration_named(spec, overrides.get(method, {}))
             for ratio in ratios:
-                env = run_env(method, ratio, spec, overrides.get(method, {}))
+                env = run_env(method, ratio, spec, overrides.get(method, {}), recipes)
                 folder = runs_root / (label or config.name) / model_label(model) / f"{method}_{ratio_label(ratio)}"
-                setting = run_setting(config, model, method, ratio, env, limit)
+                # A run waiting for its calibration has no setting yet: it is planned again once its recipe is written.
+                waiting = calibration is not None and not recipes[calibration].exists()
+                try:
+                    setting = {} if waiting else run_setting(config, model, method, ratio, env, limit)
+                except ValueError as error:  # a calibrated recipe is read here, not when the config loads
+                    raise ConfigError(f"config {config.name}: {model} {method}: {error}") from None
                 runs += [Run(model, method, ratio, env, tasks, folder, setting) for tasks in config.task_groups]
     return runs
 
