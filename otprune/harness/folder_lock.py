@@ -5,7 +5,10 @@ the holder ends, but on some network filesystems local to each host; ``.lease.js
 holder's host and pid, is created exclusively (atomic on NFS too), and is renewed every
 ``RENEW_S`` seconds while the holder lives, so that a host that died without removing it does not
 block the folder for longer than ``LEASE_S``. (Two hosts taking over the same stale lease within
-the same milliseconds could both succeed: reading, removing and creating it are three steps.)
+the same milliseconds could both succeed: reading, removing and creating it are three steps. A
+renewal that races a take-over, between its read and its write, overwrites it once; the new
+holder's next renewal then finds the lease not its own and stops: one of the two goes on.)
+A holder that finds its lease taken over writes nothing more there and stops (``FolderLock._lose``).
 """
 
 from __future__ import annotations
