@@ -37,6 +37,17 @@ lone newline in no grid; Qwen ``(h/2) x (w/2)`` from ``image_grid_thw``, one per
 ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)``: the attention of the question's
 tokens, and of the image's own tokens, over the image's tokens at layer K - 1, mean over heads
 (rows as the causal softmax over the whole sequence gives them; K >= 1 only).
+``vision`` the image's view from its vision tower, a :class:`VisionContext` aligned with its N
+tokens (K = 0 only): the tower's features before the projector, its [CLS] attention over the
+patches and its keys, at the feature layer.
+``adaptive`` ``True`` when the run leaves the count to the method (``SUBSET_RATIO`` unset, a config
+ratio ``adaptive``): ``k`` is then ``N``, and the method keeps any count in ``[1, N]`` it chooses;
+``False`` when the run sets the budget ``k``. A method that does not ask for it needs a ratio.
+
+**Before the projector**: a method with ``select.before_projector = True`` runs where its authors'
+code does, on the vision tower's output: ``tokens`` are the image's tower features ``(N, C_v)``
+(one per token the LLM would see), and a merger's tokens are tower features, which the patch
+projects into the LLM's space. Only at K = 0.
 
 **Schedule**: a selector may carry ``select.stages``, a function ``stages(*, <options>)`` returning
 ``((K_1, f_1), (K_2, f_2), ...)``: it prunes before each layer ``K_1 < K_2 < ...`` (``>= 1``), each
@@ -61,7 +72,17 @@ import torch
 
 from otprune.selectors import TOKEN_DTYPES
 
-__all__ = ["ATTENTION_CONTEXT", "CONTEXT", "PER_IMAGE_CONTEXT", "PatchGrid", "check_grids", "check_image_tokens", "kept_indices_fault", "merge_fault"]
+__all__ = [
+    "ATTENTION_CONTEXT",
+    "CONTEXT",
+    "PER_IMAGE_CONTEXT",
+    "PatchGrid",
+    "VisionContext",
+    "check_grids",
+    "check_image_tokens",
+    "kept_indices_fault",
+    "merge_fault",
+]
 
 CONTEXT = {
     "text": "the prompt's question, its text after its last image, (T, d): its embedded tokens at K = 0, their hidden states entering layer K at K > 0",
@@ -70,9 +91,11 @@ CONTEXT = {
     "layer_index": "the decoder layer K pruned before (0: before the LLM)",
     "text_attention": "(T, N) the question's tokens' attention over the image's tokens at layer K - 1 (LAYER_INDEX >= 1 only)",
     "visual_attention": "(N, N) the image's tokens' attention over themselves at layer K - 1 (LAYER_INDEX >= 1 only)",
+    "vision": "the image's vision-tower view, an otprune.contract.VisionContext aligned with its N tokens (LAYER_INDEX = 0 only)",
+    "adaptive": "True when the run leaves the count to the method (SUBSET_RATIO unset): k is N and any count in [1, N] may be kept",
 }
 # Context that differs from image to image: a function asking for any of it is called image by image.
-PER_IMAGE_CONTEXT = ("text", "attention", "grid", "text_attention", "visual_attention")
+PER_IMAGE_CONTEXT = ("text", "attention", "grid", "text_attention", "visual_attention", "vision")
 # Context measured from the LLM's attention: only inside it (K >= 1).
 ATTENTION_CONTEXT = frozenset({"attention", "text_attention", "visual_attention"})
 
@@ -107,6 +130,37 @@ class PatchGrid:
         if not self.newlines:
             return torch.empty(0, dtype=torch.long, device=device)
         return self.start + torch.arange(1, self.rows + 1, device=device) * (self.cols + 1) - 1
+
+
+@dataclass(frozen=True)
+class VisionContext:
+    """One image's view from its vision tower, row ``i`` for the image's token ``i`` (float32, on
+    the tokens' device). Measured from the tower's queries and keys, whatever attention backend
+    the tower runs.
+
+    - ``features`` ``(N, C_v)``: the tower's features at the feature layer, before the projector.
+    - ``cls_attention`` ``(N,)``: the [CLS] query's attention over the patches at the block that
+      reads the features (CLIP at LLaVA's layer -2: encoder layer 23 of 24), as one head over the
+      full width ``C``: ``softmax(q_cls . k / sqrt(C))`` over [CLS] and patches, the [CLS] column
+      dropped (PruMerge's form).
+    - ``keys`` ``(N, C)``: that block's keys, full width (PruMerge's neighbour metric).
+    - ``head_attention`` ``(H, N)``: per head, the [CLS] query's attention over the patches at
+      the block that produces the features (encoder layer 22 of 24: ``attentions[-2]``), softmax
+      over [CLS] and patches, the [CLS] column dropped (VisionZip sums it over heads).
+    - ``head_keys`` ``(N, C / H)``: that block's keys, mean over heads (VisionZip's metric).
+    - ``cls_feature`` ``(C_v,)``: the [CLS] token's feature at the feature layer (``None`` for a
+      tower without [CLS]).
+
+    Towers without a [CLS] (OneVision's SigLIP, Qwen's ViT) and the tokens no patch stands for
+    follow the choices the adapters name (``patches.vision_tower``).
+    """
+
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    head_attention: torch.Tensor
+    head_keys: torch.Tensor
+    cls_feature: torch.Tensor | None = None
 
 
 def check_grids(grids: tuple[PatchGrid, ...], n: int) -> None:

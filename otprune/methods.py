@@ -64,7 +64,8 @@ class Method:
     the LLM; VTW has no function); ``context`` the context it asks for; ``options`` its function's
     options and ``required`` those without a default (its schedule's included); ``origin``
     ``"built-in"`` or where a plugin comes from; ``stages`` a selector's schedule
-    (``select.stages``, ``otprune.contract``) and ``stage_options`` the options it takes."""
+    (``select.stages``, ``otprune.contract``) and ``stage_options`` the options it takes;
+    ``before_projector`` that it runs on the vision tower's features (``otprune.contract``)."""
 
     name: str
     kind: str
@@ -76,6 +77,7 @@ class Method:
     accepts_batches: bool = False
     stages: Callable | None = None
     stage_options: tuple[str, ...] = ()
+    before_projector: bool = False
 
     @property
     def all_options(self) -> tuple[str, ...]:
@@ -212,6 +214,11 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
             raise PluginError(f"{label}: its stages must be a function, on a selector; got {type(stages).__name__} on a {kind}")
         stage_options, stage_required = _stage_signature(stages, label)
         required = (*required, *(r for r in stage_required if r not in required))
+    before_projector = getattr(function, "before_projector", False)
+    if not isinstance(before_projector, bool):
+        raise PluginError(f"{label}: its before_projector must be True or False; got {before_projector!r}")
+    if before_projector and stages is not None:
+        raise PluginError(f"{label}: a method that runs before the projector prunes at K = 0 only; it cannot have stages")
     return Method(
         name,
         kind,
@@ -223,6 +230,7 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
         accepts_batches=getattr(function, "accepts_batches", False) is True,
         stages=stages,
         stage_options=stage_options,
+        before_projector=before_projector,
     )
 
 
