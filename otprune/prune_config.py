@@ -105,9 +105,14 @@ class PruneConfig:
             return
         spec = get_method(method)
         if method != "VTW" and (spec.stages is None or "ratio" in inspect.signature(spec.stages).parameters):
-            if self.ratio is None:
+            if self.ratio is None and "adaptive" not in spec.context:
                 raise ValueError(f"BASELINE={method} needs SUBSET_RATIO, a number in (0, 1]; it is not set")
-            if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:
+            if self.ratio is None and self.layer_index != 0:
+                raise ValueError(
+                    f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method} and SUBSET_RATIO unset: it chooses "
+                    "its own count per image before the LLM (LAYER_INDEX = 0) only; set SUBSET_RATIO to prune inside it"
+                )
+            if self.ratio is not None and (isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1):
                 raise ValueError(f"SUBSET_RATIO={self.ratio!r} is not allowed; it must be a number in (0, 1]")
         if isinstance(self.layer_index, bool) or not isinstance(self.layer_index, int) or self.layer_index < 0:
             raise ValueError(f"LAYER_INDEX={self.layer_index!r} is not allowed; it must be an integer >= 0")
@@ -115,6 +120,9 @@ class PruneConfig:
         stages = _stages(spec, self.ratio, self.layer_index, self.options)
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "layer_index", stages[0].layer)
+        if ("vision" in spec.context or spec.before_projector) and stages[0].layer != 0:
+            what = "runs on the vision tower's features" if spec.before_projector else "reads the vision tower's attention (the vision context)"
+            raise ValueError(f"LAYER_INDEX={stages[0].layer} is not allowed with BASELINE={method}: it {what}, before the LLM, so K must be 0")
         if ATTENTION_CONTEXT & set(spec.context) and stages[0].layer < 1:
             raise ValueError(
                 f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method}: it ranks tokens by the attention of layer K-1, so K must be >= 1"
@@ -129,12 +137,21 @@ class PruneConfig:
     def enabled(self) -> bool:
         return self.method is not None
 
+    @property
+    def adaptive(self) -> bool:
+        """Whether the method chooses each image's count itself (it asks for ``adaptive`` and
+        ``SUBSET_RATIO`` is unset): its one stage keeps up to all ``N`` tokens."""
+        return self.method is not None and self.ratio is None and "adaptive" in self.spec.context
+
 
 def _stages(spec: Method, ratio, layer_index: int, options: Mapping[str, object]) -> tuple[Stage, ...]:
     """The method's schedule: its own (``select.stages``; ``LAYER_INDEX`` unset, 0 or its first
     layer), else the one stage ``(LAYER_INDEX, SUBSET_RATIO)`` (VTW: none kept)."""
     if spec.stages is None:
-        return (Stage(layer_index, 0.0 if spec.name == "VTW" else float(ratio)),)
+        if spec.name == "VTW":
+            return (Stage(layer_index, 0.0),)
+        # An adaptive run (no ratio) leaves the count to the method: k = N, the most it may keep.
+        return (Stage(layer_index, 1.0 if ratio is None else float(ratio)),)
     given = {name: options[name] for name in spec.stage_options if name in options}
     if "ratio" in inspect.signature(spec.stages).parameters:
         given["ratio"] = ratio
