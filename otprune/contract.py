@@ -224,11 +224,16 @@ def _index_fault(indices, n: int, device: torch.device) -> str | None:
     return None
 
 
-def kept_indices_fault(indices, n: int, k: int, device: torch.device, batch: int | None = None) -> str | None:
+def kept_indices_fault(indices, n: int, k: int, device: torch.device, batch: int | None = None, at_most: bool = False) -> str | None:
     """What is wrong with a selector's answer for ``N = n`` tokens and budget ``k`` (``None``: nothing).
 
-    ``batch``: the ``B`` of a ``(B, N, d)`` call, whose answer must be ``(B, k)``.
+    ``batch``: the ``B`` of a ``(B, N, d)`` call, whose answer must be ``(B, k)``; ``at_most``: an
+    adaptive run's answer, ``(m,)`` with ``1 <= m <= k``.
     """
+    if at_most and isinstance(indices, torch.Tensor):
+        if indices.dim() != 1 or not 1 <= indices.shape[0] <= k:
+            return f"returned shape {tuple(indices.shape)}, not (m,) with 1 <= m <= k = {k} (the method chooses its count)"
+        return _index_fault(indices, n, device)
     shape = (k,) if batch is None else (batch, k)
     if isinstance(indices, torch.Tensor) and tuple(indices.shape) != shape:
         return f"returned shape {tuple(indices.shape)}, not {shape}"

@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,13 +53,17 @@ def select_per_image(
     images: Sequence[torch.Tensor],
     context: Mapping[str, Sequence] | None = None,
     stage: tuple[int, Sequence[int]] | None = None,
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[Kept]:
     """What to keep of each image's ``(N_i, d)`` tokens under ``config`` (a selector or merger, or
     ``VTW`` at ``LAYER_INDEX = 0``, which keeps none: the prompt's text alone reaches the LLM).
 
     ``context``: per image, the context the method asks for (``config.spec.context``): ``text``,
-    ``attention`` and ``grid`` as lists with one entry per image (``None`` where the adapter cannot
-    tell it); ``layer_index`` comes from ``config``. ``stage``: ``(layer, counts)`` for one stage of
+    ``attention``, ``grid`` and ``vision`` as lists with one entry per image (``None`` where the
+    adapter cannot tell it); ``layer_index`` and ``adaptive`` come from ``config``. A method that
+    runs before the projector (``spec.before_projector``) gets each image's ``vision.features`` as
+    its tokens, and ``project`` (the model's projector, ``(m, C_v) -> (m, d)``) turns a merger's
+    features into the tokens that take the kept places. ``stage``: ``(layer, counts)`` for one stage of
     a schedule, ``counts[i]`` the tokens image ``i`` keeps (its ``layer_index``; by default
     ``budget(config.ratio, N_i)``). Images with the same ``N`` (all of LLaVA-1.5's)
     go through a batching selector that asks for no per-image context as one ``(B, N, d)`` batch;
@@ -67,13 +71,13 @@ def select_per_image(
     choice of indices has no gradient, and the caller's indexing of its own tensors keeps theirs.
     """
     with phase("selection"):
-        kept = _select(config, images, context or {}, stage)
+        kept = _select(config, images, context or {}, stage, project)
     if config.dump_dir:
         _dump(config.dump_dir, images)
     return kept
 
 
-def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mapping[str, Sequence], stage) -> list[Kept]:
+def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mapping[str, Sequence], stage, project) -> list[Kept]:
     start = selection_clock(config, images)
     layer, counts = stage if stage is not None else (config.layer_index, [stage_counts(config.stages[:1], t.shape[0])[0] for t in images])
     spec = config.spec
@@ -81,14 +85,18 @@ def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mappin
     for i, tokens in enumerate(images):
         groups[tokens.shape[0], counts[i]].append(i)
     kept: list[Kept | None] = [None] * len(images)
-    one_by_one = spec.kind != "selector" or not spec.accepts_batches or any(name in PER_IMAGE_CONTEXT for name in spec.context)
+    one_by_one = spec.kind != "selector" or not spec.accepts_batches or spec.before_projector or any(name in PER_IMAGE_CONTEXT for name in spec.context)
     for (n, k), members in groups.items():
         if k == 0:
             for i in members:
                 kept[i] = Kept(torch.arange(k, device=images[i].device))
         elif one_by_one:
             for i in members:
-                kept[i] = _call(config, spec, images[i], k, _context_for(config, spec, context, i, n, layer))
+                given = _context_for(config, spec, context, i, n, layer)
+                if spec.before_projector:
+                    kept[i] = _projected(config, spec, _call(config, spec, _tower_features(config, spec, context, i, n), k, given), project)
+                else:
+                    kept[i] = _call(config, spec, images[i], k, given)
         else:
             batch = torch.stack([images[i] for i in members])
             answer = _call(config, spec, batch, k, _context_for(config, spec, context, None, n, layer))
@@ -96,6 +104,37 @@ def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mappin
                 kept[i] = Kept(indices)
     log_selection(config, images, kept, start, layer if stage is not None and len(config.stages) > 1 else None)
     return kept
+
+
+# Where the adapters give a context only in part, what they give.
+_WHY_MISSING = {
+    "vision": (
+        " (the adapters give it where a CLIP tower's patches map one to one onto an image's tokens, LLaVA-1.5-style images;"
+        " not yet on any-resolution crops or towers without a [CLS])"
+    ),
+}
+
+
+def _tower_features(config: PruneConfig, spec: Method, context: Mapping[str, Sequence], i: int, n: int) -> torch.Tensor:
+    """Image ``i``'s tower features, the tokens of a method that runs before the projector."""
+    vision = (context.get("vision") or [None] * (i + 1))[i]
+    if vision is None:
+        stop_run(
+            config,
+            f"BASELINE={spec.name} runs on the vision tower's features, which this model does not give for an image of {n} tokens{_WHY_MISSING['vision']}",
+            ValueError,
+        )
+    return vision.features
+
+
+def _projected(config: PruneConfig, spec: Method, kept: Kept, project) -> Kept:
+    """A before-projector method's outcome in the LLM's space: kept indices stand as they are (the
+    projector maps each token on its own), a merger's features go through the projector."""
+    if kept.tokens is None:
+        return kept
+    if project is None:
+        stop_run(config, f"BASELINE={spec.name} merges the vision tower's features, and this model gives no projector to map them", ValueError)
+    return Kept(kept.indices, project(kept.tokens))
 
 
 def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequence], i: int | None, n: int, layer: int) -> dict:
@@ -106,12 +145,15 @@ def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequen
         if name == "layer_index":
             given[name] = layer
             continue
+        if name == "adaptive":
+            given[name] = config.adaptive
+            continue
         values = context.get(name)
         value = None if values is None or i is None else values[i]
         if value is None or (name == "text" and value.shape[0] == 0):
             stop_run(
                 config,
-                f"BASELINE={spec.name} asks for {name} ({CONTEXT[name]}), which this model and prompt do not give for an image of {n} tokens",
+                f"BASELINE={spec.name} asks for {name} ({CONTEXT[name]}), which this model and prompt do not give for an image of {n} tokens{_WHY_MISSING.get(name, '')}",
                 ValueError,
             )
         if name == "grid":
@@ -119,6 +161,8 @@ def _context_for(config: PruneConfig, spec: Method, context: Mapping[str, Sequen
                 check_grids(value, n)
             except ValueError as error:
                 stop_run(config, f"the patch's grid for an image of {n} tokens is wrong: {error}", ValueError)
+        if name == "vision" and value.features.shape[0] != n:
+            stop_run(config, f"the patch's vision context has {value.features.shape[0]} rows for an image of {n} tokens", ValueError)
         given[name] = value
     return given
 
@@ -147,7 +191,7 @@ def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, conte
         if fault is None:
             return Kept(answer[1], answer[0])
     else:
-        fault = kept_indices_fault(answer, n, k, tokens.device, batch=tokens.shape[0] if tokens.dim() == 3 else None)
+        fault = kept_indices_fault(answer, n, k, tokens.device, batch=tokens.shape[0] if tokens.dim() == 3 else None, at_most=config.adaptive)
         if fault is None:
             return Kept(answer)
     stop_run(config, f"{label} {fault} (N = {n} tokens, k = {k})")

@@ -21,6 +21,7 @@ rows) gets them scattered in.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -32,6 +33,7 @@ from .grids import image_grids
 from .layers import PrefillState, attach_state
 from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
 from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
+from .vision_tower import aligned_contexts, capture_tower, encoder_layers
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 IMAGE_FEATURE_KWARGS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy")
@@ -184,7 +186,8 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
     feature_kwargs = {name: kwargs[name] for name in IMAGE_FEATURE_KWARGS if kwargs.get(name) is not None}
     for name in IMAGE_FEATURE_KWARGS:
         kwargs.pop(name, None)
-    features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **feature_kwargs).pooler_output
+    with _tower_capture(model, config, feature_kwargs) as tower:
+        features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **feature_kwargs).pooler_output
     features = list(features)
     located = visual_spans(input_ids == model.config.image_token_id, [f.shape[0] for f in features])
     images: list[list[torch.Tensor]] = [[] for _ in range(input_ids.shape[0])]
@@ -203,7 +206,9 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
         context["text"] = [embed(input_ids[b, idx]) for b in range(len(spans)) for idx in questions[b]]
     if "grid" in config.spec.context:
         context["grid"] = [_grids(model, f) for f in flat]
-    kept = select_per_image(config, flat, context)
+    if tower is not None:
+        context["vision"] = aligned_contexts(tower.contexts(), flat)
+    kept = select_per_image(config, flat, context, project=_projector(model))
     keep = valid.clone()
     chosen = iter(kept)
     for b, row_spans in enumerate(spans):
@@ -225,6 +230,25 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
         kwargs["attention_mask"] = new_mask.to(attention_mask.dtype if attention_mask is not None else torch.long)
     picks = iter(kept)
     return kwargs, [[_kept_features(f, next(picks)) for f in row] for row in images]
+
+
+def _tower_capture(model, config, feature_kwargs: dict):
+    """Hooks recording the vision context while the CLIP tower runs, for a method that needs it."""
+    if "vision" not in config.spec.context and not config.spec.before_projector:
+        return contextlib.nullcontext()
+    layer = feature_kwargs.get("vision_feature_layer", model.config.vision_feature_layer)
+    strategy = feature_kwargs.get("vision_feature_select_strategy", model.config.vision_feature_select_strategy)
+    if not isinstance(layer, int) or strategy != "default":
+        raise ValueError(f"the vision context needs one feature layer of patch features; this model takes layer {layer!r} with strategy {strategy!r}")
+    tower = model.model.vision_tower
+    return capture_tower(encoder_layers(tower), layer, tower.config.num_attention_heads)
+
+
+def _projector(model):
+    """The model's projector as ``(m, C_v) -> (m, d)`` in its own dtype."""
+    projector = model.model.multi_modal_projector
+    dtype = next(projector.parameters()).dtype
+    return lambda features: projector(features.to(dtype))
 
 
 def _kept_features(features: torch.Tensor, kept) -> torch.Tensor:

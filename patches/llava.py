@@ -20,6 +20,7 @@ handed to the layer hooks (``layers.py``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import inspect
@@ -33,6 +34,7 @@ from otprune.selection import select_per_image
 from .grids import image_grids
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, padding_mask, question_positions, repad, spans_by_row, visual_spans
+from .vision_tower import aligned_contexts, capture_tower, encoder_layers
 
 IMAGE_TOKEN_INDEX = -200
 
@@ -217,6 +219,24 @@ def _padding(model, input_ids: torch.Tensor, attention_mask, labels) -> torch.Te
     return padding_mask(input_ids, None, getattr(config, "pad_token_id", None), eos)
 
 
+def _tower_capture(model, config: PruneConfig):
+    """Hooks recording the vision context while LLaVA's tower runs, for a method that needs it."""
+    if "vision" not in config.spec.context and not config.spec.before_projector:
+        return contextlib.nullcontext()
+    tower = model.get_vision_tower()
+    if getattr(tower, "select_feature", "patch") != "patch":
+        raise ValueError(f"the vision context needs the tower's patch features; this LLaVA selects {tower.select_feature!r}")
+    clip = tower.vision_tower
+    return capture_tower(encoder_layers(clip), tower.select_layer, clip.config.num_attention_heads)
+
+
+def _projector(model):
+    """The model's projector as ``(m, C_v) -> (m, d)`` in its own dtype."""
+    projector = model.get_model().mm_projector
+    dtype = next(projector.parameters()).dtype
+    return lambda features: projector(features.to(dtype))
+
+
 def _prepare_pruned(original, model, config, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes):
     ids, mask_in, markers = _with_image_ends(input_ids, _padding(model, input_ids, attention_mask, labels))
     limit = getattr(model.config, "tokenizer_model_max_length", None)
@@ -225,7 +245,8 @@ def _prepare_pruned(original, model, config, input_ids, position_ids, attention_
         if limit is not None:
             # LLaVA cuts each spliced prompt to this length; the end tokens must not count.
             model.config.tokenizer_model_max_length = limit + added
-        _, _, mask_out, past_key_values, embeds, sources = original(model, ids, position_ids, mask_in, past_key_values, markers, images, image_sizes)
+        with _tower_capture(model, config) as tower:
+            _, _, mask_out, past_key_values, embeds, sources = original(model, ids, position_ids, mask_in, past_key_values, markers, images, image_sizes)
     finally:
         if limit is not None:
             model.config.tokenizer_model_max_length = limit
@@ -276,7 +297,9 @@ def _prepare_pruned(original, model, config, input_ids, position_ids, attention_
         context["text"] = [embeds[b, idx] for b in range(batch) for idx in text_after[b]]
     if grids is not None:
         context["grid"] = [g for row in grids for g in row]
-    chosen = iter(select_per_image(config, images_tokens, context))
+    if tower is not None:
+        context["vision"] = aligned_contexts(tower.contexts(), images_tokens)
+    chosen = iter(select_per_image(config, images_tokens, context, project=_projector(model)))
     keep = valid & ~visual
     for b in range(batch):
         for start, _ in spans[b]:
