@@ -258,3 +258,21 @@ def test_vision_methods_prune_before_the_llm_only(plugins):
     assert PruneConfig(method="TOWERTOP").adaptive
     with pytest.raises(ValueError, match="needs SUBSET_RATIO"):
         PruneConfig(method="FEATUREWINDOWS")
+
+
+def test_a_batch_of_two_prompts_keeps_each_images_own_adaptive_count(families, plugins):
+    """Two prompts in one call (original LLaVA-1.5, right padding): each row gets what it gets alone."""
+    alone = []
+    for seed in (5, 6):
+        f = family(families, "llava-1.5", seed=seed)
+        patches.prune(f.model, "TOWERTOP")
+        alone.append(f.llm_input())
+    first, second = family(families, "llava-1.5", seed=5), family(families, "llava-1.5", seed=6)
+    ids = torch.cat([first.ids, second.ids])
+    pixel = torch.cat([first.tower_pixels(), second.tower_pixels()])
+    with torch.no_grad():
+        _, _, mask, _, embeds, _ = first.model.prepare_inputs_labels_for_multimodal(ids, None, torch.ones_like(ids), None, None, pixel, first.sizes * 2)
+    assert alone[0].shape[0] != alone[1].shape[0], "the two images should choose different counts"
+    for row, expected in enumerate(alone):
+        got = embeds[row][mask[row].bool()] if mask is not None else embeds[row]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
