@@ -377,7 +377,7 @@ ATTENTION_SELECTOR = textwrap.dedent(
     """
     import torch
 
-    def select(tokens, k, *, attention, text, grid, layer_index, text_attention, visual_attention, scale=1.0):
+    def select(tokens, k, *, attention, text, grid, layer_index, text_attention, visual_attention, vision, adaptive, scale=1.0):
         return attention.argsort(descending=True)[:k].sort().values
     """
 )
