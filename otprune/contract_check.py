@@ -4,7 +4,12 @@
 (``N = 64`` as one 8 x 8 patch grid, ``d = 32``, budget ``k = 16``) and returns one
 :class:`CheckResult` per check, validated with ``kept_indices_fault`` / ``merge_fault``. The
 context a method asks for is made up here: ``text`` ``(5, d)`` random, ``grid``
-``(PatchGrid(0, 8, 8),)``, ``attention`` ``(N,)``, ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)`` softmaxes of random logits, ``layer_index`` 2.
+``(PatchGrid(0, 8, 8),)``, ``attention`` ``(N,)``, ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)`` softmaxes of random logits, ``layer_index`` 2;
+``vision`` a :class:`otprune.contract.VisionContext` made as the contract defines it from seeded
+random queries and keys of a [CLS] and the N patches (``VISION_HEADS`` heads over ``VISION_WIDTH``
+= ``d`` channels; two blocks, one for the per-head fields and one for the full-width ones), its
+``features`` the tokens themselves (float32) and ``cls_feature`` a random ``(d,)``; ``adaptive``
+``False`` (the budget ``k``) but in the ``adaptive`` check.
 
 Checks (``CHECKS``):
 
@@ -28,6 +33,9 @@ Checks (``CHECKS``):
   (``otprune.schedule.check_stages``) from the options given (``SUBSET_RATIO`` 0.5 where it takes
   one); skipped, naming what it lacks, when it needs options none of which were given (FITPRUNE's
   recipe).
+- ``adaptive``: a method asking for ``adaptive`` gets ``adaptive=True`` and ``k = N`` and must
+  answer validly with a count of its choice, ``1 <= m <= N`` (a selector ``(m,)`` indices); the
+  counts of three images are reported. Skipped for the others.
 - ``host-sync`` (CUDA only): synchronisations of one warmed-up call counted with
   ``torch.cuda.set_sync_debug_mode("warn")``; more than one (the built-ins' budget: their
   finiteness check) fails.
@@ -45,10 +53,10 @@ from dataclasses import dataclass
 
 import torch
 
-from otprune.contract import PER_IMAGE_CONTEXT, PatchGrid, kept_indices_fault, merge_fault
+from otprune.contract import PER_IMAGE_CONTEXT, PatchGrid, VisionContext, kept_indices_fault, merge_fault
 from otprune.schedule import check_stages
 
-__all__ = ["BUDGET", "CHECKS", "DIM", "GRID", "HOST_SYNC_BUDGET", "N_TOKENS", "CheckResult", "run_battery"]
+__all__ = ["BUDGET", "CHECKS", "DIM", "GRID", "HOST_SYNC_BUDGET", "N_TOKENS", "CheckResult", "run_battery", "synthetic_vision"]
 
 GRID = PatchGrid(0, 8, 8)
 N_TOKENS = GRID.size
@@ -60,6 +68,8 @@ BATCH = 3
 SCALES = (1e20, 1e-20)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HOST_SYNC_BUDGET = 1
+VISION_HEADS = 4
+VISION_WIDTH = DIM
 CHECKS = (
     "basic",
     "batch",
@@ -70,6 +80,7 @@ CHECKS = (
     "device",
     "no-grad",
     "nan-refused",
+    "adaptive",
     "host-sync",
     "schedule",
 )
@@ -104,6 +115,39 @@ def _tokens(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def _cls_attention(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``(..., N)``: ``softmax(q_cls . k / sqrt(width))`` over [CLS] and patches, [CLS] column dropped;
+    ``q``, ``k`` ``(..., N + 1, width)`` with [CLS] first."""
+    logits = (k @ q[..., 0, :, None])[..., 0] / q.shape[-1] ** 0.5
+    return torch.softmax(logits, dim=-1)[..., 1:]
+
+
+def synthetic_vision(features: torch.Tensor, seed: int = 20, heads: int = VISION_HEADS, width: int = VISION_WIDTH) -> VisionContext:
+    """A :class:`VisionContext` for ``features`` ``(N, C_v)`` made as the contract defines it from
+    seeded random queries and keys ``(N + 1, width)`` ([CLS] first) of two blocks: the block
+    producing the features gives ``head_attention`` (per head of ``width / heads`` channels) and
+    ``head_keys`` (mean over heads); the next block gives ``cls_attention`` (one head over the full
+    width) and ``keys``. ``cls_feature`` is random ``(C_v,)``. All float32, on the CPU."""
+    n, c_v = features.shape
+    head_dim = width // heads
+    q_feature, k_feature, q_next, k_next = (_tokens(seed + i, (n + 1, width)) for i in range(4))
+    per_head_q = q_feature.view(n + 1, heads, head_dim).transpose(0, 1)
+    per_head_k = k_feature.view(n + 1, heads, head_dim).transpose(0, 1)
+    return VisionContext(
+        features=features.detach().float().cpu(),
+        cls_attention=_cls_attention(q_next, k_next),
+        keys=k_next[1:],
+        head_attention=_cls_attention(per_head_q, per_head_k),
+        head_keys=per_head_k[:, 1:].mean(0),
+        cls_feature=_tokens(seed + 4, (c_v,)),
+    )
+
+
+def _vision_on(vision: VisionContext, device: torch.device) -> VisionContext:
+    moved = {name: getattr(vision, name).to(device) for name in ("features", "cls_attention", "keys", "head_attention", "head_keys", "cls_feature")}
+    return VisionContext(**moved)
+
+
 class _Battery:
     def __init__(self, method, device: torch.device, options: dict):
         self.method = method
@@ -118,6 +162,9 @@ class _Battery:
         self.attention = torch.softmax(_tokens(2, (N_TOKENS,)), dim=0)
         self.text_attention = torch.softmax(_tokens(3, (TEXT_TOKENS, N_TOKENS)), dim=1)
         self.visual_attention = torch.softmax(_tokens(4, (N_TOKENS, N_TOKENS)), dim=1)
+        # Before the projector the tokens are the tower's features; after it, other vectors.
+        features = self.image.cpu() if method.before_projector else _tokens(5, (N_TOKENS, DIM))
+        self.vision = synthetic_vision(features)
 
     # -- calling and validating ---------------------------------------------------------------
 
@@ -132,10 +179,14 @@ class _Battery:
                 given[name] = (GRID,)
             elif name == "layer_index":
                 given[name] = LAYER_INDEX
+            elif name == "vision":
+                given[name] = _vision_on(self.vision, tokens.device)
+            elif name == "adaptive":
+                given[name] = False
         return given
 
-    def call(self, tokens: torch.Tensor, k: int = BUDGET):
-        return self.method.function(tokens, k, **self.context(tokens), **self.options)
+    def call(self, tokens: torch.Tensor, k: int = BUDGET, **overrides):
+        return self.method.function(tokens, k, **{**self.context(tokens), **overrides}, **self.options)
 
     def fault(self, answer, tokens: torch.Tensor, k: int, batch: int | None = None) -> str | None:
         n = tokens.shape[-2]
@@ -259,6 +310,37 @@ class _Battery:
             raise _Fault(f"raised {_describe(error)}: refuse NaN or Inf tokens on purpose, with a ValueError") from None
         raise _Fault("accepted NaN: returned an answer for tokens holding a NaN")
 
+    def adaptive(self) -> str:
+        if "adaptive" not in self.method.context:
+            raise _Skip("does not ask for adaptive: runs need a ratio")
+        counts = []
+        for seed in (0, 10, 11):
+            tokens = self.image if seed == 0 else _tokens(seed, (N_TOKENS, DIM)).to(self.device)
+            if "vision" in self.method.context and seed:
+                features = tokens.cpu() if self.method.before_projector else _tokens(5 + seed, (N_TOKENS, DIM))
+                vision = {"vision": _vision_on(synthetic_vision(features, seed=20 + 10 * seed), tokens.device)}
+            else:
+                vision = {}
+            try:
+                answer = self.call(tokens.clone(), N_TOKENS, adaptive=True, **vision)
+            except Exception as error:
+                raise _Fault(f"adaptive=True, k = N = {N_TOKENS}, image {seed}: raised {_describe(error)}") from None
+            if self.merger:
+                fault = merge_fault(answer, N_TOKENS, N_TOKENS, tokens)
+                count = answer[0].shape[0] if fault is None else None
+            else:
+                shape_ok = isinstance(answer, torch.Tensor) and answer.dim() == 1 and 1 <= answer.shape[0] <= N_TOKENS
+                count = answer.shape[0] if shape_ok else None
+                fault = (
+                    kept_indices_fault(answer, N_TOKENS, count, tokens.device)
+                    if shape_ok
+                    else f"returned {tuple(answer.shape) if isinstance(answer, torch.Tensor) else type(answer).__name__}, not (m,) with 1 <= m <= N = {N_TOKENS}"
+                )
+            if fault is not None:
+                raise _Fault(f"adaptive=True, image {seed}: {fault}")
+            counts.append(count)
+        return f"adaptive counts {counts} of N = {N_TOKENS}"
+
     def host_sync(self) -> str:
         tokens = self.image
         self.valid(tokens, label="warm-up call")
@@ -338,6 +420,7 @@ def run_battery(method, device="cpu", options: dict | None = None) -> list[Check
         "device": battery.device_check,
         "no-grad": battery.no_grad,
         "nan-refused": battery.nan_refused,
+        "adaptive": battery.adaptive,
         "host-sync": battery.host_sync,
         "schedule": battery.schedule,
     }

@@ -49,6 +49,11 @@ BUNDLED = {
     "POOL": ("merger", "otprune.plugins.pool:merge_pool"),
     "PYRAMIDDROP": ("selector", "otprune.plugins.pyramiddrop:select_pyramiddrop"),
     "FITPRUNE": ("selector", "otprune.plugins.fitprune:select_fitprune"),
+    "PRUMERGE": ("merger", "otprune.plugins.prumerge:merge_prumerge"),
+    "PRUMERGE_PLUS": ("merger", "otprune.plugins.prumerge:merge_prumerge_plus"),
+    "DIVPRUNE_ADAPTIVE": ("selector", "otprune.plugins.divprune_adaptive:select_divprune_adaptive"),
+    "VISIONZIP": ("merger", "otprune.plugins.visionzip:merge_visionzip"),
+    "FASTERVLM": ("selector", "otprune.plugins.fastervlm:select_fastervlm"),
 }
 BUNDLED_ORIGIN = "otprune (bundled)"
 NAME_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
