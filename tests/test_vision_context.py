@@ -276,3 +276,27 @@ def test_a_batch_of_two_prompts_keeps_each_images_own_adaptive_count(families, p
     for row, expected in enumerate(alone):
         got = embeds[row][mask[row].bool()] if mask is not None else embeds[row]
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+VISION_METHODS = ["PRUMERGE", "PRUMERGE_PLUS", "DIVPRUNE_ADAPTIVE", "VISIONZIP", "FASTERVLM"]
+
+
+@pytest.mark.parametrize("variant", LLAVA_15)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_each_bundled_vision_method_prunes_both_llava_15_families(families, variant, method, caplog):
+    """At SUBSET_RATIO = 0.098 at most 56 tokens of 576 reach the LLM, its text unchanged; an
+    adaptive method left without a ratio logs the count it chose."""
+    f = family(families, variant, seed=7)
+    patches.prune(f.model, None)
+    unpruned = f.llm_input()
+    ratios = [0.098, None] if "adaptive" in otprune.methods.get_method(method).context else [0.098]
+    for ratio in ratios:
+        caplog.clear()
+        patches.prune(f.model, method, ratio=ratio, log=True)
+        with caplog.at_level(logging.INFO, logger="otprune"):
+            got = f.llm_input()
+        kept = got.shape[0] - (unpruned.shape[0] - 576)
+        assert 1 <= kept <= (56 if ratio else 576)
+        assert f"576->{kept};" in caplog.text
+        torch.testing.assert_close(got[: f.start], unpruned[: f.start])
+        torch.testing.assert_close(got[f.start + kept :], unpruned[f.start + 576 :])
