@@ -8,7 +8,9 @@ harness's ``otprune_*.json``) and writes ``table1.md`` and ``table1.csv``:
 - each benchmark in the paper's unit (configs/tasks.yaml: CIDEr, EM, Acc, P-score, F1), with its
   difference from the paper's number (configs/paper_results.yaml) where the paper has one;
 - visual tokens per image before -> after and the TFLOP column, from the measured token counts
-  and FastV's formula (otprune.measures) for the real LLM shape the checkpoint is or stands in for;
+  and FastV's formula (otprune.measures) for the real LLM shape the checkpoint is or stands in for,
+  each image's prefill at its own count; counts that vary per image (an adaptive method's) as
+  mean [min–max], per benchmark too; the paper's adaptive rows' TFLOP is "Variable";
 - Avg. rank (all pruned rows of the model) and one-shot rank (VTW, FastV, DivPrune, OTPrune only);
   ties share the average rank;
 - the one-sided Wilcoxon signed-rank test that OTPrune's per-benchmark relative improvement over
