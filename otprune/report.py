@@ -8,7 +8,9 @@ harness's ``otprune_*.json``) and writes ``table1.md`` and ``table1.csv``:
 - each benchmark in the paper's unit (configs/tasks.yaml: CIDEr, EM, Acc, P-score, F1), with its
   difference from the paper's number (configs/paper_results.yaml) where the paper has one;
 - visual tokens per image before -> after and the TFLOP column, from the measured token counts
-  and FastV's formula (otprune.measures) for the real LLM shape the checkpoint is or stands in for;
+  and FastV's formula (otprune.measures) for the real LLM shape the checkpoint is or stands in for,
+  each image's prefill at its own count; counts that vary per image (an adaptive method's) as
+  mean [min–max], per benchmark too; the paper's adaptive rows' TFLOP is "Variable";
 - Avg. rank (all pruned rows of the model) and one-shot rank (VTW, FastV, DivPrune, OTPrune only);
   ties share the average rank;
 - the one-sided Wilcoxon signed-rank test that OTPrune's per-benchmark relative improvement over
@@ -35,8 +37,8 @@ from scipy.stats import rankdata, wilcoxon
 
 from otprune.analysis.figures import write_pareto_figures
 from otprune.analysis.records import read_run_folder
+from otprune.harness.catalogue import ADAPTIVE, baseline, method_labels, model_label, ratio_label, ratio_order
 from otprune.harness.catalogue import MODELS as MODEL_SPECS
-from otprune.harness.catalogue import baseline, method_labels, ratio_label
 from otprune.harness.checkpoints import tiny_llm_shape
 from otprune.harness.code_identity import current_code
 from otprune.harness.errors import MissingResource
@@ -48,6 +50,11 @@ from otprune.sample_timer import spread
 from otprune.selectors import budget
 
 ONE_SHOT = ("VTW", "FastV", "DivPrune", "OTPrune")
+# The paper's TFLOP of its adaptive rows (configs/paper_results.yaml: tflop null).
+VARIABLE = "Variable"
+# The paper's Table 1 order of its rows (configs/paper_results.yaml's LLaVA-1.5-7B block), then
+# the rows the paper does not have.
+TABLE_ORDER = ("Original", *ONE_SHOT, "PruMerge", "DivPrune*", "FitPrune", "M3", "DPP", "Random", "Uniform")
 OTHER_CODE_NOTE = (
     "Rows marked † hold results finished by other code than this otprune's (its pruning code's hash or the "
     "torch, transformers, lmms-eval or llava-torch version differ; each record names its own), kept with "
@@ -130,8 +137,8 @@ def setting_problem(setting) -> str | None:
     if not isinstance(setting.get("method"), str) or baseline(setting["method"]) is None:
         return f"setting.json: method {setting.get('method')!r} is not one of {', '.join(sorted(method_labels()))}"
     ratio = setting.get("ratio")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
-        return f"setting.json: ratio {ratio!r} is not a number in [0, 1]"
+    if ratio != ADAPTIVE and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1):
+        return f"setting.json: ratio {ratio!r} is not a number in [0, 1] or {ADAPTIVE!r}"
     layer = setting.get("layer_index")
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         return f"setting.json: layer_index {layer!r} is not an integer >= 0"
@@ -198,14 +205,16 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
     timing = [t for r in done for t in r.get("timing", [])]
     model = MODEL_SPECS[setting["model"]]
     return {
-        "model": folder.parent.name,
+        # The Table 1 block: a finetuned checkpoint's rows join its base model's (M3: LLaVA-1.5-7B's).
+        "model": model_label(model.finetuned_from) if model.finetuned_from else folder.parent.name,
+        "checkpoint": folder.parent.name,
         "model_id": setting["model"],
         "flops_model": model.flops_model,
         "tiny": model.tiny,
         "trained": model.trained,
         "llm_shape": next((r["llm_shape"] for r in done if _is_shape(r.get("llm_shape"))), None),
         "method": setting["method"],
-        "ratio": float(setting["ratio"]),
+        "ratio": setting["ratio"] if setting["ratio"] == ADAPTIVE else float(setting["ratio"]),
         "limit": max((v for v in limits if v is not None), default=None),
         "layer_index": setting.get("layer_index") or 0,
         "scores": scores,
@@ -238,11 +247,10 @@ def latency_summary(timing: list[dict]) -> dict:
 
 
 def row_order(run: dict) -> tuple:
-    """Table 1's order of a model's rows: Original, the one-shot methods, DPP, Random, Uniform, then
-    every other method by name; each method's rows by ratio."""
-    order = ["Original", *ONE_SHOT, "DPP", "Random", "Uniform"]
-    known = run["method"] in order
-    return (order.index(run["method"]) if known else len(order), "" if known else run["method"], run["ratio"])
+    """Table 1's order of a model's rows: the paper's (``TABLE_ORDER``), then every other method by
+    name; each method's rows by ratio, ``adaptive`` last."""
+    known = run["method"] in TABLE_ORDER
+    return (TABLE_ORDER.index(run["method"]) if known else len(TABLE_ORDER), "" if known else run["method"], ratio_order(run["ratio"]))
 
 
 def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int], bool]:
@@ -261,7 +269,10 @@ def token_counts(run: dict, siblings: list[dict]) -> tuple[list[int], list[int],
 
 def derived_counts(run: dict, before: list[int]) -> tuple[list[int], list[int]]:
     """``(before, after)``: what the run's method keeps of images of ``before`` tokens (all for
-    the unpruned model, none for VTW, the budget otherwise)."""
+    the unpruned model, none for VTW, the budget otherwise); nothing for an adaptive run, whose
+    counts only its own log says."""
+    if run["ratio"] == ADAPTIVE:
+        return [], []
     if run["method"] == "Original":
         return before, before
     if run["method"] == "VTW":
@@ -297,10 +308,31 @@ def flops_of(run: dict, tasks: list[str], catalogue: dict, shape: ModelShape, si
 
 def same_setting(published: dict | None, run: dict) -> bool:
     """Whether a run was made at the setting of the paper's row of its method: the same ratio, and
-    the same K where the paper states one (``published``: paper_results.yaml's ``settings``)."""
-    if not published or not math.isclose(run["ratio"], published["ratio"]):
+    the same K where the paper states one (``published``: paper_results.yaml's ``settings``); an
+    adaptive row only with an adaptive row."""
+    if not published:
+        return False
+    ratios = (run["ratio"], published["ratio"])
+    if not (ratios[0] == ratios[1] if ADAPTIVE in ratios else math.isclose(*ratios)):
         return False
     return "layer_index" not in published or run["layer_index"] == published["layer_index"]
+
+
+def count_summary(counts: list[int]) -> tuple[float, int, int] | None:
+    """``(mean, min, max)`` of per-image token counts; ``None`` for none."""
+    return (statistics.mean(counts), min(counts), max(counts)) if counts else None
+
+
+def count_cell(counts: list[int]) -> str:
+    """Per-image token counts in one cell: their mean, with the range where they vary
+    (``41.3 [18–77]``: an adaptive method's, or a resolution-following model's)."""
+    mean, low, high = count_summary(counts)
+    return f"{mean:.0f}" if low == high else f"{mean:.1f} [{low}–{high}]"
+
+
+def varies(run: dict) -> bool:
+    """Whether a run's kept counts differ from image to image (every adaptive run's may)."""
+    return run["ratio"] == ADAPTIVE or len({after for _, after in run["visual_tokens"]}) > 1
 
 
 def fmt(value, digits=2) -> str:
@@ -315,13 +347,16 @@ def score_digits(unit: str) -> int:
 
 def label(run: dict) -> str:
     """A row's name: method and ratio (VTW, which keeps no visual token: its K; K = 0 is the
-    no-image control), and the limit when lmms-eval's results say one was used."""
+    no-image control), the checkpoint where it is not the block's model (a finetuned one), and the
+    limit when lmms-eval's results say one was used."""
     if run["method"] == "Original":
         name = "Original"
     elif run["method"] == "VTW":
         name = f"VTW K={run['layer_index']}" + (" (no visual tokens)" if run["layer_index"] == 0 else "")
     else:
-        name = f"{run['method']} {run['ratio']:g}"
+        name = f"{run['method']} {ratio_label(run['ratio'])}"
+    if run.get("checkpoint", run["model"]) != run["model"]:
+        name += f" ({run['checkpoint']})"
     return name + (f" (--limit {run['limit']:g})" if run.get("limit") is not None else "") + (" †" if run.get("other_code") else "")
 
 
@@ -367,26 +402,34 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
             if run["method"] == "Original":
                 full_flops = flops
             pct = 100 * flops / full_flops if flops is not None and full_flops else None
-            tokens = f"{statistics.mean(before):.0f} → {statistics.mean(after):.0f}" + ("*" if derived else "") if before else "–"
+            tokens = f"{count_cell(before)} → {count_cell(after)}" + ("*" if derived else "") if before and after else "–"
             paper_row = paper_rows.get(run["method"]) if same_setting(paper.get("settings", {}).get(run["method"]), run) else None
             tflop = f"{fmt(flops / 1e12 if flops else None, 3)} ({fmt(pct)})"
             if paper_row and paper_row.get("tflop") and flops:
                 tflop += f" [{flops / 1e12 - paper_row['tflop']:+.3f}]"
+            elif paper_row and paper_row.get("category") == "adaptive":
+                # The paper gives no number for an adaptive row's cost: its rows compare on scores.
+                tflop += f" [paper: {VARIABLE}]"
             cells = [label(run), tokens, tflop]
             if tiny:
                 tiny_flops = flops_of(run, block_tasks, catalogue, own_shape, siblings)
                 cells.append(fmt(tiny_flops / 1e6 if tiny_flops else None, 1))
+            after_summary = count_summary(after) or (None, None, None)
             csv_row = {
                 "model": model,
+                "checkpoint": run["checkpoint"],
                 "method": run["method"],
                 "ratio": run["ratio"],
                 "limit": run["limit"],
                 "visual_tokens_before": statistics.mean(before) if before else None,
-                "visual_tokens_after": statistics.mean(after) if after else None,
+                "visual_tokens_after": after_summary[0],
+                "visual_tokens_after_min": after_summary[1],
+                "visual_tokens_after_max": after_summary[2],
                 "tokens_derived": derived,
                 "tflop": flops / 1e12 if flops else None,
                 "tflop_pct": pct,
                 "paper_tflop": paper_row.get("tflop") if paper_row else None,
+                "paper_tflop_variable": bool(paper_row) and paper_row.get("category") == "adaptive",
             }
             if tiny:
                 csv_row["tiny_llm_mflop"] = tiny_flops / 1e6 if tiny_flops else None
@@ -405,6 +448,7 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
             csv_row.update(avg_rank=avg.get(label(run)), one_shot_rank=one_shot.get(label(run)))
             lines.append("| " + " | ".join(cells) + " |")
             rows.append(csv_row)
+        lines += varying_count_lines(block, block_tasks, catalogue, rows[-len(block) :])
         ours = next((r for r in block if r["method"] == "OTPrune"), None)
         theirs = next((r for r in block if r["method"] == "DivPrune" and ours and r["ratio"] == ours["ratio"]), None)
         if ours and theirs:
@@ -419,6 +463,27 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
             ]
         lines += [""]
     return lines, rows
+
+
+def varying_count_lines(block: list[dict], tasks: list[str], catalogue: dict, csv_rows: list[dict]) -> list[str]:
+    """Per benchmark, the kept visual tokens per image (mean [min–max]) of the block's rows whose
+    counts vary (the adaptive methods'); adds them to those rows' CSV (``<benchmark>_tokens_after``,
+    ``_min``, ``_max``). The block's runs and its CSV rows are in the same order."""
+    shown = [(run, row) for run, row in zip(block, csv_rows) if varies(run) and run["tokens_by_task"]]
+    if not shown:
+        return []
+    names = [catalogue[t]["benchmark"] for t in tasks]
+    lines = ["", "Kept visual tokens per image, per benchmark (mean [min–max]), of the rows whose counts vary:", ""]
+    lines += ["| Method | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for run, row in shown:
+        cells = []
+        for task, name in zip(tasks, names):
+            after = [a for _, a in run["tokens_by_task"].get(task, [])]
+            summary = count_summary(after) or (None, None, None)
+            row.update({f"{name}_tokens_after": summary[0], f"{name}_tokens_after_min": summary[1], f"{name}_tokens_after_max": summary[2]})
+            cells.append(count_cell(after) if after else "–")
+        lines.append(f"| {label(run)} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def efficiency_lines(runs: list[dict]) -> list[str]:

@@ -54,6 +54,7 @@ def write_config(path: Path, **changes) -> Path:
 # -- configs --------------------------------------------------------------------------------
 
 
+@pytest.mark.usefixtures("peer_methods")
 @pytest.mark.parametrize("name", ["synth", "smoke", "paper_table1", "regimes"])
 def test_shipped_configs_load(name):
     config = harness_config.load_config(name)
@@ -170,11 +171,15 @@ def test_child_threads(monkeypatch, model, caller, config_env, jobs, expected):
     assert harness_plan.child_env(run, jobs).get("OMP_NUM_THREADS") == expected
 
 
+@pytest.mark.usefixtures("peer_methods")
 def test_paper_config_plans_every_model_method_task():
     config = harness_config.load_config("paper_table1")
     runs = harness_plan.plan_runs(config, Path("runs"))
-    assert len(runs) == 3 * 5 * 11 + 11  # FitPrune on LLaVA-1.5-7B alone, the paper's row
+    # FitPrune on LLaVA-1.5-7B alone, PruMerge and DivPrune* on LLaVA-1.5, M3 on its checkpoint: the paper's rows.
+    assert len(runs) == 3 * 5 * 11 + 11 + 2 * 2 * 11 + 11
     assert {r.model for r in runs if r.method == "FitPrune"} == {"liuhaotian/llava-v1.5-7b"}
+    assert {r.model for r in runs if r.method in ("PruMerge", "DivPrune*")} == {"liuhaotian/llava-v1.5-7b", "liuhaotian/llava-v1.5-13b"}
+    assert {(r.model, r.method) for r in runs if r.model == "mu-cai/llava-v1.5-7b-m3"} == {("mu-cai/llava-v1.5-7b-m3", "M3")}
     vtw = {r.model: r.env["LAYER_INDEX"] for r in runs if r.method == "VTW"}
     assert vtw == {"liuhaotian/llava-v1.5-7b": "4", "liuhaotian/llava-v1.5-13b": "4", "liuhaotian/llava-v1.6-vicuna-7b": "3"}
     assert str(runs[0].folder) == "runs/paper_table1/llava-v1.5-7b/Original_1"
@@ -211,7 +216,10 @@ def test_an_unknown_method_lists_every_method_uniform_included(tmp_path):
     path = write_config(tmp_path / "m.yaml", methods={"Uniformly": {"ratios": [0.1]}})
     with pytest.raises(
         harness_errors.ConfigError,
-        match="unknown method .Uniformly.; allowed: CDPruner, DPP, DivPrune, FIRST, FITPRUNE, FastV, LAST, OTPrune, Original, POOL, PYRAMIDDROP, Random, STP, TrimTokenator, Uniform, VTW",
+        match=re.escape(
+            "unknown method 'Uniformly'; allowed: CDPruner, DPP, DivPrune, DivPrune*, FIRST, FITPRUNE, FastV, FasterVLM, LAST, M3, OTPrune, Original, "
+            "POOL, PYRAMIDDROP, PruMerge, PruMerge+, Random, STP, TrimTokenator, Uniform, VTW, VisionZip"
+        ),
     ):
         harness_config.load_config(str(path))
 
@@ -529,19 +537,24 @@ def test_bad_ratios_fail_before_any_run(tmp_path, ratios):
         harness_config.load_config(str(path))
 
 
+@pytest.mark.usefixtures("peer_methods")
 def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
     assert harness_cli.main(["paper_table1", "--dry-run", "--runs-dir", "/nonexistent/runs"]) == 0
     out = capsys.readouterr().out
     assert (
-        "plan: 1 calibration(s) first (here, one lmms-eval invocation each), then 176 runs (model x method x ratio x task group), "
-        "176 to run: 176 lmms-eval invocations, or 176 Slurm jobs" in out
+        "plan: 1 calibration(s) first (here, one lmms-eval invocation each), then 231 runs (model x method x ratio x task group), "
+        "231 to run: 231 lmms-eval invocations, or 231 Slurm jobs" in out
     )
-    # 5 methods x 11 benchmarks per model, and FitPrune's 11 on 1.5-7B alone, at the catalogue's
-    # rough hours per benchmark (0.9, 1.8, 2.7).
-    assert "liuhaotian/llava-v1.5-7b: 66 benchmark runs, about 59 A100-hours" in out
-    assert "liuhaotian/llava-v1.5-13b: 55 benchmark runs, about 99 A100-hours" in out
+    # 5 methods x 11 benchmarks per model, FitPrune's 11 on 1.5-7B alone, PruMerge's and DivPrune*'s
+    # on LLaVA-1.5 and M3's on its checkpoint, at the catalogue's rough hours per benchmark (0.9, 1.8, 2.7, 0.9).
+    assert "liuhaotian/llava-v1.5-7b: 88 benchmark runs, about 79 A100-hours" in out
+    assert "liuhaotian/llava-v1.5-13b: 77 benchmark runs, about 139 A100-hours" in out
     assert "liuhaotian/llava-v1.6-vicuna-7b: 55 benchmark runs, about 148 A100-hours" in out
-    assert out.count("] BASELINE=") == 176
+    assert "mu-cai/llava-v1.5-7b-m3: 11 benchmark runs, about 10 A100-hours" in out
+    assert out.count("] BASELINE=") == 231
+    # The adaptive runs leave SUBSET_RATIO out; M3 is POOL at its 36-token scale.
+    assert out.count("] BASELINE=PRUMERGE ") == out.count("] BASELINE=DIVPRUNE_ADAPTIVE ") == 22
+    assert out.count("] BASELINE=POOL SUBSET_RATIO=0.0625 ") == 11
     # FitPrune's recipe is calibrated first, at the paper's 0.513 TFLOP, into the runs folder.
     (step,) = harness_plan.plan_calibrations(harness_config.load_config("paper_table1"), Path("/nonexistent/runs"))
     recipe = step.recipe

@@ -17,6 +17,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from otprune.harness.catalogue import ratio_label, ratio_order
+
 __all__ = [
     "AXES",
     "DPI",
@@ -89,7 +91,7 @@ def point_label(row: dict) -> str:
     """``OTPrune 0.098``; the methods without a ratio (Original, VTW) by name alone."""
     if row["method"] in ("Original", "VTW"):
         return row["method"]
-    return f"{row['method']} {float(row['ratio']):g}"
+    return f"{row['method']} {ratio_label(row['ratio'])}"
 
 
 def grid(panels: int, columns: int = 3, width: float = 5.0, height: float = 4.2, extra_height: float = 0.0):
@@ -127,7 +129,7 @@ def point_keys(rows: Sequence[dict]) -> tuple[dict[str, str], dict[str, str]]:
     palette = "tab10" if len(methods) <= 10 else "tab20"
     colours = {m: f"C{i}" if palette == "tab10" else _tab20(i) for i, m in enumerate(methods)}
     several = len({row["model"] for row in rows}) > 1
-    keys = list(dict.fromkeys(marker_key(row, several) for row in sorted(rows, key=lambda r: (r["method"] not in REFERENCE_METHODS, float(r["ratio"])))))
+    keys = list(dict.fromkeys(marker_key(row, several) for row in sorted(rows, key=lambda r: (r["method"] not in REFERENCE_METHODS, ratio_order(r["ratio"])))))
     markers, plain = {}, iter(MARKERS * (1 + len(keys) // len(MARKERS)))
     for key in keys:
         markers[key] = REFERENCE_MARKER if key.startswith(NO_RATIO) else next(plain)
@@ -143,7 +145,7 @@ def _tab20(i: int):
 def marker_key(row: dict, several_models: bool = False) -> str:
     """The legend's marker entry of a row: its ratio (the methods without one, Original and VTW,
     share one), and its model when the figure holds several."""
-    key = f"{NO_RATIO} (Original, VTW)" if row["method"] in REFERENCE_METHODS else f"ratio {float(row['ratio']):g}"
+    key = f"{NO_RATIO} (Original, VTW)" if row["method"] in REFERENCE_METHODS else f"ratio {ratio_label(row['ratio'])}"
     return key + (f", {row['model']}" if several_models else "")
 
 

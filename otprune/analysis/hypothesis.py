@@ -27,6 +27,7 @@ from otprune.analysis.figures import clip_at_zero, grid, keyed_legend, keyed_poi
 from otprune.analysis.records import read_run_folder, table_scores
 from otprune.analysis.report import markdown_table
 from otprune.analysis.uncertainty import PAIRINGS, spearman_test
+from otprune.harness.catalogue import ADAPTIVE
 
 __all__ = ["MethodPoint", "load_points", "render", "figure"]
 
@@ -63,6 +64,10 @@ def load_points(runs_dir: Path) -> tuple[list[MethodPoint], list[tuple[Path, str
             missing = [name for name in ("method", "ratio", "benchmarks") if name not in record]
             if missing:
                 skipped.append((record_path, f"no {', '.join(repr(m) for m in missing)}"))
+                continue
+            if record["ratio"] == ADAPTIVE:
+                # Its counts vary per image: no fixed ratio to set it among the others at.
+                skipped.append((record_path, "an adaptive run (each image's count its own): the analysis compares fixed ratios"))
                 continue
             values = [v for v in record.get("ot_distance", []) if math.isfinite(v)]
             if not values:

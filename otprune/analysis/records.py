@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from otprune.harness.catalogue import ADAPTIVE
 from otprune.harness.files import read_results
 from otprune.harness.records import load_records
 
@@ -101,7 +102,8 @@ def question_items(current: Current, task: str, metric: str) -> dict[int, object
 
 def table_scores(table: Path) -> dict[tuple[str, str, float], dict[str, float]]:
     """(model, method, ratio) -> benchmark -> score, from the report's ``table1.csv`` (which it wrote
-    from the same records, ``newest_per_task``)."""
+    from the same records, ``newest_per_task``); ``model`` the run folder's checkpoint, as the
+    analyses name it. Adaptive rows are left out: the analyses compare methods at fixed ratios."""
     with table.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
@@ -109,6 +111,10 @@ def table_scores(table: Path) -> dict[tuple[str, str, float], dict[str, float]]:
     benchmarks = [name[: -len("_diff")] for name in rows[0] if name.endswith("_diff")]
     scores = {}
     for row in rows:
+        if row["ratio"] == ADAPTIVE:
+            continue
         cells = {b: float(row[b]) for b in benchmarks if row.get(b) not in (None, "")}
-        scores[(row["model"], row["method"], float(row["ratio"]))] = cells
+        # A finetuned checkpoint's row sits in its base model's block (``model``); a table written
+        # before ``checkpoint`` was a column named the checkpoint there.
+        scores[(row.get("checkpoint") or row["model"], row["method"], float(row["ratio"]))] = cells
     return scores

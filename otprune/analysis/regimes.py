@@ -39,6 +39,7 @@ import numpy as np
 from otprune import synthetic_benchmark as bench
 from otprune.analysis.records import question_items, read_run_folder, table_scores
 from otprune.analysis.uncertainty import METRICS
+from otprune.harness.catalogue import ADAPTIVE
 
 __all__ = ["OURS", "REFERENCES", "THEIRS", "Redundancy", "Regimes", "load_regimes"]
 
@@ -164,6 +165,10 @@ def load_regimes(runs_dir: Path) -> Regimes:
             missing = [name for name in ("method", "ratio", "benchmarks") if name not in record]
             if missing:
                 regimes.skipped.append((record_path, f"no {', '.join(repr(m) for m in missing)}"))
+                continue
+            if record["ratio"] == ADAPTIVE:
+                # Its counts vary per image: no fixed ratio to set it among the others at.
+                regimes.skipped.append((record_path, "an adaptive run (each image's count its own): the analysis compares fixed ratios"))
                 continue
             model, method, ratio = folder.parent.name, record["method"], float(record["ratio"])
             for task in current.tasks:

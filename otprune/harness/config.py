@@ -12,10 +12,11 @@ import yaml
 
 from otprune import prune_config
 from otprune.harness import resources
-from otprune.harness.catalogue import MODELS, RATIO_FREE, baseline, method_labels, ratio_label
+from otprune.harness.catalogue import ADAPTIVE, MODELS, RATIO_FREE, baseline, method_labels, ratio_label
 from otprune.harness.errors import ConfigError
 from otprune.harness.files import describe_type
 from otprune.harness.resources import config_file, load_catalogue
+from otprune.methods import get_method
 from otprune.prune_config import config_from_env
 
 CONFIG_KEYS = {"lmms_model", "model_args", "models", "methods", "tasks", "batch_size", "num_processes", "group_tasks", "executor", "calibrations"}
@@ -239,12 +240,8 @@ def load_config(name_or_path: str) -> Config:
             raise ConfigError(f"config {path.name}: method {method!r} has unknown key(s) {_names(map(str, extra))}; allowed: {_names(METHOD_KEYS)}")
         if method in RATIO_FREE and "ratios" in spec:
             raise ConfigError(f"config {path.name}: method {method!r} takes no ratios")
-        ratios = spec.get("ratios", [])
-        if not isinstance(ratios, list) or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios):
-            raise ConfigError(f"config {path.name}: method {method!r} ratios={ratios!r}; allowed: a list of numbers in (0, 1]")
-        if method not in RATIO_FREE and not ratios:
-            raise ConfigError(f"config {path.name}: method {method!r} needs 'ratios', a list of numbers in (0, 1]")
-        merged = list(dict.fromkeys(float(ratio_label(r)) for r in ratios))
+        ratios = [] if method in RATIO_FREE else method_ratios(method, spec.get("ratios"), path)
+        merged = list(dict.fromkeys(r if r == ADAPTIVE else float(ratio_label(r)) for r in ratios))
         if len(merged) < len(ratios):
             notes.append(f"method {method}: ratios {ratios} run once each as {[ratio_label(r) for r in merged]} (the child sees them as equal)")
         methods[method] = {"ratios": merged, **_method_settings(spec, f"methods.{method}", check, calibrations)}
@@ -302,6 +299,39 @@ def load_config(name_or_path: str) -> Config:
             except ValueError as error:
                 raise ConfigError(f"config {path.name}: {model} {method}: {error}") from None
     return config
+
+
+RATIOS_ALLOWED = f"a list of numbers in (0, 1], or {ADAPTIVE!r} for a method that chooses each image's count itself"
+
+
+def method_ratios(method: str, ratios, path: Path) -> list:
+    """A method's checked ``ratios``: numbers in (0, 1] and ``adaptive``, which only a method that
+    asks for the ``adaptive`` context may run at (SUBSET_RATIO unset: it chooses each image's
+    count). Left out: ``[adaptive]`` for such a method; any other needs ratios."""
+    if ratios is None:
+        if not asks_adaptive(method, path):
+            raise ConfigError(f"config {path.name}: method {method!r} needs 'ratios', {RATIOS_ALLOWED}")
+        return [ADAPTIVE]
+    if not isinstance(ratios, list) or not ratios or not all(r == ADAPTIVE or _is_fraction(r) for r in ratios):
+        raise ConfigError(f"config {path.name}: method {method!r} ratios={ratios!r}; allowed: {RATIOS_ALLOWED}")
+    if ADAPTIVE in ratios and not asks_adaptive(method, path):
+        raise ConfigError(
+            f"config {path.name}: method {method!r} ratio {ADAPTIVE!r} is not allowed: BASELINE={baseline(method)} does not ask for the "
+            f"'adaptive' context, so it cannot choose its own count per image; allowed: numbers in (0, 1]"
+        )
+    return ratios
+
+
+def _is_fraction(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+
+
+def asks_adaptive(method: str, path: Path) -> bool:
+    """Whether a config's method asks for the ``adaptive`` context (``Method.context``)."""
+    try:
+        return "adaptive" in get_method(baseline(method)).context
+    except ValueError as error:  # not installed, or a plugin that cannot be loaded
+        raise ConfigError(f"config {path.name}: method {method!r}: {error}") from None
 
 
 def executor_settings(value, check: _Checker) -> dict:
@@ -408,12 +438,13 @@ def _positive_int(value, key: str, check: _Checker) -> int:
     return value
 
 
-def run_env(method: str, ratio: float, method_spec: dict, model_override: dict, recipes: dict | None = None) -> dict:
+def run_env(method: str, ratio: float | str, method_spec: dict, model_override: dict, recipes: dict | None = None) -> dict:
     """The pruning variables of one run, as strings (the patch reads them in every process): the
     method's, then the model's override of it; a file option naming a calibration becomes the
     file ``recipes`` gives it (calibration NAME -> path)."""
     env = {"BASELINE": baseline(method)}
-    if method not in RATIO_FREE:
+    # An adaptive run leaves SUBSET_RATIO out of the child's environment: the method chooses each count.
+    if method not in RATIO_FREE and ratio != ADAPTIVE:
         env["SUBSET_RATIO"] = ratio_label(ratio)
     layer_index = model_override.get("layer_index", method_spec.get("layer_index"))
     if layer_index is not None:

@@ -29,7 +29,7 @@ SECRET_MARKERS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "CREDENTIAL")
 class Run:
     model: str
     method: str
-    ratio: float
+    ratio: float | str  # catalogue.ADAPTIVE: the method chooses each image's count
     env: dict
     tasks: tuple[str, ...]
     folder: Path
@@ -70,7 +70,7 @@ def task_key(tasks) -> str:
     return joined if len(joined) <= 80 else f"{len(tasks)}tasks_{hashlib.sha256(joined.encode()).hexdigest()[:8]}"
 
 
-def run_setting(config: Config, model: str, method: str, ratio: float, env: dict, limit: int | None) -> dict:
+def run_setting(config: Config, model: str, method: str, ratio: float | str, env: dict, limit: int | None) -> dict:
     """Everything that changes a run's result but its task: its identity, with the hash of it."""
     pruning = config_from_env(env)
     setting = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from otprune.harness.catalogue import ADAPTIVE
 from otprune.harness.files import describe_type, sha256
 
 # field -> (allowed types, required) of a record; the report and the resume logic rely on these.
@@ -24,7 +25,7 @@ RECORD_FIELDS = {
     "selector_ms": (list, False),
     "timing": (list, False),
     "method": (str, False),
-    "ratio": ((int, float), False),
+    "ratio": ((int, float, str), False),
     "benchmarks": (list, False),
     "ot_distance": (list, False),
     "near_duplicate_share": (list, False),
@@ -46,6 +47,8 @@ def check_record(record) -> None:
             continue
         if isinstance(record[name], bool) or not isinstance(record[name], types):
             raise ValueError(f"'{name}' is {record[name]!r}, not {getattr(types, '__name__', 'a number')}")
+    if isinstance(record.get("ratio"), str) and record["ratio"] != ADAPTIVE:
+        raise ValueError(f"'ratio' is {record['ratio']!r}, not a number or {ADAPTIVE!r}")
     if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in record.get("visual_tokens", [])):
         raise ValueError("'visual_tokens' is not a list of [before, after] integer pairs")
     if not all(isinstance(v, (int, float)) for v in record.get("selector_ms", [])):

@@ -86,11 +86,14 @@ def one_stage_problem(config, log: dict) -> str | None:
     merger = config.method != "VTW" and config.spec.kind == "merger"
     for before, after in log["visual_tokens"]:
         expected = stage_counts(config.stages, before)[0]
-        # A merger keeps 1 <= m <= k tokens (POOL: the largest grid that fits the budget).
-        if (1 <= after <= expected) if merger else after == expected:
+        # A merger keeps 1 <= m <= k tokens (POOL: the largest grid that fits the budget); an
+        # adaptive run's k is N, and the method keeps any count in [1, N] it chooses.
+        if (1 <= after <= expected) if merger or config.adaptive else after == expected:
             continue
         if config.method == "VTW":
             rule = "keeps none"
+        elif config.adaptive:
+            rule = f"run adaptive (SUBSET_RATIO unset) keeps between 1 and all {expected}"
         elif merger:
             rule = f"a merger at ratio {config.ratio:g} keeps between 1 and {expected}"
         elif config.ratio is None:
