@@ -1,6 +1,5 @@
 import functools
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -38,47 +37,6 @@ def load_script(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-# Issue 34's methods, written on other branches: BASELINE name -> its stand-in (tests/stand_in_methods.py).
-PEER_STAND_INS = {
-    "PRUMERGE": "select_adaptive",
-    "PRUMERGE_PLUS": "select_adaptive",
-    "DIVPRUNE_ADAPTIVE": "select_adaptive",
-    "VISIONZIP": "select_top_norm",
-    "FASTERVLM": "select_top_norm",
-}
-
-
-def missing_peer_methods() -> dict[str, str]:
-    """The peer methods this checkout does not have, with their stand-ins (none once they are merged)."""
-    from otprune.methods import method_names
-
-    return {name: function for name, function in PEER_STAND_INS.items() if name not in method_names()}
-
-
-@pytest.fixture
-def peer_methods(monkeypatch):
-    """Issue 34's methods in this process: the real ones where installed, else their stand-ins,
-    registered as bundled plugins are."""
-    from otprune import methods
-
-    for name, function in missing_peer_methods().items():
-        monkeypatch.setitem(methods.BUNDLED, name, ("selector", f"stand_in_methods:{function}"))
-    methods.get_method.cache_clear()
-    yield
-    methods.get_method.cache_clear()
-
-
-def peer_methods_path(folder: Path) -> str:
-    """A ``PYTHONPATH`` under which a child process has issue 34's methods: the stand-ins of the
-    missing ones, installed in ``folder`` as an outside package's entry points are."""
-    info = folder / "otprune_stand_ins-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: otprune-stand-ins\nVersion: 0.1\n")
-    entries = [f"{name} = stand_in_methods:{function}" for name, function in missing_peer_methods().items()]
-    (info / "entry_points.txt").write_text("\n".join(["[otprune.selectors]", *entries]) + "\n")
-    return os.pathsep.join((str(folder), str(ROOT / "tests")))
 
 
 @pytest.fixture(scope="session")

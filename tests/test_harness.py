@@ -54,7 +54,6 @@ def write_config(path: Path, **changes) -> Path:
 # -- configs --------------------------------------------------------------------------------
 
 
-@pytest.mark.usefixtures("peer_methods")
 @pytest.mark.parametrize("name", ["synth", "smoke", "paper_table1", "regimes"])
 def test_shipped_configs_load(name):
     config = harness_config.load_config(name)
@@ -171,7 +170,6 @@ def test_child_threads(monkeypatch, model, caller, config_env, jobs, expected):
     assert harness_plan.child_env(run, jobs).get("OMP_NUM_THREADS") == expected
 
 
-@pytest.mark.usefixtures("peer_methods")
 def test_paper_config_plans_every_model_method_task():
     config = harness_config.load_config("paper_table1")
     runs = harness_plan.plan_runs(config, Path("runs"))
@@ -537,7 +535,6 @@ def test_bad_ratios_fail_before_any_run(tmp_path, ratios):
         harness_config.load_config(str(path))
 
 
-@pytest.mark.usefixtures("peer_methods")
 def test_the_dry_run_prints_the_plans_size_and_gpu_hours_per_model(capsys):
     assert harness_cli.main(["paper_table1", "--dry-run", "--runs-dir", "/nonexistent/runs"]) == 0
     out = capsys.readouterr().out

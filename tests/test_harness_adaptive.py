@@ -1,6 +1,5 @@
 """Issue 34's harness and report part: adaptive runs (a config ratio ``adaptive``, SUBSET_RATIO
-unset), their check, their per-image counts and TFLOP in the report, the new labels and M3. The
-methods themselves come from other branches: ``peer_methods`` stands in for the missing ones."""
+unset), their check, their per-image counts and TFLOP in the report, the new labels and M3."""
 
 import csv
 import json
@@ -10,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT, missing_peer_methods
+from conftest import ROOT
 from test_harness import write_config, write_run
 
 from otprune import report
@@ -24,9 +23,6 @@ from otprune.plugins.pool import pooled_shape
 from otprune.selectors import budget
 
 PAPER = yaml.safe_load((ROOT / "configs" / "paper_results.yaml").read_text())
-pytestmark = pytest.mark.usefixtures("peer_methods")
-# Issue 34's methods this checkout lacks (before ``peer_methods`` stands in for them).
-MISSING = missing_peer_methods()
 
 
 # -- configs --------------------------------------------------------------------------------
@@ -44,7 +40,7 @@ def test_an_adaptive_ratio_runs_the_method_with_subset_ratio_unset(tmp_path):
 def test_an_adaptive_method_without_ratios_runs_adaptive(tmp_path):
     path = write_config(tmp_path / "c.yaml", methods={"DivPrune*": {}})
     (run,) = harness_plan.plan_runs(harness_config.load_config(str(path)), tmp_path / "runs")
-    assert (run.ratio, run.env, run.folder.name) == ("adaptive", {"BASELINE": "DIVPRUNE_ADAPTIVE"}, "DivPrune*_adaptive")
+    assert (run.ratio, run.env, run.folder.name) == ("adaptive", {"BASELINE": "DIVPRUNE_ADAPTIVE"}, "DivPrune-star_adaptive")
 
 
 @pytest.mark.parametrize("method, baseline", [("OTPrune", "OURS"), ("POOL", "POOL"), ("VisionZip", "VISIONZIP")])
@@ -105,12 +101,11 @@ def test_m3_runs_pool_at_the_36_token_scale_nearest_its_rows_tflop():
     assert harness_catalogue.MODELS["mu-cai/llava-v1.5-7b-m3"].flops_model == harness_catalogue.MODELS["liuhaotian/llava-v1.5-7b"].flops_model
 
 
-@pytest.mark.skipif(not MISSING, reason="issue 34's methods are installed: nothing is missing")
 def test_a_label_whose_method_is_not_installed_is_refused_by_name(tmp_path, monkeypatch):
     from otprune import methods
 
-    name = next(iter(MISSING))
-    monkeypatch.delitem(methods.BUNDLED, name)  # the stand-in
+    name = "PRUMERGE"
+    monkeypatch.delitem(methods.BUNDLED, name)
     methods.get_method.cache_clear()
     label = next(label for label, baseline in harness_catalogue.METHODS.items() if baseline == name)
     path = write_config(tmp_path / "c.yaml", methods={label: {"ratios": [0.1]}})

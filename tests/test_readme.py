@@ -13,7 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, peer_methods_path
+from conftest import ROOT
 
 README = ROOT / "README.md"
 CI = ROOT / ".ci" / "run"
@@ -154,10 +154,8 @@ def test_the_add_your_method_commands_run_as_printed(tmp_path):
 
 
 def test_the_slurm_table_command_plans_as_printed(tmp_path):
-    """Table 1 on a cluster needs GPUs and the hub's weights: its plan (--dry-run), here (with
-    stand-ins for issue 34's methods where this checkout lacks them)."""
+    """Table 1 on a cluster needs GPUs and the hub's weights: its plan (--dry-run), here."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTPRUNE_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (peer_methods_path(tmp_path / "stand_ins"), env.get("PYTHONPATH")) if p)
     done = subprocess.run(
         ["bash", "-c", SLURM_TABLE.replace("otprune run", f"{sys.executable} -m otprune run") + f" --dry-run --runs-dir {tmp_path}"],
         cwd=ROOT,

@@ -99,5 +99,11 @@ def ratio_order(ratio: float | str) -> tuple[int, float]:
     return (1, 0.0) if ratio == ADAPTIVE else (0, float(ratio))
 
 
+def folder_label(label: str) -> str:
+    """A method label as a folder name a shell takes unquoted: ``DivPrune*`` is ``DivPrune-star``
+    (a ``*`` would glob), any other character but letters, digits and ``._+-`` a ``-``."""
+    return "".join("-star" if c == "*" else c if c.isalnum() or c in "._+-" else "-" for c in label)
+
+
 def model_label(model: str) -> str:
     return model.split("/")[-1]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from otprune.harness import resources
-from otprune.harness.catalogue import MODELS, RATIO_FREE, model_label, ratio_label
+from otprune.harness.catalogue import MODELS, RATIO_FREE, folder_label, model_label, ratio_label
 from otprune.harness.checkpoints import trained_weights_sha256
 from otprune.harness.config import CALIBRATED, FILE_OPTIONS, METHOD_OWNED, SAFE_NAME, Config, calibration_named, run_env
 from otprune.harness.errors import ConfigError
@@ -113,7 +113,7 @@ def plan_runs(config: Config, runs_root: Path, label: str | None = None, limit: 
             calibration = calibration_named(spec, overrides.get(method, {}))
             for ratio in ratios:
                 env = run_env(method, ratio, spec, overrides.get(method, {}), recipes)
-                folder = runs_root / (label or config.name) / model_label(model) / f"{method}_{ratio_label(ratio)}"
+                folder = runs_root / (label or config.name) / model_label(model) / f"{folder_label(method)}_{ratio_label(ratio)}"
                 # A run waiting for its calibration has no setting yet: it is planned again once its recipe is written.
                 waiting = calibration is not None and not recipes[calibration].exists()
                 try:
