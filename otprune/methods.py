@@ -64,7 +64,8 @@ class Method:
     the LLM; VTW has no function); ``context`` the context it asks for; ``options`` its function's
     options and ``required`` those without a default (its schedule's included); ``origin``
     ``"built-in"`` or where a plugin comes from; ``stages`` a selector's schedule
-    (``select.stages``, ``otprune.contract``) and ``stage_options`` the options it takes."""
+    (``select.stages``, ``otprune.contract``) and ``stage_options`` the options it takes;
+    ``text_leaves_out`` the phrases its question leaves out (``select.text_leaves_out``, ``otprune.contract``)."""
 
     name: str
     kind: str
@@ -76,6 +77,7 @@ class Method:
     accepts_batches: bool = False
     stages: Callable | None = None
     stage_options: tuple[str, ...] = ()
+    text_leaves_out: tuple[str, ...] = ()
 
     @property
     def all_options(self) -> tuple[str, ...]:
@@ -223,7 +225,18 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
         accepts_batches=getattr(function, "accepts_batches", False) is True,
         stages=stages,
         stage_options=stage_options,
+        text_leaves_out=_text_leaves_out(function, context, label),
     )
+
+
+def _text_leaves_out(function: Callable, context: tuple[str, ...], label: str) -> tuple[str, ...]:
+    """A method's ``text_leaves_out`` (``()`` where it declares none), or a ``PluginError``."""
+    phrases = getattr(function, "text_leaves_out", ())
+    if not isinstance(phrases, tuple) or not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases):
+        raise PluginError(f"{label}: its text_leaves_out must be a tuple of strings with words in them (phrases left out of its text context); got {phrases!r}")
+    if phrases and not {"text", "text_attention"} & set(context):
+        raise PluginError(f"{label}: its text_leaves_out {phrases!r} leaves phrases out of a question it does not ask for (no text or text_attention context)")
+    return phrases
 
 
 def _stage_signature(stages: Callable, label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
