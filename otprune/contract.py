@@ -37,6 +37,13 @@ lone newline in no grid; Qwen ``(h/2) x (w/2)`` from ``image_grid_thw``, one per
 ``text_attention`` ``(T, N)`` and ``visual_attention`` ``(N, N)``: the attention of the question's
 tokens, and of the image's own tokens, over the image's tokens at layer K - 1, mean over heads
 (rows as the causal softmax over the whole sequence gives them; K >= 1 only).
+A method that asks for ``text`` (or ``text_attention``) may carry ``select.text_leaves_out``, a
+tuple of strings with words in them (a benchmark's answer-format instruction, say): its question
+then leaves out every occurrence of each phrase's tokens as the model's own tokenizer (loaded
+once per checkpoint, from ``config._name_or_path``; where it cannot be, the run stops) writes
+the phrase alone, after a space or after a newline, and, for a phrase that starts with
+whitespace a tokenizer may fuse with the token before, also without it. A phrase not in the
+prompt leaves the question whole, as does one that is all of it (``T >= 1``).
 ``vision`` the image's view from its vision tower, a :class:`VisionContext` aligned with its N
 tokens (K = 0 only): the tower's features before the projector, its [CLS] attention over the
 patches and its keys, at the feature layer.

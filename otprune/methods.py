@@ -70,7 +70,8 @@ class Method:
     options and ``required`` those without a default (its schedule's included); ``origin``
     ``"built-in"`` or where a plugin comes from; ``stages`` a selector's schedule
     (``select.stages``, ``otprune.contract``) and ``stage_options`` the options it takes;
-    ``before_projector`` that it runs on the vision tower's features (``otprune.contract``)."""
+    ``before_projector`` that it runs on the vision tower's features (``otprune.contract``);
+    ``text_leaves_out`` the phrases its question leaves out (``select.text_leaves_out``, ``otprune.contract``)."""
 
     name: str
     kind: str
@@ -83,6 +84,7 @@ class Method:
     stages: Callable | None = None
     stage_options: tuple[str, ...] = ()
     before_projector: bool = False
+    text_leaves_out: tuple[str, ...] = ()
 
     @property
     def all_options(self) -> tuple[str, ...]:
@@ -236,7 +238,18 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
         stages=stages,
         stage_options=stage_options,
         before_projector=before_projector,
+        text_leaves_out=_text_leaves_out(function, context, label),
     )
+
+
+def _text_leaves_out(function: Callable, context: tuple[str, ...], label: str) -> tuple[str, ...]:
+    """A method's ``text_leaves_out`` (``()`` where it declares none), or a ``PluginError``."""
+    phrases = getattr(function, "text_leaves_out", ())
+    if not isinstance(phrases, tuple) or not all(isinstance(phrase, str) and phrase.strip() for phrase in phrases):
+        raise PluginError(f"{label}: its text_leaves_out must be a tuple of strings with words in them (phrases left out of its text context); got {phrases!r}")
+    if phrases and not {"text", "text_attention"} & set(context):
+        raise PluginError(f"{label}: its text_leaves_out {phrases!r} leaves phrases out of a question it does not ask for (no text or text_attention context)")
+    return phrases
 
 
 def _stage_signature(stages: Callable, label: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -32,7 +32,18 @@ from otprune.selection import select_per_image
 from .grids import image_grids
 from .layers import PrefillState, attach_state
 from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
-from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, spans_by_row, visual_spans
+from .splice import (
+    IGNORE_INDEX,
+    check_prunable_images,
+    leave_out,
+    left_out_ids,
+    padding_mask,
+    padding_side,
+    question_positions,
+    repad,
+    spans_by_row,
+    visual_spans,
+)
 from .vision_tower import aligned_contexts, capture_tower, encoder_layers
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
@@ -140,7 +151,7 @@ def _with_image_embeddings(model, config, kwargs: dict, images: list[list[torch.
     if config.layer_index > 0:
         valid = _prefill_padding(model, input_ids, kwargs.get("attention_mask"))
         grids = [[_grids(model, f) for f in row] for row in images] if "grid" in config.spec.context else None
-        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=_questions(valid, spans), grids=grids))
+        _attach(model, config, PrefillState(spans=spans, valid=valid, text_after=_questions(valid, spans, input_ids, left_out_ids(model, config)), grids=grids))
     return kwargs
 
 
@@ -165,13 +176,16 @@ def _attach(model, config, state) -> None:
     attach_state(model, config, decoder(model), state)
 
 
-def _questions(valid: torch.Tensor, spans) -> list[list[torch.Tensor]]:
-    """Per row, per image, the text positions of its question (the row's one question)."""
+def _questions(valid: torch.Tensor, spans, input_ids: torch.Tensor, phrases) -> list[list[torch.Tensor]]:
+    """Per row, per image, the text positions of its question (the row's one question), less the
+    ``phrases`` (runs of token ids, ``splice.left_out_ids``) its method leaves out."""
     visual = torch.zeros_like(valid)
     for b, row_spans in enumerate(spans):
         for start, end in row_spans:
             visual[b, start:end] = True
-    return [[question_positions(visual[b], valid[b])] * len(row_spans) for b, row_spans in enumerate(spans)]
+    questions = [question_positions(visual[b], valid[b]) for b in range(len(spans))]
+    questions = [leave_out(input_ids[b, q], q, phrases) for b, q in enumerate(questions)]
+    return [[q] * len(row_spans) for q, row_spans in zip(questions, spans)]
 
 
 def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[list[torch.Tensor]]]:
@@ -198,7 +212,7 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
     spans = spans_by_row(located, input_ids.shape[0])
     attention_mask = kwargs.get("attention_mask")
     valid = padding_mask(input_ids, attention_mask)
-    questions = _questions(valid, spans)
+    questions = _questions(valid, spans, input_ids, left_out_ids(model, config))
     embed = model.get_input_embeddings()
     flat = [f for row in images for f in row]
     context = {}

@@ -50,7 +50,7 @@ class PrefillState:
 
     ``spans[b]``: ``(start, end)`` of each image's visual tokens in row b; ``valid``: ``(B, L)``
     non-padding positions; ``text_after[b]``: per image, the positions of its question (the
-    ``text`` context); ``grids[b]``: per image, its patch grids (the ``grid`` context, told from
+    ``text`` context, less the phrases its method leaves out); ``grids[b]``: per image, its patch grids (the ``grid`` context, told from
     the tokens entering the LLM), when the method asks for them. Filled while the prefill runs:
     ``kept_by_stage[i]`` ``(B, L_i)`` the sorted positions held from stage i's layer on (``kept``:
     the last stage's); ``measured`` the attention measured for the next stage.

@@ -33,7 +33,7 @@ from otprune.selection import select_per_image
 
 from .grids import image_grids
 from .layers import PrefillState, attach_state
-from .splice import IGNORE_INDEX, padding_mask, question_positions, repad, spans_by_row, visual_spans
+from .splice import IGNORE_INDEX, leave_out, left_out_ids, padding_mask, question_positions, repad, spans_by_row, visual_spans
 from .vision_tower import aligned_contexts, capture_tower, encoder_layers
 
 IMAGE_TOKEN_INDEX = -200
@@ -264,7 +264,11 @@ def _prepare_pruned(original, model, config, input_ids, position_ids, attention_
     visual = valid & (sources == IGNORE_INDEX)
     batch = input_ids.shape[0]
     spans = spans_by_row(visual_spans(visual, counts), batch)
-    text_after = [[question_positions(visual[b], valid[b])] * len(spans[b]) for b in range(batch)]
+    phrases = left_out_ids(model, config, use_fast=False)  # as LLaVA's load_pretrained_model loads it
+    questions = [question_positions(visual[b], valid[b]) for b in range(batch)]
+    # A text position's source is its index in the caller's input_ids.
+    questions = [leave_out(input_ids[b, sources[b, q].to(input_ids.device)], q, phrases) for b, q in enumerate(questions)]
+    text_after = [[q] * len(spans[b]) for b, q in enumerate(questions)]
 
     def restore_labels(kept_sources: torch.Tensor) -> torch.Tensor | None:
         if labels is None:

@@ -1,5 +1,5 @@
 """Sequence surgery shared by the adapters: where each image's tokens are, which positions are
-padding, which text an image's question is, and re-padding.
+padding, which text an image's question is (less the phrases its method leaves out), and re-padding.
 
 Every family finds its images' spans the same way (:func:`visual_spans`): from the visual
 positions of each row and each image's feature count, in order. Every family finds its padding
@@ -8,11 +8,17 @@ the same way (:func:`padding_mask`, :func:`padding_side`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 
 import torch
 
+from otprune.prune_config import PruneConfig
+from otprune.selection import stop_run
+
 IGNORE_INDEX = -100
+# What a phrase may follow inside a prompt: its tokens differ after each (SentencePiece, BPE).
+_PHRASE_LEADS = ("", " ", "\n")
 
 
 def visual_spans(visual: torch.Tensor, counts: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -117,6 +123,80 @@ def question_positions(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tenso
         return text.nonzero().flatten()
     after = text[int(at[-1]) + 1 :].nonzero().flatten() + int(at[-1]) + 1
     return after if after.numel() else text[: int(at[0])].nonzero().flatten()
+
+
+def leave_out(question_ids: torch.Tensor, positions: torch.Tensor, phrases_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """``positions`` ``(T,)`` of a question without those where any of ``phrases_ids`` (each a
+    non-empty run of token ids) occurs in ``question_ids`` ``(T,)``, the token ids at ``positions``.
+
+    Every occurrence of every phrase goes. A question none of them occurs in is left whole; so is
+    one they would leave empty, since a method's ``text`` holds at least one token.
+    """
+    if not phrases_ids:
+        return positions
+    ids = question_ids.tolist()
+    dropped = [False] * len(ids)
+    for phrase in map(list, phrases_ids):
+        for start in range(len(ids) - len(phrase) + 1):
+            if ids[start : start + len(phrase)] == phrase:
+                dropped[start : start + len(phrase)] = [True] * len(phrase)
+    if all(dropped) or not any(dropped):
+        return positions
+    return positions[~torch.tensor(dropped, device=positions.device)]
+
+
+def phrase_variants(tokenizer, phrase: str) -> tuple[tuple[int, ...], ...]:
+    """The runs of token ids ``phrase`` may take inside a prompt, as ``tokenizer`` writes it.
+
+    A tokenizer writes a phrase differently at the start of a text, after a space and after a
+    newline (SentencePiece's word-start marker, BPE's leading-space tokens): each is the phrase
+    tokenised after that lead, less the lead's own tokens. A phrase that starts with whitespace is
+    also tried without it, since the token before may have absorbed it (``"?\\n"`` is one token to
+    some BPEs), which leaves that token in the question.
+    """
+
+    def encode(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    variants = set()
+    for text in dict.fromkeys((phrase, phrase.lstrip())):
+        for lead in _PHRASE_LEADS:
+            lead_ids, ids = encode(lead), encode(lead + text)
+            if ids[: len(lead_ids)] == lead_ids and len(ids) > len(lead_ids):
+                variants.add(tuple(ids[len(lead_ids) :]))
+    return tuple(sorted(variants))
+
+
+@functools.lru_cache(maxsize=8)
+def _phrases_ids(checkpoint: str, phrases: tuple[str, ...], use_fast: bool) -> tuple[tuple[int, ...], ...]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, use_fast=use_fast)
+    return tuple(variant for phrase in phrases for variant in phrase_variants(tokenizer, phrase))
+
+
+def left_out_ids(model, config: PruneConfig, use_fast: bool = True) -> tuple[tuple[int, ...], ...]:
+    """The runs of token ids the active method leaves out of its question
+    (``text_leaves_out``, ``otprune.contract``): ``()`` where it declares none, else every
+    :func:`phrase_variants` of each phrase under the tokenizer of ``model``'s checkpoint
+    (``config._name_or_path``; ``use_fast`` as the family's own loader asks), loaded once.
+
+    A tokenizer that cannot be loaded stops the run: pruning with the whole question would give the
+    method another text than the one it declares, unseen.
+    """
+    phrases = config.spec.text_leaves_out
+    if not phrases:
+        return ()
+    checkpoint = getattr(model.config, "_name_or_path", "")
+    try:
+        return _phrases_ids(checkpoint, phrases, use_fast)
+    except Exception as error:
+        stop_run(
+            config,
+            f"BASELINE={config.spec.name} leaves {phrases!r} out of its question, which needs the model's tokenizer; "
+            f"it cannot be loaded from the checkpoint {checkpoint!r} ({type(error).__name__}: {error})",
+            ValueError,
+        )
 
 
 def repad(keep: torch.Tensor, side: str, *columns: tuple[torch.Tensor, object]):

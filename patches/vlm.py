@@ -43,7 +43,7 @@ from .hf import decoder
 from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
 from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
-from .splice import IGNORE_INDEX, check_prunable_images, padding_mask, padding_side, question_positions, repad, visual_spans
+from .splice import IGNORE_INDEX, check_prunable_images, leave_out, left_out_ids, padding_mask, padding_side, question_positions, repad, visual_spans
 
 QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 ONEVISION_CLASS = "LlavaOnevisionForConditionalGeneration"
@@ -114,10 +114,10 @@ def _wrap(original, generating: bool):
             kwargs["attention_mask"] = generation_padding(self, kwargs).long()
         full = _unpruned_inputs(self, kwargs, generating)
         if config.layer_index > 0:
-            _attach(self, config, _prefill_state(full))
+            _attach(self, config, _prefill_state(full, left_out_ids(self, config)))
             prepared, deepstack = _llm_call(self, kwargs, full, None, generating)
         else:
-            prepared, deepstack = _llm_call(self, kwargs, full, _kept_before_llm(config, full), generating)
+            prepared, deepstack = _llm_call(self, kwargs, full, _kept_before_llm(config, full, left_out_ids(self, config)), generating)
         with _deepstack_injected(self, deepstack):
             output = original(self, **prepared)
         if not generating or config.layer_index > 0:
@@ -235,10 +235,12 @@ def _units(input_ids: torch.Tensor, visual: Visual) -> list[tuple[int, torch.Ten
     return [(row, torch.arange(start, end, device=device), selectable, grids) for (row, start, end), (_, selectable, grids) in zip(spans, visual.units)]
 
 
-def _questions(units, full: UnprunedInputs) -> list[torch.Tensor]:
-    """Per unit, the text positions of its prompt's question (``splice.question_positions``)."""
+def _questions(units, full: UnprunedInputs, phrases) -> list[torch.Tensor]:
+    """Per unit, the text positions of its prompt's question (``splice.question_positions``), less
+    the ``phrases`` (runs of token ids, ``splice.left_out_ids``) its method leaves out."""
     rows = {b for b, _, _, _ in units}
     question = {b: question_positions(full.visual_mask[b] | full.markers[b], full.valid[b]) for b in rows}
+    question = {b: leave_out(full.input_ids[b, q], q, phrases) for b, q in question.items()}
     return [question[b] for b, _, _, _ in units]
 
 
@@ -285,8 +287,9 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
 # -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
 
 
-def _kept_before_llm(config, full: UnprunedInputs) -> torch.Tensor:
-    """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens.
+def _kept_before_llm(config, full: UnprunedInputs, phrases) -> torch.Tensor:
+    """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens
+    (``phrases``: what the method leaves out of its question, ``_questions``).
 
     A merger's tokens replace ``full.embeds`` at the positions they take, so each is read at the
     unpruned position (3-D for Qwen) of the token it stands for; Qwen3-VL's DeepStack features
@@ -294,7 +297,7 @@ def _kept_before_llm(config, full: UnprunedInputs) -> torch.Tensor:
     selectable = [u for u in full.units if u[2]]
     context = {}
     if "text" in config.spec.context:
-        questions = _questions(selectable, full)
+        questions = _questions(selectable, full, phrases)
         context["text"] = [full.embeds[b, q] for (b, _, _, _), q in zip(selectable, questions)]
     if "grid" in config.spec.context:
         context["grid"] = [grids for _, _, _, grids in selectable]
@@ -384,10 +387,11 @@ def _deepstack_injected(model, deepstack):
 # -- LAYER_INDEX > 0 -------------------------------------------------------------------------------
 
 
-def _prefill_state(full: UnprunedInputs) -> PrefillState:
-    """Where each selection unit sits, for the layer hooks (each unit is one run of placeholders)."""
+def _prefill_state(full: UnprunedInputs, phrases) -> PrefillState:
+    """Where each selection unit sits, and its question less ``phrases`` (``_questions``), for the
+    layer hooks (each unit is one run of placeholders)."""
     selectable = sorted((u for u in full.units if u[2]), key=lambda u: (u[0], int(u[1][0])))
-    questions = _questions(selectable, full)
+    questions = _questions(selectable, full, phrases)
     spans: list[list[tuple[int, int]]] = [[] for _ in range(full.input_ids.shape[0])]
     text_after: list[list[torch.Tensor]] = [[] for _ in spans]
     grids: list[list] = [[] for _ in spans]

@@ -161,6 +161,41 @@ def test_a_batching_plugin_says_so(install):
     assert get_method("FAKESEL").accepts_batches
 
 
+TEXT_SELECTOR = """
+import torch
+
+def select(tokens, k, *, text):
+    return torch.arange(k, device=tokens.device)
+"""
+
+
+def test_a_plugin_leaving_words_out_of_its_question_says_so():
+    assert get_method("CDPRUNER").text_leaves_out == ("\nAnswer the question using a single word or phrase.",)
+    assert get_method("OURS").text_leaves_out == ()
+
+
+def test_a_plugin_leaving_phrases_out_of_its_question_keeps_them(install):
+    install(TEXT_SELECTOR + "\nselect.text_leaves_out = ('Answer briefly.', ' Be short.')\n", selector())
+    assert get_method("FAKESEL").text_leaves_out == ("Answer briefly.", " Be short.")
+
+
+@pytest.mark.parametrize("value", ["'Answer briefly.'", "['Answer briefly.']", "('',)", "('  ',)", "('Answer briefly.', 3)", "None"])
+def test_a_bad_text_leaves_out_is_refused_naming_it(install, value):
+    install(TEXT_SELECTOR + f"\nselect.text_leaves_out = {value}\n", selector(name="BADLEAVE"))
+    with pytest.raises(PluginError) as raised:
+        get_method("BADLEAVE")
+    message = str(raised.value)
+    assert_names_the_entry_point(message, "BADLEAVE")
+    assert "text_leaves_out" in message and repr(eval(value)) in message
+
+
+def test_leaving_words_out_of_a_question_not_asked_for_is_refused(install):
+    install(GOOD_SELECTOR + "\nselect.text_leaves_out = ('Answer briefly.',)\n", selector(name="NOTEXT"))
+    with pytest.raises(PluginError, match="text_leaves_out") as raised:
+        get_method("NOTEXT")
+    assert_names_the_entry_point(str(raised.value), "NOTEXT")
+
+
 def test_the_installed_peer_plugins_are_listed_after_the_built_ins():
     get_method.cache_clear()
     names = method_names()

@@ -6,6 +6,7 @@ with a plugin against an independent truth: the same model pruned by an equivale
 unpruned model's own inputs cut or merged by hand, or the unpruned model fed those inputs.
 """
 
+import functools
 import logging
 import re
 import sys
@@ -628,6 +629,121 @@ def test_every_image_of_a_prompt_gets_the_question_after_its_last_image(request,
     assert len(plugins["SEEN"]) == 2
     for seen in plugins["SEEN"]:
         assert torch.equal(seen["text"], hidden[-question.numel() :])
+
+
+ASKED = "\nWhat is in the image?"
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
+TURN_END = " ASSISTANT:"
+
+
+def one_image_then(request, name, tail):
+    """``name`` with a prompt of one image, then ``tail`` (no chat template: the text after the image
+    is exactly that string); with the family's tokenizer and token embedding."""
+    image = make_image(500, 300, 35)
+    if name == "llava-1.5":
+        from llava.constants import IMAGE_TOKEN_INDEX
+        from llava.mm_utils import tokenizer_image_token
+
+        tokenizer, model, processor = request.getfixturevalue("original_models")[name]
+        ids = tokenizer_image_token("USER: <image>" + tail, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+        pixel = processor.preprocess(image, return_tensors="pt")["pixel_values"]
+        inputs = dict(input_ids=ids, images=pixel, image_sizes=[image.size], attention_mask=torch.ones_like(ids))
+        return Family(name, model, inputs, None, None), tokenizer, model.get_model().embed_tokens
+    processor, model = request.getfixturevalue("qwen_model") if name == "qwen2.5-vl" else request.getfixturevalue("hf_models")[name]
+    placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if name == "qwen2.5-vl" else "<image>"
+    inputs = processor(images=[image], text=["USER: " + placeholder + tail], return_tensors="pt")
+    return Family(name, model, dict(inputs), None, None), processor.tokenizer, model.get_input_embeddings()
+
+
+def ids_of(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture
+def cdpruner_texts(monkeypatch):
+    """Every ``text`` the bundled CDPRUNER gets (it still selects as it does)."""
+    import otprune.plugins.cdpruner as cdpruner
+
+    texts = []
+    select = cdpruner.select_cdpruner
+
+    @functools.wraps(select)  # its signature and its text_leaves_out with it
+    def recording(tokens, k, **context):
+        texts.append(context["text"].clone())
+        return select(tokens, k, **context)
+
+    monkeypatch.setattr(cdpruner, "select_cdpruner", recording)
+    otprune.methods.get_method.cache_clear()
+    yield texts
+    otprune.methods.get_method.cache_clear()
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf", "qwen2.5-vl"])
+def test_cdpruner_s_question_at_k0_leaves_out_the_short_answer_instruction(request, cdpruner_texts, name):
+    fam, tokenizer, embed = one_image_then(request, name, ASKED + SHORT_ANSWER + TURN_END)
+    patches.prune(fam.model, "CDPRUNER", RATIO)
+    fam.forward()
+    with torch.no_grad():
+        expected = embed(torch.tensor(ids_of(tokenizer, ASKED + TURN_END)))
+    assert len(cdpruner_texts) == 1 and torch.equal(cdpruner_texts[0], expected)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf", "qwen2.5-vl"])
+def test_cdpruner_s_question_at_k2_leaves_out_the_short_answer_instruction(request, cdpruner_texts, name):
+    tail = ASKED + SHORT_ANSWER + TURN_END
+    fam, tokenizer, _ = one_image_then(request, name, tail)
+    asked, end = ids_of(tokenizer, ASKED), ids_of(tokenizer, TURN_END)
+    assert ids_of(tokenizer, tail) == asked + ids_of(tokenizer, SHORT_ANSWER) + end, "the tail must tokenise as its three parts"
+    hidden, _, _ = fam.layer_inputs(2)
+    start = hidden.shape[0] - len(ids_of(tokenizer, tail))
+    expected = torch.cat([hidden[start : start + len(asked)], hidden[-len(end) :]])
+    patches.prune(fam.model, "CDPRUNER", RATIO, layer_index=2)
+    fam.forward()
+    assert len(cdpruner_texts) == 1 and torch.equal(cdpruner_texts[0], expected)
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf", "qwen2.5-vl"])
+def test_a_question_without_the_instruction_is_left_whole(request, cdpruner_texts, name):
+    fam, tokenizer, embed = one_image_then(request, name, ASKED + TURN_END)
+    patches.prune(fam.model, "CDPRUNER", RATIO)
+    fam.forward()
+    with torch.no_grad():
+        expected = embed(torch.tensor(ids_of(tokenizer, ASKED + TURN_END)))
+    assert len(cdpruner_texts) == 1 and torch.equal(cdpruner_texts[0], expected)
+
+
+@pytest.mark.parametrize("layer_index", [0, 2])
+@pytest.mark.parametrize("name", ["llava-1.5", "llava-hf", "qwen2.5-vl"])
+def test_a_method_that_leaves_nothing_out_gets_the_instruction_too(request, plugins, name, layer_index):
+    tail = ASKED + SHORT_ANSWER + TURN_END
+    fam, tokenizer, embed = one_image_then(request, name, tail)
+    question = torch.tensor(ids_of(tokenizer, tail))
+    with torch.no_grad():
+        expected = embed(question) if layer_index == 0 else fam.layer_inputs(2)[0][-question.numel() :]
+    patches.prune(fam.model, "RECORD", RATIO, layer_index=layer_index)
+    fam.forward()
+    assert len(plugins["SEEN"]) == 1 and torch.equal(plugins["SEEN"][0]["text"], expected)
+
+
+def test_leave_out_drops_every_occurrence_but_never_the_whole_question():
+    from patches.splice import leave_out
+
+    positions = torch.arange(10, 17)
+    ids = torch.tensor([5, 1, 2, 6, 1, 2, 1])
+    assert leave_out(ids, positions, [(1, 2)]).tolist() == [10, 13, 16]
+    assert leave_out(ids, positions, [(1, 2), (6,)]).tolist() == [10, 16]
+    assert leave_out(ids, positions, [(2, 1, 2, 6)]).tolist() == positions.tolist()
+    assert leave_out(ids, positions, [(5, 1, 2, 6, 1, 2, 1)]).tolist() == positions.tolist()
+    assert leave_out(ids, positions, ()).tolist() == positions.tolist()
+
+
+def test_a_tokenizer_that_cannot_be_loaded_stops_the_run(request, tmp_path, monkeypatch):
+    fam, _, _ = one_image_then(request, "llava-hf", ASKED + SHORT_ANSWER + TURN_END)
+    monkeypatch.setattr(fam.model.config, "_name_or_path", str(tmp_path))
+    patches.prune(fam.model, "CDPRUNER", RATIO)
+    with pytest.raises(ValueError, match="tokenizer") as raised:
+        fam.forward()
+    assert str(tmp_path) in str(raised.value) and "CDPRUNER" in str(raised.value)
 
 
 def qwen_video(processor, model, t, h, w, seed):

@@ -13,13 +13,15 @@ import torch
 from otprune.contract import PatchGrid, check_grids, check_image_tokens
 from otprune.selectors import greedy_logdet
 
-__all__ = ["DEFAULT_THETA", "RELEVANCE_OFFSET", "crop_budgets", "crops_of", "select_cdpruner"]
+__all__ = ["DEFAULT_THETA", "RELEVANCE_OFFSET", "SHORT_ANSWER", "crop_budgets", "crops_of", "select_cdpruner"]
 
 # The public code's kernel: q = r (its theta lines are commented out), relevance from -cos.
 DEFAULT_THETA = 1.0
 # The public code's min-max normalisation adds this to the numerator: the least relevant token keeps
 # a small weight instead of none.
 RELEVANCE_OFFSET = 1e-6
+# The instruction the public code removes from the question (newline included) before scoring relevance.
+SHORT_ANSWER = "\nAnswer the question using a single word or phrase."
 
 
 @torch.no_grad()
@@ -67,8 +69,10 @@ def select_cdpruner(
       over all the image's patch tokens at once, as the code normalises over all its crops. A
       single grid (LLaVA-1.5, Qwen) is one crop. A budget below the newlines plus one token a crop
       runs one DPP over all tokens;
-    - not done here: the short-answer instruction the public code strips from the question (the
-      ``text`` context is the whole question the patches give, embedded: a plugin gets no words);
+    - the short-answer instruction: as the public code (``llava/eval/model_vqa_loader.py``), which
+      removes ``SHORT_ANSWER`` from the question before embedding it, the question leaves it out
+      (``select_cdpruner.text_leaves_out``, ``otprune.contract``): the patches drop its tokens from
+      ``text``, newline included where the tokenizer gives it a token of its own;
     - a zero span (every ``r_i`` equal, to within float rounding of ``16 eps``): min-max is
       undefined; every token is then equally relevant, ``r_i = 1``, and ``L`` is ``S`` up to one
       scale, so the picks are plain DPP's (``select_dpp``).
@@ -113,6 +117,9 @@ def select_cdpruner(
             kernel = weight[rows, None] * (x[rows] @ x[rows].T) * weight[None, rows]
             picks.append(crop[greedy_logdet(kernel[None], share)[0]])
     return torch.cat(picks).sort().values
+
+
+select_cdpruner.text_leaves_out = (SHORT_ANSWER,)
 
 
 def crops_of(grid: tuple[PatchGrid, ...], n: int, device=None) -> tuple[list[torch.Tensor], torch.Tensor]:
