@@ -190,7 +190,7 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
     tokens = [pair for r in done for pair in r.get("visual_tokens", [])]
     # A schedule's counts at each stage depend on the image's count alone: one logged image of each count says them.
     stages = {before: stage for r in done for (before, _), stage in zip(r.get("visual_tokens", []), r.get("stage_tokens", [])) if stage}
-    by_task = {}
+    by_task, counted = {}, set()
     for record in done:
         per_task = record.get("tokens_by_task") or (
             {record["finished_tasks"][0]: record.get("visual_tokens", [])} if len(record["finished_tasks"]) == 1 else {}
@@ -198,6 +198,8 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         for task in (t for t in record["finished_tasks"] if newest.get(t) == id(record)):
             # An attempt of several tasks logs their images interleaved: each task gets them all.
             by_task[task] = per_task.get(task) or record.get("visual_tokens", [])
+            if per_task.get(task):
+                counted.add(task)
     samples = sum(sum(r.get("samples", {}).values()) for r in done)
     text = {}
     for record in done:
@@ -221,6 +223,8 @@ def read_run(folder: Path, catalogue: dict, skipped: list[tuple[Path, str]]) -> 
         "visual_tokens": tokens,
         "stages_by_tokens": stages,
         "tokens_by_task": {task: pairs for task, pairs in by_task.items() if pairs},
+        # The benchmarks whose images' counts are their own (not pooled with the others of one attempt).
+        "counted_tasks": counted,
         "text_tokens": text,
         "samples": samples,
         "latency": latency_summary(timing),
@@ -468,8 +472,10 @@ def build_table(runs: list[dict], catalogue: dict, paper: dict) -> tuple[list[st
 def varying_count_lines(block: list[dict], tasks: list[str], catalogue: dict, csv_rows: list[dict]) -> list[str]:
     """Per benchmark, the kept visual tokens per image (mean [min–max]) of the block's rows whose
     counts vary (the adaptive methods'); adds them to those rows' CSV (``<benchmark>_tokens_after``,
-    ``_min``, ``_max``). The block's runs and its CSV rows are in the same order."""
-    shown = [(run, row) for run, row in zip(block, csv_rows) if varies(run) and run["tokens_by_task"]]
+    ``_min``, ``_max``). The block's runs and its CSV rows are in the same order. A benchmark run
+    with others in one attempt (``group_tasks``) has no counts of its own: its log interleaves the
+    benchmarks' images, so only the token column's pooled mean and range hold for it."""
+    shown = [(run, row) for run, row in zip(block, csv_rows) if varies(run) and run.get("counted_tasks")]
     if not shown:
         return []
     names = [catalogue[t]["benchmark"] for t in tasks]
@@ -478,7 +484,7 @@ def varying_count_lines(block: list[dict], tasks: list[str], catalogue: dict, cs
     for run, row in shown:
         cells = []
         for task, name in zip(tasks, names):
-            after = [a for _, a in run["tokens_by_task"].get(task, [])]
+            after = [a for _, a in run["tokens_by_task"].get(task, [])] if task in run.get("counted_tasks", ()) else []
             summary = count_summary(after) or (None, None, None)
             row.update({f"{name}_tokens_after": summary[0], f"{name}_tokens_after_min": summary[1], f"{name}_tokens_after_max": summary[2]})
             cells.append(count_cell(after) if after else "–")
