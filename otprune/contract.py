@@ -157,6 +157,10 @@ class VisionContext:
     - ``head_keys`` ``(N, C / H)``: that block's keys, mean over heads (VisionZip's metric).
     - ``cls_feature`` ``(C_v,)``: the [CLS] token's feature at the feature layer (``None`` for a
       tower without [CLS]).
+    - ``patches`` ``(N,)`` bool: which of the image's tokens a tower patch stands for (``None``:
+      all). The others (LLaVA-NeXT's and OneVision's newline vectors) have zero rows here; a
+      method asking for ``vision`` is given the patch tokens only, and every other token is kept
+      (``otprune.selection``).
 
     Towers without a [CLS] (OneVision's SigLIP, Qwen's ViT) and the tokens no patch stands for
     follow the choices the adapters name (``patches.vision_tower``).
@@ -168,6 +172,7 @@ class VisionContext:
     head_attention: torch.Tensor
     head_keys: torch.Tensor
     cls_feature: torch.Tensor | None = None
+    patches: torch.Tensor | None = None
 
 
 def check_grids(grids: tuple[PatchGrid, ...], n: int) -> None:
