@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from otprune.contract import CONTEXT, PER_IMAGE_CONTEXT, check_grids, kept_indices_fault, merge_fault
+from otprune.contract import CONTEXT, PER_IMAGE_CONTEXT, VisionContext, check_grids, kept_indices_fault, merge_fault
 from otprune.measures import empirical_ot_distance, near_duplicate_share
 from otprune.methods import Method
 from otprune.prune_config import PruneConfig
@@ -92,11 +92,7 @@ def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mappin
                 kept[i] = Kept(torch.arange(k, device=images[i].device))
         elif one_by_one:
             for i in members:
-                given = _context_for(config, spec, context, i, n, layer)
-                if spec.before_projector:
-                    kept[i] = _projected(config, spec, _call(config, spec, _tower_features(config, spec, context, i, n), k, given), project)
-                else:
-                    kept[i] = _call(config, spec, images[i], k, given)
+                kept[i] = _one_image(config, spec, images[i], k, _context_for(config, spec, context, i, n, layer), context, i, project)
         else:
             batch = torch.stack([images[i] for i in members])
             answer = _call(config, spec, batch, k, _context_for(config, spec, context, None, n, layer))
@@ -115,16 +111,54 @@ _WHY_MISSING = {
 }
 
 
-def _tower_features(config: PruneConfig, spec: Method, context: Mapping[str, Sequence], i: int, n: int) -> torch.Tensor:
-    """Image ``i``'s tower features, the tokens of a method that runs before the projector."""
-    vision = (context.get("vision") or [None] * (i + 1))[i]
-    if vision is None:
+def _one_image(config: PruneConfig, spec: Method, image: torch.Tensor, k: int, given: dict, context: Mapping[str, Sequence], i: int, project) -> Kept:
+    """Image ``i`` (``image`` ``(N, d)``) through ``spec`` with its context ``given``.
+
+    A method that reads the vision tower (``vision``, or running before the projector) on an image
+    with tokens no patch stands for (``VisionContext.patches``: LLaVA-NeXT's newline vectors) is
+    given the patch tokens and their context rows alone, with the budget the other tokens leave
+    (``k`` less their count, at least 1; an adaptive run: all patches), and every other token is
+    kept in its place: **choice**, as CDPruner's public code keeps LLaVA-1.6's newline vectors.
+    """
+    vision = (context.get("vision") or [None] * (i + 1))[i] if spec.before_projector or "vision" in spec.context else None
+    if spec.before_projector and vision is None:
         stop_run(
             config,
-            f"BASELINE={spec.name} runs on the vision tower's features, which this model does not give for an image of {n} tokens{_WHY_MISSING['vision']}",
+            f"BASELINE={spec.name} runs on the vision tower's features, which this model does not give for an image of {image.shape[0]} tokens{_WHY_MISSING['vision']}",
             ValueError,
         )
-    return vision.features
+    tokens = vision.features if spec.before_projector else image
+    if vision is None or vision.patches is None or bool(vision.patches.all()):
+        kept = _call(config, spec, tokens, k, given)
+        return _projected(config, spec, kept, project) if spec.before_projector else kept
+    if "grid" in spec.context:
+        stop_run(config, f"BASELINE={spec.name} asks for grid and vision, which cannot both be cut to an image's patch tokens", ValueError)
+    patches = vision.patches.nonzero().flatten()
+    others = (~vision.patches).nonzero().flatten()
+    budget = patches.numel() if config.adaptive else min(patches.numel(), max(1, k - others.numel()))
+    if "vision" in given:
+        given = {**given, "vision": _patch_rows(vision, patches)}
+    kept = _call(config, spec, tokens[patches], budget, given)
+    if spec.before_projector:
+        kept = _projected(config, spec, kept, project)
+    indices = torch.cat([patches[kept.indices.to(patches.device)], others])
+    order = indices.argsort()
+    if kept.tokens is None:
+        return Kept(indices[order].to(image.device))
+    merged = torch.cat([kept.tokens.to(image.device, image.dtype), image[others.to(image.device)]])
+    return Kept(indices[order].to(image.device), merged[order.to(image.device)])
+
+
+def _patch_rows(vision: VisionContext, patches: torch.Tensor) -> VisionContext:
+    """``vision`` cut to the rows of its patch tokens (``patches``: their indices)."""
+    return VisionContext(
+        features=vision.features[patches],
+        cls_attention=vision.cls_attention[patches],
+        keys=vision.keys[patches],
+        head_attention=vision.head_attention[:, patches],
+        head_keys=vision.head_keys[patches],
+        cls_feature=vision.cls_feature,
+    )
 
 
 def _projected(config: PruneConfig, spec: Method, kept: Kept, project) -> Kept:

@@ -16,7 +16,10 @@ from PIL import Image
 
 import otprune.methods
 import otprune.patches as patches
+from otprune.contract import VisionContext
 from otprune.prune_config import PruneConfig
+from otprune.selection import select_per_image
+from otprune.selectors import budget
 from patches.vision_tower import encoder_layers
 
 PLUGIN_MODULE = "otprune_vision_test_plugins"
@@ -300,3 +303,52 @@ def test_each_bundled_vision_method_prunes_both_llava_15_families(families, vari
         assert f"576->{kept};" in caplog.text
         torch.testing.assert_close(got[: f.start], unpruned[: f.start])
         torch.testing.assert_close(got[f.start + kept :], unpruned[f.start + 576 :])
+
+
+def synthetic_vision(n, newlines, seed=0):
+    """A VisionContext for ``n`` tokens whose tokens ``newlines`` no patch stands for (zero rows)."""
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.ones(n, dtype=torch.bool)
+    patches[newlines] = False
+    rows = patches[:, None].float()
+    return VisionContext(
+        features=torch.randn(n, 8, generator=g) * rows,
+        cls_attention=torch.rand(n, generator=g) * patches,
+        keys=torch.randn(n, 6, generator=g) * rows,
+        head_attention=torch.rand(2, n, generator=g) * patches,
+        head_keys=torch.randn(n, 3, generator=g) * rows,
+        cls_feature=torch.randn(8, generator=g),
+        patches=patches,
+    )
+
+
+@pytest.mark.parametrize("ratio", [0.25, None])
+def test_a_vision_method_gets_the_patch_tokens_alone_and_every_newline_is_kept(plugins, ratio):
+    newlines = torch.tensor([4, 9, 14, 19])
+    vision = synthetic_vision(20, newlines)
+    tokens = torch.randn(20, 5)
+    config = PruneConfig(method="TOWERTOP", ratio=ratio)
+    (kept,) = select_per_image(config, [tokens], {"vision": [vision]})
+    seen_tokens, seen_vision, _ = plugins[-1]
+    patch_rows = vision.patches.nonzero().flatten()
+    torch.testing.assert_close(seen_tokens, tokens[patch_rows])
+    torch.testing.assert_close(seen_vision.head_attention, vision.head_attention[:, patch_rows])
+    assert seen_vision.patches is None
+    scores = vision.head_attention[:, patch_rows].sum(0)
+    count = int((scores > scores.mean()).sum()) if ratio is None else budget(ratio, 20) - newlines.numel()
+    expected = torch.cat([patch_rows[scores.topk(count).indices], newlines]).sort().values
+    assert kept.indices.tolist() == expected.tolist()
+
+
+def test_a_merger_before_the_projector_keeps_the_newline_vectors_as_they_are(plugins):
+    newlines = torch.tensor([5, 11])
+    vision = synthetic_vision(12, newlines, seed=1)
+    tokens = torch.randn(12, 4)
+    (kept,) = select_per_image(PruneConfig(method="FEATUREWINDOWS", ratio=0.5), [tokens], {"vision": [vision]}, project=lambda f: f[:, :4] * 2)
+    patch_rows = vision.patches.nonzero().flatten()
+    parts = torch.arange(10).tensor_split(6 - 2)
+    merged = torch.stack([vision.features[patch_rows][p].mean(0) for p in parts])[:, :4] * 2
+    positions = torch.tensor([int(patch_rows[p[0]]) for p in parts])
+    assert kept.indices.tolist() == sorted([*positions.tolist(), 5, 11])
+    order = torch.cat([positions, newlines]).argsort()
+    torch.testing.assert_close(kept.tokens, torch.cat([merged, tokens[newlines]])[order])
