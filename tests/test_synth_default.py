@@ -72,3 +72,26 @@ def test_original_reads_the_image_at_both_levels_and_vtw_at_k0_is_at_chance(tmp_
             assert score("Original", kind) >= chance_of[kind] + ORIGINAL_MIN_MARGIN_OVER_CHANCE[kind], (level, kind, rows)
         for kind, least in ORIGINAL_MIN.items():
             assert score("Original", kind) >= least, (level, kind, rows["Original"])
+
+
+@pytest.mark.slow
+def test_the_vision_config_runs_prumerge_adaptive_and_visionzip_at_its_budget(tmp_path):
+    """configs/synth_vision.yaml's PruMerge (SUBSET_RATIO unset) and VisionZip at 0.098 through the
+    harness's unchanged lmms-eval children: each image's own count, and at most 56 of 576."""
+    pytest.importorskip("lmms_eval")
+    pytest.importorskip("llava.model.language_model.llava_llama", reason="needs llava-torch (pip install --no-deps)")
+    config = yaml.safe_load((ROOT / "configs" / "synth_vision.yaml").read_text())
+    config["methods"] = {"PruMerge": config["methods"]["PruMerge"], "VisionZip": {"ratios": [0.098]}}
+    config["tasks"] = ["otprune_synth_yesno"]
+    path = tmp_path / "synth_vision.yaml"
+    path.write_text(yaml.safe_dump(config))
+    runs = tmp_path / "runs"
+    assert harness_cli.main([str(path), "--runs-dir", str(runs), "--limit", "6"]) == 0
+    folder = runs / "synth_vision_limit6" / "synth-llava-1.5"
+    counts = {
+        name: [after for _, after in json.loads(next((folder / name).glob("otprune_*.json")).read_text())["visual_tokens"]]
+        for name in ("PruMerge_adaptive", "VisionZip_0.098")
+    }
+    assert len(counts["PruMerge_adaptive"]) == 6 and all(1 <= c <= 576 for c in counts["PruMerge_adaptive"])
+    assert len(set(counts["PruMerge_adaptive"])) > 1, counts
+    assert counts["VisionZip_0.098"] == [56] * 6
