@@ -39,19 +39,10 @@ IQR_FACTOR = 1.5
 
 
 def quartiles(values: torch.Tensor) -> tuple[float, float]:
-    """``(Q1, Q3)`` of a 1-D tensor by linear interpolation between order statistics (the default
-    of ``numpy.percentile``, which the public code calls): at ``h = p (n - 1)``, ``v[floor h] +
-    (h - floor h) (v[floor h + 1] - v[floor h])`` over the sorted values. Computed in float64."""
-    ordered = values.detach().double().flatten().sort().values.cpu().tolist()
-    n = len(ordered)
-
-    def at(p: float) -> float:
-        h = p * (n - 1)
-        low = math.floor(h)
-        high = min(low + 1, n - 1)
-        return ordered[low] + (h - low) * (ordered[high] - ordered[low])
-
-    return at(0.25), at(0.75)
+    """``(Q1, Q3)`` of a 1-D tensor, linear interpolation between order statistics
+    (``torch.quantile``'s default, as ``numpy.percentile``'s, which the public code calls), in float64."""
+    q1, q3 = torch.quantile(values.detach().double().flatten(), torch.tensor([0.25, 0.75], dtype=torch.float64, device=values.device)).tolist()
+    return q1, q3
 
 
 def outlier_count(cls_attention: torch.Tensor) -> int:
