@@ -24,6 +24,10 @@ Selection units: each image is one unit. **Choice** for video: per frame: each t
 a video (Qwen: one ``t`` of its grid, two input frames merged; OneVision: one pooled frame) is
 pruned to its own budget, as an image would be, so a clip keeps the same share of every moment;
 OneVision's one newline token after a video is always kept.
+
+The vision context (a method asking for ``vision`` or running before the projector) comes from
+Qwen's tower, per selection unit (``vision_without_cls``; the merger's MLP is the projector). On
+OneVision such a method stops the run, naming why: its crops' rows are not yet aligned.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from otprune.contract import PatchGrid
-from otprune.selection import select_per_image
+from otprune.selection import select_per_image, stop_run
 
 from .grids import image_grids
 from .hf import decoder
@@ -44,6 +48,7 @@ from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
 from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
 from .splice import IGNORE_INDEX, check_prunable_images, leave_out, left_out_ids, padding_mask, padding_side, question_positions, repad, visual_spans
+from .vision_without_cls import capture_qwen_tower, merger_mlp, unit_contexts
 
 QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
 ONEVISION_CLASS = "LlavaOnevisionForConditionalGeneration"
@@ -112,12 +117,12 @@ def _wrap(original, generating: bool):
             return original(self, **kwargs)
         if generating and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = generation_padding(self, kwargs).long()
-        full = _unpruned_inputs(self, kwargs, generating)
+        full = _unpruned_inputs(self, kwargs, generating, _tower_capture(self, config))
         if config.layer_index > 0:
             _attach(self, config, _prefill_state(full, left_out_ids(self, config)))
             prepared, deepstack = _llm_call(self, kwargs, full, None, generating)
         else:
-            prepared, deepstack = _llm_call(self, kwargs, full, _kept_before_llm(config, full, left_out_ids(self, config)), generating)
+            prepared, deepstack = _llm_call(self, kwargs, full, _kept_before_llm(self, config, full, left_out_ids(self, config)), generating)
         with _deepstack_injected(self, deepstack):
             output = original(self, **prepared)
         if not generating or config.layer_index > 0:
@@ -260,9 +265,33 @@ class UnprunedInputs:
     units: list[tuple[int, torch.Tensor, bool, tuple | None]]
     deepstack: list[torch.Tensor] | None
     markers: torch.Tensor
+    vision: list | None = None
 
 
-def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
+def _tower_capture(model, config):
+    """Hooks recording the vision context while Qwen's tower runs, for a method that needs it
+    (``vision_without_cls``); OneVision stops the run, naming why."""
+    if "vision" not in config.spec.context and not config.spec.before_projector:
+        return contextlib.nullcontext()
+    if type(model).__name__ == ONEVISION_CLASS:
+        stop_run(
+            config,
+            f"BASELINE={config.spec.name} needs the vision tower's view, which is not yet given on LLaVA-OneVision: its SigLIP crops are "
+            "projected, then unpadded, downsampled (anyres_max) and given newline tokens, and the tower's rows are not yet aligned with those tokens",
+            ValueError,
+        )
+    return capture_qwen_tower(model.model.visual)
+
+
+def _projector(model):
+    """Qwen's projector as ``(m, 4 C) -> (m, d)``: the merger's MLP, in its own dtype
+    (``vision_without_cls``: the features are its input)."""
+    _, mlp = merger_mlp(model.model.visual.merger)
+    dtype = next(model.model.visual.merger.parameters()).dtype
+    return lambda features: mlp(features.to(dtype))
+
+
+def _unpruned_inputs(model, kwargs: dict, generating: bool, tower=None) -> UnprunedInputs:
     input_ids = kwargs["input_ids"]
     attention_mask = kwargs.get("attention_mask")
     valid = padding_mask(input_ids, attention_mask)
@@ -271,7 +300,9 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
     visual_mask = torch.zeros_like(valid)
     deepstack = None
     units = []
-    for visual in _visuals(model, kwargs):
+    with tower or contextlib.nullcontext() as capture:
+        visuals = _visuals(model, kwargs)
+    for visual in visuals:
         where = input_ids == visual.token_id
         visual_mask |= where
         embeds = embeds.masked_scatter(where[..., None], visual.features.to(embeds.device, embeds.dtype))
@@ -281,13 +312,16 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool) -> UnprunedInputs:
         units += _units(input_ids, visual)
     frame_ids = [getattr(model.config, name, None) for name in ("vision_start_token_id", "vision_end_token_id")]
     markers = torch.isin(input_ids, torch.tensor([i for i in frame_ids if i is not None], dtype=input_ids.dtype, device=input_ids.device))
-    return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack, markers)
+    vision = None
+    if capture is not None:
+        vision = unit_contexts(capture.frames(), [count for visual in visuals for count, _, _ in visual.units], embeds.device)
+    return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack, markers, vision)
 
 
 # -- LAYER_INDEX = 0 -------------------------------------------------------------------------------
 
 
-def _kept_before_llm(config, full: UnprunedInputs, phrases) -> torch.Tensor:
+def _kept_before_llm(model, config, full: UnprunedInputs, phrases) -> torch.Tensor:
     """``(B, L)`` positions the LLM gets: all text, each unit's picks, the always-kept tokens
     (``phrases``: what the method leaves out of its question, ``_questions``).
 
@@ -301,7 +335,11 @@ def _kept_before_llm(config, full: UnprunedInputs, phrases) -> torch.Tensor:
         context["text"] = [full.embeds[b, q] for (b, _, _, _), q in zip(selectable, questions)]
     if "grid" in config.spec.context:
         context["grid"] = [grids for _, _, _, grids in selectable]
-    kept = select_per_image(config, [full.embeds[b, p] for b, p, _, _ in selectable], context)
+    project = None
+    if full.vision is not None:
+        context["vision"] = full.vision
+        project = _projector(model)
+    kept = select_per_image(config, [full.embeds[b, p] for b, p, _, _ in selectable], context, project=project)
     keep = full.valid & ~full.visual_mask
     for (b, p, _, _), (indices, tokens) in zip(selectable, kept):
         keep[b, p[indices]] = True

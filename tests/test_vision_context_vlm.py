@@ -1,0 +1,228 @@
+"""The vision context of Qwen's ViT (no [CLS]) through the Qwen-VL patch (patches/vlm.py), methods
+that run before its merger's MLP, and the bundled vision-side methods on Qwen2.5-VL.
+
+The truth is the tower run on its own with eager attention, and the attention recomputed here
+from its context block's own modules (``norm1``, ``attn.qkv``, the model's
+``apply_rotary_pos_emb_vision``) on that block's inputs: the mean attention each patch receives
+from the queries of its frame, per head, averaged over each merged 2 x 2 group (Qwen's attention
+modules return no attention weights)."""
+
+import contextlib
+import logging
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from conftest import load_script  # noqa: E402
+from test_patch_hf import inputs_for, llm_inputs, make_image  # noqa: E402
+from test_patch_vlm import qwen_video_inputs  # noqa: E402
+from test_vision_context import plugins  # noqa: E402, F401
+
+import otprune.methods  # noqa: E402
+import otprune.patches as patches  # noqa: E402
+from otprune.patches import vision_without_cls  # noqa: E402
+from otprune.selectors import budget  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("pruning_off")
+
+QWEN = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import AutoModelForImageTextToText
+
+    builder = load_script("build_tiny_qwen")
+    root = tmp_path_factory.mktemp("vision_vlm_checkpoints")
+    loaded = {}
+    for variant in [*QWEN, "llava-onevision"]:
+        path = builder.build(root / variant, variant)
+        processor = builder.load_processor(path)
+        processor.tokenizer.padding_side = "left"
+        loaded[variant] = (processor, AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval())
+    patches.vlm.install()
+    return loaded
+
+
+@contextlib.contextmanager
+def tower_attention(visual, implementation):
+    before = visual.config._attn_implementation
+    visual.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        visual.set_attn_implementation(before)
+
+
+def merger_mlp_input(merger):
+    """The module whose input is the merger's 4 C features (Qwen2/2.5-VL: its MLP; Qwen3-VL: fc1)."""
+    return merger.mlp if hasattr(merger, "mlp") else merger.linear_fc1
+
+
+def merger_mlp(merger, features):
+    with torch.no_grad():
+        if hasattr(merger, "mlp"):
+            return merger.mlp(features)
+        return merger.linear_fc2(merger.act_fn(merger.linear_fc1(features)))
+
+
+def tower_truth(model, pixels, grid_thw):
+    """The tower alone, eager, for ``pixels`` of patch grids ``grid_thw``: per merged token in token order, its
+    ``(head_attention (H, M), keys (M, C), head_keys (M, C / H), features (M, 4 C))``."""
+    visual = model.model.visual
+    block = visual.blocks[-1]
+    assert getattr(visual, "fullatt_block_indexes", [len(visual.blocks) - 1])[-1] == len(visual.blocks) - 1
+    seen = {}
+
+    def block_inputs(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+        seen["cu_seqlens"] = kwargs["cu_seqlens"]
+        seen["cos_sin"] = kwargs["position_embeddings"]
+
+    handles = [
+        block.register_forward_pre_hook(block_inputs, with_kwargs=True),
+        merger_mlp_input(visual.merger).register_forward_pre_hook(lambda m, a: seen.__setitem__("features", a[0].clone())),
+        visual.merger.register_forward_hook(lambda m, a, out: seen.__setitem__("merged", out.clone())),
+    ]
+    try:
+        with tower_attention(visual, "eager"), torch.no_grad():
+            out = visual(pixels, grid_thw=grid_thw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # The merger's rows (window order on Qwen2.5-VL) to the tower's output rows (token order).
+    order = torch.cdist(out.pooler_output, seen["merged"]).argmin(1)
+    assert torch.equal(order.sort().values, torch.arange(order.numel()))
+    attention = block.attn
+    with torch.no_grad():
+        qkv = attention.qkv(block.norm1(seen["hidden"]))
+    q, k, _ = qkv.reshape(qkv.shape[0], 3, attention.num_heads, -1).unbind(1)
+    q, k = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision(q, k, *seen["cos_sin"])
+    bounds = seen["cu_seqlens"].tolist()
+    received = torch.cat(
+        [
+            torch.softmax(q[s:e].transpose(0, 1) @ k[s:e].transpose(0, 1).transpose(1, 2) * attention.scaling, -1).mean(1)
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ],
+        dim=1,
+    )
+    groups = visual.spatial_merge_size**2
+
+    def per_token(rows):
+        return rows.reshape(rows.shape[0] // groups, groups, *rows.shape[1:]).mean(1)[order]
+
+    return per_token(received.T).T, per_token(k.flatten(1)), per_token(k.mean(1)), seen["features"][order]
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", QWEN)
+def test_the_qwen_vision_context_is_the_towers_own_received_attention_keys_and_features(models, plugins, variant, attn):  # noqa: F811
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 0)]])
+    patches.prune(model, "TOWERTOP", ratio=0.1)
+    with tower_attention(model.model.visual, attn):
+        llm_inputs(model, inputs)
+    tokens, vision, adaptive = plugins[-1]
+    head_attention, keys, head_keys, features = tower_truth(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    assert adaptive is False
+    assert tokens.shape[0] == features.shape[0] == head_attention.shape[1]
+    torch.testing.assert_close(vision.head_attention, head_attention)
+    torch.testing.assert_close(vision.cls_attention, head_attention.mean(0))
+    torch.testing.assert_close(vision.keys, keys)
+    torch.testing.assert_close(vision.head_keys, head_keys)
+    torch.testing.assert_close(vision.features, features)
+    assert vision.cls_feature is None and vision.patches is None
+    # Each patch's received attention is a mean of softmax rows over its frame: they sum to 1 per head.
+    torch.testing.assert_close(vision.head_attention.sum(1) * 4, torch.ones(head_attention.shape[0]))
+
+
+@pytest.mark.parametrize("variant", ["qwen2.5-vl", "qwen3-vl"])
+def test_a_video_gets_a_context_per_frame_over_that_frames_queries(models, plugins, variant):  # noqa: F811
+    processor, model = models[variant]
+    inputs = qwen_video_inputs(processor, model, (3, 8, 12), seed=7)
+    patches.prune(model, "TOWERTOP", ratio=0.25)
+    llm_inputs(model, inputs)
+    head_attention, keys, head_keys, features = tower_truth(model, inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    assert len(plugins) == 3
+    for frame, (tokens, vision, _) in enumerate(plugins):
+        rows = slice(frame * 24, (frame + 1) * 24)
+        assert tokens.shape[0] == 24
+        torch.testing.assert_close(vision.head_attention, head_attention[:, rows])
+        torch.testing.assert_close(vision.keys, keys[rows])
+        torch.testing.assert_close(vision.head_keys, head_keys[rows])
+        torch.testing.assert_close(vision.features, features[rows])
+        torch.testing.assert_close(vision.head_attention.sum(1) * 4, torch.ones(head_attention.shape[0]))
+
+
+def test_a_batch_of_two_prompts_gives_each_image_its_own_context(models, plugins, monkeypatch):  # noqa: F811
+    """Two prompts, images of different sizes, left padding (Qwen2.5-VL, its window reordering
+    over several images): each image's context is the one it gets alone, also with the scores
+    formed a few query rows at a time."""
+    processor, model = models["qwen2.5-vl"]
+    patches.prune(model, "TOWERTOP", ratio=0.1)
+    images = [[make_image(500, 300, 1), make_image(200, 420, 2)], [make_image(320, 320, 3)]]
+    questions = ["Which differs?", "Is there a car?"]
+    alone = []
+    for question, image in zip(questions, [[i] for row in images for i in row]):
+        llm_inputs(model, inputs_for(processor, [question], [image]))
+        alone.append(plugins[-1][1])
+    del plugins[:]
+    monkeypatch.setattr(vision_without_cls, "_SCORE_ELEMENTS", 200)
+    llm_inputs(model, inputs_for(processor, ["Which differs?", "Is there a car?"], images))
+    assert len(plugins) == 3
+    for (_, vision, _), expected in zip(plugins, alone):
+        for name in ("features", "cls_attention", "keys", "head_attention", "head_keys"):
+            torch.testing.assert_close(getattr(vision, name), getattr(expected, name), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["qwen2.5-vl", "qwen3-vl"])
+def test_a_merger_before_the_projector_gives_the_llm_the_merger_mlp_of_its_features(models, plugins, variant):  # noqa: F811
+    processor, model = models[variant]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 4)]])
+    start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    unpruned = llm_inputs(model, inputs)[0]
+    *_, features = tower_truth(model, inputs["pixel_values"], inputs["image_grid_thw"])
+    n, k = features.shape[0], 8
+    patches.prune(model, "FEATUREWINDOWS", ratio=k / n)
+    got = llm_inputs(model, inputs)[0]
+    assert plugins[-1][0].shape == features.shape, "the merger was not given the merger's features"
+    parts = torch.arange(n).tensor_split(k)
+    expected = merger_mlp(model.model.visual.merger, torch.stack([features[p].mean(0) for p in parts]))
+    torch.testing.assert_close(got[start : start + k], expected, rtol=1e-4, atol=1e-5)
+    assert got.shape[0] == unpruned.shape[0] - n + k
+    torch.testing.assert_close(got[start + k :], unpruned[start + n :])
+
+
+VISION_METHODS = ["PRUMERGE", "PRUMERGE_PLUS", "DIVPRUNE_ADAPTIVE", "VISIONZIP", "FASTERVLM"]
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_each_bundled_vision_method_prunes_qwen25_vl(models, method, caplog):
+    """At SUBSET_RATIO = 0.098 at most budget(0.098, N) tokens reach the LLM, its text unchanged;
+    an adaptive method left without a ratio logs the count it chose."""
+    processor, model = models["qwen2.5-vl"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 5)]])
+    placeholders = inputs["input_ids"][0] == model.config.image_token_id
+    start, n = int(placeholders.nonzero()[0]), int(placeholders.sum())
+    unpruned = llm_inputs(model, inputs)[0]
+    ratios = [0.098, None] if "adaptive" in otprune.methods.get_method(method).context else [0.098]
+    for ratio in ratios:
+        caplog.clear()
+        patches.prune(model, method, ratio=ratio, log=True)
+        with caplog.at_level(logging.INFO, logger="otprune"):
+            got = llm_inputs(model, inputs)[0]
+        kept = got.shape[0] - (unpruned.shape[0] - n)
+        assert 1 <= kept <= (budget(0.098, n) if ratio else n)
+        assert f"{n}->{kept}" in caplog.text
+        torch.testing.assert_close(got[:start], unpruned[:start])
+        torch.testing.assert_close(got[start + kept :], unpruned[start + n :])
+
+
+def test_onevision_refuses_the_vision_context_naming_why(models, plugins):  # noqa: F811
+    processor, model = models["llava-onevision"]
+    patches.prune(model, "TOWERTOP", ratio=0.1)
+    with pytest.raises(ValueError, match="not yet given on LLaVA-OneVision"):
+        llm_inputs(model, inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 6)]]))
