@@ -110,9 +110,11 @@ VLM_METHODS = [("ORIG", 0), ("OURS", 0), ("FASTV", 2)]
 # Methods that come by entry point (issue 24), on Qwen2.5-VL: otprune's own two plugins, and the
 # outside example package, pip-installed into a folder of its own for its run.
 PLUGIN_VARIANT = "qwen2.5-vl"
-PLUGIN_METHODS = ["CDPRUNER", "POOL", "TOPNORM"]
+PLUGIN_METHODS = ["CDPRUNER", "POOL", "TOPNORM", "PRUMERGE", "VISIONZIP"]
+# Issue 34's vision-side methods: PRUMERGE adaptive (SUBSET_RATIO unset, its own count per image).
+ADAPTIVE = ("PRUMERGE",)
 OUTSIDE_PLUGINS = {"TOPNORM": ROOT / "examples" / "otprune-topnorm"}
-MERGERS = ("POOL",)
+MERGERS = ("POOL", "PRUMERGE", "VISIONZIP")
 # Its images range from 128 x 128 to 400 x 240 pixels, so the Qwen token counts differ per sample.
 VLM_TASK = "otprune_smoke_vqa"
 VLM_LIMIT = {"cuda": 4, "cpu": 2}
@@ -317,7 +319,7 @@ class EvalRun:
     layer: int
     batch: int
     processes: int = 1
-    ratio: float = RATIO
+    ratio: float | None = RATIO  # None: adaptive, SUBSET_RATIO unset
     variant: str = ""  # the build_tiny_qwen checkpoint it runs on; "" for the LLaVA-1.5-7B ones
 
     @property
@@ -339,7 +341,7 @@ class EvalRun:
     @property
     def env(self) -> dict:
         env = {"BASELINE": self.baseline, "LAYER_INDEX": str(self.layer)}
-        if self.baseline != "ORIG":
+        if self.baseline != "ORIG" and self.ratio is not None:
             env["SUBSET_RATIO"] = str(self.ratio)
         return env
 
@@ -365,7 +367,9 @@ def planned_vlm_runs() -> list[EvalRun]:
     K = 0, batch 1, on the CPU too (tiny models: each run is about 9 s of lmms-eval start-up there)."""
     runs = [EvalRun(model, baseline, layer, 1, ratio=VLM_RATIO, variant=variant) for variant, model in VLM_FAMILIES.items() for baseline, layer in VLM_METHODS]
     plugin_model = VLM_FAMILIES[PLUGIN_VARIANT]
-    return runs + [EvalRun(plugin_model, baseline, 0, 1, ratio=VLM_RATIO, variant=PLUGIN_VARIANT) for baseline in PLUGIN_METHODS]
+    return runs + [
+        EvalRun(plugin_model, baseline, 0, 1, ratio=None if baseline in ADAPTIVE else VLM_RATIO, variant=PLUGIN_VARIANT) for baseline in PLUGIN_METHODS
+    ]
 
 
 _outside_sites: dict[str, Path] = {}
@@ -466,7 +470,7 @@ def check_tokens(run: EvalRun, visual_tokens: list[list[int]], samples: int) -> 
     def expected(before: int) -> list[int]:
         # A logged count below 1 is wrong in any case; budget() refuses it.
         tokens = run.visual_tokens or max(before, 1)
-        return [tokens, budget(run.ratio, tokens)]
+        return [tokens, tokens if run.ratio is None else budget(run.ratio, tokens)]
 
     def right(pair: list[int]) -> bool:
         tokens, kept = expected(pair[0])
@@ -479,7 +483,8 @@ def check_tokens(run: EvalRun, visual_tokens: list[list[int]], samples: int) -> 
     if wrong:
         before, after = wrong[0]
         tokens, kept = expected(before)
-        problems.append(f"{len(wrong)} images not pruned to budget({run.ratio:g}, N), e.g. {before}->{after} (expected {tokens}->{kept})")
+        rule = "between 1 and N (adaptive)" if run.ratio is None else f"to budget({run.ratio:g}, N)"
+        problems.append(f"{len(wrong)} images not pruned {rule}, e.g. {before}->{after} (expected {tokens}->{kept})")
     return problems
 
 

@@ -99,8 +99,10 @@ def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2_and_the_plugins_on_q
     runs = check.planned_vlm_runs()
     assert {(run.variant, run.model, run.baseline, run.layer, run.batch) for run in runs} == {
         (variant, model, baseline, layer, 1) for variant, model in VLM_MODELS.items() for baseline, layer in (("ORIG", 0), ("OURS", 0), ("FASTV", 2))
-    } | {("qwen2.5-vl", "qwen2_5_vl", baseline, 0, 1) for baseline in ("CDPRUNER", "POOL", "TOPNORM")}
-    assert len({run.name for run in runs}) == 15
+    } | {("qwen2.5-vl", "qwen2_5_vl", baseline, 0, 1) for baseline in ("CDPRUNER", "POOL", "TOPNORM", "PRUMERGE", "VISIONZIP")}
+    assert len({run.name for run in runs}) == 17
+    prumerge = next(run for run in runs if run.baseline == "PRUMERGE")
+    assert prumerge.env == {"BASELINE": "PRUMERGE", "LAYER_INDEX": "0"}
     fastv = next(run for run in runs if run.variant == "qwen3-vl" and run.baseline == "FASTV")
     assert fastv.env == {"BASELINE": "FASTV", "LAYER_INDEX": "2", "SUBSET_RATIO": "0.25"}
 
