@@ -17,6 +17,7 @@ from PIL import Image
 import otprune.methods
 import otprune.patches as patches
 from otprune.prune_config import PruneConfig
+from otprune.selectors import budget
 from patches.vision_tower import encoder_layers
 
 PLUGIN_MODULE = "otprune_vision_test_plugins"
@@ -420,3 +421,26 @@ def test_each_bundled_vision_method_prunes_both_llava_15_families(families, vari
         assert f"576->{kept};" in caplog.text
         torch.testing.assert_close(got[: f.start], unpruned[: f.start])
         torch.testing.assert_close(got[f.start + kept :], unpruned[f.start + 576 :])
+
+
+@pytest.mark.parametrize("variant", ANY_RESOLUTION)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_each_bundled_vision_method_prunes_any_resolution_images_keeping_their_newlines(families, variant, method):
+    """At SUBSET_RATIO = 0.098 at most that share of the image's tokens reaches the LLM (adaptive:
+    at most all), every newline token of the image among them, the text unchanged."""
+    f = any_resolution(families, variant, make_image(500, 300, 10))
+    patches.prune(f.model, None)
+    unpruned = f.llm_input()
+    n = unpruned.shape[0] - f.text_tokens
+    newline = f.newline.to(unpruned)
+    rows = int((unpruned[f.start : f.start + n] == newline).all(-1).sum())
+    assert rows > 0
+    ratios = [0.098, None] if "adaptive" in otprune.methods.get_method(method).context else [0.098]
+    for ratio in ratios:
+        patches.prune(f.model, method, ratio=ratio)
+        got = f.llm_input()
+        kept = got.shape[0] - f.text_tokens
+        assert rows < kept <= (budget(ratio, n) if ratio else n)
+        assert int((got[f.start : f.start + kept] == newline).all(-1).sum()) == rows
+        torch.testing.assert_close(got[: f.start], unpruned[: f.start])
+        torch.testing.assert_close(got[f.start + kept :], unpruned[f.start + n :])
