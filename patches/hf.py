@@ -44,6 +44,7 @@ from .splice import (
     spans_by_row,
     visual_spans,
 )
+from .vision_crops import llava_next_layout
 from .vision_tower import aligned_contexts, capture_tower, encoder_layers
 
 CLASS_NAMES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
@@ -221,7 +222,7 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
     if "grid" in config.spec.context:
         context["grid"] = [_grids(model, f) for f in flat]
     if tower is not None:
-        context["vision"] = aligned_contexts(tower.contexts(), flat)
+        context["vision"] = aligned_contexts(tower.contexts(), flat, _crop_layout(model, feature_kwargs))
     kept = select_per_image(config, flat, context, project=_projector(model))
     keep = valid.clone()
     chosen = iter(kept)
@@ -256,6 +257,15 @@ def _tower_capture(model, config, feature_kwargs: dict):
         raise ValueError(f"the vision context needs one feature layer of patch features; this model takes layer {layer!r} with strategy {strategy!r}")
     tower = model.model.vision_tower
     return capture_tower(encoder_layers(tower), layer, tower.config.num_attention_heads)
+
+
+def _crop_layout(model, feature_kwargs: dict):
+    """LLaVA-NeXT's images: how its tower crops make each image's tokens; ``None`` for LLaVA's one
+    tower row per image."""
+    if not hasattr(model.model, "pack_image_features"):
+        return None
+    strategy = feature_kwargs.get("vision_feature_select_strategy", model.config.vision_feature_select_strategy)
+    return llava_next_layout(model, feature_kwargs["image_sizes"], strategy)
 
 
 def _projector(model):

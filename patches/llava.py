@@ -34,6 +34,7 @@ from otprune.selection import select_per_image
 from .grids import image_grids
 from .layers import PrefillState, attach_state
 from .splice import IGNORE_INDEX, leave_out, left_out_ids, padding_mask, question_positions, repad, spans_by_row, visual_spans
+from .vision_crops import original_llava_layout
 from .vision_tower import aligned_contexts, capture_tower, encoder_layers
 
 IMAGE_TOKEN_INDEX = -200
@@ -302,7 +303,7 @@ def _prepare_pruned(original, model, config, input_ids, position_ids, attention_
     if grids is not None:
         context["grid"] = [g for row in grids for g in row]
     if tower is not None:
-        context["vision"] = aligned_contexts(tower.contexts(), images_tokens)
+        context["vision"] = aligned_contexts(tower.contexts(), images_tokens, original_llava_layout(model, images, image_sizes))
     chosen = iter(select_per_image(config, images_tokens, context, project=_projector(model)))
     keep = valid & ~visual
     for b in range(batch):

@@ -14,9 +14,11 @@ registered only for a method that asks for the context, and only for the tower's
   **Choice**: a tower whose features are its last block's output has no such block; both forms
   are then measured at that last block.
 
-Images map to the tower's rows in order: one row (a 336 px crop: [CLS] + 576 patches) per image.
-**Not yet**: any-resolution images (LLaVA-1.6 / NeXT crops and newline vectors) and towers without
-a [CLS] (SigLIP, Qwen's ViT): a method asking for the context there stops the run, naming why.
+Images map to the tower's rows in order: one row (a 336 px crop: [CLS] + 576 patches) per image,
+or, for any-resolution images (LLaVA-1.6 / NeXT), each image's crops traced token by token through
+the model's arrangement (``patches.vision_crops``, which names its choices).
+**Not yet**: towers without a [CLS] (SigLIP, Qwen's ViT): a method asking for the context there
+stops the run, naming why.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from otprune.contract import VisionContext
+
+from .vision_crops import CropLayout, crop_contexts
 
 __all__ = ["TowerCapture", "aligned_contexts", "capture_tower", "encoder_layers", "feature_blocks"]
 
@@ -134,10 +138,13 @@ def capture_tower(layers, feature_layer: int, heads: int):
             handle.remove()
 
 
-def aligned_contexts(contexts: list[VisionContext], images: list[torch.Tensor]) -> list[VisionContext | None]:
+def aligned_contexts(contexts: list[VisionContext], images: list[torch.Tensor], layout: CropLayout | None = None) -> list[VisionContext | None]:
     """Each image's context on its tokens' device, or ``None`` (the selection then stops the run,
-    naming the method) where the tower's rows do not map one to one onto the images' tokens: a
-    tower row per image, a patch per token."""
+    naming the method) where the tower's rows do not map onto the images' tokens. Without a
+    ``layout``: one to one, a tower row per image, a patch per token; with one (any-resolution
+    crops): as it traces each token (``vision_crops.crop_contexts``)."""
+    if layout is not None:
+        return crop_contexts(contexts, layout, images)
     if len(contexts) != len(images) or any(c.features.shape[0] != t.shape[0] for c, t in zip(contexts, images)):
         return [None] * len(images)
     return [VisionContext(**{name: _on(getattr(c, name), t.device) for name in VisionContext.__dataclass_fields__}) for c, t in zip(contexts, images)]

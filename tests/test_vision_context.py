@@ -78,21 +78,25 @@ def make_image(width, height, seed):
 
 
 class Original:
-    """The original LLaVA: its CLIP tower, feature layer and projector, and one prompt."""
+    """The original LLaVA: its CLIP tower, feature layer, projector and newline vector, and one
+    prompt with its images (placeholders in a row)."""
 
-    def __init__(self, loaded, image):
+    def __init__(self, loaded, *images):
         from llava.constants import IMAGE_TOKEN_INDEX
         from llava.mm_utils import process_images, tokenizer_image_token
 
         tokenizer, self.model, processor = loaded
-        self.ids = tokenizer_image_token(PROMPT, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
-        pixel = process_images([image], processor, self.model.config)
+        prompt = PROMPT.replace("<image>\n", "<image>\n" * len(images))
+        self.ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+        pixel = process_images(list(images), processor, self.model.config)
         self.pixel = [p.float() for p in pixel] if isinstance(pixel, list) else pixel.float()
-        self.sizes = [image.size]
+        self.sizes = [image.size for image in images]
         self.start = int((self.ids[0] == IMAGE_TOKEN_INDEX).nonzero()[0])
+        self.text_tokens = self.ids.shape[1] - len(images)
         tower = self.model.get_vision_tower()
         self.clip, self.layer = tower.vision_tower, tower.select_layer
         self.projector = self.model.get_model().mm_projector
+        self.newline = getattr(self.model.get_model(), "image_newline", None)
 
     def llm_input(self):
         mask = torch.ones_like(self.ids)
@@ -100,20 +104,24 @@ class Original:
             return self.model.prepare_inputs_labels_for_multimodal(self.ids, None, mask, None, None, self.pixel, self.sizes)[4][0]
 
     def tower_pixels(self):
-        return self.pixel if torch.is_tensor(self.pixel) else torch.cat(self.pixel)
+        """Every crop the tower sees, in the model's order."""
+        return torch.cat(self.pixel) if isinstance(self.pixel, list) else self.pixel.flatten(0, self.pixel.dim() - 4)
 
 
 class Transformers:
     """transformers' LLaVA: the same, through ``model(**inputs)``."""
 
-    def __init__(self, loaded, image):
+    def __init__(self, loaded, *images):
         processor, self.model = loaded
-        content = [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]
+        content = [{"type": "image"}] * len(images) + [{"type": "text", "text": "What is in the image?"}]
         prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        self.inputs = processor(images=[image], text=[prompt], return_tensors="pt")
-        self.start = int((self.inputs["input_ids"][0] == self.model.config.image_token_id).nonzero()[0])
+        self.inputs = processor(images=list(images), text=[prompt], return_tensors="pt")
+        placeholders = self.inputs["input_ids"][0] == self.model.config.image_token_id
+        self.start = int(placeholders.nonzero()[0])
+        self.text_tokens = int((~placeholders).sum())
         self.clip, self.layer = self.model.model.vision_tower, self.model.config.vision_feature_layer
         self.projector = self.model.model.multi_modal_projector
+        self.newline = getattr(self.model.model, "image_newline", None)
 
     def llm_input(self):
         seen = []
@@ -127,7 +135,12 @@ class Transformers:
         return seen[0]
 
     def tower_pixels(self):
-        return self.inputs["pixel_values"]
+        """Every crop the tower sees: LLaVA-NeXT's images of fewer crops are padded with zeros."""
+        pixels = self.inputs["pixel_values"]
+        if pixels.dim() == 4:
+            return pixels
+        crops = pixels.flatten(0, 1)
+        return crops[crops.flatten(1).abs().sum(1) > 0]
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +184,36 @@ def tower_truth(f):
     return [h[0] for h in out.hidden_states], [a[0] for a in out.attentions]
 
 
+def crop_truth(f):
+    """The tower on its own, eager, on every crop it sees: per tower row, what its patches'
+    context rows should be (``(R, 576, ...)``; ``head_attention`` ``(R, H, 576)``;
+    ``cls_feature`` ``(R, C_v)``)."""
+    with tower_attention(f.clip, "eager"), torch.no_grad():
+        out = f.clip(f.tower_pixels(), output_hidden_states=True, output_attentions=True)
+        hidden, attentions = out.hidden_states, out.attentions
+        layers = encoder_layers(f.clip)
+        state = f.layer % len(hidden)
+        features = hidden[state]
+        # attentions[i] is block i's; the features are block (state - 1)'s output, read by block state.
+        reading = layers[min(state, len(layers) - 1)]
+        normed = reading.layer_norm1(features) if state < len(layers) else layers[state - 1].layer_norm1(hidden[state - 1])
+        q, k = reading.self_attn.q_proj(normed), reading.self_attn.k_proj(normed)
+        producing = layers[state - 1]
+        k_producing = producing.self_attn.k_proj(producing.layer_norm1(hidden[state - 1]))
+    rows, positions, width = q.shape
+    return {
+        "features": features[:, 1:],
+        "cls_feature": features[:, 0],
+        "cls_attention": torch.softmax(q[:, :1] @ k.transpose(1, 2) / math.sqrt(width), -1)[:, 0, 1:],
+        "keys": k[:, 1:],
+        "head_attention": attentions[state - 1][:, :, 0, 1:],
+        "head_keys": k_producing[:, 1:].view(rows, positions - 1, f.clip.config.num_attention_heads, -1).mean(2),
+    }
+
+
 LLAVA_15 = ["llava-1.5", "llava-hf"]
+ANY_RESOLUTION = ["llava-1.6", "llava-next-hf"]
+CONTEXT_ROWS = ("features", "cls_attention", "keys", "head_keys")
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -182,28 +224,99 @@ def test_the_vision_context_is_the_towers_own_attention_keys_and_features(famili
     with tower_attention(f.clip, attn):
         f.llm_input()
     tokens, vision, adaptive = plugins[-1]
-    hidden, attentions = tower_truth(f)
-    layers = encoder_layers(f.clip)
-    state = f.layer % len(hidden)
-    features = hidden[state]
+    truth = crop_truth(f)
     assert adaptive is False
-    assert vision.features.shape == (576, features.shape[-1]) == (tokens.shape[0], features.shape[-1])
-    torch.testing.assert_close(vision.features, features[1:])
-    torch.testing.assert_close(vision.cls_feature, features[0])
-    # attentions[i] is block i's; the features are block (state - 1)'s output.
-    torch.testing.assert_close(vision.head_attention, attentions[state - 1][:, 0, 1:])
-    reading = layers[min(state, len(layers) - 1)]
-    normed = reading.layer_norm1(features[None])[0] if state < len(layers) else layers[state - 1].layer_norm1(hidden[state - 1][None])[0]
+    assert vision.features.shape == truth["features"][0].shape == (tokens.shape[0], truth["features"].shape[-1])
+    for name in (*CONTEXT_ROWS, "head_attention", "cls_feature"):
+        torch.testing.assert_close(getattr(vision, name), truth[name][0])
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Each list of image contexts the patches align, as they hand it to the selection."""
+    seen = []
+    for module in (patches.llava, patches.hf):
+
+        def record(*args, align=module.aligned_contexts):
+            seen.append(align(*args))
+            return seen[-1]
+
+        monkeypatch.setattr(module, "aligned_contexts", record)
+    return seen
+
+
+def any_resolution(families, variant, *images):
+    return (Original if variant == "llava-1.6" else Transformers)(families[variant], *images)
+
+
+def traced_sources(f, llm_input, truth):
+    """Per image, each of its tokens' crop patch (flat, ``tower row * 576 + patch``), or -1 for
+    the newline vector, found without the patch's tracing: the one crop patch whose projected
+    feature the unpruned model put at that token (equal in every bit; no two crop patches
+    project alike on random weights). The images are the runs of such tokens."""
     with torch.no_grad():
-        q, k = reading.self_attn.q_proj(normed), reading.self_attn.k_proj(normed)
-    width = q.shape[-1]
-    torch.testing.assert_close(vision.cls_attention, torch.softmax(q[0] @ k.T / math.sqrt(width), -1)[1:])
-    torch.testing.assert_close(vision.keys, k[1:])
-    heads = f.clip.config.num_attention_heads
-    producing = layers[state - 1]
-    with torch.no_grad():
-        k_producing = producing.self_attn.k_proj(producing.layer_norm1(hidden[state - 1][None])[0])
-    torch.testing.assert_close(vision.head_keys, k_producing[1:].view(576, heads, -1).mean(1))
+        projected = f.projector(truth["features"]).flatten(0, 1)
+    assert torch.unique(projected, dim=0).shape[0] == projected.shape[0], "two crop patches project alike"
+    nearest = torch.cdist(llm_input, projected).argmin(1)
+    patch = (llm_input == projected[nearest]).all(-1)
+    newline = (llm_input == f.newline.to(llm_input)).all(-1)
+    sources = torch.where(newline, -1, nearest)
+    positions = (patch | newline).nonzero().flatten()
+    runs = positions.tensor_split((positions.diff() > 1).nonzero().flatten() + 1)
+    return [sources[run] for run in runs]
+
+
+def check_traced_context(vision, sources, truth):
+    """``vision`` holds, at each patch token, its crop patch's truth; zeros at the newline tokens."""
+    patch = sources >= 0
+    at = sources[patch]
+    assert torch.equal(vision.patches.cpu(), patch)
+    for name in CONTEXT_ROWS:
+        torch.testing.assert_close(getattr(vision, name)[patch], truth[name].flatten(0, 1)[at])
+        assert not getattr(vision, name)[~patch].any(), f"{name} is not zero at the newline tokens"
+    head_attention = truth["head_attention"].transpose(0, 1).flatten(1)
+    torch.testing.assert_close(vision.head_attention[:, patch], head_attention[:, at])
+    assert not vision.head_attention[:, ~patch].any()
+    # The choice: the base crop's [CLS] feature, the crop of the image's first token.
+    torch.testing.assert_close(vision.cls_feature, truth["cls_feature"][int(sources[0]) // 576])
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("variant", ANY_RESOLUTION)
+def test_on_an_any_resolution_image_each_token_gets_its_crop_patchs_context(families, plugins, recorded, variant, attn):
+    """A wide image (500 x 300): its base crop and two tiles, the tiles' grid unpadded to rows of
+    fewer patches, a newline vector ending each."""
+    f = any_resolution(families, variant, make_image(500, 300, 4))
+    truth = crop_truth(f)
+    patches.prune(f.model, None)
+    with tower_attention(f.clip, "eager"):
+        (sources,) = traced_sources(f, f.llm_input(), truth)
+    patch = sources >= 0
+    crops = truth["features"].shape[0]
+    assert crops == 3 and 0 < int((~patch).sum()) and int(patch.sum()) < crops * 576, "no unpadding to test"
+    patches.prune(f.model, "TOWERTOP", ratio=0.1)
+    with tower_attention(f.clip, attn):
+        f.llm_input()
+    (contexts,) = recorded
+    (vision,) = contexts
+    check_traced_context(vision, sources, truth)
+
+
+@pytest.mark.parametrize("variant", ANY_RESOLUTION)
+def test_on_a_prompt_of_two_any_resolution_images_each_gets_its_own_crops(families, plugins, recorded, variant):
+    """A wide image (three crops) and a tall one (four crops, unpadded the other way) in one prompt."""
+    f = any_resolution(families, variant, make_image(500, 300, 8), make_image(300, 1000, 9))
+    truth = crop_truth(f)
+    patches.prune(f.model, None)
+    with tower_attention(f.clip, "eager"):
+        traced = traced_sources(f, f.llm_input(), truth)
+    assert [len(set((s[s >= 0] // 576).tolist())) for s in traced] == [3, 4]
+    patches.prune(f.model, "TOWERTOP", ratio=0.1)
+    f.llm_input()
+    (contexts,) = recorded
+    assert len(contexts) == len(traced) == 2
+    for vision, sources in zip(contexts, traced):
+        check_traced_context(vision, sources, truth)
 
 
 @pytest.mark.parametrize("variant", LLAVA_15)
@@ -244,12 +357,19 @@ def test_an_adaptive_method_keeps_the_count_it_chooses_per_image(families, plugi
     assert 1 <= min(counts) and max(counts) < 576
 
 
-@pytest.mark.parametrize("variant", ["llava-1.6", "llava-next-hf"])
-def test_any_resolution_images_are_refused_naming_why(families, plugins, variant):
-    image = make_image(500, 300, 4)
-    f = (Original if variant == "llava-1.6" else Transformers)(families[variant], image)
+@pytest.mark.parametrize("variant", ANY_RESOLUTION)
+def test_features_with_the_cls_among_the_patches_are_refused_naming_why(families, plugins, variant, monkeypatch):
+    """No context where the model's features hold the [CLS] (LLaVA's ``cls_patch``, transformers'
+    ``full`` strategy): no token would be that row's patch."""
+    f = any_resolution(families, variant, make_image(500, 300, 4))
     patches.prune(f.model, "TOWERTOP", ratio=0.1)
-    with pytest.raises(ValueError, match="not yet on any-resolution crops"):
+    if variant == "llava-1.6":
+        monkeypatch.setattr(f.model.get_vision_tower(), "select_feature", "cls_patch")
+        message = "the vision context needs the tower's patch features; this LLaVA selects 'cls_patch'"
+    else:
+        f.inputs["vision_feature_select_strategy"] = "full"
+        message = "the vision context needs one feature layer of patch features; this model takes layer -2 with strategy 'full'"
+    with pytest.raises(ValueError, match=message):
         f.llm_input()
 
 
@@ -352,3 +472,26 @@ def test_a_merger_before_the_projector_keeps_the_newline_vectors_as_they_are(plu
     assert kept.indices.tolist() == sorted([*positions.tolist(), 5, 11])
     order = torch.cat([positions, newlines]).argsort()
     torch.testing.assert_close(kept.tokens, torch.cat([merged, tokens[newlines]])[order])
+
+
+@pytest.mark.parametrize("variant", ANY_RESOLUTION)
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_each_bundled_vision_method_prunes_any_resolution_images_keeping_their_newlines(families, variant, method):
+    """At SUBSET_RATIO = 0.098 at most that share of the image's tokens reaches the LLM (adaptive:
+    at most all), every newline token of the image among them, the text unchanged."""
+    f = any_resolution(families, variant, make_image(500, 300, 10))
+    patches.prune(f.model, None)
+    unpruned = f.llm_input()
+    n = unpruned.shape[0] - f.text_tokens
+    newline = f.newline.to(unpruned)
+    rows = int((unpruned[f.start : f.start + n] == newline).all(-1).sum())
+    assert rows > 0
+    ratios = [0.098, None] if "adaptive" in otprune.methods.get_method(method).context else [0.098]
+    for ratio in ratios:
+        patches.prune(f.model, method, ratio=ratio)
+        got = f.llm_input()
+        kept = got.shape[0] - f.text_tokens
+        assert rows < kept <= (budget(ratio, n) if ratio else n)
+        assert int((got[f.start : f.start + kept] == newline).all(-1).sum()) == rows
+        torch.testing.assert_close(got[: f.start], unpruned[: f.start])
+        torch.testing.assert_close(got[f.start + kept :], unpruned[f.start + n :])
