@@ -163,7 +163,8 @@ class VisionContext:
       (``otprune.selection``).
 
     Towers without a [CLS] (OneVision's SigLIP, Qwen's ViT) and the tokens no patch stands for
-    follow the choices the adapters name (``patches.vision_tower``).
+    follow the choices the adapters name (``patches.vision_tower``, ``patches.vision_crops``,
+    ``patches.vision_without_cls``).
     """
 
     features: torch.Tensor

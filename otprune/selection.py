@@ -104,10 +104,7 @@ def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mappin
 
 # Where the adapters give a context only in part, what they give.
 _WHY_MISSING = {
-    "vision": (
-        " (the adapters give it where a CLIP tower's patches map one to one onto an image's tokens, LLaVA-1.5-style images;"
-        " not yet on any-resolution crops or towers without a [CLS])"
-    ),
+    "vision": (" (the adapters give it on the LLaVA families and Qwen-VL where the tower's rows map onto the image's tokens; not yet on OneVision)"),
 }
 
 

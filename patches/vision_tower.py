@@ -17,8 +17,8 @@ registered only for a method that asks for the context, and only for the tower's
 Images map to the tower's rows in order: one row (a 336 px crop: [CLS] + 576 patches) per image,
 or, for any-resolution images (LLaVA-1.6 / NeXT), each image's crops traced token by token through
 the model's arrangement (``patches.vision_crops``, which names its choices).
-**Not yet**: towers without a [CLS] (SigLIP, Qwen's ViT): a method asking for the context there
-stops the run, naming why.
+Towers without a [CLS]: Qwen's ViT in ``patches.vision_without_cls``; OneVision's SigLIP not yet (a
+method asking for the context there stops the run, naming why).
 """
 
 from __future__ import annotations
