@@ -85,7 +85,14 @@ def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mappin
     for i, tokens in enumerate(images):
         groups[tokens.shape[0], counts[i]].append(i)
     kept: list[Kept | None] = [None] * len(images)
-    one_by_one = spec.kind != "selector" or not spec.accepts_batches or spec.before_projector or any(name in PER_IMAGE_CONTEXT for name in spec.context)
+    # An adaptive run's images keep counts of their own choosing: one call each.
+    one_by_one = (
+        spec.kind != "selector"
+        or not spec.accepts_batches
+        or spec.before_projector
+        or config.adaptive
+        or any(name in PER_IMAGE_CONTEXT for name in spec.context)
+    )
     for (n, k), members in groups.items():
         if k == 0:
             for i in members:
@@ -208,6 +215,11 @@ def _call(config: PruneConfig, spec: Method, tokens: torch.Tensor, k: int, conte
     label = f"{spec.kind} plugin {spec.name} ({spec.origin})"
     # The model reads these tensors after the call; a write shows in a tensor's version counter.
     inputs = {"tokens": tokens, **{name: value for name, value in context.items() if isinstance(value, torch.Tensor)}}
+    if isinstance(context.get("vision"), VisionContext):
+        vision = context["vision"]
+        inputs.update(
+            {f"vision.{name}": getattr(vision, name) for name in VisionContext.__dataclass_fields__ if isinstance(getattr(vision, name), torch.Tensor)}
+        )
     versions = {name: value._version for name, value in inputs.items()}
     try:
         answer = spec.function(tokens, k, **context, **options)

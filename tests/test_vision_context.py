@@ -18,7 +18,7 @@ import otprune.methods
 import otprune.patches as patches
 from otprune.contract import VisionContext
 from otprune.prune_config import PruneConfig
-from otprune.selection import select_per_image
+from otprune.selection import PluginFault, select_per_image
 from otprune.selectors import budget
 from patches.vision_tower import encoder_layers
 
@@ -46,9 +46,27 @@ def merge_features(tokens, k, *, vision):
 
 
 merge_features.before_projector = True
+
+
+def select_writing_the_tower_attention(tokens, k, *, vision):
+    vision.cls_attention.zero_()
+    return torch.arange(k)
+
+
+def select_first_half_batched(tokens, k, *, adaptive):
+    """Batches of equal N; adaptive: each image keeps its first half."""
+    SEEN.append((tokens, None, adaptive))
+    if tokens.dim() == 3:
+        return torch.arange(k).expand(tokens.shape[0], k)
+    return torch.arange(max(1, tokens.shape[0] // 2) if adaptive else k)
+
+
+select_first_half_batched.accepts_batches = True
 '''
 ENTRY_POINTS = """[otprune.selectors]
 TOWERTOP = otprune_vision_test_plugins:select_by_tower
+TOWERWRITER = otprune_vision_test_plugins:select_writing_the_tower_attention
+HALFBATCH = otprune_vision_test_plugins:select_first_half_batched
 
 [otprune.mergers]
 FEATUREWINDOWS = otprune_vision_test_plugins:merge_features
@@ -495,3 +513,18 @@ def test_each_bundled_vision_method_prunes_any_resolution_images_keeping_their_n
         assert int((got[f.start : f.start + kept] == newline).all(-1).sum()) == rows
         torch.testing.assert_close(got[: f.start], unpruned[: f.start])
         torch.testing.assert_close(got[f.start + kept :], unpruned[f.start + n :])
+
+
+def test_a_plugin_that_writes_its_vision_context_in_place_stops_the_run(plugins):
+    vision = synthetic_vision(6, torch.tensor([], dtype=torch.long))
+    with pytest.raises(PluginFault, match="wrote its input vision.cls_attention in place"):
+        select_per_image(PruneConfig(method="TOWERWRITER", ratio=0.5), [torch.randn(6, 3)], {"vision": [vision]})
+
+
+def test_an_adaptive_run_calls_a_batching_selector_image_by_image(plugins):
+    images = [torch.randn(8, 3), torch.randn(8, 3)]
+    kept = select_per_image(PruneConfig(method="HALFBATCH"), images)
+    assert [k.indices.tolist() for k in kept] == [[0, 1, 2, 3]] * 2
+    assert [seen[0].dim() for seen in plugins[-2:]] == [2, 2]
+    batched = select_per_image(PruneConfig(method="HALFBATCH", ratio=0.25), images)
+    assert plugins[-1][0].dim() == 3 and [k.indices.tolist() for k in batched] == [[0, 1]] * 2
