@@ -111,7 +111,10 @@ def _select(config: PruneConfig, images: Sequence[torch.Tensor], context: Mappin
 
 # Where the adapters give a context only in part, what they give.
 _WHY_MISSING = {
-    "vision": (" (the adapters give it on the LLaVA families and Qwen-VL where the tower's rows map onto the image's tokens; not yet on OneVision)"),
+    "vision": (
+        " (the adapters give it on the LLaVA families, LLaVA-OneVision and Qwen-VL where the tower's rows map onto the image's tokens;"
+        " not on OneVision's videos, nor on its images whose tiles its anyres_max cap downsamples)"
+    ),
 }
 
 

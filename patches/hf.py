@@ -223,7 +223,7 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
         context["grid"] = [_grids(model, f) for f in flat]
     if tower is not None:
         context["vision"] = aligned_contexts(tower.contexts(), flat, _crop_layout(model, feature_kwargs))
-    kept = select_per_image(config, flat, context, project=_projector(model))
+    kept = select_per_image(config, flat, context, project=projector(model))
     keep = valid.clone()
     chosen = iter(kept)
     for b, row_spans in enumerate(spans):
@@ -248,15 +248,27 @@ def _prepare(model, config, kwargs: dict, generating: bool) -> tuple[dict, list[
 
 
 def _tower_capture(model, config, feature_kwargs: dict):
-    """Hooks recording the vision context while the CLIP tower runs, for a method that needs it."""
+    """Hooks recording the vision context while the tower runs, for a method that needs it."""
     if "vision" not in config.spec.context and not config.spec.before_projector:
         return contextlib.nullcontext()
+    return tower_capture(model, feature_kwargs)
+
+
+def tower_capture(model, feature_kwargs: dict):
+    """Hooks recording the vision context (``vision_tower.capture_tower``) while the model's vision
+    tower runs, at its one feature layer of patch features: a CLIP tower's, its [CLS] dropped (the
+    "default" strategy), or those of a tower without a [CLS] (SigLIP, OneVision's: "full")."""
     layer = feature_kwargs.get("vision_feature_layer", model.config.vision_feature_layer)
     strategy = feature_kwargs.get("vision_feature_select_strategy", model.config.vision_feature_select_strategy)
-    if not isinstance(layer, int) or strategy != "default":
-        raise ValueError(f"the vision context needs one feature layer of patch features; this model takes layer {layer!r} with strategy {strategy!r}")
     tower = model.model.vision_tower
-    return capture_tower(encoder_layers(tower), layer, tower.config.num_attention_heads)
+    cls = hasattr(getattr(tower, "vision_model", tower).embeddings, "class_embedding")
+    patches_only = "default" if cls else "full"
+    if not isinstance(layer, int) or strategy != patches_only:
+        raise ValueError(
+            f"the vision context needs one feature layer of patch features; this model takes layer {layer!r} with strategy {strategy!r} "
+            f"(its tower {'has' if cls else 'has no'} [CLS]: {patches_only!r} takes its patches)"
+        )
+    return capture_tower(encoder_layers(tower), layer, tower.config.num_attention_heads, cls=cls)
 
 
 def _crop_layout(model, feature_kwargs: dict):
@@ -268,11 +280,11 @@ def _crop_layout(model, feature_kwargs: dict):
     return llava_next_layout(model, feature_kwargs["image_sizes"], strategy)
 
 
-def _projector(model):
-    """The model's projector as ``(m, C_v) -> (m, d)`` in its own dtype."""
-    projector = model.model.multi_modal_projector
-    dtype = next(projector.parameters()).dtype
-    return lambda features: projector(features.to(dtype))
+def projector(model):
+    """The model's projector (``multi_modal_projector``) as ``(m, C_v) -> (m, d)`` in its own dtype."""
+    module = model.model.multi_modal_projector
+    dtype = next(module.parameters()).dtype
+    return lambda features: module(features.to(dtype))
 
 
 def _kept_features(features: torch.Tensor, kept) -> torch.Tensor:

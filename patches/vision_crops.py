@@ -1,5 +1,5 @@
-"""The vision context on any-resolution images (LLaVA-1.6 original, transformers' LLaVA-NeXT):
-each of an image's tokens traced to the tower crop and patch it came from.
+"""The vision context on any-resolution images (LLaVA-1.6 original, transformers' LLaVA-NeXT and
+LLaVA-OneVision): each of an image's tokens traced to the tower crop and patch it came from.
 
 The tower runs on each image's crops (the base image, then each tile; [CLS] + ``side x side``
 patches each), all crops of one image before the next image's. The model arranges the crops'
@@ -11,6 +11,12 @@ token's source. transformers' ``pack_image_features`` is called as it is; the or
 arranges inline in ``prepare_inputs_labels_for_multimodal``, so its steps are repeated here around
 its own ``unpad_image`` and ``get_anyres_image_grid_shape`` (the tests check the result against
 the model's output).
+
+OneVision packs as NeXT does, then, where the unpadded grid of an image exceeds its
+``anyres_max`` cap, downsamples it bilinearly: its tokens then blend several patches and no patch
+stands for one, so its context cannot be aligned; ``onevision_layout`` says which images that
+is (the model packs an index map and its square: a blend of distinct indices has a mean square
+above its squared mean).
 
 A token's context row is its crop's row for that patch. **Choices**:
 
@@ -29,7 +35,7 @@ import torch
 
 from otprune.contract import VisionContext
 
-__all__ = ["CropLayout", "crop_contexts", "llava_next_layout", "original_llava_layout"]
+__all__ = ["CropLayout", "crop_contexts", "llava_next_layout", "onevision_layout", "original_llava_layout"]
 
 NEWLINE = -1
 
@@ -97,6 +103,27 @@ def llava_next_layout(model, image_sizes, strategy: str) -> CropLayout:
     side = vision.image_size // vision.patch_size
     packed, _ = model.model.pack_image_features(_index_maps(crops, side * side), image_sizes, strategy, image_newline=torch.tensor([NEWLINE]))
     return CropLayout(side * side, tuple(crops), tuple(tokens[:, 0].cpu() for tokens in packed))
+
+
+def onevision_layout(model, image_sizes, batch_num_images, aspect_ratio: str) -> tuple[CropLayout, list[int]]:
+    """The layout of transformers' LLaVA-OneVision images of ``image_sizes`` ((H, W) each), from the
+    model's own ``pack_image_features``, and the indices of the images it downsamples (their
+    ``sources`` stand for no patch). ``batch_num_images``: as ``get_image_features`` takes it (a
+    prompt of several images gives each one crop, the base image)."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    config = model.config
+    vision = config.vision_config
+    tiled = [True] * len(image_sizes) if batch_num_images is None else [n == 1 for n in batch_num_images for _ in range(n)]
+    crops = [image_size_to_num_patches(size, config.image_grid_pinpoints, vision.image_size) if tile else 1 for size, tile in zip(image_sizes, tiled)]
+    side = vision.image_size // vision.patch_size
+    # float64: the bilinear downsampling takes floats, and holds these indices and squares exactly.
+    index = torch.cat(_index_maps(crops, side * side)).double()
+    maps = torch.cat((index, index.square()), dim=-1).split(crops)
+    newline = torch.tensor([NEWLINE, NEWLINE**2], dtype=torch.float64)
+    packed, _ = model.model.pack_image_features(list(maps), image_sizes, image_newline=newline, vision_aspect_ratio=aspect_ratio)
+    downsampled = [i for i, tokens in enumerate(packed) if bool((tokens[:, 1] != tokens[:, 0].square()).any())]
+    return CropLayout(side * side, tuple(crops), tuple(tokens[:, 0].long().cpu() for tokens in packed)), downsampled
 
 
 def crop_contexts(contexts: list[VisionContext], layout: CropLayout, images: list[torch.Tensor]) -> list[VisionContext | None]:

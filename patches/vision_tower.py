@@ -1,8 +1,9 @@
-"""The vision context (``otprune.contract.VisionContext``): a CLIP tower's [CLS] attention, keys
-and features at LLaVA's feature layer, captured by hooks while the model's own tower runs.
+"""The vision context (``otprune.contract.VisionContext``): a ViT tower's attention, keys and
+features at the feature layer, captured by hooks while the model's own tower runs; a CLIP tower
+with its [CLS] (LLaVA), or one without (OneVision's SigLIP).
 
 Hooks on the ``q_proj`` / ``k_proj`` of two encoder blocks and on the output of the block whose
-output LLaVA takes (``hidden_states[feature_layer]``) record what the tower computes; the
+output the model takes (``hidden_states[feature_layer]``) record what the tower computes; the
 attention is then computed here from those queries and keys, so it is the same under every
 attention backend (sdpa and flash attention never form the attention matrix). Hooks are
 registered only for a method that asks for the context, and only for the tower's call.
@@ -11,14 +12,20 @@ registered only for a method that asks for the context, and only for the tower's
   ``s - 1`` (``s`` counted as Python counts, negative from the end of the ``L + 1`` states);
   VisionZip reads its attention (``attentions[s]``) and keys;
 - the block that reads them, the next one: PruMerge hooks it (layer 23 of 24 for LLaVA's -2).
-  **Choice**: a tower whose features are its last block's output has no such block; both forms
-  are then measured at that last block.
+  **Choice**: a tower whose features are its last block's output (OneVision's -1) has no such
+  block; both forms are then measured at that last block.
+
+A tower without a [CLS] (**choice**, METHOD.md "Vision context"): a patch's score is the mean
+attention it receives from all queries of its crop (softmax over the crop's keys), per head
+(``head_attention``, at the producing block); ``cls_attention`` is its head average at the
+reading block (the same block at the last layer, so then exactly ``head_attention``'s mean);
+``keys`` the reading block's full-width keys, ``head_keys`` the producing block's, averaged over
+heads; ``features`` every position (the "full" strategy: no [CLS] to drop); ``cls_feature`` none.
 
 Images map to the tower's rows in order: one row (a 336 px crop: [CLS] + 576 patches) per image,
-or, for any-resolution images (LLaVA-1.6 / NeXT), each image's crops traced token by token through
-the model's arrangement (``patches.vision_crops``, which names its choices).
-Towers without a [CLS]: Qwen's ViT in ``patches.vision_without_cls``; OneVision's SigLIP not yet (a
-method asking for the context there stops the run, naming why).
+or, for any-resolution images (LLaVA-1.6 / NeXT, OneVision), each image's crops traced token by
+token through the model's arrangement (``patches.vision_crops``, which names its choices).
+Qwen's ViT, whose tokens merge 2 x 2 patches, is in ``patches.vision_without_cls``.
 """
 
 from __future__ import annotations
@@ -32,13 +39,14 @@ import torch
 from otprune.contract import VisionContext
 
 from .vision_crops import CropLayout, crop_contexts
+from .vision_without_cls import received_attention
 
 __all__ = ["TowerCapture", "aligned_contexts", "capture_tower", "encoder_layers", "feature_blocks"]
 
 
 def encoder_layers(clip) -> torch.nn.ModuleList:
-    """A transformers CLIP vision model's encoder blocks (under ``vision_model`` before transformers
-    5.2x, on the model itself after)."""
+    """A transformers CLIP or SigLIP vision model's encoder blocks (under ``vision_model`` before
+    transformers 5.2x, on the model itself after)."""
     return getattr(clip, "vision_model", clip).encoder.layers
 
 
@@ -60,12 +68,14 @@ class TowerCapture:
     """What the hooks recorded over the tower's calls, each ``(rows, P, C)``, rows in call order."""
 
     heads: int
+    cls: bool = True
     queries: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"producing": [], "reading": []})
     keys: dict[str, list[torch.Tensor]] = field(default_factory=lambda: {"producing": [], "reading": []})
     outputs: list[torch.Tensor] = field(default_factory=list)
 
     def contexts(self) -> list[VisionContext]:
-        """One :class:`VisionContext` per tower row (float32), patches only: the [CLS] is row 0."""
+        """One :class:`VisionContext` per tower row (float32), patches only: the [CLS], if the
+        tower has one, is row 0."""
         if not self.outputs:
             return []
         joined = {
@@ -75,8 +85,9 @@ class TowerCapture:
             "k_reading": torch.cat(self.keys["reading"]),
         }
         outputs = torch.cat(self.outputs)
+        context = _context if self.cls else _context_without_cls
         return [
-            _context(
+            context(
                 outputs[row],
                 joined["q_producing"][row],
                 joined["k_producing"][row],
@@ -108,13 +119,32 @@ def _context(output, q_producing, k_producing, q_reading, k_reading, heads: int)
     )
 
 
+def _context_without_cls(output, q_producing, k_producing, q_reading, k_reading, heads: int) -> VisionContext:
+    """One row's context on a tower without a [CLS] (the module's choice), from the same inputs
+    as :func:`_context`."""
+    output, q_producing, k_producing, q_reading, k_reading = (t.float() for t in (output, q_producing, k_producing, q_reading, k_reading))
+    positions, width = q_reading.shape
+
+    def per_head(t: torch.Tensor) -> torch.Tensor:
+        return t.view(positions, heads, width // heads)
+
+    return VisionContext(
+        features=output,
+        cls_attention=received_attention(per_head(q_reading), per_head(k_reading), [0, positions]).mean(0),
+        keys=k_reading,
+        head_attention=received_attention(per_head(q_producing), per_head(k_producing), [0, positions]),
+        head_keys=per_head(k_producing).mean(1),
+    )
+
+
 @contextlib.contextmanager
-def capture_tower(layers, feature_layer: int, heads: int):
-    """Record, while the tower runs, what :meth:`TowerCapture.contexts` needs from a CLIP encoder's
+def capture_tower(layers, feature_layer: int, heads: int, cls: bool = True):
+    """Record, while the tower runs, what :meth:`TowerCapture.contexts` needs from a ViT encoder's
     ``layers`` (each with ``self_attn.q_proj`` / ``k_proj``) whose features are
-    ``hidden_states[feature_layer]``; yields the :class:`TowerCapture`."""
+    ``hidden_states[feature_layer]``, with a [CLS] at position 0 or (``cls=False``) without;
+    yields the :class:`TowerCapture`."""
     producing, reading = feature_blocks(len(layers), feature_layer)
-    capture = TowerCapture(heads)
+    capture = TowerCapture(heads, cls)
     handles = []
 
     def keep(store: list):

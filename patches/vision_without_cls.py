@@ -37,7 +37,7 @@ import torch
 
 from otprune.contract import VisionContext
 
-__all__ = ["QwenCapture", "capture_qwen_tower", "context_block", "merger_mlp", "unit_contexts"]
+__all__ = ["QwenCapture", "capture_qwen_tower", "context_block", "merger_mlp", "received_attention", "unit_contexts"]
 
 # Rows of attention formed at once: bounds the memory of the (heads, rows, patches) scores.
 _SCORE_ELEMENTS = 1 << 26
@@ -92,7 +92,7 @@ def _call_frames(visual, call: _Call) -> list[VisionContext]:
     q, k, _ = call.qkv.float().reshape(patches, 3, heads, -1).unbind(1)
     cos, sin = (t.float() for t in call.position_embeddings)
     q, k = sys.modules[type(attention).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
-    received = _received_attention(q, k, call.cu_seqlens.tolist())
+    received = received_attention(q, k, call.cu_seqlens.tolist())
     order = _token_order(visual, call.grid_thw).to(q.device)
 
     def merged(per_patch: torch.Tensor) -> torch.Tensor:
@@ -120,9 +120,10 @@ def _call_frames(visual, call: _Call) -> list[VisionContext]:
     return frames
 
 
-def _received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
+def received_attention(q: torch.Tensor, k: torch.Tensor, cu_seqlens: list[int]) -> torch.Tensor:
     """``(H, P)``: per head, the mean over the queries of a patch's segment of the softmax
-    attention they give it (``q``, ``k`` ``(P, H, D)``; segments ``cu_seqlens``)."""
+    attention they give it (``q``, ``k`` ``(P, H, D)``; segments ``cu_seqlens``, each softmax over
+    its segment's keys). Also the no-[CLS] score of ``vision_tower`` (OneVision's SigLIP crops)."""
     heads, width = q.shape[1], q.shape[2]
     received = q.new_zeros(heads, q.shape[0])
     for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):

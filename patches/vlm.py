@@ -25,9 +25,13 @@ a video (Qwen: one ``t`` of its grid, two input frames merged; OneVision: one po
 pruned to its own budget, as an image would be, so a clip keeps the same share of every moment;
 OneVision's one newline token after a video is always kept.
 
-The vision context (a method asking for ``vision`` or running before the projector) comes from
-Qwen's tower, per selection unit (``vision_without_cls``; the merger's MLP is the projector). On
-OneVision such a method stops the run, naming why: its crops' rows are not yet aligned.
+The vision context (a method asking for ``vision`` or running before the projector), per
+selection unit: from Qwen's tower (``vision_without_cls``; the merger's MLP is the projector), or
+from OneVision's SigLIP crops (``vision_tower``, no [CLS]), each token traced to its crop patch
+through the model's own packing (``vision_crops``; newline tokens kept); the projector is its
+``multi_modal_projector``. Where no patch stands for OneVision's tokens such a method stops the
+run, naming why: an image whose tiles' features its ``anyres_max`` cap downsamples, and videos
+(each frame's projected features are pooled bilinearly).
 """
 
 from __future__ import annotations
@@ -43,11 +47,14 @@ from otprune.contract import PatchGrid
 from otprune.selection import select_per_image, stop_run
 
 from .grids import image_grids
-from .hf import decoder
+from .hf import decoder, tower_capture
+from .hf import projector as llava_projector
 from .hf import vision_modules as llava_vision_modules
 from .layers import PrefillState, attach_state
 from .model_calls import as_keywords, generation_padding, with_full_prompt, wrap_model_classes
 from .splice import IGNORE_INDEX, check_prunable_images, leave_out, left_out_ids, padding_mask, padding_side, question_positions, repad, visual_spans
+from .vision_crops import onevision_layout
+from .vision_tower import aligned_contexts
 from .vision_without_cls import capture_qwen_tower, merger_mlp, unit_contexts
 
 QWEN_CLASSES = ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration", "Qwen3VLForConditionalGeneration")
@@ -117,7 +124,7 @@ def _wrap(original, generating: bool):
             return original(self, **kwargs)
         if generating and kwargs.get("attention_mask") is None:
             kwargs["attention_mask"] = generation_padding(self, kwargs).long()
-        full = _unpruned_inputs(self, kwargs, generating, _tower_capture(self, config))
+        full = _unpruned_inputs(self, kwargs, generating, _tower_capture(self, config, kwargs))
         if config.layer_index > 0:
             _attach(self, config, _prefill_state(full, left_out_ids(self, config)))
             prepared, deepstack = _llm_call(self, kwargs, full, None, generating)
@@ -170,8 +177,9 @@ def _visuals(model, kwargs: dict) -> list[Visual]:
     if type(model).__name__ == ONEVISION_CLASS:
         options = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy") if kwargs.get(k) is not None}
         if kwargs.get("pixel_values") is not None:
+            image_options = {**options, "vision_aspect_ratio": kwargs["vision_aspect_ratio"]} if kwargs.get("vision_aspect_ratio") else options
             out = inner.get_image_features(
-                kwargs["pixel_values"], kwargs["image_sizes"], batch_num_images=kwargs.get("batch_num_images"), return_dict=True, **options
+                kwargs["pixel_values"], kwargs["image_sizes"], batch_num_images=kwargs.get("batch_num_images"), return_dict=True, **image_options
             )
             features = list(out.pooler_output)
             side = config.vision_config.image_size // config.vision_config.patch_size
@@ -268,24 +276,63 @@ class UnprunedInputs:
     vision: list | None = None
 
 
-def _tower_capture(model, config):
-    """Hooks recording the vision context while Qwen's tower runs, for a method that needs it
-    (``vision_without_cls``); OneVision stops the run, naming why."""
+def _tower_capture(model, config, kwargs: dict):
+    """Hooks recording the vision context while the tower runs, for a method that needs it. They
+    yield a function of the call's ``visuals`` and a device that gives each selection unit's
+    context (``None`` where the tower's rows do not map onto its tokens)."""
     if "vision" not in config.spec.context and not config.spec.before_projector:
         return contextlib.nullcontext()
     if type(model).__name__ == ONEVISION_CLASS:
+        return _onevision_tower(model, config, kwargs)
+    return _qwen_tower(model.model.visual)
+
+
+@contextlib.contextmanager
+def _qwen_tower(visual):
+    """Qwen's tower, per frame, its frames joined into the selection units (``unit_contexts``)."""
+    with capture_qwen_tower(visual) as capture:
+        yield lambda visuals, device: unit_contexts(capture.frames(), [count for v in visuals for count, _, _ in v.units], device)
+
+
+def _onevision_tower(model, config, kwargs: dict):
+    """OneVision's SigLIP crops, each image's tokens traced to them (``vision_crops.onevision_layout``);
+    the run stops, naming why, before the tower runs where no patch stands for a token."""
+    why = f"BASELINE={config.spec.name} needs the vision tower's view, which LLaVA-OneVision does not give"
+    if kwargs.get("pixel_values_videos") is not None:
+        stop_run(config, f"{why} for videos: each frame's projected features are pooled bilinearly, so no tower patch stands for a video token", ValueError)
+    sizes = kwargs["image_sizes"]
+    aspect = kwargs.get("vision_aspect_ratio") or model.config.vision_aspect_ratio
+    layout, downsampled = onevision_layout(model, sizes, kwargs.get("batch_num_images"), aspect)
+    if downsampled:
+        height, width = sizes[downsampled[0]].tolist()
         stop_run(
             config,
-            f"BASELINE={config.spec.name} needs the vision tower's view, which is not yet given on LLaVA-OneVision: its SigLIP crops are "
-            "projected, then unpadded, downsampled (anyres_max) and given newline tokens, and the tower's rows are not yet aligned with those tokens",
+            f"{why} for an image of {width} x {height} px: its tiles' features are downsampled by OneVision's anyres_max cap "
+            f"(vision_aspect_ratio {aspect!r}), so each of its tokens blends several tower patches",
             ValueError,
         )
-    return capture_qwen_tower(model.model.visual)
+    feature_kwargs = {k: kwargs[k] for k in ("vision_feature_layer", "vision_feature_select_strategy") if kwargs.get(k) is not None}
+    return _aligned_by(tower_capture(model, feature_kwargs), layout)
+
+
+@contextlib.contextmanager
+def _aligned_by(capture, layout):
+    """The tower rows ``capture`` records, each image's tokens given theirs by ``layout``."""
+    with capture as tower:
+
+        def contexts(visuals, device):
+            (images,) = visuals
+            tokens = images.features.to(device).split([count for count, _, _ in images.units])
+            return aligned_contexts(tower.contexts(), list(tokens), layout)
+
+        yield contexts
 
 
 def _projector(model):
-    """Qwen's projector as ``(m, 4 C) -> (m, d)``: the merger's MLP, in its own dtype
-    (``vision_without_cls``: the features are its input)."""
+    """The projector of a method before it, as ``(m, C) -> (m, d)`` in its own dtype: OneVision's
+    ``multi_modal_projector``; Qwen's merger MLP (``vision_without_cls``: the features are its input)."""
+    if type(model).__name__ == ONEVISION_CLASS:
+        return llava_projector(model)
     _, mlp = merger_mlp(model.model.visual.merger)
     dtype = next(model.model.visual.merger.parameters()).dtype
     return lambda features: mlp(features.to(dtype))
@@ -300,7 +347,7 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool, tower=None) -> Unpru
     visual_mask = torch.zeros_like(valid)
     deepstack = None
     units = []
-    with tower or contextlib.nullcontext() as capture:
+    with tower or contextlib.nullcontext() as unit_vision:
         visuals = _visuals(model, kwargs)
     for visual in visuals:
         where = input_ids == visual.token_id
@@ -312,9 +359,7 @@ def _unpruned_inputs(model, kwargs: dict, generating: bool, tower=None) -> Unpru
         units += _units(input_ids, visual)
     frame_ids = [getattr(model.config, name, None) for name in ("vision_start_token_id", "vision_end_token_id")]
     markers = torch.isin(input_ids, torch.tensor([i for i in frame_ids if i is not None], dtype=input_ids.dtype, device=input_ids.device))
-    vision = None
-    if capture is not None:
-        vision = unit_contexts(capture.frames(), [count for visual in visuals for count, _, _ in visual.units], embeds.device)
+    vision = None if unit_vision is None else unit_vision(visuals, embeds.device)
     return UnprunedInputs(input_ids, valid, embeds, positions, visual_mask, units, deepstack, markers, vision)
 
 

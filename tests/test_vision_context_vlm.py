@@ -1,15 +1,19 @@
-"""The vision context of Qwen's ViT (no [CLS]) through the Qwen-VL patch (patches/vlm.py), methods
-that run before its merger's MLP, and the bundled vision-side methods on Qwen2.5-VL.
+"""The vision context of Qwen's ViT and of LLaVA-OneVision's SigLIP tower (neither has a [CLS])
+through patches/vlm.py, methods that run before the projector (Qwen: its merger's MLP), and the
+bundled vision-side methods on Qwen2.5-VL and OneVision.
 
-The truth is the tower run on its own with eager attention, and the attention recomputed here
+On Qwen the truth is the tower run on its own with eager attention, and the attention recomputed
 from its context block's own modules (``norm1``, ``attn.qkv``, the model's
 ``apply_rotary_pos_emb_vision``) on that block's inputs: the mean attention each patch receives
 from the queries of its frame, per head, averaged over each merged 2 x 2 group (Qwen's attention
-modules return no attention weights)."""
+modules return no attention weights). On OneVision: the tower run on its own with eager attention
+and ``output_attentions=True``, each token matched to its crop patch by its unpruned LLM input
+(the projector of that patch's feature, bit for bit) or to the newline vector."""
 
 import contextlib
 import logging
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,12 +23,13 @@ pytest.importorskip("transformers")
 from conftest import load_script  # noqa: E402
 from test_patch_hf import inputs_for, llm_inputs, make_image  # noqa: E402
 from test_patch_vlm import qwen_video_inputs  # noqa: E402
-from test_vision_context import plugins  # noqa: E402, F401
+from test_vision_context import plugins, traced_sources  # noqa: E402, F401
 
 import otprune.methods  # noqa: E402
 import otprune.patches as patches  # noqa: E402
 from otprune.patches import vision_without_cls  # noqa: E402
 from otprune.selectors import budget  # noqa: E402
+from patches.vision_tower import encoder_layers  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("pruning_off")
 
@@ -221,8 +226,198 @@ def test_each_bundled_vision_method_prunes_qwen25_vl(models, method, caplog):
         torch.testing.assert_close(got[start + kept :], unpruned[start + n :])
 
 
-def test_onevision_refuses_the_vision_context_naming_why(models, plugins):  # noqa: F811
+def onevision_crops(inputs):
+    """Every crop OneVision's tower sees, in order: each image's crops (zero-padded to the most),
+    or its base crop alone where its prompt holds several images (``batch_num_images``)."""
+    tiled = [n == 1 for n in inputs["batch_num_images"].tolist() for _ in range(n)]
+    return torch.cat([image[image.flatten(1).abs().sum(1) > 0] if tile else image[:1] for image, tile in zip(inputs["pixel_values"], tiled)])
+
+
+def onevision_truth(model, inputs):
+    """The SigLIP tower alone, eager, on every crop the model sees: per crop row, what its patches'
+    context rows should be: the mean attention each patch receives over its crop's queries, per
+    head (``(R, H, P)``), its head mean, the last block's keys from its own modules, and the
+    features the projector gets."""
+    tower = model.model.vision_tower
+    crops = onevision_crops(inputs)
+    assert model.config.vision_feature_layer == -1, "the truth below reads the last block"
+    with tower_attention(tower, "eager"), torch.no_grad():
+        out = tower(crops, output_hidden_states=True, output_attentions=True)
+        last = encoder_layers(tower)[-1]
+        keys = last.self_attn.k_proj(last.layer_norm1(out.hidden_states[-2]))
+    head_attention = out.attentions[-1].mean(2)
+    rows, positions, _ = keys.shape
+    return {
+        "features": out.hidden_states[-1],
+        "cls_attention": head_attention.mean(1),
+        "keys": keys,
+        "head_keys": keys.view(rows, positions, tower.config.num_attention_heads, -1).mean(2),
+        "head_attention": head_attention,
+    }
+
+
+def onevision_parts(model):
+    """What ``test_vision_context.traced_sources`` reads of a model: its projector and newline vector."""
+    return SimpleNamespace(projector=model.model.multi_modal_projector, newline=model.model.image_newline)
+
+
+@pytest.fixture
+def aligned(monkeypatch):
+    """Each list of image contexts the OneVision patch aligns, as it hands it to the selection."""
+    seen = []
+
+    def record(*args, align=patches.vlm.aligned_contexts):
+        seen.append(align(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(patches.vlm, "aligned_contexts", record)
+    return seen
+
+
+def check_onevision_context(vision, sources, truth):
+    """``vision`` holds, at each patch token, its crop patch's truth; zeros at the newline tokens."""
+    patch = sources >= 0
+    at = sources[patch]
+    assert torch.equal(vision.patches.cpu(), patch)
+    for name in ("features", "cls_attention", "keys", "head_keys"):
+        torch.testing.assert_close(getattr(vision, name)[patch], truth[name].flatten(0, 1)[at])
+        assert not getattr(vision, name)[~patch].any(), f"{name} is not zero at the newline tokens"
+    head_attention = truth["head_attention"].transpose(0, 1).flatten(1)
+    torch.testing.assert_close(vision.head_attention[:, patch], head_attention[:, at])
+    assert not vision.head_attention[:, ~patch].any()
+    assert vision.cls_feature is None
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_on_onevision_each_token_gets_its_siglip_crop_patchs_received_attention(models, plugins, aligned, attn):  # noqa: F811
+    """A wide image (500 x 300): its base crop and four tiles, the tiles' grid unpadded to fewer
+    rows, a newline vector ending each; SigLIP has no [CLS]: a patch's score is the attention it
+    receives from its crop's queries."""
     processor, model = models["llava-onevision"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 6)]])
+    truth = onevision_truth(model, inputs)
+    patches.prune(model, None)
+    with tower_attention(model.model.vision_tower, "eager"):
+        (sources,) = traced_sources(onevision_parts(model), llm_inputs(model, inputs)[0], truth)
+    patch = sources >= 0
+    crops, positions = truth["features"].shape[:2]
+    assert crops == 5 and 0 < int((~patch).sum()) and int(patch.sum()) < crops * positions, "no unpadding to test"
     patches.prune(model, "TOWERTOP", ratio=0.1)
-    with pytest.raises(ValueError, match="not yet given on LLaVA-OneVision"):
-        llm_inputs(model, inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 6)]]))
+    with tower_attention(model.model.vision_tower, attn):
+        llm_inputs(model, inputs)
+    ((vision,),) = aligned
+    check_onevision_context(vision, sources, truth)
+    # The method is given the patch tokens alone, and their rows.
+    tokens, given, adaptive = plugins[-1]
+    assert adaptive is False and tokens.shape[0] == given.features.shape[0] == int(patch.sum())
+    torch.testing.assert_close(given.head_attention, vision.head_attention[:, patch])
+    torch.testing.assert_close(given.keys, vision.keys[patch])
+    # Each crop's received attention is a mean of softmax rows over that crop: it sums to 1 per head.
+    torch.testing.assert_close(truth["head_attention"].sum(-1), torch.ones(crops, truth["head_attention"].shape[1]))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_on_onevision_a_prompt_of_two_images_gives_each_its_own_crops(models, plugins, aligned, nested):  # noqa: F811
+    """Two images in one prompt: given as one list (``batch_num_images`` 1 each), each is tiled;
+    given as the prompt's list of two (``batch_num_images`` 2), OneVision gives each its base crop
+    alone and one newline vector."""
+    processor, model = models["llava-onevision"]
+    images = [make_image(500, 300, 7), make_image(200, 420, 8)]
+    content = [{"type": "image"}] * 2 + [{"type": "text", "text": "Which differs?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=[images] if nested else images, text=[prompt], return_tensors="pt")
+    truth = onevision_truth(model, inputs)
+    patches.prune(model, None)
+    with tower_attention(model.model.vision_tower, "eager"):
+        traced = traced_sources(onevision_parts(model), llm_inputs(model, inputs)[0], truth)
+    assert truth["features"].shape[0] == (2 if nested else 9)
+    assert len(traced) == 2 and (not nested or [int((s < 0).sum()) for s in traced] == [1, 1])
+    patches.prune(model, "TOWERTOP", ratio=0.1)
+    llm_inputs(model, inputs)
+    (contexts,) = aligned
+    assert len(contexts) == 2
+    for vision, sources in zip(contexts, traced):
+        check_onevision_context(vision, sources, truth)
+
+
+def test_a_merger_before_onevisions_projector_gives_the_llm_the_projector_of_its_features(models, plugins):  # noqa: F811
+    """The merger gets the patch tokens' SigLIP features alone; the LLM gets its merged features
+    through OneVision's ``multi_modal_projector``, and the newline vectors as they were."""
+    processor, model = models["llava-onevision"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 12)]])
+    start = int((inputs["input_ids"][0] == model.config.image_token_id).nonzero()[0])
+    truth = onevision_truth(model, inputs)
+    patches.prune(model, None)
+    with tower_attention(model.model.vision_tower, "eager"):
+        unpruned = llm_inputs(model, inputs)[0]
+    (sources,) = traced_sources(onevision_parts(model), unpruned, truth)
+    patch = sources >= 0
+    n, newlines = sources.numel(), int((~patch).sum())
+    patches.prune(model, "FEATUREWINDOWS", ratio=(newlines + 8) / n)
+    got = llm_inputs(model, inputs)[0]
+    features = truth["features"].flatten(0, 1)[sources[patch]]
+    torch.testing.assert_close(plugins[-1][0], features, msg="the merger was not given the patch tokens' features")
+    kept = got.shape[0] - (unpruned.shape[0] - n)
+    image = got[start : start + kept]
+    is_newline = (image == model.model.image_newline).all(-1)
+    assert int(is_newline.sum()) == newlines
+    parts = torch.arange(features.shape[0]).tensor_split(kept - newlines)
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(torch.stack([features[p].mean(0) for p in parts]))
+    torch.testing.assert_close(image[~is_newline], expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[start + kept :], unpruned[start + n :])
+
+
+@pytest.mark.parametrize("method", VISION_METHODS)
+def test_each_bundled_vision_method_prunes_onevision_keeping_its_newlines(models, method, caplog):
+    """At SUBSET_RATIO = 0.098 at most budget(0.098, N) tokens reach the LLM (adaptive: at most
+    N), its text unchanged, every newline vector among them."""
+    processor, model = models["llava-onevision"]
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 9)]])
+    placeholders = inputs["input_ids"][0] == model.config.image_token_id
+    start, n = int(placeholders.nonzero()[0]), int(placeholders.sum())
+    unpruned = llm_inputs(model, inputs)[0]
+    newline = model.model.image_newline.to(unpruned)
+    newlines = int((unpruned == newline).all(-1).sum())
+    assert newlines > 0
+    ratios = [0.098, None] if "adaptive" in otprune.methods.get_method(method).context else [0.098]
+    for ratio in ratios:
+        caplog.clear()
+        patches.prune(model, method, ratio=ratio, log=True)
+        with caplog.at_level(logging.INFO, logger="otprune"):
+            got = llm_inputs(model, inputs)[0]
+        kept = got.shape[0] - (unpruned.shape[0] - n)
+        assert newlines < kept <= (budget(0.098, n) if ratio else n)
+        assert f"{n}->{kept}" in caplog.text
+        assert int((got[start : start + kept] == newline).all(-1).sum()) == newlines
+        torch.testing.assert_close(got[:start], unpruned[:start])
+        torch.testing.assert_close(got[start + kept :], unpruned[start + n :])
+
+
+def test_onevision_refuses_an_image_its_anyres_max_cap_downsamples_naming_why(models, plugins, monkeypatch):  # noqa: F811
+    """Past the cap (here anyres_max_1: one tile's patches) OneVision blends the tiles' features
+    bilinearly: no tower patch stands for a token."""
+    processor, model = models["llava-onevision"]
+    monkeypatch.setattr(model.config, "vision_aspect_ratio", "anyres_max_1")
+    monkeypatch.setattr(processor, "vision_aspect_ratio", "anyres_max_1")
+    inputs = inputs_for(processor, ["What is in the image?"], [[make_image(500, 300, 10)]])
+    patches.prune(model, None)
+    llm_inputs(model, inputs)
+    patches.prune(model, "TOWERTOP", ratio=0.1)
+    message = r"BASELINE=TOWERTOP needs the vision tower's view, .* an image of 500 x 300 px: .* downsampled by OneVision's anyres_max cap"
+    with pytest.raises(ValueError, match=message):
+        llm_inputs(model, inputs)
+    assert not plugins
+
+
+def test_onevision_refuses_the_vision_context_of_a_video_naming_why(models, plugins):  # noqa: F811
+    processor, model = models["llava-onevision"]
+    frames = 2
+    content = [{"type": "video"}, {"type": "text", "text": "What is in the video?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    pixels = torch.randn(1, frames, 3, 56, 56, generator=torch.Generator().manual_seed(11))
+    per_frame = model.model.get_video_features(pixels, return_dict=True).pooler_output.shape[1] // frames
+    inputs = {**processor.tokenizer(prompt.replace("<video>", "<video>" * (frames * per_frame + 1)), return_tensors="pt"), "pixel_values_videos": pixels}
+    patches.prune(model, "TOWERTOP", ratio=0.1)
+    with pytest.raises(ValueError, match="LLaVA-OneVision does not give for videos: each frame's projected features are pooled bilinearly"):
+        llm_inputs(model, inputs)
