@@ -23,9 +23,11 @@ overrunning step does not stop the others and the whole check ends inside ``--bu
 6. ``vlm_lmms_eval``: the real lmms-eval CLI on the Qwen-VL and LLaVA-OneVision families (issue
    14) through lmms-eval's own ``qwen2_5_vl``, ``qwen3_vl``, ``qwen2_vl`` and ``llava_hf`` models, on
    tiny random-weight checkpoints built on the spot (``build_tiny_qwen.py``, processor included),
-   the smoke VQA task with ``--limit``: Original, OURS at K = 0 and FASTV at K = 2, ratio 0.25;
-   each run passes as in step 5, except that an image's token count N_i follows its resolution, so
-   each image must show N_i -> budget(0.25, N_i). transformers builds these families' processors
+   the smoke VQA task with ``--limit``: Original, OURS at K = 0 and FASTV at K = 2, ratio 0.25,
+   and PRUMERGE adaptive (SUBSET_RATIO unset); on Qwen2.5-VL also the plugins CDPRUNER, POOL,
+   TOPNORM and VISIONZIP; each run passes as in step 5, except that an image's token count N_i
+   follows its resolution, so each image must show N_i -> budget(0.25, N_i) (a merger: between 1
+   and that; adaptive: between 1 and N_i). transformers builds these families' processors
    only with torchvision: without it the step is skipped with that reason;
 7. ``accelerate``: the same as step 5 through ``accelerate launch --num_processes 2`` on the one
    GPU: both ranks must have pruned (``OTPRUNE_DUMP`` files of two processes) and the results be
@@ -105,13 +107,14 @@ PARALLEL_RUNS = {"cuda": 6, "cpu": 2}
 # LlavaOnevisionForConditionalGeneration).
 VLM_FAMILIES = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "llava-onevision": "llava_hf", "qwen2-vl": "qwen2_vl"}
 VLM_RATIO = 0.25
-# Original and OURS at K = 0; FASTV at K = 2 (the tiny LLMs have 4 layers).
-VLM_METHODS = [("ORIG", 0), ("OURS", 0), ("FASTV", 2)]
+# Original and OURS at K = 0; FASTV at K = 2 (the tiny LLMs have 4 layers); PRUMERGE adaptive (issue
+# 34: the vision context on every family).
+VLM_METHODS = [("ORIG", 0), ("OURS", 0), ("FASTV", 2), ("PRUMERGE", 0)]
 # Methods that come by entry point (issue 24), on Qwen2.5-VL: otprune's own two plugins, and the
 # outside example package, pip-installed into a folder of its own for its run.
 PLUGIN_VARIANT = "qwen2.5-vl"
-PLUGIN_METHODS = ["CDPRUNER", "POOL", "TOPNORM", "PRUMERGE", "VISIONZIP"]
-# Issue 34's vision-side methods: PRUMERGE adaptive (SUBSET_RATIO unset, its own count per image).
+PLUGIN_METHODS = ["CDPRUNER", "POOL", "TOPNORM", "VISIONZIP"]
+# Methods run adaptive: SUBSET_RATIO unset, each image's count the method's own.
 ADAPTIVE = ("PRUMERGE",)
 OUTSIDE_PLUGINS = {"TOPNORM": ROOT / "examples" / "otprune-topnorm"}
 MERGERS = ("POOL", "PRUMERGE", "VISIONZIP")
@@ -365,11 +368,13 @@ def planned_runs(device: str) -> tuple[list[EvalRun], list[tuple[EvalRun, str]]]
 def planned_vlm_runs() -> list[EvalRun]:
     """Each family's Original, OURS at K = 0 and FASTV at K = 2, and on Qwen2.5-VL each plugin at
     K = 0, batch 1, on the CPU too (tiny models: each run is about 9 s of lmms-eval start-up there)."""
-    runs = [EvalRun(model, baseline, layer, 1, ratio=VLM_RATIO, variant=variant) for variant, model in VLM_FAMILIES.items() for baseline, layer in VLM_METHODS]
-    plugin_model = VLM_FAMILIES[PLUGIN_VARIANT]
-    return runs + [
-        EvalRun(plugin_model, baseline, 0, 1, ratio=None if baseline in ADAPTIVE else VLM_RATIO, variant=PLUGIN_VARIANT) for baseline in PLUGIN_METHODS
+    runs = [
+        EvalRun(model, baseline, layer, 1, ratio=None if baseline in ADAPTIVE else VLM_RATIO, variant=variant)
+        for variant, model in VLM_FAMILIES.items()
+        for baseline, layer in VLM_METHODS
     ]
+    plugin_model = VLM_FAMILIES[PLUGIN_VARIANT]
+    return runs + [EvalRun(plugin_model, baseline, 0, 1, ratio=VLM_RATIO, variant=PLUGIN_VARIANT) for baseline in PLUGIN_METHODS]
 
 
 _outside_sites: dict[str, Path] = {}

@@ -98,11 +98,12 @@ VLM_MODELS = {"qwen2.5-vl": "qwen2_5_vl", "qwen3-vl": "qwen3_vl", "llava-onevisi
 def test_vlm_plan_runs_each_family_unpruned_at_k0_and_at_k2_and_the_plugins_on_qwen2_5(check):
     runs = check.planned_vlm_runs()
     assert {(run.variant, run.model, run.baseline, run.layer, run.batch) for run in runs} == {
-        (variant, model, baseline, layer, 1) for variant, model in VLM_MODELS.items() for baseline, layer in (("ORIG", 0), ("OURS", 0), ("FASTV", 2))
-    } | {("qwen2.5-vl", "qwen2_5_vl", baseline, 0, 1) for baseline in ("CDPRUNER", "POOL", "TOPNORM", "PRUMERGE", "VISIONZIP")}
-    assert len({run.name for run in runs}) == 17
-    prumerge = next(run for run in runs if run.baseline == "PRUMERGE")
-    assert prumerge.env == {"BASELINE": "PRUMERGE", "LAYER_INDEX": "0"}
+        (variant, model, baseline, layer, 1)
+        for variant, model in VLM_MODELS.items()
+        for baseline, layer in (("ORIG", 0), ("OURS", 0), ("FASTV", 2), ("PRUMERGE", 0))
+    } | {("qwen2.5-vl", "qwen2_5_vl", baseline, 0, 1) for baseline in ("CDPRUNER", "POOL", "TOPNORM", "VISIONZIP")}
+    assert len({run.name for run in runs}) == 20
+    assert {run.variant for run in runs if run.env == {"BASELINE": "PRUMERGE", "LAYER_INDEX": "0"}} == set(VLM_MODELS)
     fastv = next(run for run in runs if run.variant == "qwen3-vl" and run.baseline == "FASTV")
     assert fastv.env == {"BASELINE": "FASTV", "LAYER_INDEX": "2", "SUBSET_RATIO": "0.25"}
 
@@ -200,7 +201,7 @@ def test_vlm_step_is_skipped_without_torchvision_and_the_report_lists_it(check, 
     result = check.step_vlm_lmms_eval("cuda", time.time() + 60)
     assert result.status == "SKIP"
     assert result.summary.startswith("torchvision cannot be imported") and "processors only with it" in result.summary
-    assert result.body.count("| SKIP |") == len(check.planned_vlm_runs()) == 17
+    assert result.body.count("| SKIP |") == len(check.planned_vlm_runs()) == 20
     assert check.STEPS.index("lmms_eval") < check.STEPS.index("vlm_lmms_eval") < check.STEPS.index("accelerate")
     assert "vlm_lmms_eval" in check.parse_args([]).steps
     report = check.format_report("cpu", {"vlm_lmms_eval": result}, 1.0)
