@@ -11,6 +11,14 @@ for this project: ``SUBSET_RATIO`` is the retention per stage λ (the public LLa
 keeps 1/2, 1/4, 1/8 of the image after layers 8, 16, 24: λ = 0.5 at ``layers = [8, 16, 24]``, the
 defaults); "after layer K" is read as pruning before 0-based layer K, ranked by the attention of
 layer K - 1 (the ``attention`` context).
+
+Against the public code (``llava/model/modeling_llama_pdrop.py``, ``pdrop_rank_drop``;
+``tests/test_pyramiddrop_emulation.py``): the same rule (the prompt's last token as query, softmax
+over every key, mean over heads, top-k kept in order), with three differences of choice: the public
+code ranks with layer K's own norm and q/k on layer K - 1's output, not with layer K - 1's
+attention; it renumbers positions ``0 .. L' - 1`` after each drop, where otprune keeps the original
+ones; it keeps ``int(N0 * ratio)`` tokens (rounding down) where otprune keeps ``budget`` (half up),
+the same for LLaVA-1.5's 576 at λ = 0.5.
 """
 
 from __future__ import annotations
