@@ -17,7 +17,7 @@ from PIL import Image
 import otprune.methods
 import otprune.patches as patches
 from otprune.contract import VisionContext
-from otprune.prune_config import PruneConfig
+from otprune.prune_config import PruneConfig, config_from_env
 from otprune.selection import PluginFault, select_per_image
 from otprune.selectors import budget
 from patches.vision_tower import encoder_layers
@@ -399,6 +399,18 @@ def test_vision_methods_prune_before_the_llm_only(plugins):
     assert PruneConfig(method="TOWERTOP").adaptive
     with pytest.raises(ValueError, match="needs SUBSET_RATIO"):
         PruneConfig(method="FEATUREWINDOWS")
+
+
+@pytest.mark.parametrize("ratio", ["", "0.1"])
+@pytest.mark.parametrize("method", ["PRUMERGE", "DIVPRUNE_ADAPTIVE"])
+def test_an_adaptive_vision_method_inside_the_llm_is_told_k_must_be_0_not_to_set_a_ratio(method, ratio):
+    """LAYER_INDEX = 2 with SUBSET_RATIO unset: setting a ratio (the old advice) cannot help a
+    method on the vision tower; the one answer, with or without a ratio, is K = 0."""
+    with pytest.raises(ValueError) as raised:
+        config_from_env({"BASELINE": method, "LAYER_INDEX": "2", "SUBSET_RATIO": ratio})
+    message = str(raised.value)
+    assert message.startswith(f"LAYER_INDEX=2 is not allowed with BASELINE={method}: it ") and message.endswith("so K must be 0")
+    assert "set SUBSET_RATIO" not in message
 
 
 def test_a_batch_of_two_prompts_keeps_each_images_own_adaptive_count(families, plugins):
