@@ -490,6 +490,18 @@ def test_a_vision_method_gets_the_patch_tokens_alone_and_every_newline_is_kept(p
     assert kept.indices.tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("method", ["TOWERTOP", "FEATUREWINDOWS"])
+def test_a_budget_that_the_newline_vectors_fill_stops_the_run_rather_than_exceed_it(plugins, method):
+    """20 tokens, 4 of them newlines, SUBSET_RATIO 0.1: k = 2, yet the newlines alone are 4 and
+    one patch more makes 5; the selection never hands back more than k tokens."""
+    vision = synthetic_vision(20, torch.tensor([4, 9, 14, 19]))
+    with pytest.raises(ValueError) as raised:
+        select_per_image(PruneConfig(method=method, ratio=0.1), [torch.randn(20, 8)], {"vision": [vision]}, project=lambda f: f)
+    message = str(raised.value)
+    assert f"BASELINE={method} keeps k = 2 of an image's 20 tokens, and 4 of them no tower patch stands for" in message
+    assert "SUBSET_RATIO must leave k >= 5" in message
+
+
 def test_a_merger_before_the_projector_keeps_the_newline_vectors_as_they_are(plugins):
     newlines = torch.tensor([5, 11])
     vision = synthetic_vision(12, newlines, seed=1)
