@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from otprune.contract import CONTEXT
+from otprune.contract import ATTENTION_CONTEXT, CONTEXT
 from otprune.selectors import SELECTORS, select_by_attention
 
 __all__ = [
@@ -226,6 +226,14 @@ def _checked(name: str, kind: str, function, label: str, origin: str) -> Method:
         raise PluginError(f"{label}: its before_projector must be True or False; got {before_projector!r}")
     if before_projector and stages is not None:
         raise PluginError(f"{label}: a method that runs before the projector prunes at K = 0 only; it cannot have stages")
+    if "adaptive" in context and stages is not None:
+        raise PluginError(
+            f"{label}: it asks for adaptive (one stage, k = N, the count its own) and has stages (each stage's count set by its schedule); it cannot have both"
+        )
+    inside = sorted(ATTENTION_CONTEXT & set(context))
+    if inside and (before_projector or "vision" in context):
+        why = "runs before the projector" if before_projector else "asks for vision"
+        raise PluginError(f"{label}: it {why} (LAYER_INDEX = 0 only) and asks for {', '.join(inside)} (LAYER_INDEX >= 1 only); no LAYER_INDEX gives both")
     return Method(
         name,
         kind,

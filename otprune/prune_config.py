@@ -107,7 +107,8 @@ class PruneConfig:
         if method != "VTW" and (spec.stages is None or "ratio" in inspect.signature(spec.stages).parameters):
             if self.ratio is None and "adaptive" not in spec.context:
                 raise ValueError(f"BASELINE={method} needs SUBSET_RATIO, a number in (0, 1]; it is not set")
-            if self.ratio is None and self.layer_index != 0:
+            # A method on the vision tower is refused at K != 0 below, with or without a ratio.
+            if self.ratio is None and self.layer_index != 0 and not ("vision" in spec.context or spec.before_projector):
                 raise ValueError(
                     f"LAYER_INDEX={self.layer_index} is not allowed with BASELINE={method} and SUBSET_RATIO unset: it chooses "
                     "its own count per image before the LLM (LAYER_INDEX = 0) only; set SUBSET_RATIO to prune inside it"

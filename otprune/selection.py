@@ -124,8 +124,9 @@ def _one_image(config: PruneConfig, spec: Method, image: torch.Tensor, k: int, g
     A method that reads the vision tower (``vision``, or running before the projector) on an image
     with tokens no patch stands for (``VisionContext.patches``: LLaVA-NeXT's newline vectors) is
     given the patch tokens and their context rows alone, with the budget the other tokens leave
-    (``k`` less their count, at least 1; an adaptive run: all patches), and every other token is
-    kept in its place: **choice**, as CDPruner's public code keeps LLaVA-1.6's newline vectors.
+    (``k`` less their count; an adaptive run: all patches), and every other token is kept in its
+    place: **choice**, as CDPruner's public code keeps LLaVA-1.6's newline vectors. A ``k`` that
+    leaves no patch (at most the other tokens' count) stops the run: it would keep more than ``k``.
     """
     vision = (context.get("vision") or [None] * (i + 1))[i] if spec.before_projector or "vision" in spec.context else None
     if spec.before_projector and vision is None:
@@ -142,7 +143,14 @@ def _one_image(config: PruneConfig, spec: Method, image: torch.Tensor, k: int, g
         stop_run(config, f"BASELINE={spec.name} asks for grid and vision, which cannot both be cut to an image's patch tokens", ValueError)
     patches = vision.patches.nonzero().flatten()
     others = (~vision.patches).nonzero().flatten()
-    budget = patches.numel() if config.adaptive else min(patches.numel(), max(1, k - others.numel()))
+    if not config.adaptive and k <= others.numel():
+        stop_run(
+            config,
+            f"BASELINE={spec.name} keeps k = {k} of an image's {image.shape[0]} tokens, and {others.numel()} of them no tower patch "
+            f"stands for (newline vectors), which it keeps whole: that leaves no patch; SUBSET_RATIO must leave k >= {others.numel() + 1}",
+            ValueError,
+        )
+    budget = patches.numel() if config.adaptive else min(patches.numel(), k - others.numel())
     if "vision" in given:
         given = {**given, "vision": _patch_rows(vision, patches)}
     kept = _call(config, spec, tokens[patches], budget, given)

@@ -64,6 +64,37 @@ def test_other_ratio_words_are_refused(tmp_path, ratios):
         harness_config.load_config(str(path))
 
 
+ADAPTIVE_INSIDE = """
+import torch
+
+
+def select(tokens, k, *, adaptive):
+    return torch.arange(max(1, k // 2) if adaptive else k)
+"""
+
+
+@pytest.mark.parametrize("ratios", [[0.25, "adaptive"], ["adaptive", 0.25]])
+def test_each_ratio_of_a_method_is_checked_not_only_its_first(tmp_path, monkeypatch, ratios):
+    """An adaptive run prunes before the LLM only: at layer_index 2 its 0.25 runs, its 'adaptive'
+    does not, in whichever place of the list it stands."""
+    from otprune import methods
+
+    (tmp_path / "adaptive_inside_plugin.py").write_text(ADAPTIVE_INSIDE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(methods.BUNDLED, "ADAPTINSIDE", ("selector", "adaptive_inside_plugin:select"))
+    methods.get_method.cache_clear()
+    try:
+        path = write_config(tmp_path / "c.yaml", methods={"ADAPTINSIDE": {"ratios": ratios, "layer_index": 2}})
+        with pytest.raises(harness_errors.ConfigError) as raised:
+            harness_config.load_config(str(path))
+        assert "tiny-llava-1.5 ADAPTINSIDE: LAYER_INDEX=2 is not allowed with BASELINE=ADAPTINSIDE and SUBSET_RATIO unset" in str(raised.value)
+        path = write_config(tmp_path / "c.yaml", methods={"ADAPTINSIDE": {"ratios": [0.25], "layer_index": 2}})
+        assert harness_config.load_config(str(path)).methods["ADAPTINSIDE"]["ratios"] == [0.25]
+    finally:
+        monkeypatch.undo()
+        methods.get_method.cache_clear()
+
+
 # -- labels and M3 --------------------------------------------------------------------------
 
 

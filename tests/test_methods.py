@@ -196,6 +196,37 @@ def test_leaving_words_out_of_a_question_not_asked_for_is_refused(install):
     assert_names_the_entry_point(str(raised.value), "NOTEXT")
 
 
+@pytest.mark.parametrize(
+    "context, mark, why",
+    [
+        ("vision, attention", "", "asks for vision"),
+        ("vision, text_attention, visual_attention", "", "asks for vision"),
+        ("attention", "\nselect.before_projector = True\n", "runs before the projector"),
+    ],
+)
+def test_a_plugin_asking_for_the_tower_and_the_llms_attention_is_refused(install, context, mark, why):
+    """The tower's context exists at LAYER_INDEX = 0 only and the LLM's attention at K >= 1 only:
+    no run could give both, so the plugin is refused when it loads, not by whichever K is tried."""
+    install(f"import torch\n\ndef select(tokens, k, *, {context}):\n    return torch.arange(k)\n{mark}", selector(name="BOTHENDS"))
+    with pytest.raises(PluginError) as raised:
+        get_method("BOTHENDS")
+    message = str(raised.value)
+    assert_names_the_entry_point(message, "BOTHENDS")
+    asked = [name for name in context.split(", ") if name != "vision"]
+    assert f"it {why} (LAYER_INDEX = 0 only) and asks for {', '.join(sorted(asked))} (LAYER_INDEX >= 1 only)" in message
+
+
+@pytest.mark.parametrize("stages", ["lambda: ((2, 0.5), (4, 0.25))", "lambda *, ratio: ((2, ratio), (4, ratio / 2))"])
+def test_a_plugin_asking_for_adaptive_with_a_schedule_is_refused(install, stages):
+    """``adaptive`` leaves one stage's count (k = N) to the method; a schedule sets each stage's."""
+    install(f"import torch\n\ndef select(tokens, k, *, adaptive):\n    return torch.arange(k)\n\nselect.stages = {stages}\n", selector(name="ADAPTSTAGES"))
+    with pytest.raises(PluginError) as raised:
+        get_method("ADAPTSTAGES")
+    message = str(raised.value)
+    assert_names_the_entry_point(message, "ADAPTSTAGES")
+    assert "asks for adaptive" in message and "has stages" in message
+
+
 def test_the_installed_peer_plugins_are_listed_after_the_built_ins():
     get_method.cache_clear()
     names = method_names()

@@ -17,7 +17,7 @@ from PIL import Image
 import otprune.methods
 import otprune.patches as patches
 from otprune.contract import VisionContext
-from otprune.prune_config import PruneConfig
+from otprune.prune_config import PruneConfig, config_from_env
 from otprune.selection import PluginFault, select_per_image
 from otprune.selectors import budget
 from patches.vision_tower import encoder_layers
@@ -401,6 +401,18 @@ def test_vision_methods_prune_before_the_llm_only(plugins):
         PruneConfig(method="FEATUREWINDOWS")
 
 
+@pytest.mark.parametrize("ratio", ["", "0.1"])
+@pytest.mark.parametrize("method", ["PRUMERGE", "DIVPRUNE_ADAPTIVE"])
+def test_an_adaptive_vision_method_inside_the_llm_is_told_k_must_be_0_not_to_set_a_ratio(method, ratio):
+    """LAYER_INDEX = 2 with SUBSET_RATIO unset: setting a ratio (the old advice) cannot help a
+    method on the vision tower; the one answer, with or without a ratio, is K = 0."""
+    with pytest.raises(ValueError) as raised:
+        config_from_env({"BASELINE": method, "LAYER_INDEX": "2", "SUBSET_RATIO": ratio})
+    message = str(raised.value)
+    assert message.startswith(f"LAYER_INDEX=2 is not allowed with BASELINE={method}: it ") and message.endswith("so K must be 0")
+    assert "set SUBSET_RATIO" not in message
+
+
 def test_a_batch_of_two_prompts_keeps_each_images_own_adaptive_count(families, plugins):
     """Two prompts in one call (original LLaVA-1.5, right padding): each row gets what it gets alone."""
     alone = []
@@ -476,6 +488,18 @@ def test_a_vision_method_gets_the_patch_tokens_alone_and_every_newline_is_kept(p
     count = int((scores > scores.mean()).sum()) if ratio is None else budget(ratio, 20) - newlines.numel()
     expected = torch.cat([patch_rows[scores.topk(count).indices], newlines]).sort().values
     assert kept.indices.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("method", ["TOWERTOP", "FEATUREWINDOWS"])
+def test_a_budget_that_the_newline_vectors_fill_stops_the_run_rather_than_exceed_it(plugins, method):
+    """20 tokens, 4 of them newlines, SUBSET_RATIO 0.1: k = 2, yet the newlines alone are 4 and
+    one patch more makes 5; the selection never hands back more than k tokens."""
+    vision = synthetic_vision(20, torch.tensor([4, 9, 14, 19]))
+    with pytest.raises(ValueError) as raised:
+        select_per_image(PruneConfig(method=method, ratio=0.1), [torch.randn(20, 8)], {"vision": [vision]}, project=lambda f: f)
+    message = str(raised.value)
+    assert f"BASELINE={method} keeps k = 2 of an image's 20 tokens, and 4 of them no tower patch stands for" in message
+    assert "SUBSET_RATIO must leave k >= 5" in message
 
 
 def test_a_merger_before_the_projector_keeps_the_newline_vectors_as_they_are(plugins):

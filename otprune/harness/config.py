@@ -293,11 +293,12 @@ def load_config(name_or_path: str) -> Config:
                     )
                 # Its recipe may not be made yet: the schedule is checked when the runs are planned with it.
                 continue
-            env = run_env(method, spec["ratios"][0] if spec["ratios"] else RATIO_FREE[method], spec, overrides.get(method, {}))
-            try:
-                config_from_env(env)
-            except ValueError as error:
-                raise ConfigError(f"config {path.name}: {model} {method}: {error}") from None
+            # Each ratio: an adaptive one (SUBSET_RATIO unset) is allowed where a number is not, and back.
+            for ratio in spec["ratios"] or [RATIO_FREE[method]]:
+                try:
+                    config_from_env(run_env(method, ratio, spec, overrides.get(method, {})))
+                except ValueError as error:
+                    raise ConfigError(f"config {path.name}: {model} {method}: {error}") from None
     return config
 
 
