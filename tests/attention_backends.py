@@ -26,6 +26,18 @@ def backend(model, implementation):
         model.set_attn_implementation("sdpa")
 
 
+@contextlib.contextmanager
+def tower_attention(tower, implementation):
+    """Run a vision tower (a transformers model of its own) under ``implementation``, then back to
+    the one it had."""
+    before = tower.config._attn_implementation
+    tower.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        tower.set_attn_implementation(before)
+
+
 def fa2_style_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     assert attention_mask is None or attention_mask.dim() == 2, f"flash-style mask is 2-D, got {attention_mask.shape}"
     q_len, kv_len = query.shape[2], key.shape[2]

@@ -39,6 +39,25 @@ def load_script(name: str):
     return module
 
 
+def installed_plugins(tmp_path: Path, monkeypatch, module: str, source: str, entry_points: str, probe: str):
+    """Yields the module ``source`` installed under ``tmp_path`` as a package whose entry points are
+    ``entry_points`` (found as an installed package's are), imported through the method ``probe``;
+    removed again after. For a fixture: ``yield from installed_plugins(...)``."""
+    import otprune.methods
+
+    (tmp_path / f"{module}.py").write_text(source)
+    info = tmp_path / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    otprune.methods.get_method.cache_clear()
+    yield sys.modules[otprune.methods.get_method(probe).function.__module__]
+    otprune.methods.get_method.cache_clear()
+    sys.modules.pop(module, None)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Builds the tiny LLaVA checkpoints once per test session: ``{variant: folder}``."""

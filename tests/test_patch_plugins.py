@@ -9,14 +9,13 @@ unpruned model's own inputs cut or merged by hand, or the unpruned model fed tho
 import functools
 import logging
 import re
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
 
-from conftest import load_script  # noqa: E402
+from conftest import installed_plugins, load_script  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import otprune.methods  # noqa: E402
@@ -123,18 +122,9 @@ UNEVEN = otprune_test_plugins:merge_uneven
 
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
-    """The test plugins, installed for one test; returns their module (``SEEN``: what RECORD got)."""
-    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
-    info = tmp_path / "otprune_test_plugins-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: otprune-test-plugins\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
-    otprune.methods.get_method.cache_clear()
-    yield otprune.methods.get_method("RECORD").function.__globals__  # imports the module
-    otprune.methods.get_method.cache_clear()
-    sys.modules.pop(PLUGIN_MODULE, None)
+    """The test plugins, installed for one test; returns their module's namespace (``SEEN``: what RECORD got)."""
+    for module in installed_plugins(tmp_path, monkeypatch, PLUGIN_MODULE, PLUGIN_SOURCE, ENTRY_POINTS, "RECORD"):
+        yield vars(module)
 
 
 def windows(tokens, k):

@@ -5,13 +5,13 @@ The truth for the context is the tower run on its own, with eager attention and
 ``output_attentions=True`` (its attention matrices) and ``output_hidden_states=True`` (its
 features), and the next block's own modules applied to those features."""
 
-import contextlib
 import logging
 import math
-import sys
 
 import pytest
 import torch
+from attention_backends import tower_attention
+from conftest import installed_plugins
 from PIL import Image
 
 import otprune.methods
@@ -76,18 +76,9 @@ PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 
 @pytest.fixture
 def plugins(tmp_path, monkeypatch):
-    (tmp_path / f"{PLUGIN_MODULE}.py").write_text(PLUGIN_SOURCE)
-    info = tmp_path / "otprune_vision_test_plugins-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: otprune-vision-test-plugins\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(ENTRY_POINTS)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, PLUGIN_MODULE, raising=False)
-    otprune.methods.get_method.cache_clear()
-    seen = otprune.methods.get_method("TOWERTOP").function.__globals__["SEEN"]
-    yield seen
-    otprune.methods.get_method.cache_clear()
-    sys.modules.pop(PLUGIN_MODULE, None)
+    """The test plugins, installed for one test; returns what each call was given (``SEEN``)."""
+    for module in installed_plugins(tmp_path, monkeypatch, PLUGIN_MODULE, PLUGIN_SOURCE, ENTRY_POINTS, "TOWERTOP"):
+        yield module.SEEN
 
 
 def make_image(width, height, seed):
@@ -183,16 +174,6 @@ def families(tiny_checkpoints, tiny_hf_checkpoints):
 def family(families, variant, seed=0):
     image = make_image(336, 336, seed)
     return (Original if variant.startswith("llava-1.") else Transformers)(families[variant], image)
-
-
-@contextlib.contextmanager
-def tower_attention(clip, implementation):
-    before = clip.config._attn_implementation
-    clip.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        clip.set_attn_implementation(before)
 
 
 def tower_truth(f):
