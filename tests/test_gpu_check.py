@@ -265,10 +265,11 @@ def test_a_step_that_dies_or_overruns_is_reported_as_failed(check, tmp_path, mon
     assert (result.status, result.summary) == ("FAIL", why)
 
 
-def test_every_gpu_step_gets_its_whole_budget_inside_the_checks(check):
-    """The driver gives a step min(its budget, time left): GPU budgets above the total would cut the last ones."""
+@pytest.mark.parametrize("column, device", [(0, "cuda"), (1, "cpu")])
+def test_every_step_gets_its_whole_budget_inside_the_checks(check, column, device):
+    """The driver gives a step min(its budget, time left): step budgets above the total would cut the last ones."""
     assert set(check.BUDGETS) == set(check.STEPS)
-    assert sum(gpu for gpu, _ in check.BUDGETS.values()) <= check.DEFAULT_BUDGET
+    assert sum(budgets[column] for budgets in check.BUDGETS.values()) <= check.DEFAULT_BUDGET[device]
 
 
 def test_a_step_without_time_left_is_skipped(check, tmp_path):
