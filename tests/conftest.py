@@ -58,6 +58,23 @@ def installed_plugins(tmp_path: Path, monkeypatch, module: str, source: str, ent
     sys.modules.pop(module, None)
 
 
+def tiny_vlms(root: Path, variants, padding_side: str | None = None) -> dict:
+    """``build_tiny_qwen``'s tiny Qwen-VL / OneVision checkpoints, built under ``root`` and loaded
+    in float32, eval mode: ``{variant: (processor, model)}``."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    builder = load_script("build_tiny_qwen")
+    loaded = {}
+    for variant in variants:
+        path = builder.build(root / variant, variant)
+        processor = builder.load_processor(path)
+        if padding_side is not None:
+            processor.tokenizer.padding_side = padding_side
+        loaded[variant] = (processor, AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval())
+    return loaded
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Builds the tiny LLaVA checkpoints once per test session: ``{variant: folder}``."""

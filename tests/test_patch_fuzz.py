@@ -29,7 +29,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import load_script  # noqa: E402
+from conftest import tiny_vlms  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import otprune.patches as patches  # noqa: E402
@@ -186,12 +186,7 @@ def families(tiny_checkpoints, tiny_hf_checkpoints, tmp_path_factory):
         processor = AutoProcessor.from_pretrained(tiny_hf_checkpoints[name])
         model = AutoModelForImageTextToText.from_pretrained(tiny_hf_checkpoints[name], dtype=torch.float32).eval()
         loaded[name] = Family(name, model, processor.tokenizer, processor)
-    builder = load_script("build_tiny_qwen")
-    root = tmp_path_factory.mktemp("fuzz_vlm")
-    for name in ("qwen2.5-vl", "llava-onevision"):
-        path = builder.build(root / name, name)
-        processor = builder.load_processor(path)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    for name, (processor, model) in tiny_vlms(tmp_path_factory.mktemp("fuzz_vlm"), ("qwen2.5-vl", "llava-onevision")).items():
         loaded[name] = Family(name, model, processor.tokenizer, processor)
     yield loaded
     for family in loaded.values():

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import installed_plugins, load_script  # noqa: E402
+from conftest import installed_plugins, tiny_vlms  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import otprune.methods  # noqa: E402
@@ -293,13 +293,9 @@ def hf_models(tiny_hf_checkpoints):
 
 @pytest.fixture(scope="module")
 def qwen_model(tmp_path_factory):
-    from transformers import AutoModelForImageTextToText
-
-    builder = load_script("build_tiny_qwen")
-    path = builder.build(tmp_path_factory.mktemp("qwen_checkpoints") / "qwen2.5-vl", "qwen2.5-vl")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+    ((processor, model),) = tiny_vlms(tmp_path_factory.mktemp("qwen_checkpoints"), ["qwen2.5-vl"]).values()
     LOADED.append(model)
-    return builder.load_processor(path), model
+    return processor, model
 
 
 OTHER_FAMILIES = ["qwen2-vl", "qwen3-vl", "llava-onevision"]
@@ -308,16 +304,8 @@ OTHER_FAMILIES = ["qwen2-vl", "qwen3-vl", "llava-onevision"]
 @pytest.fixture(scope="module")
 def vlm_models(tmp_path_factory):
     """The tiny Qwen2-VL, Qwen3-VL and LLaVA-OneVision: ``{variant: (processor, model)}``."""
-    from transformers import AutoModelForImageTextToText
-
-    builder = load_script("build_tiny_qwen")
-    root = tmp_path_factory.mktemp("vlm_checkpoints")
-    loaded = {}
-    for variant in OTHER_FAMILIES:
-        path = builder.build(root / variant, variant)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        LOADED.append(model)
-        loaded[variant] = (builder.load_processor(path), model)
+    loaded = tiny_vlms(tmp_path_factory.mktemp("vlm_checkpoints"), OTHER_FAMILIES)
+    LOADED.extend(model for _, model in loaded.values())
     return loaded
 
 

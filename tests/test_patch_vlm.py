@@ -5,7 +5,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from conftest import load_script  # noqa: E402
+from conftest import tiny_vlms  # noqa: E402
 from test_patch_hf import generate, inputs_for, make_image  # noqa: E402
 from test_patch_hf import llm_inputs as llm_embeds  # noqa: E402
 
@@ -21,17 +21,7 @@ FAMILIES = ["qwen2.5-vl", "qwen3-vl", "llava-onevision", "qwen2-vl"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForImageTextToText
-
-    builder = load_script("build_tiny_qwen")
-    root = tmp_path_factory.mktemp("vlm_checkpoints")
-    loaded = {}
-    for variant in FAMILIES:
-        path = builder.build(root / variant, variant)
-        processor = builder.load_processor(path)
-        processor.tokenizer.padding_side = "left"
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        loaded[variant] = (processor, model)
+    loaded = tiny_vlms(tmp_path_factory.mktemp("vlm_checkpoints"), FAMILIES, padding_side="left")
     patches.vlm.install()
     return loaded
 

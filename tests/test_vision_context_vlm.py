@@ -20,7 +20,7 @@ from attention_backends import tower_attention
 
 pytest.importorskip("transformers")
 
-from conftest import load_script  # noqa: E402
+from conftest import tiny_vlms  # noqa: E402
 from test_patch_hf import inputs_for, llm_inputs, make_image  # noqa: E402
 from test_patch_vlm import qwen_video_inputs  # noqa: E402
 from test_vision_context import plugins, traced_sources  # noqa: E402, F401
@@ -38,16 +38,7 @@ QWEN = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from transformers import AutoModelForImageTextToText
-
-    builder = load_script("build_tiny_qwen")
-    root = tmp_path_factory.mktemp("vision_vlm_checkpoints")
-    loaded = {}
-    for variant in [*QWEN, "llava-onevision"]:
-        path = builder.build(root / variant, variant)
-        processor = builder.load_processor(path)
-        processor.tokenizer.padding_side = "left"
-        loaded[variant] = (processor, AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval())
+    loaded = tiny_vlms(tmp_path_factory.mktemp("vision_vlm_checkpoints"), [*QWEN, "llava-onevision"], padding_side="left")
     patches.vlm.install()
     return loaded
 
